@@ -1,0 +1,76 @@
+//! `misbehave`: does one thing a real VMM must survive, chosen by
+//! `kind=triple-fault|bad-ucall|unknown-port|serial-flood`.
+//!
+//! - `triple-fault`: raises an exception with no IDT, which escalates to a triple fault.
+//! - `bad-ucall`: hands the host a ucall address outside guest RAM.
+//! - `unknown-port`: reads and writes a port and an MMIO address no device claims; both reads
+//!   must return all ones, and the guest then ends with code 0 (or 1 if they did not).
+//! - `serial-flood`: writes `bytes=SIZE` (256K) to the serial console as fast as it can, then
+//!   ends with code 0; the host must rate-limit it.
+#![no_std]
+#![no_main]
+
+use core::arch::asm;
+use guest_rt::{Args, BootInfo, Text, inb, outb, serial_write};
+
+guest_rt::entry!(main);
+
+const UNCLAIMED_PORT: u16 = 0x2345;
+
+fn main(boot: &BootInfo, args: &Args) -> u64 {
+    match args.choice(
+        "kind",
+        &["triple-fault", "bad-ucall", "unknown-port", "serial-flood"],
+    ) {
+        "triple-fault" => {
+            // SAFETY: deliberately faults; with a zero-length IDT the CPU shuts down.
+            unsafe { asm!("ud2", options(nomem, nostack, noreturn)) }
+        }
+        "bad-ucall" => {
+            // SAFETY: the `in` only exits to the host, which must reject the address.
+            unsafe {
+                asm!("in al, dx", in("dx") guest_abi::ports::UCALL, in("rdi") 1u64 << 50,
+                     out("al") _, options(nomem, nostack));
+            }
+            Text::new()
+                .s("the host accepted a ucall outside RAM")
+                .print();
+            2
+        }
+        "unknown-port" => {
+            outb(UNCLAIMED_PORT, 0x5a);
+            let port = inb(UNCLAIMED_PORT);
+            // The VMM maps the gap between the end of RAM and the next GiB as MMIO.
+            let mmio = if !boot.ram_size.is_multiple_of(1 << 30) {
+                // SAFETY: the address is mapped by the page tables but backed by no RAM: the
+                // access exits to the host as MMIO.
+                unsafe {
+                    let p = boot.ram_size as *mut u32;
+                    p.write_volatile(0x1234_5678);
+                    p.read_volatile()
+                }
+            } else {
+                u32::MAX
+            };
+            Text::new()
+                .s("unclaimed port read ")
+                .hex(port.into())
+                .s(", unclaimed MMIO read ")
+                .hex(mmio.into())
+                .print();
+            u64::from(port != 0xff || mmio != u32::MAX)
+        }
+        _ => {
+            let total = args.size("bytes", 256 << 10);
+            let chunk = [b'#'; 4096];
+            let mut sent = 0;
+            while sent < total {
+                let n = (total - sent).min(chunk.len() as u64);
+                serial_write(&chunk[..n as usize]);
+                sent += n;
+            }
+            serial_write(b"\n");
+            0
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! `guest_rt`: the tiny runtime every guest program links.
+//!
+//! It owns the entry point (`entry!`), the panic handler (which becomes an abort ucall), the port
+//! I/O the guest uses to reach the host (ucalls, the serial console), workload arguments and the
+//! handful of memory intrinsics a `no_std` program needs when it links without a C library.
+//! Guests run with every instruction emulated on nested KVM hosts, so everything here is written
+//! to execute as few instructions as it reasonably can.
+
+#![no_std]
+
+use core::arch::asm;
+
+use guest_abi::{BOOT_MAGIC, ports};
+pub use guest_abi::{BootInfo, Ucall, layout};
+
+/// Defines `_start` to call `$main(&BootInfo, &Args) -> u64`, then report that code as done.
+#[macro_export]
+macro_rules! entry {
+    ($main:path) => {
+        #[unsafe(no_mangle)]
+        pub extern "C" fn _start(boot: &'static $crate::BootInfo) -> ! {
+            $crate::start(boot, $main)
+        }
+    };
+}
+
+/// The body of `_start`: check the boot block, run `main`, report its result.
+pub fn start(boot: &'static BootInfo, main: fn(&BootInfo, &Args) -> u64) -> ! {
+    if boot.magic != BOOT_MAGIC {
+        fail(Text::new().s("bad boot-info magic ").hex(boot.magic));
+    }
+    let args = Args::new(boot);
+    let code = main(boot, &args);
+    done(code)
+}
+
+/// Sends a ucall: the host reads `rdi`, validates the address and decodes the struct.
+pub fn ucall(u: &Ucall) {
+    // SAFETY: an `in` from the ucall port only exits to the host, which reads the struct at
+    // `rdi` and writes nothing back into guest memory; `al` is declared clobbered.
+    unsafe {
+        asm!("in al, dx", in("dx") ports::UCALL, in("rdi") u as *const Ucall, out("al") _,
+             options(nostack, preserves_flags));
+    }
+}
+
+/// Reports a named value to the host.
+pub fn report(key: &str, value: u64) {
+    ucall(&Ucall::report(key.as_bytes(), value));
+}
+
+/// Tells the host this vCPU reached `stage`.
+pub fn sync(stage: u64) {
+    ucall(&Ucall::sync(stage));
+}
+
+/// Ends this vCPU with `code`.
+pub fn done(code: u64) -> ! {
+    ucall(&Ucall::done(code));
+    // The host stops running a vCPU once it is done; never return into the caller anyway.
+    loop {
+        halt();
+    }
+}
+
+/// Executes `hlt`.
+pub fn halt() {
+    // SAFETY: `hlt` only stops this vCPU until the host resumes it.
+    unsafe { asm!("hlt", options(nomem, nostack)) };
+}
+
+/// Reads the time-stamp counter.
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: `rdtsc` reads a counter; it touches no memory.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Writes one byte to an I/O port.
+#[inline(always)]
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port writes reach the host's device model, never guest memory.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+}
+
+/// Reads one byte from an I/O port.
+#[inline(always)]
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: port reads reach the host's device model, never guest memory.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack)) };
+    value
+}
+
+/// Writes bytes to the COM1 transmit register with one string instruction, so that a whole
+/// line costs the host a handful of exits instead of one per byte.
+pub fn serial_write(bytes: &[u8]) {
+    // SAFETY: `rep outsb` reads `rcx` bytes from `rsi`, which point into the live slice.
+    unsafe {
+        asm!("rep outsb", in("dx") ports::COM1, inout("rsi") bytes.as_ptr() => _,
+             inout("rcx") bytes.len() => _, options(nostack, readonly));
+    }
+}
+
+/// A fixed-size text builder, `Text::new().s("x = ").dec(x)`; overflow is truncated.
+///
+/// Guests do not use `core::fmt`: its precompiled number and padding code uses SSE
+/// instructions (`pinsrw`, `pxor`...) that the instruction emulator of nested KVM hosts cannot
+/// execute, which ends the guest with an emulation failure. These few methods compile to
+/// plain integer code.
+pub struct Text {
+    buf: [u8; guest_abi::UCALL_BUF_LEN],
+    len: usize,
+}
+
+impl Text {
+    /// An empty text.
+    pub const fn new() -> Self {
+        Text {
+            buf: [0; guest_abi::UCALL_BUF_LEN],
+            len: 0,
+        }
+    }
+
+    /// The text so far.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn push(&mut self, b: u8) {
+        if self.len < self.buf.len() {
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
+    }
+
+    /// Appends a string.
+    pub fn s(mut self, text: &str) -> Self {
+        for &b in text.as_bytes() {
+            self.push(b);
+        }
+        self
+    }
+
+    /// Appends raw bytes.
+    pub fn bytes(mut self, text: &[u8]) -> Self {
+        for &b in text {
+            self.push(b);
+        }
+        self
+    }
+
+    /// Appends `v` in decimal.
+    pub fn dec(mut self, v: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut n = 0;
+        let mut v = v;
+        loop {
+            digits[n] = b'0' + (v % 10) as u8;
+            n += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        while n > 0 {
+            n -= 1;
+            self.push(digits[n]);
+        }
+        self
+    }
+
+    /// Appends `v` as `0x`-prefixed hexadecimal.
+    pub fn hex(mut self, v: u64) -> Self {
+        self.push(b'0');
+        self.push(b'x');
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let nibble = ((v >> (shift * 4)) & 0xf) as u8;
+            if nibble != 0 || started || shift == 0 {
+                started = true;
+                self.push(if nibble < 10 {
+                    b'0' + nibble
+                } else {
+                    b'a' + nibble - 10
+                });
+            }
+        }
+        self
+    }
+
+    /// Sends the text to the host as a print ucall.
+    pub fn print(&self) {
+        ucall(&Ucall::print(self.as_bytes()));
+    }
+
+    /// Writes the text and a newline to the serial console.
+    pub fn serial_line(mut self) {
+        self.push(b'\n');
+        serial_write(self.as_bytes());
+    }
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Aborts the guest with `text` as the message, at the caller's source location.
+#[track_caller]
+pub fn fail(text: Text) -> ! {
+    fail_at(core::panic::Location::caller(), text)
+}
+
+/// Aborts the guest with `text` as the message, at `at`.
+pub fn fail_at(at: &core::panic::Location<'_>, text: Text) -> ! {
+    abort(at.file(), at.line(), text.as_bytes())
+}
+
+fn abort(file: &str, line: u32, message: &[u8]) -> ! {
+    let mut u = Ucall::abort(file.as_bytes(), u64::from(line));
+    u.push_text(message);
+    ucall(&u);
+    loop {
+        halt();
+    }
+}
+
+/// The workload's `key=value` arguments.
+pub struct Args {
+    block: &'static [u8],
+}
+
+impl Args {
+    fn new(boot: &BootInfo) -> Self {
+        // SAFETY: the VMM placed `args_len` bytes at `args_addr` inside identity-mapped RAM and
+        // never changes them while the guest runs.
+        let block = unsafe {
+            core::slice::from_raw_parts(boot.args_addr as *const u8, boot.args_len as usize)
+        };
+        Args { block }
+    }
+
+    /// The raw value of `key`, if given.
+    pub fn get(&self, key: &str) -> Option<&'static [u8]> {
+        guest_abi::args(self.block)
+            .find(|(k, _)| *k == key.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    /// `key` as a size (`4K`, `2M`, `0x1000`...), or `default`; aborts on a malformed value.
+    #[track_caller]
+    pub fn size(&self, key: &str, default: u64) -> u64 {
+        let at = core::panic::Location::caller();
+        match self.get(key) {
+            None => default,
+            Some(v) => guest_abi::parse_size(v).unwrap_or_else(|| {
+                let t = Text::new().s("argument ").s(key).s("=").bytes(v);
+                fail_at(at, t.s(" is not a number or size"))
+            }),
+        }
+    }
+
+    /// `key` as one of `choices`, or `choices[0]`; aborts on anything else.
+    #[track_caller]
+    pub fn choice(&self, key: &str, choices: &[&'static str]) -> &'static str {
+        let at = core::panic::Location::caller();
+        match self.get(key) {
+            None => choices[0],
+            Some(v) => choices
+                .iter()
+                .copied()
+                .find(|c| c.as_bytes() == v)
+                .unwrap_or_else(|| {
+                    let mut t = Text::new()
+                        .s("argument ")
+                        .s(key)
+                        .s("=")
+                        .bytes(v)
+                        .s(" is not one of:");
+                    for c in choices {
+                        t = t.s(" ").s(c);
+                    }
+                    fail_at(at, t)
+                }),
+        }
+    }
+}
+
+/// This vCPU's share of `[start, start + size)`, in whole pages: `(first byte, page count)`.
+pub fn my_share(boot: &BootInfo, start: u64, size: u64) -> (u64, u64) {
+    let pages = size / layout::PAGE_SIZE;
+    let per = pages / boot.vcpu_count;
+    let extra = pages % boot.vcpu_count;
+    let i = boot.vcpu_index;
+    let first = i * per + i.min(extra);
+    let count = per + u64::from(i < extra);
+    (start + first * layout::PAGE_SIZE, count)
+}
+
+/// A permutation of `0..n` visited in a pseudo-random order: a full-period linear congruential
+/// generator modulo the next power of two, skipping values `>= n`. Costs a few instructions
+/// per element and no memory.
+pub struct Shuffle {
+    n: u64,
+    mask: u64,
+    state: u64,
+    left: u64,
+}
+
+impl Shuffle {
+    /// A permutation of `0..n` seeded by `seed`.
+    pub fn new(n: u64, seed: u64) -> Self {
+        let mask = n.max(1).next_power_of_two() - 1;
+        Shuffle {
+            n,
+            mask,
+            state: seed & mask,
+            left: n,
+        }
+    }
+}
+
+impl Iterator for Shuffle {
+    type Item = u64;
+    fn next(&mut self) -> Option<u64> {
+        if self.left == 0 {
+            return None;
+        }
+        loop {
+            // a = 1 (mod 4) and c odd give the full period 2^k (Hull-Dobell).
+            self.state = self
+                .state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407)
+                & self.mask;
+            if self.state < self.n {
+                self.left -= 1;
+                return Some(self.state);
+            }
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let (file, line) = info.location().map_or(("?", 0), |l| (l.file(), l.line()));
+    // Only static messages: formatting would run core::fmt (see `Text`).
+    let message = info
+        .message()
+        .as_str()
+        .unwrap_or("panic (use guest_rt::fail for details)");
+    abort(file, line, message.as_bytes())
+}
+
+// Memory intrinsics. Without a C library the compiler's calls to these need a definition; the
+// string instructions keep them small and cannot be turned back into calls to themselves.
+
+/// # Safety
+/// Standard `memcpy` contract: `n` bytes valid at both pointers, not overlapping.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid for `n` bytes.
+    unsafe {
+        asm!("rep movsb", inout("rdi") dest => _, inout("rsi") src => _, inout("rcx") n => _,
+             options(nostack, preserves_flags));
+    }
+    dest
+}
+
+/// # Safety
+/// Standard `memmove` contract: `n` bytes valid at both pointers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dest as usize) <= (src as usize) || (dest as usize) >= (src as usize) + n {
+        // SAFETY: forward copy is correct when dest does not start inside the source.
+        return unsafe { memcpy(dest, src, n) };
+    }
+    // SAFETY: copy backwards (direction flag set, then cleared) from the last byte.
+    unsafe {
+        asm!("std", "rep movsb", "cld",
+             inout("rdi") dest.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+             inout("rcx") n => _, options(nostack));
+    }
+    dest
+}
+
+/// # Safety
+/// Standard `memset` contract: `n` bytes valid at `dest`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees `dest` is valid for `n` bytes.
+    unsafe {
+        asm!("rep stosb", inout("rdi") dest => _, inout("rcx") n => _, in("al") c as u8,
+             options(nostack, preserves_flags));
+    }
+    dest
+}
+
+/// # Safety
+/// Standard `memcmp` contract: `n` bytes valid at both pointers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: `i < n`, within both ranges.
+        let (x, y) = unsafe { (a.add(i).read_volatile(), b.add(i).read_volatile()) };
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+    }
+    0
+}
+
+/// # Safety
+/// Standard `bcmp` contract: `n` bytes valid at both pointers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
+}
+
+/// The precompiled `core` was built for a target that unwinds and references this symbol from
+/// code paths we never reach (`panic = "abort"`); it only has to exist for the link.
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_eh_personality() {}

@@ -1,0 +1,221 @@
+//! Helpers for the end-to-end tests: find and run the `vmm` binary, skip or fail without KVM.
+//!
+//! As in the KVM selftests, raw helpers (`vmm`) return what happened and asserting helpers
+//! (`vmm_ok`, `vmm_fails`) check it and say what they saw when it is not what they expected.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest any single VMM invocation in a test may take before the test kills it.
+pub const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+/// Whether KVM tests can run. Without `/dev/kvm` they print `SKIP` and pass, unless
+/// `VMM_REQUIRE_KVM=1`, in which case they fail.
+pub fn kvm_available(test: &str) -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !usable {
+        if std::env::var("VMM_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: /dev/kvm is not usable and VMM_REQUIRE_KVM=1");
+        }
+        eprintln!("SKIP: no /dev/kvm ({test})");
+    }
+    usable
+}
+
+/// Returns early from a test when KVM is not there (see [`kvm_available`]).
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !$crate::kvm_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+/// The `vmm` binary next to the test executable (`target/<profile>/vmm`).
+pub fn vmm_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let bin = dir.join("vmm");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --bins`; `make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// What one run of the binary did.
+#[derive(Debug)]
+pub struct Run {
+    /// The exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(o: Output) -> Run {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tail = |s: &str| {
+            s.chars()
+                .rev()
+                .take(3000)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect::<String>()
+        };
+        write!(
+            f,
+            "exit code {:?}\n--- stdout (tail) ---\n{}\n--- stderr (tail) ---\n{}",
+            self.code,
+            tail(&self.stdout),
+            tail(&self.stderr)
+        )
+    }
+}
+
+/// Starts `vmm ARGS...` with piped output.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmm")
+}
+
+/// Waits for a child, killing it after [`RUN_LIMIT`], and collects its output.
+pub fn wait(mut child: Child) -> Run {
+    // Drain both pipes on threads so a chatty guest cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for vmm") {
+            break status;
+        }
+        if start.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            panic!("vmm ran longer than {RUN_LIMIT:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run::from_output(Output {
+        status,
+        stdout: out_thread.join().expect("stdout reader"),
+        stderr: err_thread.join().expect("stderr reader"),
+    })
+}
+
+/// Runs `vmm ARGS...` to completion.
+pub fn vmm(args: &[&str]) -> Run {
+    wait(spawn(args))
+}
+
+/// Runs `vmm ARGS...` and asserts it exits 0.
+#[track_caller]
+pub fn vmm_ok(args: &[&str]) -> Run {
+    let run = vmm(args);
+    assert_eq!(run.code, Some(0), "vmm {args:?} should succeed\n{run}");
+    run
+}
+
+/// Runs `vmm ARGS...` and asserts it exits with `code` and says each of `needles` on stderr.
+#[track_caller]
+pub fn vmm_fails(args: &[&str], code: u8, needles: &[&str]) -> Run {
+    let run = vmm(args);
+    assert_eq!(
+        run.code,
+        Some(i32::from(code)),
+        "vmm {args:?}: wrong exit code\n{run}"
+    );
+    for needle in needles {
+        assert!(
+            run.stderr.contains(needle),
+            "vmm {args:?}: stderr lacks {needle:?}\n{run}"
+        );
+    }
+    assert!(
+        !run.stderr.contains("panicked"),
+        "vmm {args:?} panicked\n{run}"
+    );
+    run
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `$TMPDIR/vmm-test-<name>-<pid>-<n>`.
+    pub fn new(name: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vmm-test-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    /// A path inside the directory, as a string for command lines.
+    pub fn path(&self, file: &str) -> String {
+        self.0.join(file).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads a JSON file written by `--metrics`.
+pub fn read_json(path: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {path}: {e}\n{text}"))
+}
+
+/// The values reported under `key` on stdout (`[vcpuN] key = value` lines), by vCPU.
+pub fn reports(stdout: &str, key: &str) -> Vec<(u32, u64)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("[vcpu")?;
+            let (vcpu, rest) = rest.split_once("] ")?;
+            let (k, v) = rest.split_once(" = ")?;
+            (k == key).then(|| Some((vcpu.parse().ok()?, v.trim().parse().ok()?)))?
+        })
+        .collect()
+}

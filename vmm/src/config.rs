@@ -1,0 +1,322 @@
+//! The VM's configuration: a typed struct built from the CLI, validated once, with errors that
+//! name the bad value and what is allowed.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS};
+
+/// A size in bytes, written with an optional `K`, `M` or `G` suffix (powers of 1024).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bytes = guest_abi::parse_size(s.trim().as_bytes()).ok_or_else(|| {
+            format!(
+                "invalid size {s:?}: expected a whole number of bytes with an optional K, M or G \
+                 suffix, such as 512M or 2G"
+            )
+        })?;
+        if bytes == 0 {
+            return Err(format!("invalid size {s:?}: must be greater than zero"));
+        }
+        Ok(ByteSize(bytes))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        match () {
+            _ if b >= 1 << 30 && b.is_multiple_of(1 << 30) => write!(f, "{}G", b >> 30),
+            _ if b >= 1 << 20 && b.is_multiple_of(1 << 20) => write!(f, "{}M", b >> 20),
+            _ if b >= 1 << 10 && b.is_multiple_of(1 << 10) => write!(f, "{}K", b >> 10),
+            _ => write!(f, "{b}"),
+        }
+    }
+}
+
+/// One `--arg KEY=VALUE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestArg {
+    /// The key.
+    pub key: String,
+    /// The value (may be empty).
+    pub value: String,
+}
+
+impl FromStr for GuestArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (key, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("invalid guest argument {s:?}: expected KEY=VALUE"))?;
+        if key.is_empty() || s.contains('\0') {
+            return Err(format!(
+                "invalid guest argument {s:?}: the key must be non-empty and neither may hold NUL"
+            ));
+        }
+        Ok(GuestArg {
+            key: key.into(),
+            value: value.into(),
+        })
+    }
+}
+
+/// Smallest guest RAM: the reserved area plus one extent for the program.
+pub const MIN_MEMORY: u64 = LOAD_BASE + EXTENT_SIZE;
+
+/// Everything needed to build and run one VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// A built-in guest name or the path of a static ELF executable.
+    pub guest: String,
+    /// Guest RAM in bytes.
+    pub memory: ByteSize,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Workload arguments passed to the guest.
+    pub args: Vec<GuestArg>,
+    /// End the run after this long.
+    pub timeout: Option<Duration>,
+    /// Where to write the JSON summary at exit.
+    pub metrics: Option<PathBuf>,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            guest: "hello".into(),
+            memory: ByteSize(128 << 20),
+            vcpus: 1,
+            args: Vec::new(),
+            timeout: None,
+            metrics: None,
+            kvm_device: "/dev/kvm".into(),
+        }
+    }
+}
+
+/// A configuration value outside what is allowed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Memory is not a whole number of extents.
+    #[error("--memory {0} is not a multiple of 2 MiB (try {1})")]
+    MemoryNotAligned(ByteSize, ByteSize),
+    /// Memory outside the allowed range.
+    #[error("--memory {value} is out of range: allowed {min} to {max}{why}")]
+    MemoryRange {
+        /// The value given.
+        value: ByteSize,
+        /// Smallest allowed.
+        min: ByteSize,
+        /// Largest allowed.
+        max: ByteSize,
+        /// Where the maximum comes from.
+        why: &'static str,
+    },
+    /// vCPU count outside the allowed range.
+    #[error("--vcpus {value} is out of range: allowed 1 to {max} ({why})")]
+    Vcpus {
+        /// The value given.
+        value: u32,
+        /// Largest allowed.
+        max: u32,
+        /// Where the maximum comes from.
+        why: String,
+    },
+    /// The arguments do not fit the guest's argument block.
+    #[error("the --arg values take {0} bytes; at most {ARGS_MAX_LEN} are allowed")]
+    ArgsTooLong(u64),
+    /// A zero timeout.
+    #[error("--timeout must be greater than zero seconds")]
+    ZeroTimeout,
+    /// An output file whose directory does not exist.
+    #[error("{flag} {path}: the directory {dir} does not exist")]
+    OutputDir {
+        /// The option.
+        flag: &'static str,
+        /// The path given.
+        path: String,
+        /// Its directory.
+        dir: String,
+    },
+}
+
+impl VmConfig {
+    /// Checks every value against this host: `host_memory` is the host's total RAM and
+    /// `kvm_max_vcpus` what KVM reports.
+    pub fn validate(&self, host_memory: u64, kvm_max_vcpus: u32) -> Result<(), ConfigError> {
+        let mem = self.memory.0;
+        if !mem.is_multiple_of(EXTENT_SIZE) {
+            return Err(ConfigError::MemoryNotAligned(
+                self.memory,
+                ByteSize(mem.next_multiple_of(EXTENT_SIZE)),
+            ));
+        }
+        let (max, why) = if host_memory < MAX_RAM {
+            (host_memory / EXTENT_SIZE * EXTENT_SIZE, " (the host's RAM)")
+        } else {
+            (MAX_RAM, " (what the guest page tables map)")
+        };
+        if mem < MIN_MEMORY || mem > max {
+            return Err(ConfigError::MemoryRange {
+                value: self.memory,
+                min: ByteSize(MIN_MEMORY),
+                max: ByteSize(max),
+                why,
+            });
+        }
+        let (max_vcpus, why) = if u64::from(kvm_max_vcpus) < MAX_VCPUS {
+            (kvm_max_vcpus, "what KVM supports here".to_string())
+        } else {
+            (MAX_VCPUS as u32, "the VMM's stack area".to_string())
+        };
+        if self.vcpus == 0 || self.vcpus > max_vcpus {
+            return Err(ConfigError::Vcpus {
+                value: self.vcpus,
+                max: max_vcpus,
+                why,
+            });
+        }
+        let args_len = self.args_block().len() as u64;
+        if args_len > ARGS_MAX_LEN {
+            return Err(ConfigError::ArgsTooLong(args_len));
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        if let Some(path) = &self.metrics {
+            check_output_dir("--metrics", path)?;
+        }
+        Ok(())
+    }
+
+    /// The arguments as the guest sees them: `key=value\0` for each.
+    pub fn args_block(&self) -> Vec<u8> {
+        let mut block = Vec::new();
+        for arg in &self.args {
+            block.extend_from_slice(arg.key.as_bytes());
+            block.push(b'=');
+            block.extend_from_slice(arg.value.as_bytes());
+            block.push(0);
+        }
+        block
+    }
+}
+
+/// Checks, before a run that may be long, that an output file can be created where asked.
+fn check_output_dir(flag: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()),
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(ConfigError::OutputDir {
+        flag,
+        path: path.display().to_string(),
+        dir: dir.display().to_string(),
+    })
+}
+
+/// The host's total RAM in bytes, from `/proc/meminfo`.
+pub fn host_memory() -> std::io::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| std::io::Error::other("no MemTotal in /proc/meminfo"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(memory: u64, vcpus: u32) -> VmConfig {
+        VmConfig {
+            memory: ByteSize(memory),
+            vcpus,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sizes_parse_and_name_bad_values() {
+        assert_eq!("64M".parse(), Ok(ByteSize(64 << 20)));
+        assert_eq!("2g".parse(), Ok(ByteSize(2 << 30)));
+        assert_eq!("4096".parse(), Ok(ByteSize(4096)));
+        for bad in ["", "abc", "12X", "-4M", "1.5G", "99999999999G"] {
+            let err = bad.parse::<ByteSize>().unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
+        assert!(
+            "0".parse::<ByteSize>()
+                .unwrap_err()
+                .contains("greater than zero")
+        );
+        assert_eq!(ByteSize(3 << 20).to_string(), "3M");
+        assert_eq!(ByteSize(4097).to_string(), "4097");
+    }
+
+    #[test]
+    fn memory_and_vcpus_are_range_checked() {
+        let host = 24 << 30;
+        assert_eq!(config(128 << 20, 2).validate(host, 1024), Ok(()));
+        assert!(matches!(
+            config((128 << 20) + 4096, 1).validate(host, 1024),
+            Err(ConfigError::MemoryNotAligned(_, ByteSize(x))) if x == 130 << 20
+        ));
+        assert!(matches!(
+            config(2 << 20, 1).validate(host, 1024),
+            Err(ConfigError::MemoryRange { .. })
+        ));
+        let err = config(32 << 30, 1)
+            .validate(host, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("32G") && err.contains("24G") && err.contains("host"),
+            "{err}"
+        );
+        assert!(matches!(
+            config(8 << 20, 0).validate(host, 1024),
+            Err(ConfigError::Vcpus { value: 0, .. })
+        ));
+        let err = config(8 << 20, 5)
+            .validate(host, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--vcpus 5") && err.contains("1 to 4"), "{err}");
+        assert!(matches!(
+            config(8 << 20, 1000).validate(host, 1024),
+            Err(ConfigError::Vcpus { max, .. }) if u64::from(max) == MAX_VCPUS
+        ));
+    }
+
+    #[test]
+    fn args_build_the_guest_block() {
+        let mut c = config(8 << 20, 1);
+        c.args = vec!["mode=fill".parse().unwrap(), "seed=".parse().unwrap()];
+        assert_eq!(c.args_block(), b"mode=fill\0seed=\0");
+        assert!("novalue".parse::<GuestArg>().is_err());
+        assert!("=x".parse::<GuestArg>().is_err());
+        c.args = vec![GuestArg {
+            key: "k".into(),
+            value: "v".repeat(ARGS_MAX_LEN as usize),
+        }];
+        assert!(matches!(
+            c.validate(1 << 34, 8),
+            Err(ConfigError::ArgsTooLong(_))
+        ));
+    }
+}

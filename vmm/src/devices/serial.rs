@@ -1,0 +1,197 @@
+//! COM1: a vm-superio 16550 whose output goes to the VMM's stdout through a rate limiter.
+//!
+//! A guest can write to the serial port as fast as it likes; the host copies at most a burst
+//! plus a steady rate to stdout and counts the rest as dropped, so a flooding guest can neither
+//! grow host memory nor drown the terminal.
+
+use std::io::{self, Write};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use vm_superio::{Serial, Trigger};
+
+/// Bytes a guest may write at once before the rate limit applies.
+pub const BURST_BYTES: u64 = 64 << 10;
+/// Steady rate of guest output copied to stdout, in bytes per second: faster than a real
+/// 115200-baud line (about 11 KiB/s), so no well-behaved guest notices it.
+pub const RATE_BYTES_PER_SEC: u64 = 16 << 10;
+
+/// A token bucket: `take(n)` says how many of `n` bytes may pass now.
+#[derive(Debug)]
+pub struct TokenBucket {
+    capacity: u64,
+    rate_per_sec: u64,
+    tokens: u64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(capacity: u64, rate_per_sec: u64) -> Self {
+        TokenBucket {
+            capacity,
+            rate_per_sec,
+            tokens: capacity,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes up to `n` tokens as of `now`; returns how many were granted.
+    pub fn take_at(&mut self, n: u64, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.last);
+        let refill = (elapsed.as_nanos() * u128::from(self.rate_per_sec) / 1_000_000_000) as u64;
+        if refill > 0 {
+            self.tokens = (self.tokens + refill).min(self.capacity);
+            self.last = now;
+        }
+        let granted = n.min(self.tokens);
+        self.tokens -= granted;
+        granted
+    }
+}
+
+/// Guest console output: rate-limited, copied to a writer (stdout in the VMM).
+pub struct ConsoleOut<W: Write> {
+    out: W,
+    bucket: TokenBucket,
+    written: u64,
+    dropped: u64,
+}
+
+impl<W: Write> ConsoleOut<W> {
+    /// Output to `out` with the default burst and rate.
+    pub fn new(out: W) -> Self {
+        ConsoleOut {
+            out,
+            bucket: TokenBucket::new(BURST_BYTES, RATE_BYTES_PER_SEC),
+            written: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Bytes of guest output copied out so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Bytes of guest output dropped by the rate limit so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+impl<W: Write> Write for ConsoleOut<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let granted = self.bucket.take_at(buf.len() as u64, Instant::now()) as usize;
+        if granted > 0 {
+            // A closed stdout must not stop the guest: output is best effort.
+            let _ = self.out.write_all(&buf[..granted]);
+            if buf[..granted].contains(&b'\n') {
+                let _ = self.out.flush();
+            }
+        }
+        self.written += granted as u64;
+        self.dropped += (buf.len() - granted) as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = self.out.flush();
+        Ok(())
+    }
+}
+
+/// The serial device raises no interrupts: this VMM delivers none, and guests poll.
+#[derive(Debug)]
+pub struct NoInterrupt;
+
+impl Trigger for NoInterrupt {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+/// COM1, shared by every vCPU.
+pub struct SerialConsole<W: Write> {
+    uart: Mutex<Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleOut<W>>>,
+}
+
+impl<W: Write> SerialConsole<W> {
+    /// A console writing to `out`.
+    pub fn new(out: W) -> Self {
+        SerialConsole {
+            uart: Mutex::new(Serial::new(NoInterrupt, ConsoleOut::new(out))),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleOut<W>>>
+    {
+        // A panic while holding the lock leaves only console state behind: keep using it.
+        self.uart.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A guest write of `data` (one byte per register access) at register `offset`.
+    pub fn write(&self, offset: u8, data: &[u8]) {
+        let mut uart = self.lock();
+        for &byte in data {
+            // Writes to the transmit register go to ConsoleOut, which never fails.
+            let _ = uart.write(offset, byte);
+        }
+    }
+
+    /// A guest read of register `offset`, filling `data`.
+    pub fn read(&self, offset: u8, data: &mut [u8]) {
+        let mut uart = self.lock();
+        for byte in data {
+            *byte = uart.read(offset);
+        }
+    }
+
+    /// `(bytes written, bytes dropped)` of guest output so far.
+    pub fn output_stats(&self) -> (u64, u64) {
+        let uart = self.lock();
+        (uart.writer().written(), uart.writer().dropped())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_grants_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(100, 1000);
+        b.last = t0;
+        assert_eq!(b.take_at(60, t0), 60);
+        assert_eq!(b.take_at(60, t0), 40);
+        assert_eq!(b.take_at(10, t0), 0);
+        assert_eq!(b.take_at(50, t0 + Duration::from_millis(20)), 20);
+        assert_eq!(
+            b.take_at(500, t0 + Duration::from_secs(10)),
+            100,
+            "never above capacity"
+        );
+    }
+
+    #[test]
+    fn flood_is_bounded_and_counted() {
+        let console = SerialConsole::new(Vec::new());
+        let chunk = vec![b'#'; 4096];
+        for _ in 0..64 {
+            console.write(0, &chunk);
+        }
+        let (written, dropped) = console.output_stats();
+        assert_eq!(written + dropped, 64 * 4096);
+        assert!(
+            written < BURST_BYTES + RATE_BYTES_PER_SEC,
+            "written {written}"
+        );
+        assert!(dropped > 0);
+        assert_eq!(console.lock().writer().out.len() as u64, written);
+    }
+}

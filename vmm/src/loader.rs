@@ -1,0 +1,446 @@
+//! Guest programs: the built-in ones embedded at build time, and a user's own static x86_64 ELF
+//! executable, checked before anything is loaded.
+//!
+//! The checks are the point of this module: a guest file comes from the user and its headers
+//! say where it wants to be written in guest RAM. Every segment must be `PT_LOAD` data inside
+//! the file, and land inside RAM above the area the VMM reserves (page tables, boot info,
+//! stacks). linux-loader's ELF loader targets kernels (PVH notes, `e_phys`-relative loading)
+//! and does not make these checks, so the few header fields we need are read here directly.
+
+use std::path::{Path, PathBuf};
+
+use guest_abi::layout::LOAD_BASE;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+include!(concat!(env!("OUT_DIR"), "/builtin_images.rs"));
+
+/// A built-in guest: name, what it does, and the arguments it takes.
+pub struct Builtin {
+    /// The name `--guest` takes.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub summary: &'static str,
+    /// Its `--arg` keys, with their values and defaults.
+    pub args: &'static str,
+}
+
+/// Every built-in guest, in the order `vmm guests` lists them.
+pub const BUILTINS: &[Builtin] = &[
+    Builtin {
+        name: "hello",
+        summary: "prints a greeting from every vCPU on the serial console and ends with 0",
+        args: "(none)",
+    },
+    Builtin {
+        name: "touch",
+        summary: "each vCPU touches its share of memory page by page; reports pages and cycles",
+        args: "pattern=seq|random access=write|read passes=N(1) size=SIZE(all free RAM) seed=N",
+    },
+    Builtin {
+        name: "verify",
+        summary: "writes and checks a per-page pattern; a lost write ends the guest with code 1",
+        args: "mode=fill-check|fill|check|stress seed=N(1) passes=N(4) pass=N(0) size=SIZE",
+    },
+    Builtin {
+        name: "misbehave",
+        summary: "does something a VMM must survive, for tests",
+        args: "kind=triple-fault|bad-ucall|unknown-port|serial-flood bytes=SIZE(256K)",
+    },
+];
+
+/// Errors from finding, checking or loading a guest program.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Neither a built-in name nor an existing file.
+    #[error("no built-in guest is called {name:?} and no such file exists; built-ins: {known}")]
+    Unknown {
+        /// What was asked for.
+        name: String,
+        /// The built-in names.
+        known: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read guest file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a loadable static x86_64 executable.
+    #[error("guest file {} is not usable: {reason}", path.display())]
+    Invalid {
+        /// The file (or built-in name).
+        path: PathBuf,
+        /// What is wrong with it, and what is allowed.
+        reason: String,
+    },
+    /// Writing a segment into guest memory failed.
+    #[error("could not load segment at {addr:#x} of guest {}", path.display())]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// Segment address.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// A guest program ready to check and load.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// The built-in name or the file path, for messages.
+    pub origin: PathBuf,
+    bytes: std::borrow::Cow<'static, [u8]>,
+}
+
+/// One `PT_LOAD` segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest address of the segment.
+    pub addr: u64,
+    /// Offset of its bytes in the file.
+    pub offset: u64,
+    /// Bytes taken from the file.
+    pub file_size: u64,
+    /// Bytes in memory (the rest is zero).
+    pub mem_size: u64,
+}
+
+/// A checked executable: where it starts and what to copy where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Executable {
+    /// The entry point.
+    pub entry: u64,
+    /// The loadable segments.
+    pub segments: Vec<Segment>,
+}
+
+impl Executable {
+    /// One past the highest byte any segment occupies.
+    pub fn end(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|s| s.addr + s.mem_size)
+            .max()
+            .unwrap_or(LOAD_BASE)
+    }
+}
+
+const ET_EXEC: u16 = 2;
+const ET_DYN: u16 = 3;
+const EM_X86_64: u16 = 62;
+const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+const EHDR_SIZE: usize = 64;
+const PHDR_SIZE: usize = 56;
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Checks ELF headers against a guest of `ram_size` bytes. The error is the reason, phrased
+/// to say what is allowed.
+pub fn parse_executable(bytes: &[u8], ram_size: u64) -> Result<Executable, String> {
+    if bytes.len() < EHDR_SIZE || &bytes[..4] != b"\x7fELF" {
+        return Err("not an ELF file (bad magic or shorter than an ELF header)".into());
+    }
+    if bytes[4] != 2 || bytes[5] != 1 {
+        return Err("not a 64-bit little-endian ELF file; only x86_64 executables run".into());
+    }
+    let machine = u16_at(bytes, 18);
+    if machine != EM_X86_64 {
+        return Err(format!(
+            "ELF machine is {machine}, not x86_64 ({EM_X86_64})"
+        ));
+    }
+    match u16_at(bytes, 16) {
+        ET_EXEC => {}
+        ET_DYN => {
+            return Err(
+                "a position-independent executable or shared object (ET_DYN); \
+                 link a static executable with -static -no-pie"
+                    .into(),
+            );
+        }
+        other => return Err(format!("ELF type {other} is not an executable (ET_EXEC)")),
+    }
+    let entry = u64_at(bytes, 24);
+    let phoff = u64_at(bytes, 32);
+    let phentsize = u16_at(bytes, 54) as usize;
+    let phnum = u16_at(bytes, 56) as u64;
+    if phentsize != PHDR_SIZE {
+        return Err(format!(
+            "program header size {phentsize}, expected {PHDR_SIZE}"
+        ));
+    }
+    let table_end = phnum
+        .checked_mul(PHDR_SIZE as u64)
+        .and_then(|n| n.checked_add(phoff))
+        .filter(|&end| end <= bytes.len() as u64)
+        .ok_or("program headers lie outside the file (truncated?)")?;
+    let mut segments = Vec::new();
+    for ph in bytes[phoff as usize..table_end as usize].chunks_exact(PHDR_SIZE) {
+        match u32_at(ph, 0) {
+            PT_INTERP | PT_DYNAMIC => {
+                return Err(
+                    "dynamically linked (has an interpreter or a dynamic section); \
+                            only static executables run"
+                        .into(),
+                );
+            }
+            PT_LOAD => {}
+            _ => continue,
+        }
+        let seg = Segment {
+            offset: u64_at(ph, 8),
+            addr: u64_at(ph, 16),
+            file_size: u64_at(ph, 32),
+            mem_size: u64_at(ph, 40),
+        };
+        if seg.file_size > seg.mem_size {
+            return Err(format!(
+                "segment at {:#x} has more file bytes than memory",
+                seg.addr
+            ));
+        }
+        if seg
+            .offset
+            .checked_add(seg.file_size)
+            .is_none_or(|e| e > bytes.len() as u64)
+        {
+            return Err(format!(
+                "segment at {:#x} reaches past the end of the file (truncated?)",
+                seg.addr
+            ));
+        }
+        let end = seg.addr.checked_add(seg.mem_size);
+        if seg.addr < LOAD_BASE || end.is_none_or(|e| e > ram_size) {
+            return Err(format!(
+                "segment [{:#x}, {:#x}) does not fit: segments must lie in [{LOAD_BASE:#x}, \
+                 {ram_size:#x}), above the VMM's reserved area and inside guest RAM",
+                seg.addr,
+                end.unwrap_or(u64::MAX)
+            ));
+        }
+        segments.push(seg);
+    }
+    if segments.is_empty() {
+        return Err("no loadable (PT_LOAD) segment".into());
+    }
+    if !segments
+        .iter()
+        .any(|s| (s.addr..s.addr + s.mem_size).contains(&entry))
+    {
+        return Err(format!(
+            "entry point {entry:#x} is outside every loadable segment"
+        ));
+    }
+    Ok(Executable { entry, segments })
+}
+
+impl GuestImage {
+    /// A built-in by name, or else a file path.
+    pub fn find(name_or_path: &str) -> Result<Self, ImageError> {
+        if let Some((name, bytes)) = BUILTIN_IMAGES.iter().find(|(n, _)| *n == name_or_path) {
+            return Ok(GuestImage {
+                origin: PathBuf::from(name),
+                bytes: std::borrow::Cow::Borrowed(bytes),
+            });
+        }
+        let path = Path::new(name_or_path);
+        let looks_like_path = name_or_path.contains('/') || path.exists();
+        if !looks_like_path {
+            return Err(ImageError::Unknown {
+                name: name_or_path.into(),
+                known: builtin_names(),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Ok(GuestImage {
+            origin: path.into(),
+            bytes: bytes.into(),
+        })
+    }
+
+    /// Checks the image for a guest with `ram_size` bytes of RAM.
+    pub fn check(&self, ram_size: u64) -> Result<Executable, ImageError> {
+        parse_executable(&self.bytes, ram_size).map_err(|reason| ImageError::Invalid {
+            path: self.origin.clone(),
+            reason,
+        })
+    }
+
+    /// Copies the checked segments into guest memory; the bytes past each segment's file part
+    /// are left as the zeroes fresh RAM already holds.
+    pub fn load(&self, exe: &Executable, mem: &GuestMemoryMmap) -> Result<(), ImageError> {
+        for seg in &exe.segments {
+            let data = &self.bytes[seg.offset as usize..(seg.offset + seg.file_size) as usize];
+            mem.write_slice(data, GuestAddress(seg.addr))
+                .map_err(|source| ImageError::Load {
+                    path: self.origin.clone(),
+                    addr: seg.addr,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// The built-in names, comma-separated.
+pub fn builtin_names() -> String {
+    BUILTIN_IMAGES
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RAM: u64 = 64 << 20;
+
+    /// A minimal ELF: one header, `phdrs` program headers right after it.
+    fn elf(kind: u16, machine: u16, entry: u64, phdrs: &[(u32, u64, u64, u64, u64)]) -> Vec<u8> {
+        let mut b = vec![0u8; EHDR_SIZE + phdrs.len() * PHDR_SIZE + 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[16..18].copy_from_slice(&kind.to_le_bytes());
+        b[18..20].copy_from_slice(&machine.to_le_bytes());
+        b[24..32].copy_from_slice(&entry.to_le_bytes());
+        b[32..40].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
+        b[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        b[56..58].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
+        for (i, &(ty, off, addr, filesz, memsz)) in phdrs.iter().enumerate() {
+            let p = EHDR_SIZE + i * PHDR_SIZE;
+            b[p..p + 4].copy_from_slice(&ty.to_le_bytes());
+            b[p + 8..p + 16].copy_from_slice(&off.to_le_bytes());
+            b[p + 16..p + 24].copy_from_slice(&addr.to_le_bytes());
+            b[p + 32..p + 40].copy_from_slice(&filesz.to_le_bytes());
+            b[p + 40..p + 48].copy_from_slice(&memsz.to_le_bytes());
+        }
+        b
+    }
+
+    fn load_at(addr: u64, memsz: u64) -> Vec<u8> {
+        elf(ET_EXEC, EM_X86_64, addr, &[(PT_LOAD, 0, addr, 16, memsz)])
+    }
+
+    #[test]
+    fn accepts_a_static_executable() {
+        let exe = parse_executable(&load_at(LOAD_BASE, 0x2000), RAM).expect("valid");
+        assert_eq!(exe.entry, LOAD_BASE);
+        assert_eq!(exe.end(), LOAD_BASE + 0x2000);
+    }
+
+    #[test]
+    fn every_builtin_is_a_valid_executable() {
+        for (name, bytes) in BUILTIN_IMAGES {
+            parse_executable(bytes, 8 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                BUILTINS.iter().any(|b| b.name == *name),
+                "{name} lacks a description"
+            );
+        }
+        assert_eq!(BUILTINS.len(), BUILTIN_IMAGES.len());
+    }
+
+    #[test]
+    fn rejects_what_cannot_run() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"#!/bin/sh\n".to_vec(), "not an ELF"),
+            (vec![0x7f, b'E', b'L', b'F'], "not an ELF"),
+            (
+                elf(ET_EXEC, 183, LOAD_BASE, &[(PT_LOAD, 0, LOAD_BASE, 16, 16)]),
+                "not x86_64",
+            ),
+            (
+                elf(
+                    ET_DYN,
+                    EM_X86_64,
+                    LOAD_BASE,
+                    &[(PT_LOAD, 0, LOAD_BASE, 16, 16)],
+                ),
+                "ET_DYN",
+            ),
+            (elf(1, EM_X86_64, LOAD_BASE, &[]), "not an executable"),
+            (
+                elf(
+                    ET_EXEC,
+                    EM_X86_64,
+                    LOAD_BASE,
+                    &[(PT_INTERP, 0, 0, 0, 0), (PT_LOAD, 0, LOAD_BASE, 16, 16)],
+                ),
+                "dynamically linked",
+            ),
+            (load_at(0x1000, 0x100), "does not fit"),
+            (load_at(LOAD_BASE - 0x1000, 0x2000), "does not fit"),
+            (load_at(RAM - 0x1000, 0x2000), "does not fit"),
+            (load_at(u64::MAX - 8, 0x100), "does not fit"),
+            (
+                elf(
+                    ET_EXEC,
+                    EM_X86_64,
+                    LOAD_BASE,
+                    &[(PT_LOAD, 1 << 40, LOAD_BASE, 16, 16)],
+                ),
+                "past the end",
+            ),
+            (
+                elf(
+                    ET_EXEC,
+                    EM_X86_64,
+                    LOAD_BASE,
+                    &[(PT_LOAD, 0, LOAD_BASE, 32, 16)],
+                ),
+                "more file bytes",
+            ),
+            (elf(ET_EXEC, EM_X86_64, LOAD_BASE, &[]), "no loadable"),
+            (
+                elf(
+                    ET_EXEC,
+                    EM_X86_64,
+                    0x1234,
+                    &[(PT_LOAD, 0, LOAD_BASE, 16, 16)],
+                ),
+                "entry point",
+            ),
+        ];
+        for (bytes, expected) in cases {
+            let err = parse_executable(&bytes, RAM).expect_err(expected);
+            assert!(
+                err.contains(expected),
+                "{err:?} should mention {expected:?}"
+            );
+        }
+        let mut truncated = load_at(LOAD_BASE, 16);
+        truncated.truncate(EHDR_SIZE + 10);
+        assert!(
+            parse_executable(&truncated, RAM)
+                .unwrap_err()
+                .contains("truncated")
+        );
+    }
+
+    #[test]
+    fn unknown_names_list_the_builtins() {
+        let err = GuestImage::find("nosuchguest").unwrap_err().to_string();
+        assert!(err.contains("hello") && err.contains("verify"), "{err}");
+    }
+}

@@ -1,0 +1,73 @@
+//! `vmm`: parse, build, run, report.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::{Cli, Command};
+use vmm::devices::Devices;
+use vmm::loader::BUILTINS;
+use vmm::vm::{Vm, VmError, exit_code};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(exit_code::BAD_INPUT);
+        }
+    };
+    match cli.command {
+        Command::Guests => {
+            for b in BUILTINS {
+                println!("{:<10} {}\n{:<10} args: {}", b.name, b.summary, "", b.args);
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => {
+            env_logger::Builder::new()
+                .parse_filters(&args.log_level)
+                .parse_env("RUST_LOG")
+                .init();
+            let config = match args.to_config() {
+                Ok(c) => c,
+                Err(msg) => {
+                    eprintln!("error: {msg}");
+                    return ExitCode::from(exit_code::BAD_INPUT);
+                }
+            };
+            let result = Vm::build(config, Devices::stdout()).and_then(Vm::run);
+            match result {
+                Ok(summary) => {
+                    let (_, dropped) = summary.console;
+                    if dropped > 0 {
+                        eprintln!("vmm: dropped {dropped} bytes of serial output (rate limit)");
+                    }
+                    let code = summary.outcome.exit_code();
+                    if code != 0 {
+                        eprintln!("vmm: {}", summary.outcome.describe());
+                    }
+                    ExitCode::from(code)
+                }
+                Err(e) => {
+                    eprint!("error: {e}");
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(cause) = source {
+                        eprint!(": {cause}");
+                        source = cause.source();
+                    }
+                    eprintln!();
+                    ExitCode::from(match e {
+                        VmError::Config(_) | VmError::Image(_) | VmError::OpenKvm { .. } => {
+                            exit_code::BAD_INPUT
+                        }
+                        _ => exit_code::VMM_FAILED,
+                    })
+                }
+            }
+        }
+    }
+}

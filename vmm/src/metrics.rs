@@ -1,0 +1,124 @@
+//! What a run measured: per-vCPU exit counts and guest reports, and the JSON summary written
+//! at exit (`--metrics PATH`). Later parts of the VMM add their own sections to the summary.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// Counters one vCPU thread keeps; owned by that thread, handed back when it ends.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct VcpuStats {
+    /// The vCPU index.
+    pub index: u32,
+    /// Exits by reason (`io_out`, `io_in`, `mmio_read`, `hlt`...).
+    pub exits: BTreeMap<&'static str, u64>,
+    /// Sync ucalls seen.
+    pub syncs: u64,
+    /// Report ucalls, in order: `(key, value)`.
+    pub reports: Vec<(String, u64)>,
+    /// The code this vCPU ended with, if it sent done.
+    pub exit_code: Option<u64>,
+}
+
+impl VcpuStats {
+    /// Empty counters for vCPU `index`.
+    pub fn new(index: u32) -> Self {
+        VcpuStats {
+            index,
+            ..Default::default()
+        }
+    }
+
+    /// Counts one exit of kind `reason`.
+    pub fn count_exit(&mut self, reason: &'static str) {
+        *self.exits.entry(reason).or_default() += 1;
+    }
+
+    /// The last value reported under `key`.
+    pub fn report(&self, key: &str) -> Option<u64> {
+        self.reports
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// Writes `summary` to `path` as pretty JSON.
+pub fn write_json(path: &Path, summary: &Value) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(summary).map_err(std::io::Error::other)?;
+    std::fs::write(path, text + "\n")
+}
+
+/// The `vcpus` section of the summary.
+pub fn vcpus_json(vcpus: &[VcpuStats]) -> Value {
+    Value::Array(
+        vcpus
+            .iter()
+            .map(|v| {
+                json!({
+                    "index": v.index,
+                    "exit_code": v.exit_code,
+                    "exits": v.exits,
+                    "syncs": v.syncs,
+                    "reports": v.reports.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// p50, p99 and max of a histogram of nanoseconds, as `{p50, p99, max}` (zeroes when empty).
+pub fn percentiles(h: &hdrhistogram::Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return json!({"p50": 0, "p99": 0, "max": 0, "count": 0});
+    }
+    json!({
+        "p50": h.value_at_quantile(0.50),
+        "p99": h.value_at_quantile(0.99),
+        "max": h.max(),
+        "count": h.len(),
+    })
+}
+
+/// A histogram for nanosecond latencies from 1 ns to 100 s, 3 significant digits.
+pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 100_000_000_000, 3)
+        .expect("static bounds are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_ordered() {
+        let mut h = latency_histogram();
+        for v in 1..=1000u64 {
+            h.record(v * 1000).unwrap();
+        }
+        let p = percentiles(&h);
+        let (p50, p99, max) = (
+            p["p50"].as_u64().unwrap(),
+            p["p99"].as_u64().unwrap(),
+            p["max"].as_u64().unwrap(),
+        );
+        assert!(p50 <= p99 && p99 <= max);
+        assert!((495_000..=505_000).contains(&p50), "{p50}");
+        assert_eq!(percentiles(&latency_histogram())["count"], 0);
+    }
+
+    #[test]
+    fn reports_keep_the_last_value() {
+        let mut s = VcpuStats::new(1);
+        s.reports.push(("pages".into(), 1));
+        s.reports.push(("pages".into(), 2));
+        assert_eq!(s.report("pages"), Some(2));
+        assert_eq!(s.report("cycles"), None);
+        s.count_exit("io_out");
+        s.count_exit("io_out");
+        assert_eq!(vcpus_json(&[s])[0]["exits"]["io_out"], 2);
+    }
+}

@@ -1,0 +1,131 @@
+//! Host side of ucalls: read the struct the guest points at, validate it, act on it.
+//!
+//! The guest supplies the address and every length; nothing it writes is trusted. An address
+//! outside RAM, a struct that crosses the end of RAM, or a malformed struct ends the VM with a
+//! clear error naming the vCPU and the address.
+
+use guest_abi::{Command, UCALL_SIZE, Ucall};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::Devices;
+use crate::metrics::VcpuStats;
+
+/// What a ucall asks of the vCPU loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UcallResult {
+    /// Keep running.
+    Continue,
+    /// The vCPU is done with this code.
+    Done(u64),
+    /// The guest aborted.
+    Abort {
+        /// `file:line: message`.
+        what: String,
+    },
+    /// The ucall itself was invalid.
+    Invalid(String),
+}
+
+/// Handles the ucall at guest address `addr` from vCPU `stats.index`.
+pub fn handle(
+    mem: &GuestMemoryMmap,
+    devices: &Devices,
+    addr: u64,
+    stats: &mut VcpuStats,
+) -> UcallResult {
+    let mut bytes = [0u8; UCALL_SIZE];
+    if let Err(e) = mem.read_slice(&mut bytes, GuestAddress(addr)) {
+        return UcallResult::Invalid(format!(
+            "ucall address {addr:#x} is not {UCALL_SIZE} bytes of guest RAM ({e})"
+        ));
+    }
+    let index = stats.index;
+    match Ucall::decode(&bytes) {
+        Err(e) => UcallResult::Invalid(format!("malformed ucall at {addr:#x}: {e}")),
+        Ok(Command::Print(text)) => {
+            devices.print_line(&format!("[vcpu{index}] {}", String::from_utf8_lossy(text)));
+            UcallResult::Continue
+        }
+        Ok(Command::Sync(stage)) => {
+            log::debug!("vcpu{index} reached stage {stage}");
+            stats.syncs += 1;
+            UcallResult::Continue
+        }
+        Ok(Command::Report { key, value }) => {
+            let key = String::from_utf8_lossy(key).into_owned();
+            devices.print_line(&format!("[vcpu{index}] {key} = {value}"));
+            stats.reports.push((key, value));
+            UcallResult::Continue
+        }
+        Ok(Command::Done(code)) => UcallResult::Done(code),
+        Ok(Command::Abort {
+            file,
+            line,
+            message,
+        }) => UcallResult::Abort {
+            what: format!(
+                "{}:{line}: {}",
+                String::from_utf8_lossy(file),
+                String::from_utf8_lossy(message)
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn setup() -> (GuestMemoryMmap, Devices, VcpuStats) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let devices = Devices::new(Box::new(Vec::new()), Box::new(Vec::new()));
+        (mem, devices, VcpuStats::new(0))
+    }
+
+    #[test]
+    fn decodes_from_guest_memory() {
+        let (mem, devices, mut stats) = setup();
+        mem.write_slice(&Ucall::report(b"pages", 9).to_bytes(), GuestAddress(0x100))
+            .unwrap();
+        assert_eq!(
+            handle(&mem, &devices, 0x100, &mut stats),
+            UcallResult::Continue
+        );
+        assert_eq!(stats.reports, vec![("pages".to_string(), 9)]);
+        mem.write_slice(&Ucall::done(4).to_bytes(), GuestAddress(0x800))
+            .unwrap();
+        assert_eq!(
+            handle(&mem, &devices, 0x800, &mut stats),
+            UcallResult::Done(4)
+        );
+        let mut abort = Ucall::abort(b"g.rs", 3);
+        abort.push_text(b"bad");
+        mem.write_slice(&abort.to_bytes(), GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            handle(&mem, &devices, 0x1000, &mut stats),
+            UcallResult::Abort {
+                what: "g.rs:3: bad".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_addresses_outside_ram() {
+        let (mem, devices, mut stats) = setup();
+        for addr in [1 << 50, 0x10000, 0x10000 - 8, u64::MAX - 4] {
+            let r = handle(&mem, &devices, addr, &mut stats);
+            assert!(
+                matches!(r, UcallResult::Invalid(ref m) if m.contains("not")),
+                "{addr:#x}: {r:?}"
+            );
+        }
+        let mut bad = Ucall::print(b"x").to_bytes();
+        bad[0] = 77;
+        mem.write_slice(&bad, GuestAddress(0)).unwrap();
+        assert!(
+            matches!(handle(&mem, &devices, 0, &mut stats), UcallResult::Invalid(m) if m.contains("unknown ucall command 77"))
+        );
+    }
+}

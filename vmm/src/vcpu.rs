@@ -1,0 +1,278 @@
+//! vCPUs: creating them in long mode, and the thread that runs each one.
+//!
+//! The exit handler is a plain function of (devices, exit) so it can be tested without a
+//! thread or KVM. A vCPU thread ends by sending one [`VcpuEvent`] (done, abort, or failure)
+//! and returning its [`VcpuStats`]. It stops early when the VM's stop flag is set; the
+//! controller kicks it out of `KVM_RUN` with a signal until it notices.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+
+use crate::arch;
+use crate::devices::{Devices, PioResult};
+use crate::memory::GuestRam;
+use crate::metrics::VcpuStats;
+use crate::ucall::{self, UcallResult};
+
+/// How a vCPU ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// The guest sent done (or wrote the exit port) with this code.
+    Done(u64),
+    /// The guest aborted: `file:line: message`.
+    Aborted(String),
+    /// The vCPU cannot go on (triple fault, internal error, bad ucall...), with its registers.
+    Failed(String),
+}
+
+/// Sent once by each vCPU thread when its vCPU ends.
+#[derive(Debug)]
+pub struct VcpuEvent {
+    /// Which vCPU.
+    pub index: u32,
+    /// How it ended.
+    pub end: VcpuEnd,
+}
+
+/// What one exit asks of the run loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Handled; run again.
+    Continue,
+    /// A ucall is pending; its address is in `rdi`.
+    Ucall,
+    /// The vCPU is done.
+    Done(u64),
+    /// The vCPU cannot go on.
+    Fatal(String),
+}
+
+/// Handles one exit. Counts it by reason in `stats`.
+pub fn handle_exit(devices: &Devices, exit: VcpuExit<'_>, stats: &mut VcpuStats) -> ExitAction {
+    let pio = |r: PioResult| match r {
+        PioResult::Handled => ExitAction::Continue,
+        PioResult::Ucall => ExitAction::Ucall,
+        PioResult::Exit(code) => ExitAction::Done(code),
+    };
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            stats.count_exit("io_out");
+            pio(devices.pio_write(port, data))
+        }
+        VcpuExit::IoIn(port, data) => {
+            stats.count_exit("io_in");
+            pio(devices.pio_read(port, data))
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            stats.count_exit("mmio_read");
+            devices.mmio_read(addr, data);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            stats.count_exit("mmio_write");
+            devices.mmio_write(addr, data);
+            ExitAction::Continue
+        }
+        VcpuExit::Hlt => {
+            stats.count_exit("hlt");
+            ExitAction::Fatal(
+                "the guest executed HLT; this VMM delivers no interrupts, so it would never \
+                 resume (end a vCPU with a done ucall or a write to port 0xf4)"
+                    .into(),
+            )
+        }
+        VcpuExit::Shutdown => {
+            stats.count_exit("shutdown");
+            ExitAction::Fatal("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into())
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            stats.count_exit("fail_entry");
+            ExitAction::Fatal(format!(
+                "KVM could not enter the guest (hardware entry failure reason {reason:#x} on \
+                 host cpu {cpu})"
+            ))
+        }
+        VcpuExit::InternalError => {
+            stats.count_exit("internal_error");
+            ExitAction::Fatal("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            stats.count_exit("system_event");
+            ExitAction::Fatal(format!(
+                "the guest raised system event {kind} (reset or crash)"
+            ))
+        }
+        other => {
+            stats.count_exit("other");
+            ExitAction::Fatal(format!("unexpected vCPU exit {other:?}"))
+        }
+    }
+}
+
+/// A vCPU set up to enter the guest program in long mode.
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+}
+
+/// What every vCPU thread shares.
+pub struct VcpuShared {
+    /// The devices exits reach.
+    pub devices: Arc<Devices>,
+    /// Guest RAM, for ucalls.
+    pub ram: Arc<GuestRam>,
+    /// Set when the VM is stopping.
+    pub stop: Arc<AtomicBool>,
+    /// Where the vCPU's end is reported.
+    pub events: Sender<VcpuEvent>,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `vm`, entering at `entry` with `rdi = boot_info`.
+    pub fn new(
+        vm: &VmFd,
+        index: u32,
+        cpuid: &CpuId,
+        entry: u64,
+        boot_info: u64,
+    ) -> Result<Self, kvm_ioctls::Error> {
+        let fd = vm.create_vcpu(u64::from(index))?;
+        let mut cpuid = cpuid.clone();
+        for e in cpuid.as_mut_slice() {
+            // The initial APIC ID, so a guest reading CPUID sees which vCPU it runs on.
+            if e.function == 1 {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24);
+            }
+            if e.function == 0xb || e.function == 0x1f {
+                e.edx = index;
+            }
+        }
+        fd.set_cpuid2(&cpuid)?;
+        let mut sregs = fd.get_sregs()?;
+        arch::long_mode_sregs(&mut sregs);
+        fd.set_sregs(&sregs)?;
+        fd.set_regs(&arch::entry_regs(entry, boot_info, u64::from(index)))?;
+        fd.set_fpu(&arch::fpu())?;
+        Ok(Vcpu { index, fd })
+    }
+
+    /// The host TSC frequency KVM reports for this vCPU, in kHz.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok()
+    }
+
+    /// Runs the vCPU until it ends or the VM stops; reports the end and returns its counters.
+    pub fn run(mut self, shared: &VcpuShared) -> VcpuStats {
+        let mut stats = VcpuStats::new(self.index);
+        let end = loop {
+            if shared.stop.load(Ordering::Acquire) {
+                break None;
+            }
+            let action = match self.fd.run() {
+                Ok(VcpuExit::InternalError) => {
+                    stats.count_exit("internal_error");
+                    ExitAction::Fatal(self.internal_error())
+                }
+                Ok(exit) => handle_exit(&shared.devices, exit, &mut stats),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    stats.count_exit("interrupted");
+                    continue;
+                }
+                Err(e) => break Some(VcpuEnd::Failed(format!("KVM_RUN failed: {e}"))),
+            };
+            match action {
+                ExitAction::Continue => {}
+                ExitAction::Done(code) => break Some(VcpuEnd::Done(code)),
+                ExitAction::Fatal(what) => {
+                    break Some(VcpuEnd::Failed(format!("{what}{}", self.describe())));
+                }
+                ExitAction::Ucall => {
+                    let rdi = match self.fd.get_regs() {
+                        Ok(regs) => regs.rdi,
+                        Err(e) => break Some(VcpuEnd::Failed(format!("KVM_GET_REGS failed: {e}"))),
+                    };
+                    match ucall::handle(shared.ram.view(), &shared.devices, rdi, &mut stats) {
+                        UcallResult::Continue => {}
+                        UcallResult::Done(code) => break Some(VcpuEnd::Done(code)),
+                        UcallResult::Abort { what } => break Some(VcpuEnd::Aborted(what)),
+                        UcallResult::Invalid(what) => {
+                            break Some(VcpuEnd::Failed(format!("{what}{}", self.describe())));
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(end) = end {
+            if let VcpuEnd::Done(code) = end {
+                stats.exit_code = Some(code);
+            }
+            // The controller may already be gone if another vCPU ended the run.
+            let _ = shared.events.send(VcpuEvent {
+                index: self.index,
+                end,
+            });
+        }
+        stats
+    }
+
+    /// Describes a `KVM_EXIT_INTERNAL_ERROR` from the details KVM left in `kvm_run`.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union
+        // member; `ndata` is clamped to the array's length.
+        let (suberror, data) = unsafe {
+            let internal = &run.__bindgen_anon_1.internal;
+            let n = (internal.ndata as usize).min(internal.data.len());
+            (internal.suberror, internal.data[..n].to_vec())
+        };
+        let kind = match suberror {
+            1 => "instruction emulation failed",
+            2 => "simultaneous exceptions",
+            3 => "delivery event failed",
+            _ => "unknown suberror",
+        };
+        format!("KVM internal error: {kind} (suberror {suberror}, data {data:#x?})")
+    }
+
+    /// The registers, for messages about a vCPU that cannot go on.
+    fn describe(&mut self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.fd.get_regs() {
+            out += &format!(
+                "\n  vcpu{} registers: rip={:#018x} rsp={:#018x} rflags={:#x}\n  \
+                 rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}\n  \
+                 r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
+                self.index,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                r.rsi,
+                r.rdi,
+                r.rbp,
+                r.r8,
+                r.r9,
+                r.r10,
+                r.r11,
+                r.r12,
+                r.r13,
+                r.r14,
+                r.r15
+            );
+        }
+        if let Ok(s) = self.fd.get_sregs() {
+            out += &format!(
+                "\n  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,411 @@
+//! The VM: building it from a validated [`VmConfig`] (the default build recipe) and running it
+//! to an [`Outcome`].
+//!
+//! Field order matters for teardown: vCPU fds and the VM fd (and with them every memslot) are
+//! dropped before guest RAM is unmapped.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_abi::layout::{ARGS_ADDR, BOOT_INFO_BASE, BOOT_INFO_STRIDE, EXTENT_SIZE, GDT_ADDR};
+use guest_abi::{BOOT_MAGIC, BootInfo};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VmFd};
+use serde_json::{Value, json};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::arch;
+use crate::config::{ConfigError, VmConfig, host_memory};
+use crate::devices::Devices;
+use crate::loader::{GuestImage, ImageError};
+use crate::memory::{GuestRam, RamError};
+use crate::metrics::{self, VcpuStats};
+use crate::vcpu::{Vcpu, VcpuEnd, VcpuShared};
+
+/// Errors that keep a VM from being built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error(
+        "cannot open {path}: check that KVM is enabled (the kvm_intel or kvm_amd module is \
+         loaded and virtualization is on in the firmware) and that this user may read and \
+         write {path}"
+    )]
+    OpenKvm {
+        /// The device path.
+        path: String,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A KVM ioctl failed.
+    #[error("KVM call failed: {what}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The host's RAM size could not be read.
+    #[error("cannot read the host's memory size")]
+    HostMemory(#[source] std::io::Error),
+    /// A configuration value is not allowed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The guest program is not usable.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Guest RAM could not be mapped.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// Writing boot data into guest RAM failed.
+    #[error("cannot write boot data into guest RAM")]
+    BootData(#[source] vm_memory::GuestMemoryError),
+    /// A thread could not be started.
+    #[error("cannot start thread {name}")]
+    Thread {
+        /// The thread.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install a signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// A vCPU thread panicked.
+    #[error("vcpu{0} thread panicked")]
+    VcpuPanicked(u32),
+    /// The metrics file could not be written.
+    #[error("cannot write metrics to {path}")]
+    Metrics {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmError {
+    fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+        move |source| VmError::Kvm { what, source }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every vCPU sent done; the largest code.
+    Done(u64),
+    /// A vCPU aborted.
+    Aborted {
+        /// Which.
+        vcpu: u32,
+        /// `file:line: message`.
+        what: String,
+    },
+    /// A vCPU failed (triple fault, bad ucall, internal error...).
+    Failed {
+        /// Which.
+        vcpu: u32,
+        /// What happened, with registers.
+        what: String,
+    },
+    /// `--timeout` expired.
+    TimedOut(Duration),
+    /// SIGINT or SIGTERM.
+    Interrupted(i32),
+}
+
+/// Process exit codes for ends that are not a guest's own code.
+pub mod exit_code {
+    /// Largest guest code passed through; larger codes are clamped to it.
+    pub const GUEST_MAX: u8 = 199;
+    /// A vCPU aborted (assertion or panic in the guest).
+    pub const GUEST_ABORTED: u8 = 200;
+    /// A vCPU failed: triple fault, invalid ucall, KVM internal error.
+    pub const GUEST_FAILED: u8 = 201;
+    /// `--timeout` expired.
+    pub const TIMED_OUT: u8 = 202;
+    /// Bad input: a value, a file or a device the VMM cannot use (nothing ran).
+    pub const BAD_INPUT: u8 = 203;
+    /// The VMM itself failed while running.
+    pub const VMM_FAILED: u8 = 204;
+}
+
+impl Outcome {
+    /// The process exit code for this outcome.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Done(code) => (*code).min(u64::from(exit_code::GUEST_MAX)) as u8,
+            Outcome::Aborted { .. } => exit_code::GUEST_ABORTED,
+            Outcome::Failed { .. } => exit_code::GUEST_FAILED,
+            Outcome::TimedOut(_) => exit_code::TIMED_OUT,
+            Outcome::Interrupted(sig) => 128 + *sig as u8,
+        }
+    }
+
+    /// A one-line description for the user.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Done(code) => format!("guest finished with code {code}"),
+            Outcome::Aborted { vcpu, what } => format!("guest aborted on vcpu{vcpu}: {what}"),
+            Outcome::Failed { vcpu, what } => format!("vcpu{vcpu} failed: {what}"),
+            Outcome::TimedOut(t) => {
+                format!(
+                    "the guest did not finish within --timeout {}s; stopped it",
+                    t.as_secs_f64()
+                )
+            }
+            Outcome::Interrupted(sig) => format!("stopped by signal {sig}"),
+        }
+    }
+}
+
+/// The result of a run.
+#[derive(Debug)]
+pub struct RunSummary {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// From the first vCPU start to the end of teardown.
+    pub wall: Duration,
+    /// Per-vCPU counters.
+    pub vcpus: Vec<VcpuStats>,
+    /// Serial console bytes written and dropped by the rate limit.
+    pub console: (u64, u64),
+}
+
+impl RunSummary {
+    /// The JSON summary written by `--metrics`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "exit_code": self.outcome.exit_code(),
+            "outcome": self.outcome.describe(),
+            "wall_time_ns": self.wall.as_nanos() as u64,
+            "vcpus": metrics::vcpus_json(&self.vcpus),
+            "console": { "written_bytes": self.console.0, "dropped_bytes": self.console.1 },
+        })
+    }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    vcpus: Vec<Vcpu>,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+    ram: Arc<GuestRam>,
+    devices: Arc<Devices>,
+    config: VmConfig,
+}
+
+/// The signal that last asked the VMM to stop (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(num, Ordering::SeqCst);
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only interrupts KVM_RUN; the vCPU loop then checks the stop flag.
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn open_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
+    let path = config.kvm_device.display().to_string();
+    let c_path =
+        CString::new(config.kvm_device.as_os_str().as_bytes()).map_err(|_| VmError::OpenKvm {
+            path: path.clone(),
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+    Kvm::new_with_path(&c_path).map_err(|source| VmError::OpenKvm { path, source })
+}
+
+impl Vm {
+    /// Validates `config` against this host, then builds the VM: KVM, RAM, boot data, vCPUs.
+    pub fn build(config: VmConfig, devices: Devices) -> Result<Vm, VmError> {
+        let kvm = open_kvm(&config)?;
+        let host_mem = host_memory().map_err(VmError::HostMemory)?;
+        let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
+        config.validate(host_mem, max_vcpus)?;
+        let image = GuestImage::find(&config.guest)?;
+        let exe = image.check(config.memory.0)?;
+
+        let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+        let ram = Arc::new(GuestRam::new(config.memory.0, None)?);
+        ram.register(&vm_fd, 0)
+            .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+
+        let mem = ram.view();
+        let write = |data: &[u8], at: u64| {
+            mem.write_slice(data, GuestAddress(at))
+                .map_err(VmError::BootData)
+        };
+        write(&arch::gdt(), GDT_ADDR)?;
+        for (addr, page) in arch::page_tables(config.memory.0) {
+            write(&page, addr)?;
+        }
+        let args = config.args_block();
+        write(&args, ARGS_ADDR)?;
+        image.load(&exe, mem)?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        let free_start = exe.end().next_multiple_of(EXTENT_SIZE).min(config.memory.0);
+        for index in 0..config.vcpus {
+            let boot_addr = BOOT_INFO_BASE + u64::from(index) * BOOT_INFO_STRIDE;
+            let vcpu = Vcpu::new(&vm_fd, index, &cpuid, exe.entry, boot_addr)
+                .map_err(VmError::kvm("creating a vCPU"))?;
+            let info = BootInfo {
+                magic: BOOT_MAGIC,
+                vcpu_index: u64::from(index),
+                vcpu_count: u64::from(config.vcpus),
+                ram_size: config.memory.0,
+                free_start,
+                free_end: config.memory.0,
+                args_addr: ARGS_ADDR,
+                args_len: args.len() as u64,
+                tsc_khz: vcpu.tsc_khz().map_or(0, u64::from),
+            };
+            write(&info.to_bytes(), boot_addr)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            vcpus,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+            ram,
+            devices: Arc::new(devices),
+            config,
+        })
+    }
+
+    /// Runs every vCPU until the run ends, then stops and joins them all.
+    pub fn run(self) -> Result<RunSummary, VmError> {
+        // Both handlers only store to an atomic or do nothing, which is async-signal-safe.
+        register_signal_handler(kick_signal(), on_kick).map_err(VmError::Signal)?;
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            register_signal_handler(sig, on_stop_signal).map_err(VmError::Signal)?;
+        }
+        STOP_SIGNAL.store(0, Ordering::SeqCst);
+
+        let start = Instant::now();
+        let (events_tx, events) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let vcpu_count = self.vcpus.len();
+        let mut threads: Vec<(u32, JoinHandle<VcpuStats>)> = Vec::with_capacity(vcpu_count);
+        for (index, vcpu) in self.vcpus.into_iter().enumerate() {
+            let shared = VcpuShared {
+                devices: self.devices.clone(),
+                ram: self.ram.clone(),
+                stop: stop.clone(),
+                events: events_tx.clone(),
+            };
+            let name = format!("vcpu{index}");
+            let spawned = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || vcpu.run(&shared));
+            match spawned {
+                Ok(handle) => threads.push((index as u32, handle)),
+                Err(source) => {
+                    let _ = stop_and_join(&stop, threads);
+                    return Err(VmError::Thread { name, source });
+                }
+            }
+        }
+        drop(events_tx);
+
+        let deadline = self.config.timeout.map(|t| (start + t, t));
+        let mut done = 0;
+        let mut max_code = 0;
+        let outcome = loop {
+            match events.recv_timeout(Duration::from_millis(20)) {
+                Ok(event) => match event.end {
+                    VcpuEnd::Done(code) => {
+                        done += 1;
+                        max_code = max_code.max(code);
+                        if done == vcpu_count {
+                            break Outcome::Done(max_code);
+                        }
+                    }
+                    VcpuEnd::Aborted(what) => {
+                        break Outcome::Aborted {
+                            vcpu: event.index,
+                            what,
+                        };
+                    }
+                    VcpuEnd::Failed(what) => {
+                        break Outcome::Failed {
+                            vcpu: event.index,
+                            what,
+                        };
+                    }
+                },
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Every thread ended without reporting: only a panic does that.
+                    let index = threads
+                        .iter()
+                        .find(|(_, h)| h.is_finished())
+                        .map_or(0, |(i, _)| *i);
+                    let _ = stop_and_join(&stop, threads);
+                    return Err(VmError::VcpuPanicked(index));
+                }
+            }
+            let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+            if sig != 0 {
+                break Outcome::Interrupted(sig);
+            }
+            if let Some((at, t)) = deadline
+                && Instant::now() >= at
+            {
+                break Outcome::TimedOut(t);
+            }
+        };
+        let vcpus = stop_and_join(&stop, threads)?;
+        let summary = RunSummary {
+            outcome,
+            wall: start.elapsed(),
+            vcpus,
+            console: self.devices.serial.output_stats(),
+        };
+        if let Some(path) = &self.config.metrics {
+            metrics::write_json(path, &summary.to_json()).map_err(|source| VmError::Metrics {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(summary)
+    }
+}
+
+/// Sets the stop flag and kicks every vCPU thread out of `KVM_RUN` until it has exited.
+fn stop_and_join(
+    stop: &AtomicBool,
+    threads: Vec<(u32, JoinHandle<VcpuStats>)>,
+) -> Result<Vec<VcpuStats>, VmError> {
+    stop.store(true, Ordering::Release);
+    let mut stats = Vec::with_capacity(threads.len());
+    for (index, handle) in threads {
+        // A signal that lands just before KVM_RUN is lost, so keep kicking until it is out.
+        while !handle.is_finished() {
+            let _ = handle.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stats.push(handle.join().map_err(|_| VmError::VcpuPanicked(index))?);
+    }
+    Ok(stats)
+}
