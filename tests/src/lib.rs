@@ -219,3 +219,40 @@ pub fn reports(stdout: &str, key: &str) -> Vec<(u32, u64)> {
         })
         .collect()
 }
+
+/// The 2 MiB hugetlb pool: `(total, free)` pages.
+pub fn hugetlb_pool() -> (u64, u64) {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (
+        read("nr_hugepages"),
+        read("free_hugepages").saturating_sub(read("resv_hugepages")),
+    )
+}
+
+/// Whether `pages` free hugetlb pages are there. Without them a test prints `SKIP` and passes,
+/// unless `VMM_REQUIRE_HUGETLB=1` (CI reserves a pool and sets it), in which case it fails.
+pub fn hugetlb_available(test: &str, pages: u64) -> bool {
+    let (total, free) = hugetlb_pool();
+    if free >= pages {
+        return true;
+    }
+    let why = format!(
+        "{test}: needs {pages} free 2 MiB hugetlb pages, the pool has {free} free of {total} \
+         (reserve them as root: echo N > /proc/sys/vm/nr_hugepages)"
+    );
+    if std::env::var("VMM_REQUIRE_HUGETLB").as_deref() == Ok("1") {
+        panic!("{why}; VMM_REQUIRE_HUGETLB=1");
+    }
+    eprintln!("SKIP: {why}");
+    false
+}
+
+/// Sums the values reported under `key` across vCPUs.
+pub fn report_sum(stdout: &str, key: &str) -> u64 {
+    reports(stdout, key).iter().map(|(_, v)| v).sum()
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{ByteSize, GuestArg, VmConfig};
+use crate::memory::{Backing, SourceKind};
 
 /// A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.
 #[derive(Debug, Parser)]
@@ -20,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a guest program.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the built-in guest programs and their arguments.
     Guests,
 }
@@ -52,20 +53,38 @@ pub struct RunArgs {
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH")]
     pub kvm_device: PathBuf,
+    /// What backs guest RAM: small (4 KiB pages on demand), thp or hugetlb (2 MiB pages for
+    /// all RAM, populated up front).
+    #[arg(long, default_value = "small", value_name = "small|thp|hugetlb")]
+    pub backing: Backing,
+    /// Where a page's contents come from when first touched: kernel (the host kernel fills
+    /// zeroes), zero (the VMM's userfaultfd handler fills zeroes) or image:PATH (the handler
+    /// serves pages lazily from a memory image).
+    #[arg(long, default_value = "kernel", value_name = "kernel|zero|image:PATH")]
+    pub page_source: SourceKind,
+    /// Bytes the fault handler resolves per fault (a power of two, 4K to 2M).
+    #[arg(long, default_value = "4K", value_name = "SIZE")]
+    pub fault_granularity: ByteSize,
+    /// Save guest RAM to this image file when the guest finishes (atomic, sparse).
+    #[arg(long, value_name = "PATH")]
+    pub save_memory: Option<PathBuf>,
+    /// Also append a JSON line of metrics to METRICS.jsonl every this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub metrics_interval: Option<f64>,
 }
 
 impl RunArgs {
     /// The VM configuration these arguments describe (validated later, against the host).
     pub fn to_config(&self) -> Result<VmConfig, String> {
-        let timeout = match self.timeout {
-            None => None,
-            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
-            Some(t) => {
-                return Err(format!(
-                    "--timeout {t} is not allowed: give a number of seconds greater than zero"
-                ));
-            }
+        let seconds = |flag: &str, value: Option<f64>| match value {
+            None => Ok(None),
+            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Ok(Some(Duration::from_secs_f64(t))),
+            Some(t) => Err(format!(
+                "{flag} {t} is not allowed: give a number of seconds greater than zero"
+            )),
         };
+        let timeout = seconds("--timeout", self.timeout)?;
+        let metrics_interval = seconds("--metrics-interval", self.metrics_interval)?;
         Ok(VmConfig {
             guest: self.guest.clone(),
             memory: self.memory,
@@ -74,6 +93,11 @@ impl RunArgs {
             timeout,
             metrics: self.metrics.clone(),
             kvm_device: self.kvm_device.clone(),
+            backing: self.backing,
+            page_source: self.page_source.clone(),
+            fault_granularity: self.fault_granularity,
+            save_memory: self.save_memory.clone(),
+            metrics_interval,
         })
     }
 }

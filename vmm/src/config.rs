@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS};
+use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS, PAGE_SIZE};
+
+use crate::memory::{Backing, SourceKind};
 
 /// A size in bytes, written with an optional `K`, `M` or `G` suffix (powers of 1024).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -87,6 +89,16 @@ pub struct VmConfig {
     pub metrics: Option<PathBuf>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// What backs guest RAM from the start.
+    pub backing: Backing,
+    /// Where first-touch page contents come from.
+    pub page_source: SourceKind,
+    /// Bytes the fault handler resolves per fault.
+    pub fault_granularity: ByteSize,
+    /// Where to save guest RAM when the guest finishes.
+    pub save_memory: Option<PathBuf>,
+    /// How often to append a JSON line of metrics while the guest runs.
+    pub metrics_interval: Option<Duration>,
 }
 
 impl Default for VmConfig {
@@ -99,6 +111,11 @@ impl Default for VmConfig {
             timeout: None,
             metrics: None,
             kvm_device: "/dev/kvm".into(),
+            backing: Backing::Small,
+            page_source: SourceKind::Kernel,
+            fault_granularity: ByteSize(PAGE_SIZE),
+            save_memory: None,
+            metrics_interval: None,
         }
     }
 }
@@ -137,6 +154,15 @@ pub enum ConfigError {
     /// A zero timeout.
     #[error("--timeout must be greater than zero seconds")]
     ZeroTimeout,
+    /// A fault granularity that is not a power of two from 4 KiB to 2 MiB.
+    #[error("--fault-granularity {0} is not allowed: use a power of two from 4K to 2M")]
+    FaultGranularity(ByteSize),
+    /// `--metrics-interval` without `--metrics`.
+    #[error("--metrics-interval needs --metrics PATH (the lines go to PATH.jsonl)")]
+    IntervalWithoutMetrics,
+    /// A page source the backing cannot use.
+    #[error("--fault-granularity applies to --page-source zero or image with --backing small")]
+    GranularityNeedsUffd,
     /// An output file whose directory does not exist.
     #[error("{flag} {path}: the directory {dir} does not exist")]
     OutputDir {
@@ -194,6 +220,19 @@ impl VmConfig {
         }
         if let Some(path) = &self.metrics {
             check_output_dir("--metrics", path)?;
+        }
+        if let Some(path) = &self.save_memory {
+            check_output_dir("--save-memory", path)?;
+        }
+        if self.metrics_interval.is_some() && self.metrics.is_none() {
+            return Err(ConfigError::IntervalWithoutMetrics);
+        }
+        let g = self.fault_granularity.0;
+        if !g.is_power_of_two() || !(PAGE_SIZE..=EXTENT_SIZE).contains(&g) {
+            return Err(ConfigError::FaultGranularity(self.fault_granularity));
+        }
+        if g != PAGE_SIZE && (self.backing != Backing::Small || !self.page_source.uses_uffd()) {
+            return Err(ConfigError::GranularityNeedsUffd);
         }
         Ok(())
     }

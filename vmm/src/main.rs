@@ -6,7 +6,7 @@ use clap::Parser;
 use vmm::cli::{Cli, Command};
 use vmm::devices::Devices;
 use vmm::loader::BUILTINS;
-use vmm::vm::{Vm, VmError, exit_code};
+use vmm::vm::{Vm, exit_code};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -60,11 +60,10 @@ fn main() -> ExitCode {
                         source = cause.source();
                     }
                     eprintln!();
-                    ExitCode::from(match e {
-                        VmError::Config(_) | VmError::Image(_) | VmError::OpenKvm { .. } => {
-                            exit_code::BAD_INPUT
-                        }
-                        _ => exit_code::VMM_FAILED,
+                    ExitCode::from(if e.is_bad_input() {
+                        exit_code::BAD_INPUT
+                    } else {
+                        exit_code::VMM_FAILED
                     })
                 }
             }

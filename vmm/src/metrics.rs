@@ -52,6 +52,37 @@ pub fn write_json(path: &Path, summary: &Value) -> std::io::Result<()> {
     std::fs::write(path, text + "\n")
 }
 
+/// Merges the keys of `extra` (an object) into `summary` (an object), recursively.
+pub fn merge(summary: &mut Value, extra: &Value) {
+    if let (Some(dst), Some(src)) = (summary.as_object_mut(), extra.as_object()) {
+        for (k, v) in src {
+            match dst.get_mut(k) {
+                Some(existing) if existing.is_object() && v.is_object() => merge(existing, v),
+                _ => {
+                    dst.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Where `--metrics-interval` lines go: `<metrics path>.jsonl`.
+pub fn lines_path(metrics: &Path) -> std::path::PathBuf {
+    let mut name = metrics.as_os_str().to_owned();
+    name.push(".jsonl");
+    name.into()
+}
+
+/// Appends `line` as one line of JSON to `path`.
+pub fn append_line(path: &Path, line: &Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(file, "{line}")
+}
+
 /// The `vcpus` section of the summary.
 pub fn vcpus_json(vcpus: &[VcpuStats]) -> Value {
     Value::Array(

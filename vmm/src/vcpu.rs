@@ -38,6 +38,15 @@ pub struct VcpuEvent {
     pub end: VcpuEnd,
 }
 
+/// What the VM's controller hears about.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// A vCPU ended.
+    Vcpu(VcpuEvent),
+    /// A VMM thread (the fault handler) cannot go on; the VM must stop.
+    Fatal(String),
+}
+
 /// What one exit asks of the run loop.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ExitAction {
@@ -128,7 +137,7 @@ pub struct VcpuShared {
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
     /// Where the vCPU's end is reported.
-    pub events: Sender<VcpuEvent>,
+    pub events: Sender<VmEvent>,
 }
 
 impl Vcpu {
@@ -211,10 +220,10 @@ impl Vcpu {
                 stats.exit_code = Some(code);
             }
             // The controller may already be gone if another vCPU ended the run.
-            let _ = shared.events.send(VcpuEvent {
+            let _ = shared.events.send(VmEvent::Vcpu(VcpuEvent {
                 index: self.index,
                 end,
-            });
+            }));
         }
         stats
     }

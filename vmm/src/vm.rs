@@ -24,9 +24,10 @@ use crate::arch;
 use crate::config::{ConfigError, VmConfig, host_memory};
 use crate::devices::Devices;
 use crate::loader::{GuestImage, ImageError};
-use crate::memory::{GuestRam, RamError};
+use crate::memory::image::ImageFileError;
+use crate::memory::{Memory, MemoryConfig, MemoryError, kernel};
 use crate::metrics::{self, VcpuStats};
-use crate::vcpu::{Vcpu, VcpuEnd, VcpuShared};
+use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
 
 /// Errors that keep a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +63,9 @@ pub enum VmError {
     /// The guest program is not usable.
     #[error(transparent)]
     Image(#[from] ImageError),
-    /// Guest RAM could not be mapped.
+    /// Guest memory could not be set up or saved.
     #[error(transparent)]
-    Ram(#[from] RamError),
+    Memory(#[from] MemoryError),
     /// Writing boot data into guest RAM failed.
     #[error("cannot write boot data into guest RAM")]
     BootData(#[source] vm_memory::GuestMemoryError),
@@ -95,6 +96,18 @@ pub enum VmError {
 }
 
 impl VmError {
+    /// Whether the error is about the user's input or host set-up (nothing ran), as opposed
+    /// to a failure of the VMM while running.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            VmError::Config(_) | VmError::Image(_) | VmError::OpenKvm { .. } => true,
+            VmError::Memory(MemoryError::HugetlbPool { .. }) => true,
+            // An unusable image is bad input; an I/O error while saving one is not.
+            VmError::Memory(MemoryError::Image(e)) => !matches!(e, ImageFileError::Io { .. }),
+            _ => false,
+        }
+    }
+
     fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
         move |source| VmError::Kvm { what, source }
     }
@@ -123,6 +136,8 @@ pub enum Outcome {
     TimedOut(Duration),
     /// SIGINT or SIGTERM.
     Interrupted(i32),
+    /// A VMM thread failed while the guest ran (the fault handler).
+    VmmFailed(String),
 }
 
 /// Process exit codes for ends that are not a guest's own code.
@@ -150,6 +165,7 @@ impl Outcome {
             Outcome::Failed { .. } => exit_code::GUEST_FAILED,
             Outcome::TimedOut(_) => exit_code::TIMED_OUT,
             Outcome::Interrupted(sig) => 128 + *sig as u8,
+            Outcome::VmmFailed(_) => exit_code::VMM_FAILED,
         }
     }
 
@@ -166,6 +182,7 @@ impl Outcome {
                 )
             }
             Outcome::Interrupted(sig) => format!("stopped by signal {sig}"),
+            Outcome::VmmFailed(what) => format!("the VMM failed while the guest ran: {what}"),
         }
     }
 }
@@ -181,29 +198,38 @@ pub struct RunSummary {
     pub vcpus: Vec<VcpuStats>,
     /// Serial console bytes written and dropped by the rate limit.
     pub console: (u64, u64),
+    /// The memory, faults and kernel sections, read just before teardown.
+    pub memory: Value,
+    /// What `--save-memory` wrote, if it ran.
+    pub saved: Option<Value>,
 }
 
 impl RunSummary {
     /// The JSON summary written by `--metrics`.
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut summary = json!({
             "exit_code": self.outcome.exit_code(),
             "outcome": self.outcome.describe(),
             "wall_time_ns": self.wall.as_nanos() as u64,
             "vcpus": metrics::vcpus_json(&self.vcpus),
             "console": { "written_bytes": self.console.0, "dropped_bytes": self.console.1 },
-        })
+            "saved_image": self.saved,
+        });
+        metrics::merge(&mut summary, &self.memory);
+        summary
     }
 }
 
 /// A VM ready to run.
 pub struct Vm {
     vcpus: Vec<Vcpu>,
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     _kvm: Kvm,
-    ram: Arc<GuestRam>,
     devices: Arc<Devices>,
     config: VmConfig,
+    events: (mpsc::Sender<VmEvent>, mpsc::Receiver<VmEvent>),
+    // Last: unmapped after the VM fd (and its memslot) is gone.
+    memory: Memory,
 }
 
 /// The signal that last asked the VMM to stop (0: none).
@@ -243,11 +269,18 @@ impl Vm {
         let exe = image.check(config.memory.0)?;
 
         let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
-        let ram = Arc::new(GuestRam::new(config.memory.0, None)?);
-        ram.register(&vm_fd, 0)
+        let mut memory = Memory::new(MemoryConfig {
+            size: config.memory.0,
+            backing: config.backing,
+            source: config.page_source.clone(),
+            fault_granularity: config.fault_granularity.0,
+        })?;
+        memory
+            .ram()
+            .register(&vm_fd, 0)
             .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
 
-        let mem = ram.view();
+        let mem = memory.ram().view();
         let write = |data: &[u8], at: u64| {
             mem.write_slice(data, GuestAddress(at))
                 .map_err(VmError::BootData)
@@ -283,18 +316,33 @@ impl Vm {
             write(&info.to_bytes(), boot_addr)?;
             vcpus.push(vcpu);
         }
+        // The VMM's own area (page tables, boot data, stacks) and the program's extents are
+        // populated now, so every later fault is the workload's own.
+        memory
+            .ram()
+            .populate_range(0, free_start)
+            .map_err(|source| MemoryError::Populate {
+                backing: config.backing,
+                source,
+            })?;
+        let events = mpsc::channel();
+        let fatal = std::sync::Mutex::new(events.0.clone());
+        memory.start(Box::new(move |what| {
+            let _ = fatal.lock().map(|tx| tx.send(VmEvent::Fatal(what)));
+        }))?;
         Ok(Vm {
             vcpus,
-            _vm_fd: vm_fd,
+            vm_fd,
             _kvm: kvm,
-            ram,
             devices: Arc::new(devices),
             config,
+            events,
+            memory,
         })
     }
 
     /// Runs every vCPU until the run ends, then stops and joins them all.
-    pub fn run(self) -> Result<RunSummary, VmError> {
+    pub fn run(mut self) -> Result<RunSummary, VmError> {
         // Both handlers only store to an atomic or do nothing, which is async-signal-safe.
         register_signal_handler(kick_signal(), on_kick).map_err(VmError::Signal)?;
         for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -303,21 +351,32 @@ impl Vm {
         STOP_SIGNAL.store(0, Ordering::SeqCst);
 
         let start = Instant::now();
-        let (events_tx, events) = mpsc::channel();
+        let (events_tx, events) = (self.events.0.clone(), &self.events.1);
         let stop = Arc::new(AtomicBool::new(false));
         let vcpu_count = self.vcpus.len();
         let mut threads: Vec<(u32, JoinHandle<VcpuStats>)> = Vec::with_capacity(vcpu_count);
-        for (index, vcpu) in self.vcpus.into_iter().enumerate() {
+        for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let shared = VcpuShared {
                 devices: self.devices.clone(),
-                ram: self.ram.clone(),
+                ram: self.memory.ram().clone(),
                 stop: stop.clone(),
                 events: events_tx.clone(),
             };
             let name = format!("vcpu{index}");
             let spawned = std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || vcpu.run(&shared));
+                .spawn(move || {
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        vcpu.run(&shared)
+                    }));
+                    result.unwrap_or_else(|_| {
+                        // Report the panic so the VM stops instead of waiting for this vCPU.
+                        let end = VcpuEnd::Failed("the vCPU thread panicked".into());
+                        let index = index as u32;
+                        let _ = shared.events.send(VmEvent::Vcpu(VcpuEvent { index, end }));
+                        VcpuStats::new(index)
+                    })
+                });
             match spawned {
                 Ok(handle) => threads.push((index as u32, handle)),
                 Err(source) => {
@@ -328,12 +387,17 @@ impl Vm {
         }
         drop(events_tx);
 
+        let mut interval = self
+            .config
+            .metrics_interval
+            .map(|every| (every, start + every));
         let deadline = self.config.timeout.map(|t| (start + t, t));
         let mut done = 0;
         let mut max_code = 0;
+
         let outcome = loop {
             match events.recv_timeout(Duration::from_millis(20)) {
-                Ok(event) => match event.end {
+                Ok(VmEvent::Vcpu(event)) => match event.end {
                     VcpuEnd::Done(code) => {
                         done += 1;
                         max_code = max_code.max(code);
@@ -354,16 +418,14 @@ impl Vm {
                         };
                     }
                 },
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // Every thread ended without reporting: only a panic does that.
-                    let index = threads
-                        .iter()
-                        .find(|(_, h)| h.is_finished())
-                        .map_or(0, |(i, _)| *i);
-                    let _ = stop_and_join(&stop, threads);
-                    return Err(VmError::VcpuPanicked(index));
-                }
+                Ok(VmEvent::Fatal(what)) => break Outcome::VmmFailed(what),
+                Err(_) => {}
+            }
+            if let Some((every, next)) = &mut interval
+                && Instant::now() >= *next
+            {
+                *next += *every;
+                self.write_metrics_line(start)?;
             }
             let sig = STOP_SIGNAL.load(Ordering::SeqCst);
             if sig != 0 {
@@ -376,11 +438,28 @@ impl Vm {
             }
         };
         let vcpus = stop_and_join(&stop, threads)?;
+        let saved = match (&self.config.save_memory, &outcome) {
+            (Some(path), Outcome::Done(_)) => {
+                let stats = self.memory.save(path)?;
+                log::info!("saved guest memory to {}: {stats:?}", path.display());
+                Some(json!({"path": path, "pages": stats}))
+            }
+            (Some(path), _) => {
+                eprintln!(
+                    "vmm: not saving memory to {}: the guest did not finish",
+                    path.display()
+                );
+                None
+            }
+            (None, _) => None,
+        };
         let summary = RunSummary {
             outcome,
             wall: start.elapsed(),
             vcpus,
             console: self.devices.serial.output_stats(),
+            memory: self.memory_metrics()?,
+            saved,
         };
         if let Some(path) = &self.config.metrics {
             metrics::write_json(path, &summary.to_json()).map_err(|source| VmError::Metrics {
@@ -389,6 +468,30 @@ impl Vm {
             })?;
         }
         Ok(summary)
+    }
+}
+
+impl Vm {
+    /// The memory, faults and kernel sections of the metrics, with KVM's own `pages_2m`.
+    fn memory_metrics(&self) -> Result<Value, VmError> {
+        let mut value = self.memory.metrics_json()?;
+        let pages_2m = kernel::kvm_vm_stat(&self.vm_fd, "pages_2m").ok().flatten();
+        value["kernel"]["kvm_pages_2m"] = json!(pages_2m);
+        Ok(value)
+    }
+
+    /// Appends one line of metrics to `<--metrics>.jsonl`.
+    fn write_metrics_line(&self, start: Instant) -> Result<(), VmError> {
+        let Some(path) = &self.config.metrics else {
+            return Ok(());
+        };
+        let mut line = self.memory_metrics()?;
+        line["elapsed_ns"] = json!(start.elapsed().as_nanos() as u64);
+        let lines = metrics::lines_path(path);
+        metrics::append_line(&lines, &line).map_err(|source| VmError::Metrics {
+            path: lines.display().to_string(),
+            source,
+        })
     }
 }
 

@@ -14,6 +14,8 @@ use std::ptr::NonNull;
 use guest_abi::layout::EXTENT_SIZE;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use super::backing::Backing;
+
 /// Errors from mapping guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum RamError {
@@ -64,8 +66,9 @@ unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
     /// Maps `size` bytes (a multiple of 2 MiB) of anonymous private memory at a 2 MiB-aligned
-    /// host address, with `advice` applied to the whole range.
-    pub fn new(size: u64, advice: Option<libc::c_int>) -> Result<Self, RamError> {
+    /// host address, backed as `backing` says.
+    pub fn new(size: u64, backing: Backing) -> Result<Self, RamError> {
+        let advice = backing.madvise();
         assert!(
             size > 0 && size.is_multiple_of(EXTENT_SIZE),
             "validated by VmConfig"
@@ -109,7 +112,7 @@ impl GuestRam {
                 aligned as *mut libc::c_void,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | backing.mmap_flags(),
                 -1,
                 0,
             )
@@ -146,6 +149,32 @@ impl GuestRam {
             .expect("a region at guest-physical 0 of at most MAX_RAM cannot overflow");
         let view = GuestMemoryMmap::from_regions(vec![region]).map_err(RamError::ViewRegions)?;
         Ok(GuestRam { base, size, view })
+    }
+
+    /// Populates every page now (`MADV_POPULATE_WRITE`), so no fault happens later.
+    pub fn populate(&self) -> io::Result<()> {
+        self.populate_range(0, self.size)
+    }
+
+    /// Populates `[gpa, gpa + len)` now; contents already there are kept.
+    pub fn populate_range(&self, gpa: u64, len: u64) -> io::Result<()> {
+        assert!(
+            gpa.checked_add(len).is_some_and(|end| end <= self.size),
+            "inside RAM"
+        );
+        // SAFETY: populating part of our own mapping changes no contents (missing pages are
+        // zero-filled, present ones are left as they are).
+        let ret = unsafe {
+            libc::madvise(
+                self.base.as_ptr().add(gpa as usize).cast(),
+                len as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Guest RAM size in bytes.
@@ -195,7 +224,7 @@ mod tests {
     #[test]
     fn host_base_is_extent_aligned_and_usable() {
         for extents in [1, 3, 8] {
-            let ram = GuestRam::new(extents * EXTENT_SIZE, None).expect("map");
+            let ram = GuestRam::new(extents * EXTENT_SIZE, Backing::Small).expect("map");
             assert_eq!(ram.host_base().0 % EXTENT_SIZE as usize, 0);
             let last = GuestAddress(ram.size() - 8);
             ram.view().write_obj(0xdead_beef_u64, last).expect("write");

@@ -1,0 +1,123 @@
+//! How guest RAM is backed and populated: the `--backing` and `--page-source` choices.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// What host pages back guest RAM from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backing {
+    /// 4 KiB pages, populated on demand (the collapse thread may promote extents later).
+    Small,
+    /// Transparent huge pages for all RAM, populated up front.
+    Thp,
+    /// hugetlb pages for all RAM, reserved and populated up front.
+    Hugetlb,
+}
+
+impl Backing {
+    /// Extra `mmap` flags for the RAM mapping.
+    pub fn mmap_flags(self) -> libc::c_int {
+        match self {
+            // NORESERVE: memory is committed as the guest touches it, not all at once.
+            Backing::Small | Backing::Thp => libc::MAP_NORESERVE,
+            // No NORESERVE: the kernel reserves every huge page at mmap time, so a short pool
+            // fails here, with a clear error, instead of a SIGBUS in the middle of a run.
+            Backing::Hugetlb => libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+        }
+    }
+
+    /// `madvise` advice applied to the whole mapping.
+    pub fn madvise(self) -> Option<libc::c_int> {
+        match self {
+            // Keep the kernel (and khugepaged) from making huge pages behind the VMM's back:
+            // promotion is the collapse thread's job, and the extent table must stay exact.
+            Backing::Small => Some(libc::MADV_NOHUGEPAGE),
+            Backing::Thp => Some(libc::MADV_HUGEPAGE),
+            Backing::Hugetlb => None,
+        }
+    }
+
+    /// Whether all of RAM is populated when it is mapped.
+    pub fn prepopulated(self) -> bool {
+        self != Backing::Small
+    }
+}
+
+impl FromStr for Backing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "small" => Ok(Backing::Small),
+            "thp" => Ok(Backing::Thp),
+            "hugetlb" => Ok(Backing::Hugetlb),
+            _ => Err(format!(
+                "invalid backing {s:?}: expected small, thp or hugetlb"
+            )),
+        }
+    }
+}
+
+/// Where the contents of a page come from when it is first touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// The host kernel fills faults (zeroes); the VMM asks the kernel what is populated.
+    Kernel,
+    /// The VMM's fault handler fills faults with zeroes.
+    Zero,
+    /// The VMM's fault handler fills faults from a memory image file.
+    Image(PathBuf),
+}
+
+impl SourceKind {
+    /// Whether the VMM's userfaultfd handler serves faults for this source (with 4 KiB backing).
+    pub fn uses_uffd(&self) -> bool {
+        !matches!(self, SourceKind::Kernel)
+    }
+
+    /// The name used in metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceKind::Kernel => "kernel",
+            SourceKind::Zero => "zero",
+            SourceKind::Image(_) => "image",
+        }
+    }
+}
+
+impl FromStr for SourceKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kernel" => Ok(SourceKind::Kernel),
+            "zero" => Ok(SourceKind::Zero),
+            _ => match s.strip_prefix("image:") {
+                Some(path) if !path.is_empty() => Ok(SourceKind::Image(path.into())),
+                _ => Err(format!(
+                    "invalid page source {s:?}: expected kernel, zero or image:PATH"
+                )),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_name_bad_values() {
+        assert_eq!("thp".parse(), Ok(Backing::Thp));
+        assert!("huge".parse::<Backing>().unwrap_err().contains("\"huge\""));
+        assert_eq!("image:/a/b".parse(), Ok(SourceKind::Image("/a/b".into())));
+        assert_eq!("zero".parse(), Ok(SourceKind::Zero));
+        for bad in ["image:", "disk", ""] {
+            assert!(
+                bad.parse::<SourceKind>()
+                    .unwrap_err()
+                    .contains("image:PATH")
+            );
+        }
+        assert_eq!(Backing::Hugetlb.mmap_flags() & libc::MAP_NORESERVE, 0);
+    }
+}

@@ -1,0 +1,335 @@
+//! The extent table: one entry per 2 MiB extent of guest RAM, behind the memory map lock.
+//!
+//! [`MemoryMap`] is this VMM's `mmap_sem`: an `RwLock<ExtentTable>`. Everyone who reads extent
+//! state (the fault handler, device code translating guest addresses, the collapse scan) holds
+//! the read side; only a collapse commit (and region removal) takes the write side.
+//!
+//! Population happens under the *read* lock: many faults are served at once, each setting its
+//! page's bit atomically. State changes that replace an extent's backing (`Small` → `Huge`)
+//! happen only under the *write* lock. Every change, of either kind, bumps the extent's
+//! generation, so a thread that dropped the lock and comes back can tell whether the extent
+//! changed while it was not looking.
+
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
+
+/// 4 KiB pages per 2 MiB extent.
+pub const PAGES_PER_EXTENT: usize = (EXTENT_SIZE / PAGE_SIZE) as usize;
+const WORDS: usize = PAGES_PER_EXTENT / 64;
+
+/// Index of an extent: guest-physical address / 2 MiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExtentIndex(pub usize);
+
+impl ExtentIndex {
+    /// The extent holding guest-physical address `gpa`.
+    pub fn containing(gpa: u64) -> Self {
+        ExtentIndex((gpa / EXTENT_SIZE) as usize)
+    }
+
+    /// Guest-physical address of the extent's first byte.
+    pub fn gpa(self) -> u64 {
+        self.0 as u64 * EXTENT_SIZE
+    }
+}
+
+/// What backs an extent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentState {
+    /// No page is populated.
+    Unpopulated,
+    /// Backed by 4 KiB pages, `populated` of them present (1..=512).
+    Small {
+        /// Populated 4 KiB pages.
+        populated: u32,
+    },
+    /// Backed by one 2 MiB host page.
+    Huge,
+}
+
+const KIND_HUGE: u8 = 1;
+
+/// One extent. Page bits and the generation are atomics so that faults, which hold only the
+/// read lock, can record what they populated.
+#[derive(Debug, Default)]
+pub struct Extent {
+    pages: [AtomicU64; WORDS],
+    kind: AtomicU8,
+    generation: AtomicU64,
+}
+
+impl Extent {
+    /// The extent's state.
+    pub fn state(&self) -> ExtentState {
+        if self.kind.load(Ordering::Acquire) == KIND_HUGE {
+            return ExtentState::Huge;
+        }
+        match self.populated() {
+            0 => ExtentState::Unpopulated,
+            n => ExtentState::Small { populated: n },
+        }
+    }
+
+    /// Populated 4 KiB pages (512 for a huge extent).
+    pub fn populated(&self) -> u32 {
+        self.pages
+            .iter()
+            .map(|w| w.load(Ordering::Acquire).count_ones())
+            .sum()
+    }
+
+    /// Whether page `page` (0..512) is populated.
+    pub fn is_populated(&self, page: usize) -> bool {
+        self.pages[page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// The generation: bumped on every change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Records that page `page` is now populated. Returns false if it already was (a fault
+    /// raced with another on the same page), in which case nothing changes.
+    pub fn mark_populated(&self, page: usize) -> bool {
+        let bit = 1 << (page % 64);
+        let old = self.pages[page / 64].fetch_or(bit, Ordering::AcqRel);
+        if old & bit != 0 {
+            return false;
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Replaces the page bits with the kernel's view (`present(page)`); bumps the generation if
+    /// anything changed. Used where the host kernel, not the VMM, populates memory.
+    pub fn sync_pages(&self, present: impl Fn(usize) -> bool) {
+        let mut changed = false;
+        for (w, word) in self.pages.iter().enumerate() {
+            let bits = (0..64).fold(0u64, |acc, b| acc | (u64::from(present(w * 64 + b)) << b));
+            changed |= word.swap(bits, Ordering::AcqRel) != bits;
+        }
+        if changed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Marks the extent as backed by one huge page. Needs the write lock (`&mut`): no fault can
+    /// be looking at the extent while its backing is replaced.
+    pub fn set_huge(&mut self) {
+        for w in &self.pages {
+            w.store(u64::MAX, Ordering::Release);
+        }
+        self.kind.store(KIND_HUGE, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts of extents by state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExtentCounts {
+    /// Extents with no page populated.
+    pub unpopulated: u64,
+    /// Extents backed by 4 KiB pages.
+    pub small: u64,
+    /// Extents backed by a 2 MiB page.
+    pub huge: u64,
+    /// Populated 4 KiB pages in small extents.
+    pub small_pages: u64,
+}
+
+/// The table of every extent of guest RAM.
+#[derive(Debug)]
+pub struct ExtentTable {
+    extents: Vec<Extent>,
+}
+
+impl ExtentTable {
+    /// A table for `ram_size` bytes (a multiple of 2 MiB), every extent unpopulated.
+    pub fn new(ram_size: u64) -> Self {
+        let n = (ram_size / EXTENT_SIZE) as usize;
+        ExtentTable {
+            extents: (0..n).map(|_| Extent::default()).collect(),
+        }
+    }
+
+    /// Number of extents.
+    pub fn len(&self) -> usize {
+        self.extents.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+
+    /// The extent at `index`, if in range.
+    pub fn get(&self, index: ExtentIndex) -> Option<&Extent> {
+        self.extents.get(index.0)
+    }
+
+    /// The extent at `index` for a state change (write lock held).
+    pub fn get_mut(&mut self, index: ExtentIndex) -> Option<&mut Extent> {
+        self.extents.get_mut(index.0)
+    }
+
+    /// Records that the page holding `gpa` is populated; false if it already was or `gpa` is
+    /// outside RAM.
+    pub fn mark_populated(&self, gpa: u64) -> bool {
+        let page = ((gpa % EXTENT_SIZE) / PAGE_SIZE) as usize;
+        self.get(ExtentIndex::containing(gpa))
+            .is_some_and(|e| e.mark_populated(page))
+    }
+
+    /// Whether the page holding `gpa` is populated.
+    pub fn is_populated(&self, gpa: u64) -> bool {
+        let page = ((gpa % EXTENT_SIZE) / PAGE_SIZE) as usize;
+        self.get(ExtentIndex::containing(gpa))
+            .is_some_and(|e| e.is_populated(page))
+    }
+
+    /// Every extent with its index.
+    pub fn iter(&self) -> impl Iterator<Item = (ExtentIndex, &Extent)> {
+        self.extents
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (ExtentIndex(i), e))
+    }
+
+    /// Extents by state.
+    pub fn counts(&self) -> ExtentCounts {
+        let mut c = ExtentCounts::default();
+        for (_, e) in self.iter() {
+            match e.state() {
+                ExtentState::Unpopulated => c.unpopulated += 1,
+                ExtentState::Small { populated } => {
+                    c.small += 1;
+                    c.small_pages += u64::from(populated);
+                }
+                ExtentState::Huge => c.huge += 1,
+            }
+        }
+        c
+    }
+}
+
+/// The memory map lock: this VMM's `mmap_sem`.
+pub type MemoryMap = RwLock<ExtentTable>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Populate(u64),
+        Sync(usize, Vec<bool>),
+        Huge(usize),
+    }
+
+    fn op(extents: usize) -> impl Strategy<Value = Op> {
+        let ram = extents as u64 * EXTENT_SIZE;
+        prop_oneof![
+            4 => (0..ram).prop_map(Op::Populate),
+            1 => (0..extents, proptest::collection::vec(any::<bool>(), PAGES_PER_EXTENT))
+                .prop_map(|(e, v)| Op::Sync(e, v)),
+            1 => (0..extents).prop_map(Op::Huge),
+        ]
+    }
+
+    /// The naive model: a set of populated pages per extent, a huge flag, a change counter.
+    #[derive(Clone, Default)]
+    struct Model {
+        pages: Vec<Vec<bool>>,
+        huge: Vec<bool>,
+        changes: Vec<u64>,
+    }
+
+    proptest! {
+        #[test]
+        fn table_matches_naive_model(extents in 1usize..6, ops in proptest::collection::vec(op(5), 0..200)) {
+            let ram = extents as u64 * EXTENT_SIZE;
+            let mut table = ExtentTable::new(ram);
+            let mut model = Model {
+                pages: vec![vec![false; PAGES_PER_EXTENT]; extents],
+                huge: vec![false; extents],
+                changes: vec![0; extents],
+            };
+            for op in ops {
+                match op {
+                    Op::Populate(gpa) => {
+                        let (e, p) = ((gpa / EXTENT_SIZE) as usize, ((gpa % EXTENT_SIZE) / PAGE_SIZE) as usize);
+                        let expected = e < extents && !model.pages[e][p];
+                        prop_assert_eq!(table.mark_populated(gpa), expected);
+                        if expected {
+                            model.pages[e][p] = true;
+                            model.changes[e] += 1;
+                        }
+                    }
+                    Op::Sync(e, present) => {
+                        if e >= extents || model.huge[e] { continue; }
+                        table.get(ExtentIndex(e)).unwrap().sync_pages(|p| present[p]);
+                        if model.pages[e] != present {
+                            model.changes[e] += 1;
+                            model.pages[e] = present;
+                        }
+                    }
+                    Op::Huge(e) => {
+                        if e >= extents { continue; }
+                        table.get_mut(ExtentIndex(e)).unwrap().set_huge();
+                        model.huge[e] = true;
+                        model.pages[e] = vec![true; PAGES_PER_EXTENT];
+                        model.changes[e] += 1;
+                    }
+                }
+            }
+            let mut counts = ExtentCounts::default();
+            for (i, extent) in table.iter() {
+                let n = model.pages[i.0].iter().filter(|&&b| b).count() as u32;
+                let expected = if model.huge[i.0] {
+                    counts.huge += 1;
+                    ExtentState::Huge
+                } else if n == 0 {
+                    counts.unpopulated += 1;
+                    ExtentState::Unpopulated
+                } else {
+                    counts.small += 1;
+                    counts.small_pages += u64::from(n);
+                    ExtentState::Small { populated: n }
+                };
+                prop_assert_eq!(extent.state(), expected);
+                prop_assert_eq!(extent.generation(), model.changes[i.0]);
+                for p in 0..PAGES_PER_EXTENT {
+                    prop_assert_eq!(extent.is_populated(p), model.pages[i.0][p]);
+                }
+            }
+            prop_assert_eq!(table.counts(), counts);
+        }
+    }
+
+    #[test]
+    fn concurrent_faults_count_each_page_once() {
+        let table = std::sync::Arc::new(MemoryMap::new(ExtentTable::new(4 * EXTENT_SIZE)));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let table = table.clone();
+                std::thread::spawn(move || {
+                    let t = table.read().unwrap();
+                    (0..4 * EXTENT_SIZE / PAGE_SIZE)
+                        .filter(|p| t.mark_populated(p * PAGE_SIZE))
+                        .count()
+                })
+            })
+            .collect();
+        let served: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(served as u64, 4 * EXTENT_SIZE / PAGE_SIZE);
+        let t = table.read().unwrap();
+        assert_eq!(t.counts().small, 4);
+        assert!(
+            t.iter()
+                .all(|(_, e)| e.generation() == PAGES_PER_EXTENT as u64)
+        );
+    }
+}

@@ -1,0 +1,261 @@
+//! The fault handler: a named thread that serves guest page faults raised through userfaultfd.
+//!
+//! For each missing-page fault it takes the memory map's **read** lock, asks the page source to
+//! fill the page, resolves the fault with `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE` for a read of a
+//! zero page), records the page in the extent table and lets the lock go. Because it only ever
+//! needs the read side, it runs concurrently with every other reader, and it is exactly the
+//! "userland backend" that a collapse holding the write lock while allocating would block.
+//!
+//! Write-protect faults (raised while a collapse has write-protected an extent) are answered by
+//! taking the read lock, which waits for the collapse to commit, then waking the writer.
+//!
+//! A failure (an unreadable image, an ioctl error, a panic) is reported through `on_fatal`, and
+//! the handler unregisters guest RAM from the uffd before it exits, which wakes every blocked
+//! vCPU so the VM can be stopped instead of hanging.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use guest_abi::layout::PAGE_SIZE;
+use hdrhistogram::Histogram;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::extent::MemoryMap;
+use super::source::{Fill, PageSource};
+use super::uffd::{Fault, Resolved, Uffd};
+use crate::metrics::latency_histogram;
+
+/// What the fault handler has done so far; shared with whoever reports metrics.
+#[derive(Debug)]
+pub struct FaultStats {
+    /// Missing-page faults resolved by this handler (pages it filled).
+    pub served: AtomicU64,
+    /// Faults that found the page already filled (a race between two faults on one page).
+    pub already_present: AtomicU64,
+    /// Faults whose mapping changed under the handler (the thread faults again).
+    pub retried: AtomicU64,
+    /// Write-protect faults answered.
+    pub wp_faults: AtomicU64,
+    /// Time to serve one missing-page fault, from reading it to resolving it, in ns.
+    pub service_ns: Mutex<Histogram<u64>>,
+}
+
+impl Default for FaultStats {
+    fn default() -> Self {
+        FaultStats {
+            served: AtomicU64::new(0),
+            already_present: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            wp_faults: AtomicU64::new(0),
+            service_ns: Mutex::new(latency_histogram()),
+        }
+    }
+}
+
+/// Everything the handler thread needs.
+pub struct HandlerContext {
+    /// The userfaultfd guest RAM is registered with.
+    pub uffd: Arc<Uffd>,
+    /// The memory map lock and extent table.
+    pub map: Arc<MemoryMap>,
+    /// Host address of guest-physical 0.
+    pub host_base: u64,
+    /// Guest RAM size.
+    pub ram_size: u64,
+    /// Where page contents come from.
+    pub source: Arc<dyn PageSource>,
+    /// Bytes resolved per missing fault: 4 KiB, or more (aligned) to fault around.
+    pub granularity: u64,
+    /// Counters.
+    pub stats: Arc<FaultStats>,
+    /// Called once if the handler cannot go on.
+    pub on_fatal: Box<dyn Fn(String) + Send>,
+}
+
+/// The running handler thread; stops and joins on drop.
+pub struct FaultHandler {
+    thread: Option<JoinHandle<()>>,
+    stop: EventFd,
+}
+
+impl FaultHandler {
+    /// Starts the handler thread.
+    pub fn start(ctx: HandlerContext) -> std::io::Result<FaultHandler> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stop_for_thread = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("uffd-handler".into())
+            .spawn(move || {
+                let uffd = ctx.uffd.clone();
+                let (base, size) = (ctx.host_base, ctx.ram_size);
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    serve(&ctx, &stop_for_thread)
+                }));
+                let failure = match result {
+                    Ok(Ok(())) => None,
+                    Ok(Err(what)) => Some(what),
+                    Err(panic) => Some(format!(
+                        "the fault handler panicked: {}",
+                        panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("unknown panic")
+                    )),
+                };
+                if let Some(what) = failure {
+                    // Wake every thread blocked on a fault we will never serve.
+                    let _ = uffd.unregister(base, size);
+                    (ctx.on_fatal)(what);
+                }
+            })?;
+        Ok(FaultHandler {
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop.write(1);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The handler loop: wait for faults or the stop event, serve faults in batches.
+fn serve(ctx: &HandlerContext, stop: &EventFd) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let mut faults: Vec<Fault> = Vec::with_capacity(64);
+    let mut buf = vec![0u8; ctx.granularity as usize];
+    let zeroes = vec![0u8; ctx.granularity as usize];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: ctx.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(format!("poll on the userfaultfd failed: {err}"));
+        }
+        if fds[1].revents != 0 {
+            return Ok(());
+        }
+        faults.clear();
+        ctx.uffd
+            .read_faults(&mut faults)
+            .map_err(|e| format!("reading the userfaultfd failed: {e}"))?;
+        for fault in &faults {
+            let start = Instant::now();
+            let gpa = fault.address.wrapping_sub(ctx.host_base) & !(PAGE_SIZE - 1);
+            if gpa >= ctx.ram_size {
+                return Err(format!(
+                    "fault at host address {:#x}, outside guest RAM",
+                    fault.address
+                ));
+            }
+            if fault.wp {
+                answer_wp(ctx, gpa)?;
+                continue;
+            }
+            serve_missing(ctx, fault, gpa, &mut buf, &zeroes)?;
+            let ns = start.elapsed().as_nanos() as u64;
+            if let Ok(mut h) = ctx.stats.service_ns.lock() {
+                h.saturating_record(ns.max(1));
+            }
+        }
+    }
+}
+
+/// Resolves a missing-page fault under the read lock.
+fn serve_missing(
+    ctx: &HandlerContext,
+    fault: &Fault,
+    gpa: u64,
+    buf: &mut [u8],
+    zeroes: &[u8],
+) -> Result<(), String> {
+    let gran = ctx.granularity;
+    let first = gpa & !(gran - 1);
+    let map = ctx.map.read().unwrap_or_else(|p| p.into_inner());
+    // Resolve the whole granule when none of it is populated yet; otherwise only the page
+    // (a granule with some pages present cannot be filled in one copy).
+    let (at, len) = if gran > PAGE_SIZE
+        && (first..first + gran)
+            .step_by(PAGE_SIZE as usize)
+            .all(|p| !map.is_populated(p))
+    {
+        (first, gran)
+    } else {
+        (gpa, PAGE_SIZE)
+    };
+    let fill = ctx
+        .source
+        .fill(at, &mut buf[..len as usize])
+        .map_err(|e| format!("the page source failed for guest address {at:#x}: {e}"))?;
+    let dst = ctx.host_base + at;
+    // SAFETY: `dst..dst+len` is guest RAM (checked against ram_size by the caller), registered
+    // with this uffd and owned by the VM for the handler's whole life; the sources are our
+    // own buffers of at least `len` bytes.
+    let resolved = unsafe {
+        match fill {
+            Fill::Data => ctx.uffd.copy(dst, buf.as_ptr(), len),
+            Fill::Zero if fault.write || len > PAGE_SIZE => {
+                ctx.uffd.copy(dst, zeroes.as_ptr(), len)
+            }
+            Fill::Zero => ctx.uffd.zeropage(dst, len),
+        }
+    }
+    .map_err(|e| format!("resolving the fault at guest address {at:#x} failed: {e}"))?;
+    match resolved {
+        Resolved::Filled => {
+            for p in (at..at + len).step_by(PAGE_SIZE as usize) {
+                map.mark_populated(p);
+            }
+            ctx.stats.served.fetch_add(1, Ordering::Relaxed);
+        }
+        Resolved::AlreadyPresent => {
+            map.mark_populated(gpa);
+            ctx.stats.already_present.fetch_add(1, Ordering::Relaxed);
+            // Another resolution filled the page; make sure this waiter is woken too.
+            let _ = ctx.uffd.wake(ctx.host_base + gpa, PAGE_SIZE);
+        }
+        Resolved::Retry => {
+            ctx.stats.retried.fetch_add(1, Ordering::Relaxed);
+            let _ = ctx.uffd.wake(ctx.host_base + gpa, PAGE_SIZE);
+        }
+    }
+    Ok(())
+}
+
+/// Answers a write-protect fault: once the read lock is ours, no collapse is committing, so
+/// the page's protection is final; wake the writer to retry on whatever now backs the page.
+fn answer_wp(ctx: &HandlerContext, gpa: u64) -> Result<(), String> {
+    let _map = ctx.map.read().unwrap_or_else(|p| p.into_inner());
+    ctx.stats.wp_faults.fetch_add(1, Ordering::Relaxed);
+    ctx.uffd
+        .wake(ctx.host_base + gpa, PAGE_SIZE)
+        .map_err(|e| format!("waking a write-protected writer at {gpa:#x} failed: {e}"))
+}

@@ -1,0 +1,296 @@
+//! The kernel's own view of guest memory, read so it can be set beside the VMM's: which pages
+//! are present (`PAGEMAP_SCAN`, else `mincore`), which are mapped huge (`PAGEMAP_SCAN`), the
+//! `AnonHugePages` and `*_Hugetlb` totals in `/proc/self/smaps`, the hugetlb pool, and KVM's
+//! VM statistics (`KVM_GET_STATS_FD`). Nothing here changes memory.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use guest_abi::layout::PAGE_SIZE;
+
+/// A present page (mapped in the page tables).
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// A page mapped by a huge (PMD-level) entry: THP or hugetlb.
+pub const PAGE_IS_HUGE: u64 = 1 << 6;
+
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// The ioctl numbers (`include/uapi/linux/fs.h`, `include/uapi/linux/kvm.h`).
+#[allow(missing_docs)]
+mod nr {
+    use super::PmScanArg;
+
+    vmm_sys_util::ioctl_iowr_nr!(PAGEMAP_SCAN, b'f' as u32, 16, PmScanArg);
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, kvm_bindings::KVMIO, 0xce);
+}
+use nr::*;
+
+/// Host address ranges in `[start, end)` whose pages all have every category in `mask`.
+/// `Ok(None)` when the kernel has no `PAGEMAP_SCAN` (before Linux 6.7).
+pub fn scan(start: u64, end: u64, mask: u64) -> io::Result<Option<Vec<Range<u64>>>> {
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let mut regions = vec![PageRegion::default(); 512];
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: at,
+            end,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            category_mask: mask,
+            return_mask: mask,
+            ..Default::default()
+        };
+        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len` regions into our
+        // buffer and `walk_end` into `arg`; it changes nothing in the address space.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN() as _, &mut arg) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENOTTY) | Some(libc::EINVAL) if at == start => Ok(None),
+                _ => Err(err),
+            };
+        }
+        for r in &regions[..n as usize] {
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r.start..r.end),
+            }
+        }
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    Ok(Some(out))
+}
+
+/// Which 4 KiB pages of `[start, start + len)` are present, one bool per page.
+pub fn present_pages(start: u64, len: u64) -> io::Result<Vec<bool>> {
+    let pages = (len / PAGE_SIZE) as usize;
+    if let Some(ranges) = scan(start, start + len, PAGE_IS_PRESENT)? {
+        let mut present = vec![false; pages];
+        for r in ranges {
+            let first = ((r.start - start) / PAGE_SIZE) as usize;
+            let last = ((r.end - start) / PAGE_SIZE) as usize;
+            present[first..last.min(pages)].fill(true);
+        }
+        return Ok(present);
+    }
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `start..start+len` is a mapping of ours; mincore writes one byte per page into
+    // `vec`, which holds exactly that many.
+    if unsafe { libc::mincore(start as *mut libc::c_void, len as usize, vec.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+}
+
+/// The kernel's totals for the mappings inside `[start, end)`, from `/proc/self/smaps`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SmapsTotals {
+    /// `AnonHugePages` in kB (THP).
+    pub anon_huge_kb: u64,
+    /// `Private_Hugetlb` + `Shared_Hugetlb` in kB.
+    pub hugetlb_kb: u64,
+    /// `Rss` in kB.
+    pub rss_kb: u64,
+}
+
+/// Sums smaps fields over every VMA that lies inside `[start, end)`.
+pub fn smaps_totals(start: u64, end: u64) -> io::Result<SmapsTotals> {
+    let text = std::fs::read_to_string("/proc/self/smaps")?;
+    Ok(parse_smaps(&text, start, end))
+}
+
+fn parse_smaps(text: &str, start: u64, end: u64) -> SmapsTotals {
+    let mut totals = SmapsTotals::default();
+    let mut inside = false;
+    for line in text.lines() {
+        let header = line
+            .split_whitespace()
+            .next()
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| {
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            });
+        if let Some((a, b)) = header.filter(|_| !line.ends_with(" kB") && line.contains(' ')) {
+            inside = a >= start && b <= end;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let kb = value
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0);
+        match key {
+            "AnonHugePages" => totals.anon_huge_kb += kb,
+            "Private_Hugetlb" | "Shared_Hugetlb" => totals.hugetlb_kb += kb,
+            "Rss" => totals.rss_kb += kb,
+            _ => {}
+        }
+    }
+    totals
+}
+
+/// The 2 MiB hugetlb pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HugetlbPool {
+    /// Pages in the pool.
+    pub total: u64,
+    /// Pages free (not reserved or in use).
+    pub free: u64,
+}
+
+const HUGETLB_DIR: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+/// Reads the 2 MiB hugetlb pool's size; a kernel without one reports an empty pool.
+pub fn hugetlb_pool() -> HugetlbPool {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{HUGETLB_DIR}/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Free pages that are already promised to a mapping are not available to us.
+    let free = read("free_hugepages").saturating_sub(read("resv_hugepages"));
+    HugetlbPool {
+        total: read("nr_hugepages"),
+        free,
+    }
+}
+
+/// Reads one KVM VM statistic by name (such as `pages_2m`) through `KVM_GET_STATS_FD`.
+pub fn kvm_vm_stat(vm: &kvm_ioctls::VmFd, name: &str) -> io::Result<Option<u64>> {
+    // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd we then own.
+    let raw = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_STATS_FD() as _) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    let mut header = [0u8; 24];
+    file.read_exact_at(&mut header, 0)?;
+    let word = |b: &[u8], i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().expect("4"));
+    let (name_size, num_desc, desc_offset, data_offset) = (
+        word(&header, 1) as usize,
+        word(&header, 2) as usize,
+        word(&header, 4) as u64,
+        word(&header, 5) as u64,
+    );
+    let desc_size = 16 + name_size;
+    let mut descs = vec![0u8; desc_size * num_desc];
+    file.read_exact_at(&mut descs, desc_offset)?;
+    for desc in descs.chunks_exact(desc_size) {
+        let raw_name = &desc[16..];
+        let len = raw_name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(raw_name.len());
+        if &raw_name[..len] == name.as_bytes() {
+            let offset = u64::from(word(desc, 2));
+            let mut value = [0u8; 8];
+            file.read_exact_at(&mut value, data_offset + offset)?;
+            return Ok(Some(u64::from_le_bytes(value)));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_totals_count_only_vmas_inside_the_range() {
+        let text = "\
+7f0000000000-7f0000400000 rw-p 00000000 00:00 0 \n\
+Size:               4096 kB\n\
+Rss:                2048 kB\n\
+AnonHugePages:      2048 kB\n\
+Private_Hugetlb:       0 kB\n\
+7f0000400000-7f0000600000 rw-p 00000000 00:00 0 \n\
+Rss:                2048 kB\n\
+Private_Hugetlb:    2048 kB\n\
+Shared_Hugetlb:        0 kB\n\
+7f1000000000-7f1000200000 rw-p 00000000 00:00 0 \n\
+AnonHugePages:      2048 kB\n";
+        let t = parse_smaps(text, 0x7f00_0000_0000, 0x7f00_0060_0000);
+        assert_eq!(
+            t,
+            SmapsTotals {
+                anon_huge_kb: 2048,
+                hugetlb_kb: 2048,
+                rss_kb: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn present_pages_follow_touches() {
+        let len = 16 * PAGE_SIZE as usize;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        for page in [0usize, 3, 15] {
+            // SAFETY: inside the mapping.
+            unsafe {
+                (p as *mut u8)
+                    .add(page * PAGE_SIZE as usize)
+                    .write_volatile(1)
+            };
+        }
+        let present = present_pages(p as u64, len as u64).unwrap();
+        let expected: Vec<bool> = (0..16).map(|i| [0, 3, 15].contains(&i)).collect();
+        assert_eq!(present, expected);
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(p, len) };
+    }
+}

@@ -1,0 +1,64 @@
+//! Page sources: where the contents of a page come from when the guest first touches it.
+//!
+//! The fault handler asks a source to fill a buffer for one or more pages, holding the memory
+//! map's read lock. The image source is this VMM's "userland backend" in the sense of the seed
+//! commit: it does file I/O and allocates a buffer in the fault path.
+
+use std::sync::Arc;
+
+use guest_abi::layout::PAGE_SIZE;
+
+use super::image::{ImageFile, ImageFileError};
+
+/// What a source put in the buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// The buffer holds the data.
+    Data,
+    /// The pages are all zeroes (the buffer was not touched).
+    Zero,
+}
+
+/// A source of page contents.
+pub trait PageSource: Send + Sync {
+    /// Fills `buf` (a whole number of pages) with the contents of guest RAM at `gpa`.
+    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, ImageFileError>;
+}
+
+/// Every page starts as zeroes.
+#[derive(Debug, Default)]
+pub struct ZeroSource;
+
+impl PageSource for ZeroSource {
+    fn fill(&self, _gpa: u64, _buf: &mut [u8]) -> Result<Fill, ImageFileError> {
+        Ok(Fill::Zero)
+    }
+}
+
+/// Pages come from a memory image.
+#[derive(Debug)]
+pub struct ImageSource {
+    image: Arc<ImageFile>,
+}
+
+impl ImageSource {
+    /// A source reading from `image`.
+    pub fn new(image: Arc<ImageFile>) -> Self {
+        ImageSource { image }
+    }
+}
+
+impl PageSource for ImageSource {
+    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, ImageFileError> {
+        debug_assert_eq!(buf.len() as u64 % PAGE_SIZE, 0);
+        // Like a real userland backend, the I/O path allocates its own buffer: this is exactly
+        // the allocation the seed commit keeps from happening under the write lock.
+        let mut io_buf = vec![0u8; buf.len()];
+        self.image.read_at(&mut io_buf, gpa)?;
+        if io_buf.iter().all(|&b| b == 0) {
+            return Ok(Fill::Zero);
+        }
+        buf.copy_from_slice(&io_buf);
+        Ok(Fill::Data)
+    }
+}

@@ -1,0 +1,366 @@
+//! A userfaultfd: the kernel ABI, wrapped.
+//!
+//! The `userfaultfd` crate generates its bindings with bindgen at build time, which needs
+//! libclang on every machine that builds the VMM; the handful of structs and ioctls used here
+//! are stable kernel ABI (`include/uapi/linux/userfaultfd.h`), so they are declared directly.
+//!
+//! `Uffd` only issues ioctls on address ranges. Whether a range may be resolved (it must be
+//! guest RAM the caller owns, registered with this uffd) is the caller's invariant; the
+//! methods that write memory are `unsafe` and say so.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const UFFDIO: u32 = 0xAA;
+const UFFD_API: u64 = 0xAA;
+
+/// Raise write-protect faults (`UFFDIO_REGISTER_MODE_WP`).
+pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+/// Report the faulting thread's id.
+pub const FEATURE_THREAD_ID: u64 = 1 << 8;
+/// Write-protect unpopulated pages too.
+pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+
+/// Register for faults on missing pages.
+pub const REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// Register for write-protect faults.
+pub const REGISTER_MODE_WP: u64 = 1 << 1;
+
+const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
+
+const EVENT_PAGEFAULT: u8 = 0x12;
+const PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+/// The ioctl numbers (`include/uapi/linux/userfaultfd.h`).
+#[allow(missing_docs)]
+mod nr {
+    use super::*;
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3f, UffdioApi);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+    vmm_sys_util::ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
+    vmm_sys_util::ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
+    vmm_sys_util::ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
+}
+use nr::*;
+
+/// A page fault read from the uffd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The faulting host address (page aligned by the kernel unless exact addresses were asked).
+    pub address: u64,
+    /// A write access.
+    pub write: bool,
+    /// A write-protect fault (the page is present but protected).
+    pub wp: bool,
+}
+
+/// The result of resolving a fault by copying or zeroing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// The page was filled by this call.
+    Filled,
+    /// The page was already there (another fault won the race); nothing to do.
+    AlreadyPresent,
+    /// The mapping changed under us (`EAGAIN`): the faulting thread will fault again.
+    Retry,
+}
+
+/// A userfaultfd.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    features: u64,
+}
+
+fn ioctl_result(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Uffd {
+    /// Opens a non-blocking userfaultfd that also sees faults raised inside the kernel (KVM's
+    /// accesses to guest memory), asking for `features`. Tries the syscall, then
+    /// `/dev/userfaultfd`.
+    pub fn new(features: u64) -> io::Result<Uffd> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: the syscall takes only flags and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as RawFd;
+        let fd = if raw >= 0 {
+            // SAFETY: `raw` is a fresh fd we own.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        } else {
+            let syscall_err = io::Error::last_os_error();
+            let dev = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/userfaultfd")
+                .map_err(|_| syscall_err)?;
+            // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value and returns a new fd.
+            let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW() as _, flags) };
+            if raw < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `raw` is a fresh fd we own.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes exactly one `UffdioApi`.
+        ioctl_result(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API() as _, &mut api) })?;
+        Ok(Uffd {
+            fd,
+            features: api.features,
+        })
+    }
+
+    /// The features the kernel granted.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Registers `[start, start + len)` for faults of `mode`.
+    pub fn register(&self, start: u64, len: u64, mode: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes one `UffdioRegister`; registering changes
+        // how faults in the range are handled, not memory contents.
+        ioctl_result(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER() as _, &mut reg) })
+    }
+
+    /// Unregisters a range.
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let range = UffdioRange { start, len };
+        // SAFETY: UFFDIO_UNREGISTER reads one `UffdioRange`.
+        ioctl_result(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER() as _, &range) })
+    }
+
+    /// Wakes threads waiting on faults in a range.
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let range = UffdioRange { start, len };
+        // SAFETY: UFFDIO_WAKE reads one `UffdioRange` and changes no memory.
+        ioctl_result(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE() as _, &range) })
+    }
+
+    /// Copies `len` bytes from `src` into the missing pages at `dst` and wakes the waiters.
+    ///
+    /// # Safety
+    /// `dst..dst+len` must be memory registered with this uffd that the caller owns (guest
+    /// RAM), and `src..src+len` must be readable.
+    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> io::Result<Resolved> {
+        let mut copy = UffdioCopy {
+            dst,
+            src: src as u64,
+            len,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: per the caller's contract; UFFDIO_COPY reads and writes one `UffdioCopy`.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY() as _, &mut copy) };
+        Self::resolved(ret)
+    }
+
+    /// Maps zeroed pages at `dst..dst+len` and wakes the waiters.
+    ///
+    /// # Safety
+    /// As for [`Uffd::copy`].
+    pub unsafe fn zeropage(&self, dst: u64, len: u64) -> io::Result<Resolved> {
+        let mut zero = UffdioZeropage {
+            range: UffdioRange { start: dst, len },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: per the caller's contract; UFFDIO_ZEROPAGE reads and writes one struct.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE() as _, &mut zero) };
+        Self::resolved(ret)
+    }
+
+    fn resolved(ret: libc::c_int) -> io::Result<Resolved> {
+        if ret >= 0 {
+            return Ok(Resolved::Filled);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EEXIST) => Ok(Resolved::AlreadyPresent),
+            Some(libc::EAGAIN) => Ok(Resolved::Retry),
+            _ => Err(err),
+        }
+    }
+
+    /// Write-protects (`protect`) or unprotects a range; unprotecting wakes blocked writers
+    /// unless `wake` is false.
+    pub fn write_protect(&self, start: u64, len: u64, protect: bool, wake: bool) -> io::Result<()> {
+        let mut mode = 0;
+        if protect {
+            mode |= WRITEPROTECT_MODE_WP;
+        }
+        if !wake {
+            mode |= WRITEPROTECT_MODE_DONTWAKE;
+        }
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode,
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT reads one struct; it changes page permissions only.
+        ioctl_result(unsafe {
+            libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT() as _, &mut wp)
+        })
+    }
+
+    /// Reads pending fault messages into `out` without blocking; returns how many.
+    pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<usize> {
+        const MSG: usize = 32;
+        let mut buf = [0u8; MSG * 64];
+        // SAFETY: reading into our own buffer of the given length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(0),
+                _ => Err(err),
+            };
+        }
+        let mut count = 0;
+        for msg in buf[..n as usize].chunks_exact(MSG) {
+            if msg[0] != EVENT_PAGEFAULT {
+                continue;
+            }
+            let flags = u64::from_le_bytes(msg[8..16].try_into().expect("8 bytes"));
+            let address = u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes"));
+            out.push(Fault {
+                address,
+                write: flags & PAGEFAULT_FLAG_WRITE != 0,
+                wp: flags & PAGEFAULT_FLAG_WP != 0,
+            });
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+impl AsRawFd for Uffd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Maps `len` bytes of anonymous memory for a test.
+    fn anon(len: usize) -> *mut u8 {
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p.cast()
+    }
+
+    #[test]
+    fn missing_fault_is_served_by_copy() {
+        let Ok(uffd) = Uffd::new(0) else {
+            eprintln!("SKIP: userfaultfd unavailable");
+            return;
+        };
+        let len = 4 * 4096;
+        let mem = anon(len);
+        uffd.register(mem as u64, len as u64, REGISTER_MODE_MISSING)
+            .unwrap();
+        let addr = mem as u64 + 4096;
+        let reader = std::thread::spawn(move || {
+            // SAFETY: reading our own mapping; the fault blocks until the test serves it.
+            unsafe { (addr as *const u64).read_volatile() }
+        });
+        let mut faults = Vec::new();
+        while faults.is_empty() {
+            uffd.read_faults(&mut faults).unwrap();
+            std::thread::yield_now();
+        }
+        assert_eq!(faults[0].address & !4095, addr);
+        assert!(!faults[0].write);
+        let page = [0x5au8; 4096];
+        // SAFETY: `addr` is a page of our registered mapping; `page` is readable.
+        let first = unsafe { uffd.copy(addr, page.as_ptr(), 4096) };
+        assert_eq!(first.unwrap(), Resolved::Filled);
+        assert_eq!(reader.join().unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
+        // SAFETY: as above; the page is now present.
+        let again = unsafe { uffd.copy(addr, page.as_ptr(), 4096) };
+        assert_eq!(again.unwrap(), Resolved::AlreadyPresent);
+        // SAFETY: another page of the same mapping.
+        let zero = unsafe { uffd.zeropage(mem as u64, 4096) };
+        assert_eq!(zero.unwrap(), Resolved::Filled);
+        uffd.unregister(mem as u64, len as u64).unwrap();
+        // SAFETY: unmapping the test's own mapping.
+        unsafe { libc::munmap(mem.cast(), len) };
+    }
+}
