@@ -82,7 +82,7 @@ fn stress_with_each_page_source_on_small_pages() {
     let dir = TempDir::new("sources");
     let image = filled_image(&dir, "16M", "3");
     for source in ["kernel", "zero", &format!("image:{image}")] {
-        let json = stress("16M", "small", source, &[]);
+        let json = stress("16M", "small", source, &["--collapse", "off"]);
         let ext = &json["memory"]["extents"];
         assert_eq!(ext["huge"], 0, "{source}");
         // The whole free area was written: every extent is populated.
@@ -122,6 +122,8 @@ fn touch_with_zero_source_serves_exactly_the_pages_touched() {
             "passes=2",
             "--metrics",
             &metrics,
+            "--collapse",
+            "off",
         ]);
         let touched = report_sum(&run.stdout, "pages") / 2;
         let json = read_json(&metrics);
@@ -205,7 +207,7 @@ fn thp_backing_with_uffd_sources_fills_up_front() {
 fn hugetlb_with_a_short_pool_is_refused_before_the_guest_starts() {
     require_kvm!();
     let (total, _) = hugetlb_pool();
-    let memory = format!("{}M", (total + 1) * 2);
+    let memory = format!("{}M", (total + 1).max(8) * 2);
     vmm_fails(
         &["run", "--memory", &memory, "--backing", "hugetlb"],
         exit_code::BAD_INPUT,
@@ -242,6 +244,8 @@ fn save_then_restore_lazily_from_the_image() {
         "seed=11",
         "--metrics",
         &metrics,
+        "--collapse",
+        "off",
     ]);
     assert_eq!(report_sum(&run.stdout, "mismatches"), 0, "{run}");
     let json = read_json(&metrics);
@@ -376,6 +380,8 @@ fn a_failing_page_source_ends_the_vm_with_a_clear_error() {
         &format!("image:{image}"),
         "--arg",
         "passes=1000",
+        "--collapse",
+        "off",
     ]);
     std::thread::sleep(Duration::from_millis(300));
     std::fs::OpenOptions::new()

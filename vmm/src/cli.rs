@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{ByteSize, GuestArg, VmConfig};
+use crate::memory::collapse::{CollapseConfig, CollapseOrder};
+use crate::memory::pool::HugeSource;
 use crate::memory::{Backing, SourceKind};
 
 /// A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.
@@ -71,6 +73,48 @@ pub struct RunArgs {
     /// Also append a JSON line of metrics to METRICS.jsonl every this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub metrics_interval: Option<f64>,
+    /// The collapse thread, which promotes populated extents to 2 MiB pages (default: on with
+    /// --backing small).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub collapse: Option<bool>,
+    /// When the collapse allocates its huge page: prealloc (under the read lock, the seed
+    /// commit's order), legacy (under the write lock) or unlocked (no lock).
+    #[arg(
+        long,
+        default_value = "prealloc",
+        value_name = "prealloc|legacy|unlocked"
+    )]
+    pub collapse_order: CollapseOrder,
+    /// Where huge pages for collapse come from: auto (hugetlb while the pool has pages, else
+    /// THP), hugetlb or thp.
+    #[arg(long, default_value = "auto", value_name = "auto|hugetlb|thp")]
+    pub huge_source: HugeSource,
+    /// Most huge-page memory the collapse thread may use (default: the guest's RAM size).
+    #[arg(long, value_name = "SIZE")]
+    pub huge_limit: Option<ByteSize>,
+    /// Huge pages the pool keeps zeroed and ready ahead of demand (0: allocate on demand).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub huge_pool_ahead: usize,
+    /// 4 KiB pages the collapse thread scans per round (512 per extent).
+    #[arg(long, default_value_t = 4096, value_name = "PAGES")]
+    pub collapse_pages_to_scan: u64,
+    /// Milliseconds the collapse thread sleeps between rounds.
+    #[arg(long, default_value_t = 10, value_name = "MS")]
+    pub collapse_scan_sleep: u64,
+    /// Milliseconds the collapse thread backs off after an allocation or charge failure.
+    #[arg(long, default_value_t = 200, value_name = "MS")]
+    pub collapse_alloc_sleep: u64,
+    /// Most unpopulated 4 KiB pages an extent may have and still be collapsed (0 to 511).
+    #[arg(long, default_value_t = 511, value_name = "N")]
+    pub max_ptes_none: u32,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("invalid value {s:?}: expected on or off")),
+    }
 }
 
 impl RunArgs {
@@ -98,6 +142,17 @@ impl RunArgs {
             fault_granularity: self.fault_granularity,
             save_memory: self.save_memory.clone(),
             metrics_interval,
+            collapse: self.collapse,
+            collapse_config: CollapseConfig {
+                order: self.collapse_order,
+                pages_to_scan: self.collapse_pages_to_scan,
+                scan_sleep: Duration::from_millis(self.collapse_scan_sleep),
+                alloc_sleep: Duration::from_millis(self.collapse_alloc_sleep),
+                max_ptes_none: self.max_ptes_none,
+            },
+            huge_source: self.huge_source,
+            huge_limit: self.huge_limit,
+            pool_ahead: self.huge_pool_ahead,
         })
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS, PAGE_SIZE};
 
-use crate::memory::{Backing, SourceKind};
+use crate::memory::collapse::CollapseConfig;
+use crate::memory::pool::HugeSource;
+use crate::memory::{Backing, MemoryConfig, SourceKind};
 
 /// A size in bytes, written with an optional `K`, `M` or `G` suffix (powers of 1024).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -99,6 +101,16 @@ pub struct VmConfig {
     pub save_memory: Option<PathBuf>,
     /// How often to append a JSON line of metrics while the guest runs.
     pub metrics_interval: Option<Duration>,
+    /// The collapse thread: on by default with 4 KiB backing.
+    pub collapse: Option<bool>,
+    /// Its tunables.
+    pub collapse_config: CollapseConfig,
+    /// Where its huge pages come from.
+    pub huge_source: HugeSource,
+    /// Most huge-page memory it may charge (default: all of RAM).
+    pub huge_limit: Option<ByteSize>,
+    /// Huge pages kept ready ahead of demand.
+    pub pool_ahead: usize,
 }
 
 impl Default for VmConfig {
@@ -116,6 +128,11 @@ impl Default for VmConfig {
             fault_granularity: ByteSize(PAGE_SIZE),
             save_memory: None,
             metrics_interval: None,
+            collapse: None,
+            collapse_config: CollapseConfig::default(),
+            huge_source: HugeSource::Auto,
+            huge_limit: None,
+            pool_ahead: 2,
         }
     }
 }
@@ -163,6 +180,15 @@ pub enum ConfigError {
     /// A page source the backing cannot use.
     #[error("--fault-granularity applies to --page-source zero or image with --backing small")]
     GranularityNeedsUffd,
+    /// The collapse thread asked for with huge backing.
+    #[error("--collapse on needs --backing small (with {0:?} backing all RAM is huge already)")]
+    CollapseNeedsSmall(Backing),
+    /// A max_ptes_none outside 0..=511.
+    #[error("--max-ptes-none {0} is out of range: allowed 0 to 511")]
+    MaxPtesNone(u32),
+    /// A zero pages-to-scan.
+    #[error("--collapse-pages-to-scan must be at least 1")]
+    PagesToScan,
     /// An output file whose directory does not exist.
     #[error("{flag} {path}: the directory {dir} does not exist")]
     OutputDir {
@@ -221,6 +247,15 @@ impl VmConfig {
         if let Some(path) = &self.metrics {
             check_output_dir("--metrics", path)?;
         }
+        if self.collapse == Some(true) && self.backing != Backing::Small {
+            return Err(ConfigError::CollapseNeedsSmall(self.backing));
+        }
+        if self.collapse_config.max_ptes_none > 511 {
+            return Err(ConfigError::MaxPtesNone(self.collapse_config.max_ptes_none));
+        }
+        if self.collapse_config.pages_to_scan == 0 {
+            return Err(ConfigError::PagesToScan);
+        }
         if let Some(path) = &self.save_memory {
             check_output_dir("--save-memory", path)?;
         }
@@ -247,6 +282,27 @@ impl VmConfig {
             block.push(0);
         }
         block
+    }
+}
+
+impl VmConfig {
+    /// Whether the collapse thread runs: asked for, or by default with 4 KiB backing.
+    pub fn collapse_on(&self) -> bool {
+        self.collapse.unwrap_or(self.backing == Backing::Small)
+    }
+
+    /// The memory part of the configuration.
+    pub fn memory_config(&self) -> MemoryConfig {
+        MemoryConfig {
+            size: self.memory.0,
+            backing: self.backing,
+            source: self.page_source.clone(),
+            fault_granularity: self.fault_granularity.0,
+            collapse: self.collapse_on().then(|| self.collapse_config.clone()),
+            huge_source: self.huge_source,
+            huge_limit: self.huge_limit.map_or(self.memory.0, |l| l.0),
+            pool_ahead: self.pool_ahead,
+        }
     }
 }
 

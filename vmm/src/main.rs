@@ -46,6 +46,20 @@ fn main() -> ExitCode {
                     if dropped > 0 {
                         eprintln!("vmm: dropped {dropped} bytes of serial output (rate limit)");
                     }
+                    let json = summary.to_json();
+                    if json["collapse"]["enabled"] == true {
+                        let (ext, c) = (&json["memory"]["extents"], &json["collapse"]);
+                        eprintln!(
+                            "vmm: memory: {} of {} extents are 2 MiB pages ({} collapsed, {} MiB \
+                             charged); write lock held p50 {} us, p99 {} us",
+                            ext["huge"],
+                            ext["total"],
+                            c["pages_collapsed"],
+                            json["ledger"]["charged_bytes"].as_u64().unwrap_or(0) >> 20,
+                            c["write_lock_ns"]["p50"].as_u64().unwrap_or(0) / 1000,
+                            c["write_lock_ns"]["p99"].as_u64().unwrap_or(0) / 1000,
+                        );
+                    }
                     let code = summary.outcome.exit_code();
                     if code != 0 {
                         eprintln!("vmm: {}", summary.outcome.describe());

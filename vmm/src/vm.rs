@@ -25,7 +25,7 @@ use crate::config::{ConfigError, VmConfig, host_memory};
 use crate::devices::Devices;
 use crate::loader::{GuestImage, ImageError};
 use crate::memory::image::ImageFileError;
-use crate::memory::{Memory, MemoryConfig, MemoryError, kernel};
+use crate::memory::{Memory, MemoryError, Teardown, kernel};
 use crate::metrics::{self, VcpuStats};
 use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
 
@@ -202,6 +202,10 @@ pub struct RunSummary {
     pub memory: Value,
     /// What `--save-memory` wrote, if it ran.
     pub saved: Option<Value>,
+    /// What teardown left behind.
+    pub teardown: Teardown,
+    /// Free hugetlb pages before the VM was built.
+    pub hugetlb_free_before: u64,
 }
 
 impl RunSummary {
@@ -216,6 +220,16 @@ impl RunSummary {
             "saved_image": self.saved,
         });
         metrics::merge(&mut summary, &self.memory);
+        metrics::merge(
+            &mut summary,
+            &json!({
+                "ledger": { "after_teardown_bytes": self.teardown.ledger_charged_bytes },
+                "kernel": {
+                    "hugetlb_free_before": self.hugetlb_free_before,
+                    "hugetlb_free_after_teardown": self.teardown.hugetlb_free_pages,
+                },
+            }),
+        );
         summary
     }
 }
@@ -223,13 +237,14 @@ impl RunSummary {
 /// A VM ready to run.
 pub struct Vm {
     vcpus: Vec<Vcpu>,
-    vm_fd: VmFd,
+    vm_fd: Option<VmFd>,
     _kvm: Kvm,
     devices: Arc<Devices>,
     config: VmConfig,
     events: (mpsc::Sender<VmEvent>, mpsc::Receiver<VmEvent>),
+    hugetlb_free_before: u64,
     // Last: unmapped after the VM fd (and its memslot) is gone.
-    memory: Memory,
+    memory: Option<Memory>,
 }
 
 /// The signal that last asked the VMM to stop (0: none).
@@ -261,6 +276,7 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
 impl Vm {
     /// Validates `config` against this host, then builds the VM: KVM, RAM, boot data, vCPUs.
     pub fn build(config: VmConfig, devices: Devices) -> Result<Vm, VmError> {
+        let hugetlb_free_before = kernel::hugetlb_pool().free;
         let kvm = open_kvm(&config)?;
         let host_mem = host_memory().map_err(VmError::HostMemory)?;
         let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
@@ -269,12 +285,7 @@ impl Vm {
         let exe = image.check(config.memory.0)?;
 
         let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
-        let mut memory = Memory::new(MemoryConfig {
-            size: config.memory.0,
-            backing: config.backing,
-            source: config.page_source.clone(),
-            fault_granularity: config.fault_granularity.0,
-        })?;
+        let mut memory = Memory::new(config.memory_config())?;
         memory
             .ram()
             .register(&vm_fd, 0)
@@ -327,17 +338,18 @@ impl Vm {
             })?;
         let events = mpsc::channel();
         let fatal = std::sync::Mutex::new(events.0.clone());
-        memory.start(Box::new(move |what| {
+        memory.start(Arc::new(move |what| {
             let _ = fatal.lock().map(|tx| tx.send(VmEvent::Fatal(what)));
         }))?;
         Ok(Vm {
             vcpus,
-            vm_fd,
+            vm_fd: Some(vm_fd),
             _kvm: kvm,
             devices: Arc::new(devices),
             config,
             events,
-            memory,
+            hugetlb_free_before,
+            memory: Some(memory),
         })
     }
 
@@ -358,7 +370,7 @@ impl Vm {
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let shared = VcpuShared {
                 devices: self.devices.clone(),
-                ram: self.memory.ram().clone(),
+                ram: self.memory().ram().clone(),
                 stop: stop.clone(),
                 events: events_tx.clone(),
             };
@@ -438,9 +450,13 @@ impl Vm {
             }
         };
         let vcpus = stop_and_join(&stop, threads)?;
+        self.memory
+            .as_mut()
+            .expect("memory lives until teardown")
+            .stop_collapse();
         let saved = match (&self.config.save_memory, &outcome) {
             (Some(path), Outcome::Done(_)) => {
-                let stats = self.memory.save(path)?;
+                let stats = self.memory().save(path)?;
                 log::info!("saved guest memory to {}: {stats:?}", path.display());
                 Some(json!({"path": path, "pages": stats}))
             }
@@ -453,13 +469,23 @@ impl Vm {
             }
             (None, _) => None,
         };
+        let memory = self.memory_metrics()?;
+        // Teardown: the VM fd (and with it the memslot) first, then guest memory.
+        drop(self.vm_fd.take());
+        let teardown = self
+            .memory
+            .take()
+            .expect("memory lives until teardown")
+            .teardown();
         let summary = RunSummary {
             outcome,
             wall: start.elapsed(),
             vcpus,
             console: self.devices.serial.output_stats(),
-            memory: self.memory_metrics()?,
+            memory,
             saved,
+            teardown,
+            hugetlb_free_before: self.hugetlb_free_before,
         };
         if let Some(path) = &self.config.metrics {
             metrics::write_json(path, &summary.to_json()).map_err(|source| VmError::Metrics {
@@ -473,9 +499,14 @@ impl Vm {
 
 impl Vm {
     /// The memory, faults and kernel sections of the metrics, with KVM's own `pages_2m`.
+    fn memory(&self) -> &Memory {
+        self.memory.as_ref().expect("memory lives until teardown")
+    }
+
     fn memory_metrics(&self) -> Result<Value, VmError> {
-        let mut value = self.memory.metrics_json()?;
-        let pages_2m = kernel::kvm_vm_stat(&self.vm_fd, "pages_2m").ok().flatten();
+        let mut value = self.memory().metrics_json()?;
+        let vm_fd = self.vm_fd.as_ref().expect("the VM fd lives until teardown");
+        let pages_2m = kernel::kvm_vm_stat(vm_fd, "pages_2m").ok().flatten();
         value["kernel"]["kvm_pages_2m"] = json!(pages_2m);
         Ok(value)
     }

@@ -11,7 +11,7 @@
 //! changed while it was not looking.
 
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 
@@ -52,18 +52,24 @@ pub enum ExtentState {
 const KIND_HUGE: u8 = 1;
 
 /// One extent. Page bits and the generation are atomics so that faults, which hold only the
-/// read lock, can record what they populated.
+/// read lock, can record what they populated. They are sequentially consistent: the collapse
+/// and the fault handler reason across several of them (a page's bit, then the tracking flag)
+/// and must agree on one order.
 #[derive(Debug, Default)]
 pub struct Extent {
     pages: [AtomicU64; WORDS],
     kind: AtomicU8,
     generation: AtomicU64,
+    /// Set while a collapse copies the extent outside the write lock; while it is set, the
+    /// fault handler records in `dirty` every page the guest writes or populates.
+    tracking: AtomicBool,
+    dirty: [AtomicU64; WORDS],
 }
 
 impl Extent {
     /// The extent's state.
     pub fn state(&self) -> ExtentState {
-        if self.kind.load(Ordering::Acquire) == KIND_HUGE {
+        if self.kind.load(Ordering::SeqCst) == KIND_HUGE {
             return ExtentState::Huge;
         }
         match self.populated() {
@@ -76,29 +82,29 @@ impl Extent {
     pub fn populated(&self) -> u32 {
         self.pages
             .iter()
-            .map(|w| w.load(Ordering::Acquire).count_ones())
+            .map(|w| w.load(Ordering::SeqCst).count_ones())
             .sum()
     }
 
     /// Whether page `page` (0..512) is populated.
     pub fn is_populated(&self, page: usize) -> bool {
-        self.pages[page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+        self.pages[page / 64].load(Ordering::SeqCst) & (1 << (page % 64)) != 0
     }
 
     /// The generation: bumped on every change.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Records that page `page` is now populated. Returns false if it already was (a fault
     /// raced with another on the same page), in which case nothing changes.
     pub fn mark_populated(&self, page: usize) -> bool {
         let bit = 1 << (page % 64);
-        let old = self.pages[page / 64].fetch_or(bit, Ordering::AcqRel);
+        let old = self.pages[page / 64].fetch_or(bit, Ordering::SeqCst);
         if old & bit != 0 {
             return false;
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         true
     }
 
@@ -108,21 +114,52 @@ impl Extent {
         let mut changed = false;
         for (w, word) in self.pages.iter().enumerate() {
             let bits = (0..64).fold(0u64, |acc, b| acc | (u64::from(present(w * 64 + b)) << b));
-            changed |= word.swap(bits, Ordering::AcqRel) != bits;
+            changed |= word.swap(bits, Ordering::SeqCst) != bits;
         }
         if changed {
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.generation.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// Starts recording the pages the guest writes (a collapse is about to copy the extent
+    /// while the guest runs).
+    pub fn start_tracking(&self) {
+        for w in &self.dirty {
+            w.store(0, Ordering::SeqCst);
+        }
+        self.tracking.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops recording writes.
+    pub fn stop_tracking(&self) {
+        self.tracking.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether writes are being recorded.
+    pub fn is_tracking(&self) -> bool {
+        self.tracking.load(Ordering::SeqCst)
+    }
+
+    /// Records that the guest wrote or populated page `page` while tracking.
+    pub fn mark_dirty(&self, page: usize) {
+        self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::SeqCst);
+    }
+
+    /// The pages recorded dirty since tracking started.
+    pub fn dirty_pages(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..PAGES_PER_EXTENT)
+            .filter(|&p| self.dirty[p / 64].load(Ordering::SeqCst) & (1 << (p % 64)) != 0)
     }
 
     /// Marks the extent as backed by one huge page. Needs the write lock (`&mut`): no fault can
     /// be looking at the extent while its backing is replaced.
     pub fn set_huge(&mut self) {
         for w in &self.pages {
-            w.store(u64::MAX, Ordering::Release);
+            w.store(u64::MAX, Ordering::SeqCst);
         }
-        self.kind.store(KIND_HUGE, Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.kind.store(KIND_HUGE, Ordering::SeqCst);
+        self.tracking.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
 

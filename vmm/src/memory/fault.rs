@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use guest_abi::layout::PAGE_SIZE;
+use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 use hdrhistogram::Histogram;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::extent::MemoryMap;
+use super::extent::{ExtentIndex, ExtentState, MemoryMap};
 use super::source::{Fill, PageSource};
 use super::uffd::{Fault, Resolved, Uffd};
 use crate::metrics::latency_histogram;
@@ -40,6 +40,9 @@ pub struct FaultStats {
     pub wp_faults: AtomicU64,
     /// Time to serve one missing-page fault, from reading it to resolving it, in ns.
     pub service_ns: Mutex<Histogram<u64>>,
+    /// Time a write-protected writer waited, from reading its fault to waking it, in ns:
+    /// the vCPU stall a collapse causes.
+    pub wp_stall_ns: Mutex<Histogram<u64>>,
 }
 
 impl Default for FaultStats {
@@ -50,6 +53,7 @@ impl Default for FaultStats {
             retried: AtomicU64::new(0),
             wp_faults: AtomicU64::new(0),
             service_ns: Mutex::new(latency_histogram()),
+            wp_stall_ns: Mutex::new(latency_histogram()),
         }
     }
 }
@@ -176,13 +180,15 @@ fn serve(ctx: &HandlerContext, stop: &EventFd) -> Result<(), String> {
                     fault.address
                 ));
             }
-            if fault.wp {
+            let histogram = if fault.wp {
                 answer_wp(ctx, gpa)?;
-                continue;
-            }
-            serve_missing(ctx, fault, gpa, &mut buf, &zeroes)?;
+                &ctx.stats.wp_stall_ns
+            } else {
+                serve_missing(ctx, fault, gpa, &mut buf, &zeroes)?;
+                &ctx.stats.service_ns
+            };
             let ns = start.elapsed().as_nanos() as u64;
-            if let Ok(mut h) = ctx.stats.service_ns.lock() {
+            if let Ok(mut h) = histogram.lock() {
                 h.saturating_record(ns.max(1));
             }
         }
@@ -200,6 +206,15 @@ fn serve_missing(
     let gran = ctx.granularity;
     let first = gpa & !(gran - 1);
     let map = ctx.map.read().unwrap_or_else(|p| p.into_inner());
+    let extent = map
+        .get(ExtentIndex::containing(gpa))
+        .expect("gpa is inside RAM");
+    if extent.state() == ExtentState::Huge {
+        // A collapse committed while this fault waited for the lock: the page is there now,
+        // in the huge page that replaced the extent. Let the thread retry its access.
+        let _ = ctx.uffd.wake(ctx.host_base + gpa, PAGE_SIZE);
+        return Ok(());
+    }
     // Resolve the whole granule when none of it is populated yet; otherwise only the page
     // (a granule with some pages present cannot be filled in one copy).
     let (at, len) = if gran > PAGE_SIZE
@@ -233,6 +248,9 @@ fn serve_missing(
         Resolved::Filled => {
             for p in (at..at + len).step_by(PAGE_SIZE as usize) {
                 map.mark_populated(p);
+                if extent.is_tracking() {
+                    extent.mark_dirty(page_in_extent(p));
+                }
             }
             ctx.stats.served.fetch_add(1, Ordering::Relaxed);
         }
@@ -250,12 +268,27 @@ fn serve_missing(
     Ok(())
 }
 
-/// Answers a write-protect fault: once the read lock is ours, no collapse is committing, so
-/// the page's protection is final; wake the writer to retry on whatever now backs the page.
+/// Answers a write-protect fault. Taking the read lock waits for any collapse commit in
+/// progress. Then either a collapse is copying the extent outside the lock (tracking): record
+/// the page dirty, so the commit copies it again, and let the write through; or the commit is
+/// done and the extent is a huge page now: wake the writer to retry on it.
 fn answer_wp(ctx: &HandlerContext, gpa: u64) -> Result<(), String> {
-    let _map = ctx.map.read().unwrap_or_else(|p| p.into_inner());
+    let map = ctx.map.read().unwrap_or_else(|p| p.into_inner());
     ctx.stats.wp_faults.fetch_add(1, Ordering::Relaxed);
-    ctx.uffd
-        .wake(ctx.host_base + gpa, PAGE_SIZE)
-        .map_err(|e| format!("waking a write-protected writer at {gpa:#x} failed: {e}"))
+    let extent = map
+        .get(ExtentIndex::containing(gpa))
+        .expect("gpa is inside RAM");
+    let page = ctx.host_base + gpa;
+    let result = if extent.is_tracking() {
+        extent.mark_dirty(page_in_extent(gpa));
+        ctx.uffd.write_protect(page, PAGE_SIZE, false, true)
+    } else {
+        ctx.uffd.wake(page, PAGE_SIZE)
+    };
+    result.map_err(|e| format!("letting a write-protected writer at {gpa:#x} go failed: {e}"))
+}
+
+/// The index of the 4 KiB page holding `gpa` within its extent.
+fn page_in_extent(gpa: u64) -> usize {
+    ((gpa % EXTENT_SIZE) / PAGE_SIZE) as usize
 }

@@ -6,10 +6,13 @@
 //! uffd closes, and RAM is unmapped last (after the VM fd, which its owner drops first).
 
 pub mod backing;
+pub mod collapse;
 pub mod extent;
 pub mod fault;
 pub mod image;
 pub mod kernel;
+pub mod ledger;
+pub mod pool;
 mod ram;
 pub mod source;
 pub mod uffd;
@@ -18,15 +21,20 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use guest_abi::layout::EXTENT_SIZE;
+use std::sync::atomic::AtomicBool;
+
+use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 use serde_json::{Value, json};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use backing::{Backing, SourceKind};
+use collapse::{CollapseConfig, CollapseStats, CollapseThread, Collapser};
 pub use extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, MemoryMap};
 use fault::{FaultHandler, FaultStats, HandlerContext};
 use image::{ImageFile, ImageFileError, SaveStats};
 use kernel::SmapsTotals;
+use ledger::Ledger;
+use pool::{HugePagePool, HugeSource};
 pub use ram::{GuestRam, HostAddr, RamError};
 use source::{ImageSource, PageSource, ZeroSource};
 use uffd::Uffd;
@@ -82,6 +90,32 @@ pub enum MemoryError {
     /// The kernel's view of guest RAM could not be read.
     #[error("cannot read the kernel's view of guest RAM")]
     KernelView(#[source] std::io::Error),
+    /// A memory thread could not be started.
+    #[error("cannot start a memory thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// What teardown left behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Teardown {
+    /// Bytes still charged to the ledger after every page was given back (should be 0).
+    pub ledger_charged_bytes: u64,
+    /// Free hugetlb pages after guest RAM and the pool were unmapped.
+    pub hugetlb_free_pages: u64,
+}
+
+/// Brings one extent's populated pages up to date with the host kernel.
+fn sync_extent(map: &MemoryMap, ram: &GuestRam, index: ExtentIndex) -> std::io::Result<()> {
+    let table = map.read().unwrap_or_else(|p| p.into_inner());
+    let Some(extent) = table.get(index) else {
+        return Ok(());
+    };
+    if extent.state() == ExtentState::Huge {
+        return Ok(());
+    }
+    let present = kernel::present_pages(ram.host_base().0 as u64 + index.gpa(), EXTENT_SIZE)?;
+    extent.sync_pages(|p| present[p]);
+    Ok(())
 }
 
 /// How to set up guest memory.
@@ -95,10 +129,38 @@ pub struct MemoryConfig {
     pub source: SourceKind,
     /// Bytes the fault handler resolves per fault (4 KiB, or up to 2 MiB to fault around).
     pub fault_granularity: u64,
+    /// The collapse thread, if on (4 KiB backing only).
+    pub collapse: Option<CollapseConfig>,
+    /// Where the collapse thread's huge pages come from.
+    pub huge_source: HugeSource,
+    /// Most huge-page memory the collapse thread may charge.
+    pub huge_limit: u64,
+    /// Huge pages the pool keeps ready ahead of demand.
+    pub pool_ahead: usize,
+}
+
+impl MemoryConfig {
+    /// 4 KiB pages populated by the host kernel, no collapse: the simplest memory.
+    pub fn small(size: u64) -> Self {
+        MemoryConfig {
+            size,
+            backing: Backing::Small,
+            source: SourceKind::Kernel,
+            fault_granularity: PAGE_SIZE,
+            collapse: None,
+            huge_source: HugeSource::Auto,
+            huge_limit: size,
+            pool_ahead: 2,
+        }
+    }
 }
 
 /// Guest memory and everything that manages it.
 pub struct Memory {
+    collapser: Option<CollapseThread>,
+    collapse_stats: Arc<CollapseStats>,
+    pool: Option<Arc<HugePagePool>>,
+    ledger: Arc<Ledger>,
     handler: Option<FaultHandler>,
     uffd: Option<Arc<Uffd>>,
     map: Arc<MemoryMap>,
@@ -143,6 +205,10 @@ impl Memory {
             mark_huge_extents(&ram, &mut table, config.backing)?;
         }
         Ok(Memory {
+            collapser: None,
+            collapse_stats: Arc::new(CollapseStats::default()),
+            pool: None,
+            ledger: Arc::new(Ledger::new(config.huge_limit)),
             handler: None,
             uffd: None,
             map: Arc::new(MemoryMap::new(table)),
@@ -179,42 +245,147 @@ impl Memory {
     }
 
     /// Call once the VMM has written its boot data: records what the kernel populated so far
-    /// and, for the zero and image sources on 4 KiB backing, registers RAM with a userfaultfd
-    /// and starts the fault handler. `on_fatal` is called if the handler fails.
-    pub fn start(&mut self, on_fatal: Box<dyn Fn(String) + Send>) -> Result<(), MemoryError> {
+    /// and, on 4 KiB backing, registers RAM with a userfaultfd where the VMM serves faults (the
+    /// zero and image sources) or write-protects extents (the collapse thread), then starts
+    /// the fault handler and the collapse thread. `on_fatal` is called if either fails.
+    pub fn start(
+        &mut self,
+        on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> Result<(), MemoryError> {
         if self.config.backing.prepopulated() {
             return Ok(());
         }
         self.sync_from_kernel()?;
-        if !self.config.source.uses_uffd() {
+        let collapse = self.config.collapse.clone();
+        let missing = self.config.source.uses_uffd();
+        if !missing && collapse.is_none() {
             return Ok(());
         }
         let uffd_err = |source| MemoryError::Uffd {
-            source_name: self.config.source.name(),
+            source_name: if missing {
+                self.config.source.name()
+            } else {
+                "collapse"
+            },
             source,
         };
-        let uffd = Arc::new(Uffd::new(uffd::FEATURE_THREAD_ID).map_err(uffd_err)?);
+        let mut features = uffd::FEATURE_THREAD_ID;
+        let mut mode = 0;
+        if missing {
+            mode |= uffd::REGISTER_MODE_MISSING;
+        }
+        if collapse.is_some() {
+            features |= uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
+            mode |= uffd::REGISTER_MODE_WP;
+        }
+        let uffd = Arc::new(Uffd::new(features).map_err(uffd_err)?);
+        if uffd.features() & features != features {
+            return Err(uffd_err(std::io::Error::other(
+                "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux \
+                 6.4+), which the collapse thread needs; run with --collapse off",
+            )));
+        }
         let base = self.ram.host_base().0 as u64;
-        uffd.register(base, self.config.size, uffd::REGISTER_MODE_MISSING)
+        uffd.register(base, self.config.size, mode)
             .map_err(uffd_err)?;
-        let source: Arc<dyn PageSource> = match &self.image {
-            Some(image) => Arc::new(ImageSource::new(image.clone())),
-            None => Arc::new(ZeroSource),
+        let source: Option<Arc<dyn PageSource>> = match &self.image {
+            Some(image) => Some(Arc::new(ImageSource::new(image.clone()))),
+            None => None,
         };
+        let fatal = on_fatal.clone();
         let handler = FaultHandler::start(HandlerContext {
             uffd: uffd.clone(),
             map: self.map.clone(),
             host_base: base,
             ram_size: self.config.size,
-            source,
+            source: source.clone().unwrap_or_else(|| Arc::new(ZeroSource)),
             granularity: self.config.fault_granularity,
             stats: self.fault_stats.clone(),
-            on_fatal,
+            on_fatal: Box::new(move |what| fatal(what)),
         })
         .map_err(uffd_err)?;
-        self.uffd = Some(uffd);
+        self.uffd = Some(uffd.clone());
         self.handler = Some(handler);
+        if let Some(config) = collapse {
+            let pool = Arc::new(
+                HugePagePool::new(self.config.huge_source, self.config.pool_ahead)
+                    .map_err(MemoryError::Thread)?,
+            );
+            self.pool = Some(pool.clone());
+            let collapser = Collapser {
+                map: self.map.clone(),
+                ram: self.ram.clone(),
+                uffd,
+                source,
+                allocator: pool,
+                ledger: self.ledger.clone(),
+                config,
+                stats: self.collapse_stats.clone(),
+                stopping: Arc::new(AtomicBool::new(false)),
+                kernel_populates: !missing,
+            };
+            let sync: Box<dyn Fn(ExtentIndex) + Send> = if missing {
+                Box::new(|_| {})
+            } else {
+                let (map, ram) = (self.map.clone(), self.ram.clone());
+                Box::new(move |index| {
+                    if let Err(e) = sync_extent(&map, &ram, index) {
+                        log::warn!("reading the kernel's view of extent {}: {e}", index.0);
+                    }
+                })
+            };
+            self.collapser = Some(
+                CollapseThread::start(collapser, sync, on_fatal).map_err(MemoryError::Thread)?,
+            );
+        }
         Ok(())
+    }
+
+    /// Stops the collapse thread (a collapse in progress completes or fails cleanly first).
+    pub fn stop_collapse(&mut self) {
+        if let Some(mut c) = self.collapser.take() {
+            c.stop();
+        }
+    }
+
+    /// Collapse counters.
+    pub fn collapse_stats(&self) -> &Arc<CollapseStats> {
+        &self.collapse_stats
+    }
+
+    /// The huge-page ledger.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// Tears everything down in order (collapse thread, fault handler, pool, the charges of
+    /// collapsed extents, guest RAM) and returns what is left charged: zero unless bookkeeping
+    /// is wrong. The VM fd (its memslot) must be gone already, and no vCPU may run.
+    pub fn teardown(mut self) -> Teardown {
+        self.stop_collapse();
+        self.stop();
+        if let Some(pool) = self.pool.take() {
+            drop(pool);
+        }
+        let huge = self
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .counts()
+            .huge;
+        if self.config.collapse.is_some() {
+            self.ledger.uncharge(huge * EXTENT_SIZE);
+        }
+        let ledger = self.ledger.clone();
+        let ram_refs = Arc::strong_count(&self.ram);
+        drop(self);
+        if ram_refs > 1 {
+            log::warn!("guest RAM is still referenced at teardown ({ram_refs} references)");
+        }
+        Teardown {
+            ledger_charged_bytes: ledger.charged(),
+            hugetlb_free_pages: kernel::hugetlb_pool().free,
+        }
     }
 
     /// Brings the extent table up to date with the pages the host kernel has populated
@@ -237,8 +408,34 @@ impl Memory {
         Ok(())
     }
 
+    /// Everything the metrics say about the collapse thread and the ledger.
+    fn collapse_json(&self) -> Value {
+        let pool = self.pool.as_ref().map(|p| {
+            let s = p.stats();
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            json!({
+                "hugetlb": load(&s.hugetlb), "thp": load(&s.thp), "thp_not_huge": load(&s.thp_not_huge),
+                "failed": load(&s.failed), "from_ready": load(&s.from_ready), "on_demand": load(&s.on_demand),
+            })
+        });
+        let mut collapse = self.collapse_stats.to_json();
+        collapse["enabled"] = json!(self.config.collapse.is_some());
+        collapse["order"] = json!(self.config.collapse.as_ref().map(|c| c.order));
+        collapse["huge_source"] = json!(self.config.huge_source);
+        collapse["pool"] = json!(pool);
+        json!({
+            "collapse": collapse,
+            "ledger": {
+                "charged_bytes": self.ledger.charged(),
+                "peak_charged_bytes": self.ledger.peak(),
+                "limit_bytes": self.ledger.limit(),
+            },
+        })
+    }
+
     /// Stops the fault handler (vCPUs must be stopped first: none may be waiting on a fault).
     pub fn stop(&mut self) {
+        self.stop_collapse();
         if let Some(mut handler) = self.handler.take() {
             handler.stop();
         }
@@ -297,6 +494,7 @@ impl Memory {
                 },
             },
             "faults": {
+                "wp_stall_ns": crate::metrics::percentiles(&s.wp_stall_ns.lock().unwrap_or_else(|p| p.into_inner())),
                 "served": s.served.load(Ordering::Relaxed),
                 "already_present": s.already_present.load(Ordering::Relaxed),
                 "retried": s.retried.load(Ordering::Relaxed),
@@ -310,6 +508,10 @@ impl Memory {
                 "rss_kb": smaps.rss_kb,
             },
         }))
+        .map(|mut v| {
+            crate::metrics::merge(&mut v, &self.collapse_json());
+            v
+        })
     }
 }
 

@@ -249,15 +249,13 @@ impl Uffd {
     }
 
     /// Write-protects (`protect`) or unprotects a range; unprotecting wakes blocked writers
-    /// unless `wake` is false.
+    /// unless `wake` is false (the kernel takes no wake flag with protection).
     pub fn write_protect(&self, start: u64, len: u64, protect: bool, wake: bool) -> io::Result<()> {
-        let mut mode = 0;
-        if protect {
-            mode |= WRITEPROTECT_MODE_WP;
-        }
-        if !wake {
-            mode |= WRITEPROTECT_MODE_DONTWAKE;
-        }
+        let mode = match (protect, wake) {
+            (true, _) => WRITEPROTECT_MODE_WP,
+            (false, true) => 0,
+            (false, false) => WRITEPROTECT_MODE_DONTWAKE,
+        };
         let mut wp = UffdioWriteprotect {
             range: UffdioRange { start, len },
             mode,

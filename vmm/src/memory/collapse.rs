@@ -1,0 +1,741 @@
+//! The collapse thread: this VMM's khugepaged. It promotes populated 2 MiB extents of guest
+//! RAM to single 2 MiB host pages.
+//!
+//! One collapse follows the seed commit ("thp: allocate memory in khugepaged outside of
+//! mmap_sem write mode"): the huge page is **allocated and charged while only the read side**
+//! of the memory map lock is held, and the extent is copied there too, while the guest keeps
+//! running. The **write side** is taken only briefly, after all of that succeeded, to
+//! revalidate, copy what the guest changed meanwhile, and `mremap` the huge page over the
+//! extent. [`Collapser::collapse`] takes the read guard by value, so "it returns with the lock
+//! released" is something the compiler checks.
+//!
+//! No guest write is ever lost. Before copying, the extent is write-protected with
+//! userfaultfd and marked as *tracking*: a guest write to it faults to the fault handler,
+//! which records the page dirty and lets the write through. Under the write lock the extent
+//! is protected again (writers of this extent, and only this extent, now wait), the dirty
+//! pages are copied again, the huge page is moved in, and the lock is released; the handler,
+//! whose read lock was waiting for exactly that, then wakes the writers onto the new page.
+//!
+//! Every failure path gives the page back to the pool and uncharges it, and leaves the extent
+//! unprotected and untracked, before any lock is released.
+//!
+//! The old order (`legacy`: allocate and charge after taking the write lock) and today's
+//! kernel's (`unlocked`: no lock at all while allocating) are kept as selectable baselines.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLockReadGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use super::extent::{Extent, ExtentIndex, ExtentState, ExtentTable, MemoryMap, PAGES_PER_EXTENT};
+use super::kernel;
+use super::ledger::Ledger;
+use super::pool::{HugePage, HugePageAllocator};
+use super::ram::GuestRam;
+use super::source::{Fill, PageSource};
+use super::uffd::Uffd;
+use crate::metrics::{latency_histogram, percentiles};
+
+/// When, relative to the memory map lock, the huge page is allocated and charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollapseOrder {
+    /// Under the read lock, before the write lock (the seed commit's order).
+    Prealloc,
+    /// Under the write lock (the order before the seed commit).
+    Legacy,
+    /// With no lock held (Linux since 2015).
+    Unlocked,
+}
+
+impl FromStr for CollapseOrder {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "prealloc" => Ok(CollapseOrder::Prealloc),
+            "legacy" => Ok(CollapseOrder::Legacy),
+            "unlocked" => Ok(CollapseOrder::Unlocked),
+            _ => Err(format!(
+                "invalid collapse order {s:?}: expected prealloc, legacy or unlocked"
+            )),
+        }
+    }
+}
+
+/// The collapse thread's tunables (khugepaged's, with VMM-friendly defaults).
+#[derive(Clone, Debug)]
+pub struct CollapseConfig {
+    /// Lock order.
+    pub order: CollapseOrder,
+    /// 4 KiB pages to scan per round (khugepaged's `pages_to_scan`; 512 per extent).
+    pub pages_to_scan: u64,
+    /// Sleep between rounds (khugepaged's `scan_sleep_millisecs`).
+    pub scan_sleep: Duration,
+    /// Back-off after an allocation failure (khugepaged's `alloc_sleep_millisecs`).
+    pub alloc_sleep: Duration,
+    /// Most unpopulated pages an extent may have and still be collapsed (khugepaged's
+    /// `max_ptes_none`); they become zeroes (or the page source's contents).
+    pub max_ptes_none: u32,
+}
+
+impl Default for CollapseConfig {
+    fn default() -> Self {
+        CollapseConfig {
+            order: CollapseOrder::Prealloc,
+            pages_to_scan: 4096,
+            scan_sleep: Duration::from_millis(10),
+            alloc_sleep: Duration::from_millis(200),
+            max_ptes_none: 511,
+        }
+    }
+}
+
+/// How one collapse attempt ended; named after khugepaged's `SCAN_*` result codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanResult {
+    /// `SCAN_SUCCEED`: the extent is a huge page now.
+    Succeed,
+    /// `SCAN_EXCEED_NONE_PTE`: too many unpopulated pages.
+    ExceedNonePte,
+    /// `SCAN_PMD_MAPPED`: the extent was already huge.
+    PmdMapped,
+    /// `SCAN_ALLOC_HUGE_PAGE_FAIL`: no huge page could be had.
+    AllocHugePageFail,
+    /// `SCAN_CGROUP_CHARGE_FAIL`: the ledger's limit was reached.
+    CgroupChargeFail,
+    /// `SCAN_VMA_CHECK`: the VM is stopping (the region is going away).
+    VmaCheck,
+    /// Revalidation failed: the extent changed while no lock was held (its generation moved).
+    Changed,
+    /// `SCAN_FAIL`: write-protecting, copying or remapping failed.
+    Fail,
+}
+
+/// What the collapse thread has done; shared with whoever reports metrics.
+#[derive(Debug)]
+pub struct CollapseStats {
+    /// Extents collapsed (khugepaged's `pages_collapsed`, in 2 MiB units).
+    pub pages_collapsed: AtomicU64,
+    /// Complete passes over all extents.
+    pub full_scans: AtomicU64,
+    /// Huge pages allocated.
+    pub collapse_alloc: AtomicU64,
+    /// Allocations that failed.
+    pub collapse_alloc_failed: AtomicU64,
+    /// Charges the ledger refused.
+    pub charge_failed: AtomicU64,
+    /// Revalidations that failed: the extent changed, was already huge, or the VM stopped.
+    pub revalidate_failed: AtomicU64,
+    /// ... of which because the generation moved.
+    pub revalidate_changed: AtomicU64,
+    /// Extents skipped for too many unpopulated pages.
+    pub exceed_none_pte: AtomicU64,
+    /// Write-protect, copy or remap failures.
+    pub failed: AtomicU64,
+    /// Time the write lock was held per collapse attempt that took it, in ns.
+    pub write_lock_ns: Mutex<Histogram<u64>>,
+    /// Time spent in the read phase (allocate, charge, pre-copy) per attempt, in ns.
+    pub read_phase_ns: Mutex<Histogram<u64>>,
+    /// Time spent allocating one huge page, in ns (wherever the order puts it).
+    pub alloc_ns: Mutex<Histogram<u64>>,
+}
+
+impl Default for CollapseStats {
+    fn default() -> Self {
+        CollapseStats {
+            pages_collapsed: AtomicU64::new(0),
+            full_scans: AtomicU64::new(0),
+            collapse_alloc: AtomicU64::new(0),
+            collapse_alloc_failed: AtomicU64::new(0),
+            charge_failed: AtomicU64::new(0),
+            revalidate_failed: AtomicU64::new(0),
+            revalidate_changed: AtomicU64::new(0),
+            exceed_none_pte: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            write_lock_ns: Mutex::new(latency_histogram()),
+            read_phase_ns: Mutex::new(latency_histogram()),
+            alloc_ns: Mutex::new(latency_histogram()),
+        }
+    }
+}
+
+fn record(h: &Mutex<Histogram<u64>>, d: Duration) {
+    if let Ok(mut h) = h.lock() {
+        h.saturating_record((d.as_nanos() as u64).max(1));
+    }
+}
+
+impl CollapseStats {
+    /// The `collapse` section of the metrics.
+    pub fn to_json(&self) -> Value {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let hist =
+            |h: &Mutex<Histogram<u64>>| percentiles(&h.lock().unwrap_or_else(|p| p.into_inner()));
+        json!({
+            "pages_collapsed": load(&self.pages_collapsed),
+            "full_scans": load(&self.full_scans),
+            "collapse_alloc": load(&self.collapse_alloc),
+            "collapse_alloc_failed": load(&self.collapse_alloc_failed),
+            "charge_failed": load(&self.charge_failed),
+            "revalidate_failed": load(&self.revalidate_failed),
+            "revalidate_changed": load(&self.revalidate_changed),
+            "exceed_none_pte": load(&self.exceed_none_pte),
+            "failed": load(&self.failed),
+            "write_lock_ns": hist(&self.write_lock_ns),
+            "read_phase_ns": hist(&self.read_phase_ns),
+            "alloc_ns": hist(&self.alloc_ns),
+        })
+    }
+}
+
+/// Everything a collapse touches.
+pub struct Collapser {
+    /// The memory map lock.
+    pub map: Arc<MemoryMap>,
+    /// Guest RAM (the mapping extents are replaced in).
+    pub ram: Arc<GuestRam>,
+    /// The userfaultfd guest RAM is registered with in write-protect mode.
+    pub uffd: Arc<Uffd>,
+    /// Where contents of never-populated pages come from (`None`: zeroes).
+    pub source: Option<Arc<dyn PageSource>>,
+    /// Huge pages.
+    pub allocator: Arc<dyn HugePageAllocator>,
+    /// The charge for them.
+    pub ledger: Arc<Ledger>,
+    /// Tunables.
+    pub config: CollapseConfig,
+    /// Counters.
+    pub stats: Arc<CollapseStats>,
+    /// Set when the VM is stopping; revalidation fails from then on.
+    pub stopping: Arc<AtomicBool>,
+    /// The host kernel populates pages (`--page-source kernel`): the table learns of them
+    /// from the kernel.
+    pub kernel_populates: bool,
+}
+
+/// A failure inside the commit that must not be retried: the extent may be left protected.
+#[derive(Debug, thiserror::Error)]
+#[error("collapse of extent {extent} failed while {what}")]
+pub struct CollapseError {
+    /// The extent.
+    pub extent: usize,
+    /// What it was doing.
+    pub what: &'static str,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Collapser {
+    fn host(&self, index: ExtentIndex) -> u64 {
+        self.ram.host_base().0 as u64 + index.gpa()
+    }
+
+    fn check_threshold(&self, extent: &Extent) -> Result<(), ScanResult> {
+        match extent.state() {
+            ExtentState::Huge => Err(ScanResult::PmdMapped),
+            ExtentState::Unpopulated => Err(ScanResult::ExceedNonePte),
+            ExtentState::Small { populated } => {
+                if PAGES_PER_EXTENT as u32 - populated > self.config.max_ptes_none {
+                    Err(ScanResult::ExceedNonePte)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Allocates and charges one huge page, timing the allocation.
+    fn alloc_and_charge(&self) -> Result<HugePage, ScanResult> {
+        let start = Instant::now();
+        let page = self.allocator.alloc();
+        record(&self.stats.alloc_ns, start.elapsed());
+        let page = page.map_err(|e| {
+            log::debug!("huge page allocation failed: {e}");
+            self.stats
+                .collapse_alloc_failed
+                .fetch_add(1, Ordering::Relaxed);
+            ScanResult::AllocHugePageFail
+        })?;
+        self.stats.collapse_alloc.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.ledger.charge(EXTENT_SIZE) {
+            log::debug!("{e}");
+            self.stats.charge_failed.fetch_add(1, Ordering::Relaxed);
+            return Err(ScanResult::CgroupChargeFail);
+        }
+        Ok(page)
+    }
+
+    /// Gives a page back: uncharge, then drop (unmap, or return to the hugetlb pool).
+    fn give_back(&self, page: HugePage) {
+        self.ledger.uncharge(EXTENT_SIZE);
+        drop(page);
+    }
+
+    /// Write-protects the extent and starts recording the guest's writes to it.
+    fn protect_and_track(&self, index: ExtentIndex, extent: &Extent) -> Result<(), CollapseError> {
+        extent.start_tracking();
+        self.uffd
+            .write_protect(self.host(index), EXTENT_SIZE, true, false)
+            .map_err(|source| {
+                extent.stop_tracking();
+                CollapseError {
+                    extent: index.0,
+                    what: "write-protecting it",
+                    source,
+                }
+            })
+    }
+
+    /// Stops tracking and lifts the protection, waking any writer.
+    fn unprotect(&self, index: ExtentIndex, extent: &Extent) -> Result<(), CollapseError> {
+        extent.stop_tracking();
+        self.uffd
+            .write_protect(self.host(index), EXTENT_SIZE, false, true)
+            .map_err(|source| CollapseError {
+                extent: index.0,
+                what: "lifting write protection",
+                source,
+            })
+    }
+
+    /// Copies `pages` of the extent from guest RAM into `page`.
+    fn copy_pages(
+        &self,
+        index: ExtentIndex,
+        page: &mut HugePage,
+        pages: impl Iterator<Item = usize>,
+    ) {
+        let src = self.host(index) as *const u8;
+        let dst = page.bytes_mut();
+        for p in pages {
+            let off = p * PAGE_SIZE as usize;
+            // SAFETY: `src + off` is a populated page of this extent of guest RAM, which is
+            // mapped for the VM's whole life; the guest cannot write it (write-protected).
+            let from = unsafe { std::slice::from_raw_parts(src.add(off), PAGE_SIZE as usize) };
+            dst[off..off + PAGE_SIZE as usize].copy_from_slice(from);
+        }
+    }
+
+    /// Fills the never-populated pages from the page source (they are zero already when there
+    /// is none). Runs outside the write lock: the source may do I/O and allocate.
+    fn fill_unpopulated(
+        &self,
+        index: ExtentIndex,
+        extent: &Extent,
+        page: &mut HugePage,
+    ) -> Result<(), ScanResult> {
+        let Some(source) = &self.source else {
+            return Ok(());
+        };
+        let dst = page.bytes_mut();
+        for p in (0..PAGES_PER_EXTENT).filter(|&p| !extent.is_populated(p)) {
+            let off = p * PAGE_SIZE as usize;
+            let gpa = index.gpa() + off as u64;
+            match source.fill(gpa, &mut dst[off..off + PAGE_SIZE as usize]) {
+                Ok(Fill::Data) => {}
+                Ok(Fill::Zero) => dst[off..off + PAGE_SIZE as usize].fill(0),
+                Err(e) => {
+                    log::warn!("collapse: the page source failed at {gpa:#x}: {e}");
+                    return Err(ScanResult::Fail);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Protects the extent, then copies every page the kernel has present. Asking the kernel
+    /// (not the table) after protecting is what makes the copy complete: a page that becomes
+    /// present later can only do so through a fault the handler records as dirty, while the
+    /// table may lag behind the kernel (with `--page-source kernel` the kernel populates
+    /// pages without telling anyone).
+    fn protect_and_copy(
+        &self,
+        index: ExtentIndex,
+        extent: &Extent,
+        page: &mut HugePage,
+    ) -> Result<(), ScanResult> {
+        if let Err(e) = self.protect_and_track(index, extent) {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            crate::log_ratelimited!(log::Level::Warn, "{e}: {}", e.source);
+            return Err(ScanResult::Fail);
+        }
+        let present = match kernel::present_pages(self.host(index), EXTENT_SIZE) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                crate::log_ratelimited!(log::Level::Warn, "collapse: reading present pages: {e}");
+                return Err(ScanResult::Fail);
+            }
+        };
+        if self.kernel_populates {
+            extent.sync_pages(|p| present[p]);
+        }
+        self.copy_pages(index, page, (0..PAGES_PER_EXTENT).filter(|&p| present[p]));
+        self.fill_unpopulated(index, extent, page)
+    }
+
+    /// The read phase shared by `prealloc` and `unlocked`: protect, track, copy, fill the rest.
+    /// Returns the generation to revalidate against.
+    fn precopy(
+        &self,
+        index: ExtentIndex,
+        extent: &Extent,
+        page: &mut HugePage,
+    ) -> Result<u64, ScanResult> {
+        self.protect_and_copy(index, extent, page)?;
+        Ok(extent.generation())
+    }
+
+    /// Collapses extent `index`. Takes the read guard by value and returns with every lock
+    /// released, whatever happens.
+    pub fn collapse(
+        &self,
+        guard: RwLockReadGuard<'_, ExtentTable>,
+        index: ExtentIndex,
+    ) -> Result<ScanResult, CollapseError> {
+        match self.config.order {
+            CollapseOrder::Prealloc => self.collapse_prealloc(guard, index),
+            CollapseOrder::Unlocked => self.collapse_unlocked(guard, index),
+            CollapseOrder::Legacy => self.collapse_legacy(guard, index),
+        }
+    }
+
+    fn collapse_prealloc(
+        &self,
+        guard: RwLockReadGuard<'_, ExtentTable>,
+        index: ExtentIndex,
+    ) -> Result<ScanResult, CollapseError> {
+        let start = Instant::now();
+        let extent = guard.get(index).expect("index inside the table");
+        if let Err(r) = self.check_threshold(extent) {
+            return Ok(r);
+        }
+        // [read] allocate and charge: a slow allocation stalls no fault and no I/O.
+        let mut page = match self.alloc_and_charge() {
+            Ok(p) => p,
+            Err(r) => return Ok(r),
+        };
+        // [read] copy while the guest runs, recording what it writes meanwhile.
+        let generation = match self.precopy(index, extent, &mut page) {
+            Ok(g) => g,
+            Err(r) => {
+                let unprotected = self.unprotect(index, extent);
+                drop(guard);
+                self.give_back(page);
+                unprotected?;
+                return Ok(r);
+            }
+        };
+        drop(guard);
+        record(&self.stats.read_phase_ns, start.elapsed());
+        self.commit(index, page, generation)
+    }
+
+    fn collapse_unlocked(
+        &self,
+        guard: RwLockReadGuard<'_, ExtentTable>,
+        index: ExtentIndex,
+    ) -> Result<ScanResult, CollapseError> {
+        let start = Instant::now();
+        if let Err(r) = self.check_threshold(guard.get(index).expect("index inside the table")) {
+            return Ok(r);
+        }
+        drop(guard);
+        // [no lock] allocate and charge.
+        let mut page = match self.alloc_and_charge() {
+            Ok(p) => p,
+            Err(r) => return Ok(r),
+        };
+        // [read] revalidate what was checked unlocked, then copy as `prealloc` does.
+        let guard = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let extent = guard.get(index).expect("index inside the table");
+        if let Err(r) = self.check_threshold(extent) {
+            drop(guard);
+            self.give_back(page);
+            return Ok(self.revalidation_failed(r));
+        }
+        let generation = match self.precopy(index, extent, &mut page) {
+            Ok(g) => g,
+            Err(r) => {
+                let unprotected = self.unprotect(index, extent);
+                drop(guard);
+                self.give_back(page);
+                unprotected?;
+                return Ok(r);
+            }
+        };
+        drop(guard);
+        record(&self.stats.read_phase_ns, start.elapsed());
+        self.commit(index, page, generation)
+    }
+
+    fn collapse_legacy(
+        &self,
+        guard: RwLockReadGuard<'_, ExtentTable>,
+        index: ExtentIndex,
+    ) -> Result<ScanResult, CollapseError> {
+        let start = Instant::now();
+        let extent = guard.get(index).expect("index inside the table");
+        if let Err(r) = self.check_threshold(extent) {
+            return Ok(r);
+        }
+        let generation = extent.generation();
+        drop(guard);
+        record(&self.stats.read_phase_ns, start.elapsed());
+
+        // [write] everything from here on, allocation included: the order before the seed.
+        let mut table = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let locked = Instant::now();
+        let result = (|| {
+            let extent = table.get(index).expect("index inside the table");
+            if let Err(r) = self.revalidate(extent, generation) {
+                return Ok(r);
+            }
+            let mut page = match self.alloc_and_charge() {
+                Ok(p) => p,
+                Err(r) => return Ok(r),
+            };
+            if let Err(r) = self.protect_and_copy(index, extent, &mut page) {
+                let unprotected = self.unprotect(index, extent);
+                self.give_back(page);
+                unprotected?;
+                return Ok(r);
+            }
+            self.remap(&mut table, index, page)
+        })();
+        drop(table);
+        record(&self.stats.write_lock_ns, locked.elapsed());
+        self.wake(index);
+        result
+    }
+
+    /// Revalidates an extent under the write lock.
+    fn revalidate(&self, extent: &Extent, generation: u64) -> Result<(), ScanResult> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(self.revalidation_failed(ScanResult::VmaCheck));
+        }
+        if extent.generation() != generation {
+            self.stats
+                .revalidate_changed
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(self.revalidation_failed(ScanResult::Changed));
+        }
+        self.check_threshold(extent)
+            .map_err(|r| self.revalidation_failed(r))
+    }
+
+    fn revalidation_failed(&self, r: ScanResult) -> ScanResult {
+        self.stats.revalidate_failed.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    /// The write phase of `prealloc` and `unlocked`: revalidate, protect again, copy what the
+    /// guest wrote since the pre-copy, move the huge page in.
+    fn commit(
+        &self,
+        index: ExtentIndex,
+        mut page: HugePage,
+        generation: u64,
+    ) -> Result<ScanResult, CollapseError> {
+        let mut table = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let locked = Instant::now();
+        let extent = table.get(index).expect("index inside the table");
+        let result = match self.revalidate(extent, generation) {
+            Err(r) => {
+                let unprotected = self.unprotect(index, extent);
+                self.give_back(page);
+                unprotected.map(|()| r)
+            }
+            Ok(()) => {
+                // Pages unprotected by the handler since the pre-copy are protected again,
+                // so the copy below is final.
+                match self
+                    .uffd
+                    .write_protect(self.host(index), EXTENT_SIZE, true, false)
+                {
+                    Err(source) => {
+                        let unprotected = self.unprotect(index, extent);
+                        self.give_back(page);
+                        unprotected?;
+                        Err(CollapseError {
+                            extent: index.0,
+                            what: "protecting it again",
+                            source,
+                        })
+                    }
+                    Ok(()) => {
+                        let dirty: Vec<usize> = extent.dirty_pages().collect();
+                        self.copy_pages(index, &mut page, dirty.into_iter());
+                        self.remap(&mut table, index, page)
+                    }
+                }
+            }
+        };
+        drop(table);
+        record(&self.stats.write_lock_ns, locked.elapsed());
+        self.wake(index);
+        result
+    }
+
+    /// Moves the huge page over the extent (write lock held, extent protected and copied).
+    fn remap(
+        &self,
+        table: &mut ExtentTable,
+        index: ExtentIndex,
+        page: HugePage,
+    ) -> Result<ScanResult, CollapseError> {
+        let dst = self.host(index);
+        // SAFETY: `page` is a 2 MiB mapping we own; `dst` is a 2 MiB-aligned extent of guest
+        // RAM, which stays mapped for the VM's life and whose memslot KVM keeps in sync through
+        // its MMU notifier. The write lock is held and the extent is write-protected, so no
+        // reader of extent state and no guest write can observe the switch half-done.
+        let moved = unsafe {
+            libc::mremap(
+                page.addr() as *mut libc::c_void,
+                EXTENT_SIZE as usize,
+                EXTENT_SIZE as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dst as *mut libc::c_void,
+            )
+        };
+        let extent = table.get_mut(index).expect("index inside the table");
+        if moved == libc::MAP_FAILED {
+            let source = std::io::Error::last_os_error();
+            let unprotected = self.unprotect(index, extent);
+            self.give_back(page);
+            unprotected?;
+            log::warn!("collapse: mremap of extent {} failed: {source}", index.0);
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            return Ok(ScanResult::Fail);
+        }
+        page.into_guest();
+        extent.set_huge();
+        self.stats.pages_collapsed.fetch_add(1, Ordering::Relaxed);
+        Ok(ScanResult::Succeed)
+    }
+
+    /// Wakes writers that faulted on the extent's old mapping; they retry on the new one.
+    fn wake(&self, index: ExtentIndex) {
+        let _ = self.uffd.wake(self.host(index), EXTENT_SIZE);
+    }
+}
+
+/// The collapse thread.
+pub struct CollapseThread {
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl CollapseThread {
+    /// Starts khugepaged's loop over `collapser`'s extents. `sync` brings an extent's
+    /// populated pages up to date before it is looked at (the host kernel populates them with
+    /// `--page-source kernel`); `on_fatal` is called if the thread cannot go on.
+    pub fn start(
+        collapser: Collapser,
+        sync: Box<dyn Fn(ExtentIndex) + Send>,
+        on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> std::io::Result<CollapseThread> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopping = collapser.stopping.clone();
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("collapser".into())
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    scan_loop(&collapser, &*sync, &thread_stop)
+                }));
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => on_fatal(format!("the collapse thread stopped: {e}")),
+                    Err(_) => on_fatal("the collapse thread panicked".into()),
+                }
+            })?;
+        Ok(CollapseThread {
+            thread: Some(thread),
+            stop,
+            stopping,
+        })
+    }
+
+    /// Stops the thread and waits for it (any collapse in progress completes or fails cleanly).
+    pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        let (lock, cond) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cond.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for CollapseThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sleeps for `d` or until stopped; returns true if stopped.
+fn sleep_or_stop(stop: &(Mutex<bool>, Condvar), d: Duration) -> bool {
+    let (lock, cond) = stop;
+    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let (guard, _) = cond
+        .wait_timeout_while(guard, d, |stopped| !*stopped)
+        .unwrap_or_else(|p| p.into_inner());
+    *guard
+}
+
+/// khugepaged's loop: scan a batch of extents, sleep, back off after allocation failures.
+fn scan_loop(
+    c: &Collapser,
+    sync: &dyn Fn(ExtentIndex),
+    stop: &(Mutex<bool>, Condvar),
+) -> Result<(), CollapseError> {
+    let extents = c.map.read().unwrap_or_else(|p| p.into_inner()).len();
+    let batch = (c.config.pages_to_scan / PAGES_PER_EXTENT as u64).max(1) as usize;
+    let mut cursor = 0;
+    loop {
+        let mut back_off = false;
+        for _ in 0..batch {
+            if *stop.0.lock().unwrap_or_else(|p| p.into_inner()) {
+                return Ok(());
+            }
+            let index = ExtentIndex(cursor);
+            cursor = (cursor + 1) % extents;
+            if cursor == 0 {
+                c.stats.full_scans.fetch_add(1, Ordering::Relaxed);
+            }
+            sync(index);
+            let guard = c.map.read().unwrap_or_else(|p| p.into_inner());
+            match guard.get(index).map(Extent::state) {
+                Some(ExtentState::Small { .. }) => {}
+                _ => continue,
+            }
+            match c.collapse(guard, index)? {
+                ScanResult::AllocHugePageFail | ScanResult::CgroupChargeFail => {
+                    back_off = true;
+                    break;
+                }
+                ScanResult::ExceedNonePte => {
+                    c.stats.exceed_none_pte.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        let sleep = if back_off {
+            c.config.alloc_sleep
+        } else {
+            c.config.scan_sleep
+        };
+        if sleep_or_stop(stop, sleep) {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The huge page pool: 2 MiB host pages for the collapse thread, zeroed and populated before
+//! they are handed out.
+//!
+//! Pages come from the hugetlb pool when it has pages (`--huge-source auto|hugetlb`), else
+//! from THP: 2 MiB-aligned anonymous memory with `MADV_HUGEPAGE`, populated, then *verified*
+//! to be mapped huge (`PAGEMAP_SCAN`), since the kernel may silently fall back to 4 KiB pages;
+//! such a page is never handed out. A refill thread keeps a few pages ready ahead of demand so
+//! that taking one costs nothing; when none is ready, `alloc` allocates on the spot (that is
+//! the slow path the seed commit moved out of the write lock).
+
+use std::collections::VecDeque;
+use std::io;
+use std::ptr::NonNull;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use guest_abi::layout::EXTENT_SIZE;
+
+use super::kernel;
+
+/// Where huge pages come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugeSource {
+    /// hugetlb while the pool has free pages, else THP.
+    Auto,
+    /// hugetlb only.
+    Hugetlb,
+    /// THP only.
+    Thp,
+}
+
+impl FromStr for HugeSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(HugeSource::Auto),
+            "hugetlb" => Ok(HugeSource::Hugetlb),
+            "thp" => Ok(HugeSource::Thp),
+            _ => Err(format!(
+                "invalid huge-page source {s:?}: expected auto, hugetlb or thp"
+            )),
+        }
+    }
+}
+
+/// What kind of host page a [`HugePage`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PageKind {
+    /// From the hugetlb pool.
+    Hugetlb,
+    /// A transparent huge page.
+    Thp,
+}
+
+/// Why no huge page could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    /// The kernel had no page to give.
+    #[error("no {kind:?} huge page available")]
+    Exhausted {
+        /// The kind asked for.
+        kind: PageKind,
+        /// The mmap or madvise error.
+        #[source]
+        source: io::Error,
+    },
+    /// THP gave 4 KiB pages instead of a huge one.
+    #[error("the kernel backed a THP allocation with 4 KiB pages (fragmented memory?)")]
+    NotHuge,
+    /// An injected allocator gave up (tests).
+    #[error("allocation gave up: {0}")]
+    GaveUp(String),
+}
+
+/// One zeroed, populated 2 MiB host page, mapped at its own 2 MiB-aligned address. Unmapped
+/// on drop unless [`HugePage::into_guest`] moved it into guest RAM.
+#[derive(Debug)]
+pub struct HugePage {
+    addr: NonNull<u8>,
+    kind: PageKind,
+}
+
+// SAFETY: the page is plain memory owned by this value.
+unsafe impl Send for HugePage {}
+
+impl HugePage {
+    /// The page's host address.
+    pub fn addr(&self) -> u64 {
+        self.addr.as_ptr() as u64
+    }
+
+    /// The page as a mutable byte slice, for copying guest data in before it is mapped.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: we own the 2 MiB mapping and hand out one exclusive borrow of it.
+        unsafe { std::slice::from_raw_parts_mut(self.addr.as_ptr(), EXTENT_SIZE as usize) }
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> PageKind {
+        self.kind
+    }
+
+    /// Gives up ownership after `mremap` moved the mapping into guest RAM: guest RAM now owns
+    /// it and unmaps it with the rest of RAM.
+    pub fn into_guest(self) -> PageKind {
+        let kind = self.kind;
+        std::mem::forget(self);
+        kind
+    }
+}
+
+impl Drop for HugePage {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; nothing else refers to it.
+        unsafe { libc::munmap(self.addr.as_ptr().cast(), EXTENT_SIZE as usize) };
+    }
+}
+
+/// Hands out huge pages. The collapse thread's only way to get one, so tests can inject an
+/// allocator that blocks or fails.
+pub trait HugePageAllocator: Send + Sync {
+    /// One zeroed, populated huge page.
+    fn alloc(&self) -> Result<HugePage, AllocError>;
+}
+
+fn map_anonymous(len: usize, flags: libc::c_int) -> io::Result<NonNull<u8>> {
+    // SAFETY: a fresh private anonymous mapping at a kernel-chosen address.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(NonNull::new(p.cast()).expect("mmap never returns null on success"))
+}
+
+fn madvise(page: &HugePage, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: advice on a mapping we own; it changes no contents we rely on (populating
+    // fills zeroes, collapsing keeps contents).
+    if unsafe { libc::madvise(page.addr.as_ptr().cast(), EXTENT_SIZE as usize, advice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Allocates and populates one hugetlb page now.
+pub fn alloc_hugetlb() -> Result<HugePage, AllocError> {
+    let exhausted = |source| AllocError::Exhausted {
+        kind: PageKind::Hugetlb,
+        source,
+    };
+    let addr = map_anonymous(EXTENT_SIZE as usize, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB)
+        .map_err(exhausted)?;
+    let page = HugePage {
+        addr,
+        kind: PageKind::Hugetlb,
+    };
+    madvise(&page, libc::MADV_POPULATE_WRITE).map_err(exhausted)?;
+    Ok(page)
+}
+
+/// Allocates one THP now, populated and verified to be mapped huge.
+pub fn alloc_thp() -> Result<HugePage, AllocError> {
+    let exhausted = |source| AllocError::Exhausted {
+        kind: PageKind::Thp,
+        source,
+    };
+    let len = 2 * EXTENT_SIZE as usize;
+    let raw = map_anonymous(len, libc::MAP_NORESERVE).map_err(exhausted)?;
+    let start = raw.as_ptr() as usize;
+    let aligned = start.next_multiple_of(EXTENT_SIZE as usize);
+    // SAFETY: both pieces lie inside the mapping we just made and are unused.
+    unsafe {
+        if aligned > start {
+            libc::munmap(raw.as_ptr().cast(), aligned - start);
+        }
+        let tail = aligned + EXTENT_SIZE as usize;
+        if start + len > tail {
+            libc::munmap(tail as *mut libc::c_void, start + len - tail);
+        }
+    }
+    let page = HugePage {
+        addr: NonNull::new(aligned as *mut u8).expect("inside a mapping"),
+        kind: PageKind::Thp,
+    };
+    madvise(&page, libc::MADV_HUGEPAGE).map_err(exhausted)?;
+    madvise(&page, libc::MADV_POPULATE_WRITE).map_err(exhausted)?;
+    if !is_mapped_huge(&page) {
+        // One more try: ask the kernel to collapse it in place.
+        let _ = madvise(&page, libc::MADV_COLLAPSE);
+        if !is_mapped_huge(&page) {
+            return Err(AllocError::NotHuge);
+        }
+    }
+    Ok(page)
+}
+
+fn is_mapped_huge(page: &HugePage) -> bool {
+    let start = page.addr();
+    match kernel::scan(start, start + EXTENT_SIZE, kernel::PAGE_IS_HUGE) {
+        Ok(Some(ranges)) => ranges
+            .iter()
+            .any(|r| r.start <= start && start + EXTENT_SIZE <= r.end),
+        // Without PAGEMAP_SCAN, the VMA's own smaps line says.
+        _ => kernel::smaps_totals(start, start + EXTENT_SIZE)
+            .is_ok_and(|t| t.anon_huge_kb == EXTENT_SIZE >> 10),
+    }
+}
+
+/// Counters of the pool.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// hugetlb pages allocated.
+    pub hugetlb: AtomicU64,
+    /// THPs allocated (verified huge).
+    pub thp: AtomicU64,
+    /// THP allocations refused because the kernel gave 4 KiB pages.
+    pub thp_not_huge: AtomicU64,
+    /// Allocations that failed.
+    pub failed: AtomicU64,
+    /// Pages handed out from the ready queue.
+    pub from_ready: AtomicU64,
+    /// Pages allocated on the spot because none was ready.
+    pub on_demand: AtomicU64,
+}
+
+struct PoolInner {
+    source: HugeSource,
+    ahead: usize,
+    ready: Mutex<VecDeque<HugePage>>,
+    wanted: Condvar,
+    stop: AtomicBool,
+    stats: PoolStats,
+}
+
+impl PoolInner {
+    fn allocate(&self) -> Result<HugePage, AllocError> {
+        let result = match self.source {
+            HugeSource::Hugetlb => alloc_hugetlb(),
+            HugeSource::Thp => alloc_thp(),
+            HugeSource::Auto => alloc_hugetlb().or_else(|_| alloc_thp()),
+        };
+        match &result {
+            Ok(p) if p.kind == PageKind::Hugetlb => {
+                self.stats.hugetlb.fetch_add(1, Ordering::Relaxed)
+            }
+            Ok(_) => self.stats.thp.fetch_add(1, Ordering::Relaxed),
+            Err(AllocError::NotHuge) => {
+                self.stats.thp_not_huge.fetch_add(1, Ordering::Relaxed);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed)
+            }
+            Err(_) => self.stats.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    fn refill(&self) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if ready.len() >= self.ahead {
+                ready = self.wanted.wait(ready).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            drop(ready);
+            let page = self.allocate();
+            ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+            match page {
+                Ok(page) => ready.push_back(page),
+                // Nothing to be had now: wait for the next request instead of spinning.
+                Err(_) => {
+                    let (guard, _) = self
+                        .wanted
+                        .wait_timeout(ready, std::time::Duration::from_millis(100))
+                        .unwrap_or_else(|p| p.into_inner());
+                    ready = guard;
+                }
+            }
+        }
+    }
+}
+
+/// The huge page pool with its refill thread.
+pub struct HugePagePool {
+    inner: Arc<PoolInner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HugePagePool {
+    /// A pool of pages from `source` that keeps `ahead` pages ready (0: allocate on demand).
+    pub fn new(source: HugeSource, ahead: usize) -> io::Result<Self> {
+        let inner = Arc::new(PoolInner {
+            source,
+            ahead,
+            ready: Mutex::new(VecDeque::new()),
+            wanted: Condvar::new(),
+            stop: AtomicBool::new(false),
+            stats: PoolStats::default(),
+        });
+        let thread = if ahead > 0 {
+            let refill = inner.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("huge-refill".into())
+                    .spawn(move || refill.refill())?,
+            )
+        } else {
+            None
+        };
+        Ok(HugePagePool { inner, thread })
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> &PoolStats {
+        &self.inner.stats
+    }
+
+    /// Pages ready right now.
+    pub fn ready(&self) -> usize {
+        self.inner.ready.lock().map_or(0, |r| r.len())
+    }
+
+    /// Stops the refill thread and unmaps every ready page.
+    pub fn shutdown(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        self.inner.wanted.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.inner
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+impl HugePageAllocator for HugePagePool {
+    fn alloc(&self) -> Result<HugePage, AllocError> {
+        let ready = self
+            .inner
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        self.inner.wanted.notify_one();
+        match ready {
+            Some(page) => {
+                self.inner.stats.from_ready.fetch_add(1, Ordering::Relaxed);
+                Ok(page)
+            }
+            None => {
+                self.inner.stats.on_demand.fetch_add(1, Ordering::Relaxed);
+                self.inner.allocate()
+            }
+        }
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thp_pages_are_verified_huge_and_zeroed() {
+        let mut page = match alloc_thp() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("SKIP: no THP here: {e}");
+                return;
+            }
+        };
+        assert_eq!(page.addr() % EXTENT_SIZE, 0);
+        assert!(is_mapped_huge(&page));
+        assert!(page.bytes_mut().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pool_keeps_pages_ready_and_frees_them() {
+        let mut pool = HugePagePool::new(HugeSource::Thp, 2).unwrap();
+        for _ in 0..200 {
+            if pool.ready() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let Ok(page) = pool.alloc() else { return };
+        assert_eq!(page.kind(), PageKind::Thp);
+        assert!(
+            pool.stats().from_ready.load(Ordering::Relaxed)
+                + pool.stats().on_demand.load(Ordering::Relaxed)
+                == 1
+        );
+        pool.shutdown();
+        assert_eq!(pool.ready(), 0);
+    }
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!("auto".parse(), Ok(HugeSource::Auto));
+        assert!(
+            "big"
+                .parse::<HugeSource>()
+                .unwrap_err()
+                .contains("auto, hugetlb or thp")
+        );
+    }
+}
