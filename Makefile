@@ -9,9 +9,11 @@ all: build
 build:
 	$(CARGO) build --release --bins
 
-# Build everything and run the demo guest on the embedded default.
+# Build everything and run the demo: hello, then a guest that keeps writing its memory while
+# the collapse thread promotes it to 2 MiB pages (the summary says how much).
 run: build
 	$(VMM) run --guest hello --vcpus 2 --memory 64M
+	$(VMM) run --guest verify --vcpus 2 --memory 64M --arg mode=stress --arg passes=3
 
 # The whole suite: formatting, lints (host and guest code), unit and integration tests.
 test:

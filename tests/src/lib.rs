@@ -256,3 +256,54 @@ pub fn hugetlb_available(test: &str, pages: u64) -> bool {
 pub fn report_sum(stdout: &str, key: &str) -> u64 {
     reports(stdout, key).iter().map(|(_, v)| v).sum()
 }
+
+/// Splits a command line written as one string (no quoting: test paths have no spaces).
+pub fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// Serializes tests that use the hugetlb pool, so one test's pages do not starve another's.
+pub fn hugetlb_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Holds `pages` hugetlb pages (mapped and touched) until dropped, to shrink the free pool.
+pub struct HugetlbHog {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl HugetlbHog {
+    /// Takes `pages` free pages, or `None` if the pool has fewer.
+    pub fn take(pages: u64) -> Option<HugetlbHog> {
+        if pages == 0 {
+            return Some(HugetlbHog {
+                addr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        let len = (pages << 21) as usize;
+        // SAFETY: a fresh private hugetlb mapping owned by the returned value.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        (addr != libc::MAP_FAILED).then_some(HugetlbHog { addr, len })
+    }
+}
+
+impl Drop for HugetlbHog {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: our own mapping.
+            unsafe { libc::munmap(self.addr, self.len) };
+        }
+    }
+}

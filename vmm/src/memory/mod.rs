@@ -323,6 +323,7 @@ impl Memory {
                 stats: self.collapse_stats.clone(),
                 stopping: Arc::new(AtomicBool::new(false)),
                 kernel_populates: !missing,
+                before_commit: None,
             };
             let sync: Box<dyn Fn(ExtentIndex) + Send> = if missing {
                 Box::new(|_| {})
@@ -575,4 +576,72 @@ fn mark_huge_extents(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pool::HugeSource;
+    use std::time::{Duration, Instant};
+
+    /// Runs the collapse thread over 8 MiB of written memory (no VM) until every extent is
+    /// huge, then tears down. Returns (teardown, hugetlb free before).
+    fn collapse_everything(huge_source: HugeSource) -> Option<(Teardown, u64, u64)> {
+        let free_before = kernel::hugetlb_pool().free;
+        let mut config = MemoryConfig::small(8 << 20);
+        config.collapse = Some(CollapseConfig::default());
+        config.huge_source = huge_source;
+        let mut memory = Memory::new(config).unwrap();
+        for gpa in (0..8u64 << 20).step_by(PAGE_SIZE as usize) {
+            memory
+                .ram()
+                .view()
+                .write_obj(gpa ^ 0x5a5a, GuestAddress(gpa))
+                .unwrap();
+        }
+        if let Err(e) = memory.start(Arc::new(|what| panic!("{what}"))) {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while memory.counts().unwrap().huge < 4 {
+            assert!(
+                Instant::now() < deadline,
+                "the collapse thread did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        memory.stop_collapse();
+        for gpa in (0..8u64 << 20).step_by(PAGE_SIZE as usize) {
+            assert_eq!(
+                memory
+                    .ram()
+                    .view()
+                    .read_obj::<u64>(GuestAddress(gpa))
+                    .unwrap(),
+                gpa ^ 0x5a5a
+            );
+        }
+        let charged = memory.ledger().charged();
+        assert_eq!(charged, 8 << 20);
+        Some((memory.teardown(), free_before, charged))
+    }
+
+    #[test]
+    fn teardown_uncharges_everything_and_returns_hugetlb_pages() {
+        if let Some((t, _, _)) = collapse_everything(HugeSource::Thp) {
+            assert_eq!(t.ledger_charged_bytes, 0);
+        }
+        if kernel::hugetlb_pool().free < 8 {
+            eprintln!("SKIP: the hugetlb half needs 8 free 2 MiB pages");
+            return;
+        }
+        if let Some((t, free_before, _)) = collapse_everything(HugeSource::Hugetlb) {
+            assert_eq!(t.ledger_charged_bytes, 0);
+            assert_eq!(
+                t.hugetlb_free_pages, free_before,
+                "every hugetlb page went back"
+            );
+        }
+    }
 }
