@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VMM := target/release/vmm
 
-.PHONY: all build run test lint fmt clean guests
+.PHONY: all build run test bench fmt clean
 
 all: build
 
@@ -23,6 +23,16 @@ test:
 	cd guest/programs && $(CARGO) clippy --release --target-dir ../../target/guest -- -D warnings
 	$(CARGO) build --bins
 	$(CARGO) test --workspace
+
+# The default benchmark set, sized to finish in a few minutes on a nested KVM host.
+bench: build
+	mkdir -p target/bench
+	$(VMM) bench faults --vcpus 1 --mem-per-vcpu 64M --repeat 3 --pin-cpus 0 \
+		--json target/bench/faults-pinned.json --plot target/bench/faults-pinned.svg
+	$(VMM) bench faults --vcpus 2 --mem-per-vcpu 32M --repeat 3 \
+		--json target/bench/faults.json --plot target/bench/faults.svg
+	$(VMM) bench collapse --vcpus 1 --memory 128M --passes 16 \
+		--json target/bench/collapse.json --plot target/bench/collapse.svg
 
 fmt:
 	$(CARGO) fmt --all

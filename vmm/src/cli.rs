@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::bench::collapse::Variant;
+use crate::bench::faults::Mode;
 use crate::config::{ByteSize, GuestArg, VmConfig};
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
 use crate::memory::pool::HugeSource;
@@ -26,6 +28,86 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// List the built-in guest programs and their arguments.
     Guests,
+    /// Benchmarks: guest demand paging, huge-page collapse.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `vmm bench`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Guest demand paging rate per way of resolving faults (demand_paging_test's model).
+    Faults(FaultsArgs),
+    /// Collapse of guest memory to 2 MiB pages while guests write, per lock order and peer.
+    Collapse(CollapseArgs),
+}
+
+/// Outputs every benchmark takes.
+#[derive(Debug, clap::Args)]
+pub struct BenchOutput {
+    /// Write every figure as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Draw an SVG plot here.
+    #[arg(long, value_name = "PATH.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+/// `vmm bench faults`.
+#[derive(Debug, clap::Args)]
+pub struct FaultsArgs {
+    /// vCPUs, each touching its own memory.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Memory each vCPU touches (a multiple of 2 MiB).
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    pub mem_per_vcpu: ByteSize,
+    /// write or read.
+    #[arg(long, default_value = "write", value_parser = ["write", "read"])]
+    pub access: String,
+    /// seq or random.
+    #[arg(long, default_value = "seq", value_parser = ["seq", "random"])]
+    pub pattern: String,
+    /// Comma-separated modes (default: all the host supports): kernel-4k, kernel-thp, hugetlb,
+    /// uffd-zero, uffd-image, uffd-zero-2m, uffd-image-2m.
+    #[arg(long, value_delimiter = ',', value_name = "MODE,...")]
+    pub modes: Vec<Mode>,
+    /// Rounds, modes interleaved (A B C A B C ...); medians are reported.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub repeat: u32,
+    /// Pin the whole benchmark (vCPU and fault-handler threads) to these host CPUs, such as
+    /// `0` (default: no pinning). With one vCPU and one CPU, a fault's wake-ups stay on one
+    /// core, which on nested hosts is most of a userfaultfd round trip.
+    #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
+    pub pin_cpus: Vec<usize>,
+    /// Outputs.
+    #[command(flatten)]
+    pub output: BenchOutput,
+}
+
+/// `vmm bench collapse`.
+#[derive(Debug, clap::Args)]
+pub struct CollapseArgs {
+    /// vCPUs writing their memory.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Guest RAM.
+    #[arg(long, default_value = "64M", value_name = "SIZE")]
+    pub memory: ByteSize,
+    /// Stress passes of the writing guest (the run must outlast the collapse).
+    #[arg(long, default_value_t = 12, value_name = "N")]
+    pub passes: u64,
+    /// Comma-separated variants (default: all): prealloc, legacy, unlocked, khugepaged,
+    /// madv-collapse.
+    #[arg(long, value_delimiter = ',', value_name = "VARIANT,...")]
+    pub variants: Vec<Variant>,
+    /// Huge pages kept ready ahead of demand for this VMM's variants (0: every collapse
+    /// allocates and zeroes its page, so the lock orders differ where it matters).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub huge_pool_ahead: usize,
+    /// Outputs.
+    #[command(flatten)]
+    pub output: BenchOutput,
 }
 
 /// `vmm run`.
@@ -153,6 +235,8 @@ impl RunArgs {
             huge_source: self.huge_source,
             huge_limit: self.huge_limit,
             pool_ahead: self.huge_pool_ahead,
+            populate: true,
+            thp_eligible: false,
         })
     }
 }

@@ -111,6 +111,10 @@ pub struct VmConfig {
     pub huge_limit: Option<ByteSize>,
     /// Huge pages kept ready ahead of demand.
     pub pool_ahead: usize,
+    /// Populate huge-backed RAM up front (benchmarks turn it off to measure faulting).
+    pub populate: bool,
+    /// Let the host kernel's THP machinery work on 4 KiB-backed RAM (benchmarks).
+    pub thp_eligible: bool,
 }
 
 impl Default for VmConfig {
@@ -133,6 +137,8 @@ impl Default for VmConfig {
             huge_source: HugeSource::Auto,
             huge_limit: None,
             pool_ahead: 2,
+            populate: true,
+            thp_eligible: false,
         }
     }
 }
@@ -302,6 +308,8 @@ impl VmConfig {
             huge_source: self.huge_source,
             huge_limit: self.huge_limit.map_or(self.memory.0, |l| l.0),
             pool_ahead: self.pool_ahead,
+            populate: self.populate,
+            thp_eligible: self.thp_eligible,
         }
     }
 }

@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::cli::{Cli, Command};
+use vmm::bench::collapse::{self, CollapseBenchConfig};
+use vmm::bench::faults::{self, FaultsConfig};
+use vmm::bench::{self, BenchError, plot};
+use vmm::cli::{BenchCommand, Cli, Command};
 use vmm::devices::Devices;
 use vmm::loader::BUILTINS;
 use vmm::vm::{Vm, exit_code};
@@ -26,6 +29,19 @@ fn main() -> ExitCode {
                 println!("{:<10} {}\n{:<10} args: {}", b.name, b.summary, "", b.args);
             }
             ExitCode::SUCCESS
+        }
+        Command::Bench(bench) => {
+            env_logger::Builder::new()
+                .parse_filters("warn")
+                .parse_env("RUST_LOG")
+                .init();
+            match run_bench(bench) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    print_chain(&e);
+                    ExitCode::from(exit_code::VMM_FAILED)
+                }
+            }
         }
         Command::Run(args) => {
             env_logger::Builder::new()
@@ -67,13 +83,7 @@ fn main() -> ExitCode {
                     ExitCode::from(code)
                 }
                 Err(e) => {
-                    eprint!("error: {e}");
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(cause) = source {
-                        eprint!(": {cause}");
-                        source = cause.source();
-                    }
-                    eprintln!();
+                    print_chain(&e);
                     ExitCode::from(if e.is_bad_input() {
                         exit_code::BAD_INPUT
                     } else {
@@ -83,4 +93,85 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Prints an error and its causes on one line.
+fn print_chain(e: &dyn std::error::Error) {
+    eprint!("error: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        eprint!(": {cause}");
+        source = cause.source();
+    }
+    eprintln!();
+}
+
+fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
+    let (json, output) = match bench {
+        BenchCommand::Faults(a) => {
+            if !a.pin_cpus.is_empty() {
+                bench::pin_to_cpus(&a.pin_cpus)?;
+            }
+            let config = FaultsConfig {
+                vcpus: a.vcpus,
+                mem_per_vcpu: a.mem_per_vcpu,
+                access: a.access,
+                pattern: a.pattern,
+                modes: a.modes,
+                repeat: a.repeat.max(1),
+                scratch: std::env::temp_dir(),
+                pinned: a.pin_cpus.clone(),
+            };
+            let json = faults::run(&config)?;
+            if let Some(path) = &a.output.plot {
+                let rates: Vec<(String, f64)> = json["modes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|m| {
+                        (
+                            m["mode"].as_str().unwrap_or("?").to_string(),
+                            m["pages_per_sec"].as_f64().unwrap_or(0.0),
+                        )
+                    })
+                    .collect();
+                plot::paging_rates(path, &rates)?;
+            }
+            (json, a.output)
+        }
+        BenchCommand::Collapse(a) => {
+            let config = CollapseBenchConfig {
+                vcpus: a.vcpus,
+                memory: a.memory,
+                passes: a.passes,
+                variants: a.variants,
+                pool_ahead: a.huge_pool_ahead,
+            };
+            let json = collapse::run(&config)?;
+            if let Some(path) = &a.output.plot {
+                let series: Vec<(String, serde_json::Value)> = json["variants"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|v| v["vcpu_stall_ns"].is_object())
+                    .map(|v| {
+                        (
+                            v["variant"].as_str().unwrap_or("?").to_string(),
+                            v["vcpu_stall_ns"].clone(),
+                        )
+                    })
+                    .collect();
+                plot::latency_cdfs(
+                    path,
+                    "vCPU stall per write-protect fault during collapse (CDF)",
+                    &series,
+                )?;
+            }
+            (json, a.output)
+        }
+    };
+    if let Some(path) = &output.json {
+        bench::write_json(path, &json)?;
+    }
+    Ok(())
 }

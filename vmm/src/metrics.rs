@@ -106,11 +106,15 @@ pub fn percentiles(h: &hdrhistogram::Histogram<u64>) -> Value {
     if h.is_empty() {
         return json!({"p50": 0, "p99": 0, "max": 0, "count": 0});
     }
+    const CDF: [f64; 12] = [
+        0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0,
+    ];
     json!({
         "p50": h.value_at_quantile(0.50),
         "p99": h.value_at_quantile(0.99),
         "max": h.max(),
         "count": h.len(),
+        "cdf": CDF.iter().map(|&q| json!([q, h.value_at_quantile(q)])).collect::<Vec<_>>(),
     })
 }
 

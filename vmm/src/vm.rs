@@ -206,6 +206,8 @@ pub struct RunSummary {
     pub teardown: Teardown,
     /// Free hugetlb pages before the VM was built.
     pub hugetlb_free_before: u64,
+    /// The TSC frequency KVM reported, in kHz (0 if unknown), to turn guest cycles into time.
+    pub tsc_khz: u64,
 }
 
 impl RunSummary {
@@ -243,6 +245,7 @@ pub struct Vm {
     config: VmConfig,
     events: (mpsc::Sender<VmEvent>, mpsc::Receiver<VmEvent>),
     hugetlb_free_before: u64,
+    tsc_khz: u64,
     // Last: unmapped after the VM fd (and its memslot) is gone.
     memory: Option<Memory>,
 }
@@ -309,6 +312,7 @@ impl Vm {
             .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         let free_start = exe.end().next_multiple_of(EXTENT_SIZE).min(config.memory.0);
+        let mut tsc_khz = 0;
         for index in 0..config.vcpus {
             let boot_addr = BOOT_INFO_BASE + u64::from(index) * BOOT_INFO_STRIDE;
             let vcpu = Vcpu::new(&vm_fd, index, &cpuid, exe.entry, boot_addr)
@@ -324,6 +328,7 @@ impl Vm {
                 args_len: args.len() as u64,
                 tsc_khz: vcpu.tsc_khz().map_or(0, u64::from),
             };
+            tsc_khz = info.tsc_khz;
             write(&info.to_bytes(), boot_addr)?;
             vcpus.push(vcpu);
         }
@@ -349,6 +354,7 @@ impl Vm {
             config,
             events,
             hugetlb_free_before,
+            tsc_khz,
             memory: Some(memory),
         })
     }
@@ -486,6 +492,7 @@ impl Vm {
             saved,
             teardown,
             hugetlb_free_before: self.hugetlb_free_before,
+            tsc_khz: self.tsc_khz,
         };
         if let Some(path) = &self.config.metrics {
             metrics::write_json(path, &summary.to_json()).map_err(|source| VmError::Metrics {
@@ -499,6 +506,13 @@ impl Vm {
 
 impl Vm {
     /// The memory, faults and kernel sections of the metrics, with KVM's own `pages_2m`.
+    /// The host address range of guest RAM (for benchmarks that watch the kernel's view).
+    pub fn ram_host_range(&self) -> std::ops::Range<u64> {
+        let ram = self.memory().ram();
+        let base = ram.host_base().0 as u64;
+        base..base + ram.size()
+    }
+
     fn memory(&self) -> &Memory {
         self.memory.as_ref().expect("memory lives until teardown")
     }

@@ -143,6 +143,9 @@ pub struct CollapseStats {
     pub read_phase_ns: Mutex<Histogram<u64>>,
     /// Time spent allocating one huge page, in ns (wherever the order puts it).
     pub alloc_ns: Mutex<Histogram<u64>>,
+    /// When a full scan first found every extent huge, in ns since the thread started
+    /// (0: not yet).
+    pub all_huge_ns: AtomicU64,
 }
 
 impl Default for CollapseStats {
@@ -160,6 +163,7 @@ impl Default for CollapseStats {
             write_lock_ns: Mutex::new(latency_histogram()),
             read_phase_ns: Mutex::new(latency_histogram()),
             alloc_ns: Mutex::new(latency_histogram()),
+            all_huge_ns: AtomicU64::new(0),
         }
     }
 }
@@ -189,6 +193,7 @@ impl CollapseStats {
             "write_lock_ns": hist(&self.write_lock_ns),
             "read_phase_ns": hist(&self.read_phase_ns),
             "alloc_ns": hist(&self.alloc_ns),
+            "all_huge_ns": load(&self.all_huge_ns),
         })
     }
 }
@@ -713,6 +718,7 @@ fn scan_loop(
     let extents = c.map.read().unwrap_or_else(|p| p.into_inner()).len();
     let batch = (c.config.pages_to_scan / PAGES_PER_EXTENT as u64).max(1) as usize;
     let mut cursor = 0;
+    let started = Instant::now();
     loop {
         let mut back_off = false;
         for _ in 0..batch {
@@ -723,6 +729,13 @@ fn scan_loop(
             cursor = (cursor + 1) % extents;
             if cursor == 0 {
                 c.stats.full_scans.fetch_add(1, Ordering::Relaxed);
+                let table = c.map.read().unwrap_or_else(|p| p.into_inner());
+                if table.counts().huge == extents as u64
+                    && c.stats.all_huge_ns.load(Ordering::Relaxed) == 0
+                {
+                    let ns = (started.elapsed().as_nanos() as u64).max(1);
+                    c.stats.all_huge_ns.store(ns, Ordering::Relaxed);
+                }
             }
             sync(index);
             let guard = c.map.read().unwrap_or_else(|p| p.into_inner());

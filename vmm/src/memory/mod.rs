@@ -137,6 +137,13 @@ pub struct MemoryConfig {
     pub huge_limit: u64,
     /// Huge pages the pool keeps ready ahead of demand.
     pub pool_ahead: usize,
+    /// Populate all of RAM when it is mapped (the huge backings do unless told not to; the
+    /// fault benchmark measures them faulting on demand).
+    pub populate: bool,
+    /// Let the host kernel's own THP machinery (khugepaged, `MADV_COLLAPSE`) work on 4 KiB
+    /// backed RAM: `MADV_HUGEPAGE` instead of `MADV_NOHUGEPAGE` (the collapse benchmark's
+    /// kernel peers).
+    pub thp_eligible: bool,
 }
 
 impl MemoryConfig {
@@ -151,6 +158,8 @@ impl MemoryConfig {
             huge_source: HugeSource::Auto,
             huge_limit: size,
             pool_ahead: 2,
+            populate: false,
+            thp_eligible: false,
         }
     }
 }
@@ -193,8 +202,11 @@ impl Memory {
             }
         }
         let ram = GuestRam::new(config.size, config.backing)?;
+        if config.thp_eligible && config.backing == Backing::Small {
+            ram.advise(libc::MADV_HUGEPAGE);
+        }
         let mut table = ExtentTable::new(config.size);
-        if config.backing.prepopulated() {
+        if config.backing.prepopulated() && config.populate {
             ram.populate().map_err(|source| MemoryError::Populate {
                 backing: config.backing,
                 source,
