@@ -231,12 +231,12 @@ impl RunArgs {
                 scan_sleep: Duration::from_millis(self.collapse_scan_sleep),
                 alloc_sleep: Duration::from_millis(self.collapse_alloc_sleep),
                 max_ptes_none: self.max_ptes_none,
+                gate: None,
             },
             huge_source: self.huge_source,
             huge_limit: self.huge_limit,
             pool_ahead: self.huge_pool_ahead,
             populate: true,
-            thp_eligible: false,
         })
     }
 }

@@ -113,8 +113,6 @@ pub struct VmConfig {
     pub pool_ahead: usize,
     /// Populate huge-backed RAM up front (benchmarks turn it off to measure faulting).
     pub populate: bool,
-    /// Let the host kernel's THP machinery work on 4 KiB-backed RAM (benchmarks).
-    pub thp_eligible: bool,
 }
 
 impl Default for VmConfig {
@@ -138,7 +136,6 @@ impl Default for VmConfig {
             huge_limit: None,
             pool_ahead: 2,
             populate: true,
-            thp_eligible: false,
         }
     }
 }
@@ -309,7 +306,6 @@ impl VmConfig {
             huge_limit: self.huge_limit.map_or(self.memory.0, |l| l.0),
             pool_ahead: self.pool_ahead,
             populate: self.populate,
-            thp_eligible: self.thp_eligible,
         }
     }
 }

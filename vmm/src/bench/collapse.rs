@@ -136,11 +136,14 @@ impl Drop for KhugepagedSettings {
     }
 }
 
-/// Bytes of `range` the kernel maps with huge pages.
-fn huge_bytes(range: &Range<u64>) -> u64 {
-    match kernel::scan(range.start, range.end, kernel::PAGE_IS_HUGE) {
+/// Bytes of `range` whose pages have every category in `mask`.
+fn bytes_with(range: &Range<u64>, mask: u64) -> u64 {
+    match kernel::scan(range.start, range.end, mask) {
         Ok(Some(ranges)) => ranges.iter().map(|r| r.end - r.start).sum(),
-        _ => kernel::smaps_totals(range.start, range.end).map_or(0, |t| t.anon_huge_kb << 10),
+        _ if mask == kernel::PAGE_IS_HUGE => {
+            kernel::smaps_totals(range.start, range.end).map_or(0, |t| t.anon_huge_kb << 10)
+        }
+        _ => kernel::smaps_totals(range.start, range.end).map_or(0, |t| t.rss_kb << 10),
     }
 }
 
@@ -154,6 +157,9 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         key: k.into(),
         value: v,
     };
+    // Every variant starts collapsing at the same moment: once the guest has populated all of
+    // its RAM with 4 KiB pages (its first pass), while it goes on writing.
+    let gate = Arc::new(AtomicBool::new(false));
     let mut vm_config = VmConfig {
         guest: "verify".into(),
         memory: config.memory,
@@ -166,11 +172,11 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         collapse_config: CollapseConfig {
             order: variant.order().unwrap_or(CollapseOrder::Prealloc),
             scan_sleep: Duration::from_millis(1),
+            gate: Some(gate.clone()),
             ..CollapseConfig::default()
         },
         huge_source: HugeSource::Auto,
         pool_ahead: config.pool_ahead,
-        thp_eligible: variant.order().is_none(),
         ..VmConfig::default()
     };
     vm_config.collapse_config.pages_to_scan = 512 * 64;
@@ -195,6 +201,20 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
             r
         })
     };
+    // Wait until the guest has populated all of RAM, then let the collapse begin.
+    while !done.load(Ordering::SeqCst) && bytes_with(&range, kernel::PAGE_IS_PRESENT) < total {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let populated_after = start.elapsed();
+    let began = Instant::now();
+    if variant.order().is_some() {
+        gate.store(true, Ordering::Release);
+    } else {
+        // The kernel's own machinery only works on THP-eligible memory.
+        // SAFETY: advice on guest RAM, which stays mapped until `run` returns (`done`); it
+        // changes no contents.
+        unsafe { libc::madvise(range.start as *mut libc::c_void, total as usize, libc::MADV_HUGEPAGE) };
+    }
     // The kernel's peers: watch (and for MADV_COLLAPSE, drive) from here while the guest runs.
     let mut kernel_all_huge = None;
     let mut madv = latency_histogram();
@@ -205,25 +225,19 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
             if variant == Variant::MadvCollapse && next < range.end {
                 let t = Instant::now();
                 // SAFETY: MADV_COLLAPSE on one extent of guest RAM, which stays mapped while the
-                // VM runs (the runner thread owns it until `run` returns, and `done` is set
-                // only after); it keeps the contents and the guest keeps running.
-                let r = unsafe {
-                    libc::madvise(
-                        next as *mut libc::c_void,
-                        EXTENT_SIZE as usize,
-                        libc::MADV_COLLAPSE,
-                    )
-                };
+                // VM runs (`done` is set only after `run` returns); it keeps the contents.
+                let r = unsafe { libc::madvise(next as *mut libc::c_void, EXTENT_SIZE as usize, libc::MADV_COLLAPSE) };
                 madv.saturating_record((t.elapsed().as_nanos() as u64).max(1));
                 if r != 0 {
                     madv_failures += 1;
+                    log::debug!("MADV_COLLAPSE at {next:#x}: {}", std::io::Error::last_os_error());
                 }
                 next += EXTENT_SIZE;
             } else {
                 std::thread::sleep(Duration::from_millis(2));
             }
-            if huge_bytes(&range) >= total {
-                kernel_all_huge = Some(start.elapsed());
+            if bytes_with(&range, kernel::PAGE_IS_HUGE) >= total {
+                kernel_all_huge = Some(began.elapsed());
             }
         }
     }
@@ -274,6 +288,7 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         "extents_collapsed": c["pages_collapsed"],
         "kernel_huge_kb": j["kernel"]["anon_huge_kb"].as_u64().unwrap_or(0) + j["kernel"]["hugetlb_kb"].as_u64().unwrap_or(0),
         "lost_writes": mismatches,
+        "populated_after_ns": populated_after.as_nanos() as u64,
         "guest_wall_ns": summary.wall.as_nanos() as u64,
     });
     Ok(Outcome { json })

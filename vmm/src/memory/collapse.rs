@@ -81,6 +81,9 @@ pub struct CollapseConfig {
     /// Most unpopulated pages an extent may have and still be collapsed (khugepaged's
     /// `max_ptes_none`); they become zeroes (or the page source's contents).
     pub max_ptes_none: u32,
+    /// If set, the thread waits until it turns true before its first scan (benchmarks start
+    /// every collapser at the same moment).
+    pub gate: Option<Arc<AtomicBool>>,
 }
 
 impl Default for CollapseConfig {
@@ -91,6 +94,7 @@ impl Default for CollapseConfig {
             scan_sleep: Duration::from_millis(10),
             alloc_sleep: Duration::from_millis(200),
             max_ptes_none: 511,
+            gate: None,
         }
     }
 }
@@ -144,7 +148,7 @@ pub struct CollapseStats {
     /// Time spent allocating one huge page, in ns (wherever the order puts it).
     pub alloc_ns: Mutex<Histogram<u64>>,
     /// When a full scan first found every extent huge, in ns since the thread started
-    /// (0: not yet).
+    /// scanning (0: not yet).
     pub all_huge_ns: AtomicU64,
 }
 
@@ -718,6 +722,13 @@ fn scan_loop(
     let extents = c.map.read().unwrap_or_else(|p| p.into_inner()).len();
     let batch = (c.config.pages_to_scan / PAGES_PER_EXTENT as u64).max(1) as usize;
     let mut cursor = 0;
+    if let Some(gate) = &c.config.gate {
+        while !gate.load(Ordering::Acquire) {
+            if sleep_or_stop(stop, Duration::from_millis(1)) {
+                return Ok(());
+            }
+        }
+    }
     let started = Instant::now();
     loop {
         let mut back_off = false;
@@ -830,6 +841,7 @@ mod tests {
             granularity: PAGE_SIZE,
             stats: Arc::new(FaultStats::default()),
             on_fatal: Box::new(|what| panic!("fault handler failed: {what}")),
+            huge: None,
         })
         .unwrap();
         Some(Rig {

@@ -30,7 +30,7 @@ use vm_memory::{Bytes, GuestAddress};
 pub use backing::{Backing, SourceKind};
 use collapse::{CollapseConfig, CollapseStats, CollapseThread, Collapser};
 pub use extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, MemoryMap};
-use fault::{FaultHandler, FaultStats, HandlerContext};
+use fault::{FaultHandler, FaultStats, HandlerContext, HugeFill};
 use image::{ImageFile, ImageFileError, SaveStats};
 use kernel::SmapsTotals;
 use ledger::Ledger;
@@ -140,10 +140,6 @@ pub struct MemoryConfig {
     /// Populate all of RAM when it is mapped (the huge backings do unless told not to; the
     /// fault benchmark measures them faulting on demand).
     pub populate: bool,
-    /// Let the host kernel's own THP machinery (khugepaged, `MADV_COLLAPSE`) work on 4 KiB
-    /// backed RAM: `MADV_HUGEPAGE` instead of `MADV_NOHUGEPAGE` (the collapse benchmark's
-    /// kernel peers).
-    pub thp_eligible: bool,
 }
 
 impl MemoryConfig {
@@ -159,7 +155,6 @@ impl MemoryConfig {
             huge_limit: size,
             pool_ahead: 2,
             populate: false,
-            thp_eligible: false,
         }
     }
 }
@@ -202,9 +197,6 @@ impl Memory {
             }
         }
         let ram = GuestRam::new(config.size, config.backing)?;
-        if config.thp_eligible && config.backing == Backing::Small {
-            ram.advise(libc::MADV_HUGEPAGE);
-        }
         let mut table = ExtentTable::new(config.size);
         if config.backing.prepopulated() && config.populate {
             ram.populate().map_err(|source| MemoryError::Populate {
@@ -304,6 +296,18 @@ impl Memory {
             Some(image) => Some(Arc::new(ImageSource::new(image.clone()))),
             None => None,
         };
+        // Huge pages for the collapse thread and for extent-granular fault resolution.
+        let extent_faults = missing && self.config.fault_granularity == EXTENT_SIZE;
+        if collapse.is_some() || extent_faults {
+            self.pool = Some(Arc::new(
+                HugePagePool::new(self.config.huge_source, self.config.pool_ahead)
+                    .map_err(MemoryError::Thread)?,
+            ));
+        }
+        let huge = self.pool.clone().filter(|_| extent_faults).map(|pool| HugeFill {
+            allocator: pool,
+            ledger: self.ledger.clone(),
+        });
         let fatal = on_fatal.clone();
         let handler = FaultHandler::start(HandlerContext {
             uffd: uffd.clone(),
@@ -314,16 +318,13 @@ impl Memory {
             granularity: self.config.fault_granularity,
             stats: self.fault_stats.clone(),
             on_fatal: Box::new(move |what| fatal(what)),
+            huge,
         })
         .map_err(uffd_err)?;
         self.uffd = Some(uffd.clone());
         self.handler = Some(handler);
         if let Some(config) = collapse {
-            let pool = Arc::new(
-                HugePagePool::new(self.config.huge_source, self.config.pool_ahead)
-                    .map_err(MemoryError::Thread)?,
-            );
-            self.pool = Some(pool.clone());
+            let pool = self.pool.clone().expect("created above for the collapse thread");
             let collapser = Collapser {
                 map: self.map.clone(),
                 ram: self.ram.clone(),
@@ -512,6 +513,7 @@ impl Memory {
                 "already_present": s.already_present.load(Ordering::Relaxed),
                 "retried": s.retried.load(Ordering::Relaxed),
                 "wp": s.wp_faults.load(Ordering::Relaxed),
+                "extents_mapped": s.extents_mapped.load(Ordering::Relaxed),
                 "granularity_bytes": self.config.fault_granularity,
                 "service_ns": service,
             },

@@ -151,17 +151,6 @@ impl GuestRam {
         Ok(GuestRam { base, size, view })
     }
 
-    /// Applies `madvise` advice to all of RAM (failures are logged: advice is a hint).
-    pub fn advise(&self, advice: libc::c_int) {
-        // SAFETY: advice on our own mapping; the advice used here changes no contents.
-        if unsafe { libc::madvise(self.base.as_ptr().cast(), self.size as usize, advice) } != 0 {
-            log::warn!(
-                "madvise({advice}) on guest RAM failed: {}",
-                io::Error::last_os_error()
-            );
-        }
-    }
-
     /// Populates every page now (`MADV_POPULATE_WRITE`), so no fault happens later.
     pub fn populate(&self) -> io::Result<()> {
         self.populate_range(0, self.size)
