@@ -27,11 +27,12 @@ test:
 # The default benchmark set, sized to finish in a few minutes on a nested KVM host.
 bench: build
 	mkdir -p target/bench
-	$(VMM) bench faults --vcpus 1 --mem-per-vcpu 64M --repeat 3 --pin-cpus 0 \
-		--json target/bench/faults-pinned.json --plot target/bench/faults-pinned.svg
-	$(VMM) bench faults --vcpus 2 --mem-per-vcpu 32M --repeat 3 \
+	$(VMM) bench faults --vcpus 1 --mem-per-vcpu 64M --repeat 3 \
 		--json target/bench/faults.json --plot target/bench/faults.svg
-	$(VMM) bench collapse --vcpus 1 --memory 128M --passes 16 \
+	$(VMM) bench faults --vcpus 1 --mem-per-vcpu 64M --repeat 3 --pin-cpus 0 \
+		--modes kernel-4k,uffd-zero,uffd-image --json target/bench/faults-pinned.json
+	$(VMM) bench faults --vcpus 2 --mem-per-vcpu 32M --repeat 3 --json target/bench/faults-2vcpu.json
+	$(VMM) bench collapse --vcpus 1 --memory 64M --passes 8 \
 		--json target/bench/collapse.json --plot target/bench/collapse.svg
 
 fmt:

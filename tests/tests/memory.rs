@@ -468,3 +468,34 @@ fn metrics_name_the_kernel_view() {
         );
     }
 }
+
+#[test]
+fn extent_granular_faults_map_whole_extents_from_the_image() {
+    require_kvm!();
+    let dir = TempDir::new("extent-faults");
+    let image = filled_image(&dir, "24M", "21");
+    let metrics = dir.path("m.json");
+    let line = format!(
+        "run --guest verify --vcpus 2 --memory 24M --page-source image:{image} --arg mode=check \
+         --arg seed=21 --fault-granularity 2M --collapse off --metrics {metrics}"
+    );
+    let run = vmm_ok(&integration_tests::words(&line));
+    assert_eq!(report_sum(&run.stdout, "mismatches"), 0, "{run}");
+    let json = read_json(&metrics);
+    let mapped = json["faults"]["extents_mapped"].as_u64().unwrap();
+    // 18 MiB of free RAM: 9 extents, each resolved by one huge page on its first fault.
+    assert_eq!(mapped, 9, "{json}");
+    assert_eq!(json["memory"]["extents"]["huge"], 9);
+    assert_eq!(json["kernel"]["anon_huge_kb"], 9 * 2048);
+    assert_eq!(json["ledger"]["after_teardown_bytes"], 0);
+    vmm_fails(
+        &integration_tests::words("run --fault-granularity 2M"),
+        exit_code::BAD_INPUT,
+        &["--fault-granularity applies to --page-source zero or image"],
+    );
+    vmm_fails(
+        &integration_tests::words("run --page-source zero --fault-granularity 12K"),
+        exit_code::BAD_INPUT,
+        &["--fault-granularity 12K", "power of two from 4K to 2M"],
+    );
+}

@@ -213,7 +213,13 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         // The kernel's own machinery only works on THP-eligible memory.
         // SAFETY: advice on guest RAM, which stays mapped until `run` returns (`done`); it
         // changes no contents.
-        unsafe { libc::madvise(range.start as *mut libc::c_void, total as usize, libc::MADV_HUGEPAGE) };
+        unsafe {
+            libc::madvise(
+                range.start as *mut libc::c_void,
+                total as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
     }
     // The kernel's peers: watch (and for MADV_COLLAPSE, drive) from here while the guest runs.
     let mut kernel_all_huge = None;
@@ -226,11 +232,20 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
                 let t = Instant::now();
                 // SAFETY: MADV_COLLAPSE on one extent of guest RAM, which stays mapped while the
                 // VM runs (`done` is set only after `run` returns); it keeps the contents.
-                let r = unsafe { libc::madvise(next as *mut libc::c_void, EXTENT_SIZE as usize, libc::MADV_COLLAPSE) };
+                let r = unsafe {
+                    libc::madvise(
+                        next as *mut libc::c_void,
+                        EXTENT_SIZE as usize,
+                        libc::MADV_COLLAPSE,
+                    )
+                };
                 madv.saturating_record((t.elapsed().as_nanos() as u64).max(1));
                 if r != 0 {
                     madv_failures += 1;
-                    log::debug!("MADV_COLLAPSE at {next:#x}: {}", std::io::Error::last_os_error());
+                    log::debug!(
+                        "MADV_COLLAPSE at {next:#x}: {}",
+                        std::io::Error::last_os_error()
+                    );
                 }
                 next += EXTENT_SIZE;
             } else {

@@ -149,6 +149,9 @@ impl FaultsConfig {
             collapse: Some(false),
             // Huge backings fault on demand here: that is what is measured.
             populate: false,
+            // Extent-granular resolution takes pre-zeroed pages from the pool; keep enough
+            // ready that the refill thread (on another CPU) stays ahead of a fast guest.
+            pool_ahead: 8,
             ..VmConfig::default()
         }
     }

@@ -299,15 +299,19 @@ impl Memory {
         // Huge pages for the collapse thread and for extent-granular fault resolution.
         let extent_faults = missing && self.config.fault_granularity == EXTENT_SIZE;
         if collapse.is_some() || extent_faults {
-            self.pool = Some(Arc::new(
-                HugePagePool::new(self.config.huge_source, self.config.pool_ahead)
-                    .map_err(MemoryError::Thread)?,
-            ));
+            let pool = HugePagePool::new(self.config.huge_source, self.config.pool_ahead)
+                .map_err(MemoryError::Thread)?;
+            pool.wait_ready(self.config.pool_ahead, std::time::Duration::from_secs(2));
+            self.pool = Some(Arc::new(pool));
         }
-        let huge = self.pool.clone().filter(|_| extent_faults).map(|pool| HugeFill {
-            allocator: pool,
-            ledger: self.ledger.clone(),
-        });
+        let huge = self
+            .pool
+            .clone()
+            .filter(|_| extent_faults)
+            .map(|pool| HugeFill {
+                allocator: pool,
+                ledger: self.ledger.clone(),
+            });
         let fatal = on_fatal.clone();
         let handler = FaultHandler::start(HandlerContext {
             uffd: uffd.clone(),
@@ -324,7 +328,10 @@ impl Memory {
         self.uffd = Some(uffd.clone());
         self.handler = Some(handler);
         if let Some(config) = collapse {
-            let pool = self.pool.clone().expect("created above for the collapse thread");
+            let pool = self
+                .pool
+                .clone()
+                .expect("created above for the collapse thread");
             let collapser = Collapser {
                 map: self.map.clone(),
                 ram: self.ram.clone(),
@@ -387,7 +394,9 @@ impl Memory {
             .unwrap_or_else(|p| p.into_inner())
             .counts()
             .huge;
-        if self.config.collapse.is_some() {
+        // With 4 KiB backing, every huge extent holds a pool page that was charged (by the
+        // collapse thread or by extent-granular fault resolution).
+        if self.config.backing == Backing::Small {
             self.ledger.uncharge(huge * EXTENT_SIZE);
         }
         let ledger = self.ledger.clone();

@@ -145,6 +145,16 @@ fn map_anonymous(len: usize, flags: libc::c_int) -> io::Result<NonNull<u8>> {
     Ok(NonNull::new(p.cast()).expect("mmap never returns null on success"))
 }
 
+/// Faults the whole page in with one write to its first byte: the fault allocates and zeroes
+/// the 2 MiB page (THP or hugetlb) under the page's own VMA lock. `MADV_POPULATE_WRITE` would
+/// do it through the process-wide `mmap_lock` instead, held for the whole zeroing, and every
+/// `mremap` of a collapse or an extent-granular fault would wait behind it (the seed commit's
+/// problem, one level down: measured at 5-8 ms per `mremap` while the refill thread worked).
+fn touch(page: &HugePage) {
+    // SAFETY: the first byte of a writable mapping we own.
+    unsafe { page.addr.as_ptr().write_volatile(0) };
+}
+
 fn madvise(page: &HugePage, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: advice on a mapping we own; it changes no contents we rely on (populating
     // fills zeroes, collapsing keeps contents).
@@ -195,7 +205,7 @@ pub fn alloc_thp() -> Result<HugePage, AllocError> {
         kind: PageKind::Thp,
     };
     madvise(&page, libc::MADV_HUGEPAGE).map_err(exhausted)?;
-    madvise(&page, libc::MADV_POPULATE_WRITE).map_err(exhausted)?;
+    touch(&page);
     if !is_mapped_huge(&page) {
         // One more try: ask the kernel to collapse it in place.
         let _ = madvise(&page, libc::MADV_COLLAPSE);
@@ -326,6 +336,15 @@ impl HugePagePool {
     /// The pool's counters.
     pub fn stats(&self) -> &PoolStats {
         &self.inner.stats
+    }
+
+    /// Waits until `n` pages are ready (or `timeout` passes): the pool is filled before the
+    /// guest starts, so its first faults do not allocate on the spot.
+    pub fn wait_ready(&self, n: usize, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.ready() < n.min(self.inner.ahead) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Pages ready right now.

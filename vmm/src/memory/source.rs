@@ -15,7 +15,7 @@ use super::image::{ImageFile, ImageFileError};
 pub enum Fill {
     /// The buffer holds the data.
     Data,
-    /// The pages are all zeroes (the buffer was not touched).
+    /// The pages are all zeroes (the buffer holds zeroes, or was left untouched).
     Zero,
 }
 
@@ -51,14 +51,12 @@ impl ImageSource {
 impl PageSource for ImageSource {
     fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, ImageFileError> {
         debug_assert_eq!(buf.len() as u64 % PAGE_SIZE, 0);
-        // Like a real userland backend, the I/O path allocates its own buffer: this is exactly
-        // the allocation the seed commit keeps from happening under the write lock.
-        let mut io_buf = vec![0u8; buf.len()];
-        self.image.read_at(&mut io_buf, gpa)?;
-        if io_buf.iter().all(|&b| b == 0) {
+        // File I/O in the fault path: this is the userland backend whose progress a collapse
+        // must never block by allocating under the write lock.
+        self.image.read_at(buf, gpa)?;
+        if buf.iter().all(|&b| b == 0) {
             return Ok(Fill::Zero);
         }
-        buf.copy_from_slice(&io_buf);
         Ok(Fill::Data)
     }
 }
