@@ -32,7 +32,7 @@ bench: build
 	$(VMM) bench faults --vcpus 1 --mem-per-vcpu 64M --repeat 3 --pin-cpus 0 \
 		--modes kernel-4k,uffd-zero,uffd-image --json target/bench/faults-pinned.json
 	$(VMM) bench faults --vcpus 2 --mem-per-vcpu 32M --repeat 3 --json target/bench/faults-2vcpu.json
-	$(VMM) bench collapse --vcpus 1 --memory 64M --passes 8 \
+	$(VMM) bench collapse --vcpus 1 --memory 64M --passes 6 --repeat 3 \
 		--json target/bench/collapse.json --plot target/bench/collapse.svg
 
 fmt:

@@ -105,6 +105,9 @@ pub struct CollapseArgs {
     /// allocates and zeroes its page, so the lock orders differ where it matters).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub huge_pool_ahead: usize,
+    /// Rounds, variants interleaved; medians are reported.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub repeat: u32,
     /// Outputs.
     #[command(flatten)]
     pub output: BenchOutput,

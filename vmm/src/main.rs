@@ -146,6 +146,7 @@ fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
                 passes: a.passes,
                 variants: a.variants,
                 pool_ahead: a.huge_pool_ahead,
+                repeat: a.repeat,
             };
             let json = collapse::run(&config)?;
             if let Some(path) = &a.output.plot {

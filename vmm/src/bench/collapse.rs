@@ -98,6 +98,8 @@ pub struct CollapseBenchConfig {
     /// Huge pages the pool keeps ready for this VMM's variants (0: allocate on demand, so
     /// every order really allocates and zeroes a page per collapse).
     pub pool_ahead: usize,
+    /// Rounds; variants run interleaved within each, medians are reported.
+    pub repeat: u32,
 }
 
 /// khugepaged's sysfs knobs, set fast for the run and restored on drop.
@@ -309,6 +311,44 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
     Ok(Outcome { json })
 }
 
+/// One variant's figures over several rounds: the median of every number (a latency
+/// percentile, a time, a rate), the sum of lost writes, and every round kept as it was.
+fn median_of_rounds(rounds: &[Value]) -> Value {
+    fn merge(values: &[&Value]) -> Value {
+        match values[0] {
+            Value::Object(first) => Value::Object(
+                first
+                    .keys()
+                    .map(|k| {
+                        (
+                            k.clone(),
+                            merge(&values.iter().map(|v| &v[k.as_str()]).collect::<Vec<_>>()),
+                        )
+                    })
+                    .collect(),
+            ),
+            Value::Number(_) => {
+                let mut nums: Vec<f64> = values.iter().filter_map(|v| v.as_f64()).collect();
+                if nums.len() < values.len() {
+                    return Value::Null;
+                }
+                json!(super::median(&mut nums))
+            }
+            other => other.clone(),
+        }
+    }
+    let mut merged = merge(&rounds.iter().collect::<Vec<_>>());
+    merged["lost_writes"] = json!(
+        rounds
+            .iter()
+            .filter_map(|r| r["lost_writes"].as_u64())
+            .sum::<u64>()
+    );
+    merged["all_huge"] = json!(rounds.iter().all(|r| r["all_huge"] == true));
+    merged["rounds"] = json!(rounds);
+    merged
+}
+
 /// Times `f` `n` times into a histogram.
 fn time_n(
     n: usize,
@@ -377,24 +417,35 @@ pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
     } else {
         config.variants.clone()
     };
-    let bar = progress(variants.len() as u64 + 1, "collapse");
+    let rounds = config.repeat.max(1);
+    let bar = progress(variants.len() as u64 * u64::from(rounds) + 1, "collapse");
     bar.set_message("floors");
     let (memcpy, mremap) = floors()?;
     bar.inc(1);
-    let mut results = Vec::new();
-    for &v in &variants {
-        bar.set_message(v.name());
-        results.push(run_variant(config, v)?);
-        bar.inc(1);
+    // Variants interleaved round by round (A B C A B C ...), so that none of them always meets
+    // the machine in the same state (cold memory for the first allocations of a run, say).
+    let mut per_variant: Vec<Vec<Value>> = variants.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, &v) in variants.iter().enumerate() {
+            bar.set_message(v.name());
+            per_variant[i].push(run_variant(config, v)?.json);
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
+    let results: Vec<Outcome> = per_variant
+        .iter()
+        .map(|r| Outcome {
+            json: median_of_rounds(r),
+        })
+        .collect();
 
     let p = |v: &Value, k: &str| v[k].as_f64();
     let floor_json =
         json!({ "memcpy_2m_ns": percentiles(&memcpy), "mremap_2m_ns": percentiles(&mremap) });
     println!(
-        "vmm bench collapse: {} vCPU(s) writing {} of guest RAM ({} stress passes), pool ahead {}",
-        config.vcpus, config.memory, config.passes, config.pool_ahead
+        "vmm bench collapse: {} vCPU(s) writing {} of guest RAM ({} stress passes), pool ahead {}, {} round(s), medians",
+        config.vcpus, config.memory, config.passes, config.pool_ahead, rounds
     );
     println!(
         "{:<14} {:>10} {:>8} {:>22} {:>22} {:>14} {:>6} {:>5}",
@@ -483,6 +534,7 @@ pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
         "memory_bytes": config.memory.0,
         "passes": config.passes,
         "pool_ahead": config.pool_ahead,
+        "repeat": rounds,
         "floor": floor_json,
         "variants": results.iter().map(|r| r.json.clone()).collect::<Vec<_>>(),
         "ratios": ratios,

@@ -304,6 +304,22 @@ impl Collapser {
             })
     }
 
+    /// Write-protects `pages` (sorted page indices) of the extent, one call per contiguous run.
+    fn protect_pages(&self, index: ExtentIndex, pages: &[usize]) -> std::io::Result<()> {
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                j += 1;
+            }
+            let start = self.host(index) + pages[i] as u64 * PAGE_SIZE;
+            self.uffd
+                .write_protect(start, (j - i) as u64 * PAGE_SIZE, true, false)?;
+            i = j;
+        }
+        Ok(())
+    }
+
     /// Stops tracking and lifts the protection, waking any writer.
     fn unprotect(&self, index: ExtentIndex, extent: &Extent) -> Result<(), CollapseError> {
         extent.stop_tracking();
@@ -574,12 +590,12 @@ impl Collapser {
                 unprotected.map(|()| r)
             }
             Ok(()) => {
-                // Pages unprotected by the handler since the pre-copy are protected again,
-                // so the copy below is final.
-                match self
-                    .uffd
-                    .write_protect(self.host(index), EXTENT_SIZE, true, false)
-                {
+                // Only the pages the handler let through since the pre-copy (the dirty ones)
+                // lost their protection: protect those again, and the copy below is final.
+                // The rest of the extent has stayed protected all along, so the write window
+                // changes no more page-table entries than the guest actually wrote.
+                let dirty: Vec<usize> = extent.dirty_pages().collect();
+                match self.protect_pages(index, &dirty) {
                     Err(source) => {
                         let unprotected = self.unprotect(index, extent);
                         self.give_back(page);
@@ -591,7 +607,6 @@ impl Collapser {
                         })
                     }
                     Ok(()) => {
-                        let dirty: Vec<usize> = extent.dirty_pages().collect();
                         self.copy_pages(index, &mut page, dirty.into_iter());
                         self.remap(&mut table, index, page)
                     }
