@@ -177,7 +177,8 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
             gate: Some(gate.clone()),
             ..CollapseConfig::default()
         },
-        huge_source: HugeSource::Auto,
+        // THP, the kind of page the kernel's peers produce, so all variants build the same.
+        huge_source: HugeSource::Thp,
         pool_ahead: config.pool_ahead,
         ..VmConfig::default()
     };
@@ -379,32 +380,16 @@ fn floors() -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
     })?;
     let mremap = time_n(100, || {
         let page = thp()?;
-        let mut dst = crate::memory::GuestRam::new(EXTENT_SIZE, crate::memory::Backing::Small)
+        let dst = crate::memory::GuestRam::new(EXTENT_SIZE, crate::memory::Backing::Small)
             .map_err(|e| BenchError::Setup(e.to_string()))?;
         dst.populate()
             .map_err(|e| BenchError::Setup(e.to_string()))?;
-        let to = dst.host_base().0;
         let t = Instant::now();
-        // SAFETY: moves our own THP over our own 2 MiB mapping, which `dst` unmaps on drop
-        // (the moved page with it).
-        let r = unsafe {
-            libc::mremap(
-                page.addr() as *mut libc::c_void,
-                EXTENT_SIZE as usize,
-                EXTENT_SIZE as usize,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                to as *mut libc::c_void,
-            )
-        };
+        // SAFETY: `dst` is our own 2 MiB-aligned mapping, populated only to be replaced; it
+        // unmaps the moved page when dropped.
+        let moved = unsafe { page.move_to(dst.host_base().0 as u64) };
         let elapsed = t.elapsed();
-        if r == libc::MAP_FAILED {
-            return Err(BenchError::Setup(format!(
-                "mremap failed: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        page.into_guest();
-        let _ = &mut dst;
+        moved.map_err(|(_, e)| BenchError::Setup(format!("mremap failed: {e}")))?;
         Ok(elapsed)
     })?;
     Ok((memcpy, mremap))

@@ -445,25 +445,12 @@ impl Collapser {
             return Ok(r);
         }
         // [read] allocate and charge: a slow allocation stalls no fault and no I/O.
-        let mut page = match self.alloc_and_charge() {
+        let page = match self.alloc_and_charge() {
             Ok(p) => p,
             Err(r) => return Ok(r),
         };
-        // [read] copy while the guest runs, recording what it writes meanwhile.
-        let generation = match self.precopy(index, extent, &mut page) {
-            Ok(g) => g,
-            Err(r) => {
-                let unprotected = self.unprotect(index, extent);
-                drop(guard);
-                self.give_back(page);
-                unprotected?;
-                return Ok(r);
-            }
-        };
-        drop(guard);
-        record(&self.stats.read_phase_ns, start.elapsed());
-        self.unlocked_hook(index);
-        self.commit(index, page, generation)
+        // [read] copy while the guest runs, recording what it writes meanwhile; then commit.
+        self.copy_then_commit(guard, index, page, start)
     }
 
     fn collapse_unlocked(
@@ -477,7 +464,7 @@ impl Collapser {
         }
         drop(guard);
         // [no lock] allocate and charge.
-        let mut page = match self.alloc_and_charge() {
+        let page = match self.alloc_and_charge() {
             Ok(p) => p,
             Err(r) => return Ok(r),
         };
@@ -489,6 +476,19 @@ impl Collapser {
             self.give_back(page);
             return Ok(self.revalidation_failed(r));
         }
+        self.copy_then_commit(guard, index, page, start)
+    }
+
+    /// The rest of `prealloc` and `unlocked` from the read phase on: pre-copy under the read
+    /// guard (taken by value), release it, then the write phase.
+    fn copy_then_commit(
+        &self,
+        guard: RwLockReadGuard<'_, ExtentTable>,
+        index: ExtentIndex,
+        mut page: HugePage,
+        start: Instant,
+    ) -> Result<ScanResult, CollapseError> {
+        let extent = guard.get(index).expect("index inside the table");
         let generation = match self.precopy(index, extent, &mut page) {
             Ok(g) => g,
             Err(r) => {
@@ -627,22 +627,13 @@ impl Collapser {
         page: HugePage,
     ) -> Result<ScanResult, CollapseError> {
         let dst = self.host(index);
-        // SAFETY: `page` is a 2 MiB mapping we own; `dst` is a 2 MiB-aligned extent of guest
-        // RAM, which stays mapped for the VM's life and whose memslot KVM keeps in sync through
-        // its MMU notifier. The write lock is held and the extent is write-protected, so no
-        // reader of extent state and no guest write can observe the switch half-done.
-        let moved = unsafe {
-            libc::mremap(
-                page.addr() as *mut libc::c_void,
-                EXTENT_SIZE as usize,
-                EXTENT_SIZE as usize,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                dst as *mut libc::c_void,
-            )
-        };
+        // SAFETY: `dst` is a 2 MiB-aligned extent of guest RAM, which stays mapped for the VM's
+        // life and whose memslot KVM keeps in sync through its MMU notifier. The write lock is
+        // held and the extent is write-protected and copied, so no reader of extent state and
+        // no guest write can observe the switch half-done or lose data to it.
+        let moved = unsafe { page.move_to(dst) };
         let extent = table.get_mut(index).expect("index inside the table");
-        if moved == libc::MAP_FAILED {
-            let source = std::io::Error::last_os_error();
+        if let Err((page, source)) = moved {
             let unprotected = self.unprotect(index, extent);
             self.give_back(page);
             unprotected?;
@@ -650,7 +641,6 @@ impl Collapser {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             return Ok(ScanResult::Fail);
         }
-        page.into_guest();
         extent.set_huge();
         self.stats.pages_collapsed.fetch_add(1, Ordering::Relaxed);
         Ok(ScanResult::Succeed)

@@ -334,24 +334,14 @@ fn map_whole_extent(
         return Ok(false);
     }
     let dst = ctx.host_base + index.gpa();
-    // SAFETY: `page` is a 2 MiB mapping we own; `dst` is an unpopulated, 2 MiB-aligned extent
-    // of guest RAM, mapped for the VM's life, whose memslot KVM keeps in sync through its MMU
-    // notifier. The write lock is held, so no reader of extent state sees the switch.
-    let moved = unsafe {
-        libc::mremap(
-            page.addr() as *mut libc::c_void,
-            EXTENT_SIZE as usize,
-            EXTENT_SIZE as usize,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            dst as *mut libc::c_void,
-        )
-    };
-    if moved == libc::MAP_FAILED {
+    // SAFETY: `dst` is an unpopulated, 2 MiB-aligned extent of guest RAM, mapped for the VM's
+    // life, whose memslot KVM keeps in sync through its MMU notifier. The write lock is held,
+    // so no reader of extent state sees the switch, and there is no old data to lose.
+    if let Err((page, _)) = unsafe { page.move_to(dst) } {
         drop(table);
         give_back(page);
         return Ok(false);
     }
-    page.into_guest();
     extent.set_huge();
     drop(table);
     ctx.stats.served.fetch_add(1, Ordering::Relaxed);

@@ -77,7 +77,7 @@ pub enum AllocError {
 }
 
 /// One zeroed, populated 2 MiB host page, mapped at its own 2 MiB-aligned address. Unmapped
-/// on drop unless [`HugePage::into_guest`] moved it into guest RAM.
+/// on drop unless [`HugePage::move_to`] moved it into guest RAM.
 #[derive(Debug)]
 pub struct HugePage {
     addr: NonNull<u8>,
@@ -104,12 +104,31 @@ impl HugePage {
         self.kind
     }
 
-    /// Gives up ownership after `mremap` moved the mapping into guest RAM: guest RAM now owns
-    /// it and unmaps it with the rest of RAM.
-    pub fn into_guest(self) -> PageKind {
+    /// Moves the page over `dst` with `mremap`, replacing whatever was mapped there; from then
+    /// on the mapping at `dst` owns it (and unmaps it with the rest). On failure the page is
+    /// handed back, still mapped where it was.
+    ///
+    /// # Safety
+    /// `dst` must be 2 MiB aligned and start 2 MiB of a mapping the caller owns, whose old
+    /// pages nothing relies on any more (they are unmapped); for guest RAM that means the
+    /// memory map's write lock is held and the contents were copied first.
+    pub unsafe fn move_to(self, dst: u64) -> Result<PageKind, (HugePage, io::Error)> {
+        // SAFETY: per the caller's contract for `dst`; the source is our own 2 MiB mapping.
+        let moved = unsafe {
+            libc::mremap(
+                self.addr.as_ptr().cast(),
+                EXTENT_SIZE as usize,
+                EXTENT_SIZE as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dst as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            return Err((self, io::Error::last_os_error()));
+        }
         let kind = self.kind;
         std::mem::forget(self);
-        kind
+        Ok(kind)
     }
 }
 
