@@ -359,9 +359,14 @@ impl HugePagePool {
 
     /// Waits until `n` pages are ready (or `timeout` passes): the pool is filled before the
     /// guest starts, so its first faults do not allocate on the spot.
+    /// Gives up early once an allocation fails: there is nothing to wait for then.
     pub fn wait_ready(&self, n: usize, timeout: std::time::Duration) {
         let deadline = std::time::Instant::now() + timeout;
-        while self.ready() < n.min(self.inner.ahead) && std::time::Instant::now() < deadline {
+        let failed = || self.inner.stats.failed.load(Ordering::Relaxed) > 0;
+        while self.ready() < n.min(self.inner.ahead)
+            && !failed()
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
