@@ -33,14 +33,33 @@ pub fn handle(
     addr: u64,
     stats: &mut VcpuStats,
 ) -> UcallResult {
-    let mut bytes = [0u8; UCALL_SIZE];
-    if let Err(e) = mem.read_slice(&mut bytes, GuestAddress(addr)) {
-        return UcallResult::Invalid(format!(
-            "ucall address {addr:#x} is not {UCALL_SIZE} bytes of guest RAM ({e})"
-        ));
+    match read(mem, addr) {
+        Ok(bytes) => dispatch(&bytes, devices, addr, stats),
+        Err(invalid) => invalid,
     }
+}
+
+/// Reads the ucall struct at `addr`, checking it lies wholly inside guest RAM.
+pub fn read(mem: &GuestMemoryMmap, addr: u64) -> Result<[u8; UCALL_SIZE], UcallResult> {
+    let mut bytes = [0u8; UCALL_SIZE];
+    mem.read_slice(&mut bytes, GuestAddress(addr))
+        .map_err(|e| {
+            UcallResult::Invalid(format!(
+                "ucall address {addr:#x} is not {UCALL_SIZE} bytes of guest RAM ({e})"
+            ))
+        })?;
+    Ok(bytes)
+}
+
+/// Decodes and acts on a ucall read from `addr`.
+pub fn dispatch(
+    bytes: &[u8; UCALL_SIZE],
+    devices: &Devices,
+    addr: u64,
+    stats: &mut VcpuStats,
+) -> UcallResult {
     let index = stats.index;
-    match Ucall::decode(&bytes) {
+    match Ucall::decode(bytes) {
         Err(e) => UcallResult::Invalid(format!("malformed ucall at {addr:#x}: {e}")),
         Ok(Command::Print(text)) => {
             devices.print_line(&format!("[vcpu{index}] {}", String::from_utf8_lossy(text)));

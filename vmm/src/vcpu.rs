@@ -14,7 +14,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use crate::arch;
 use crate::devices::{Devices, PioResult};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, MemoryMap};
 use crate::metrics::VcpuStats;
 use crate::ucall::{self, UcallResult};
 
@@ -134,6 +134,9 @@ pub struct VcpuShared {
     pub devices: Arc<Devices>,
     /// Guest RAM, for ucalls.
     pub ram: Arc<GuestRam>,
+    /// The memory map lock: reading guest memory on the guest's behalf holds its read side,
+    /// so a collapse never swaps an extent under a ucall being decoded.
+    pub map: Arc<MemoryMap>,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
     /// Where the vCPU's end is reported.
@@ -204,7 +207,16 @@ impl Vcpu {
                         Ok(regs) => regs.rdi,
                         Err(e) => break Some(VcpuEnd::Failed(format!("KVM_GET_REGS failed: {e}"))),
                     };
-                    match ucall::handle(shared.ram.view(), &shared.devices, rdi, &mut stats) {
+                    // The read side is held only while guest memory is read, not while the
+                    // ucall prints (stdout may block).
+                    let map = shared.map.read().unwrap_or_else(|p| p.into_inner());
+                    let bytes = ucall::read(shared.ram.view(), rdi);
+                    drop(map);
+                    let result = match bytes {
+                        Ok(bytes) => ucall::dispatch(&bytes, &shared.devices, rdi, &mut stats),
+                        Err(invalid) => invalid,
+                    };
+                    match result {
                         UcallResult::Continue => {}
                         UcallResult::Done(code) => break Some(VcpuEnd::Done(code)),
                         UcallResult::Abort { what } => break Some(VcpuEnd::Aborted(what)),

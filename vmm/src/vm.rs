@@ -377,6 +377,7 @@ impl Vm {
             let shared = VcpuShared {
                 devices: self.devices.clone(),
                 ram: self.memory().ram().clone(),
+                map: self.memory().map().clone(),
                 stop: stop.clone(),
                 events: events_tx.clone(),
             };
