@@ -2,8 +2,10 @@
 //!
 //! The parts follow `DESIGN.md`: [`vm`] builds and runs a VM from a [`config::VmConfig`],
 //! [`vcpu`] runs each vCPU, [`devices`] are the serial console and the ucall and exit ports,
-//! [`ucall`] decodes guest requests, [`memory`] owns guest RAM, [`arch`] the x86_64 boot state,
-//! [`loader`] the guest programs, [`metrics`] what a run measured.
+//! [`ucall`] decodes guest requests, [`memory`] owns guest RAM (extents, the memory map lock,
+//! the fault handler, the huge page pool and ledger, the collapse thread), [`arch`] the x86_64
+//! boot state, [`loader`] the guest programs, [`metrics`] what a run measured, [`bench`] the
+//! benchmarks.
 
 #![deny(missing_docs)]
 

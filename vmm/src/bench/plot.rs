@@ -31,6 +31,9 @@ pub fn paging_rates(path: &Path, modes: &[(String, f64)]) -> Result<(), BenchErr
         .map_err(|e| draw_err(path, e))?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.15))
+        .x_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
         .y_label_formatter(&|seg| match seg {
             SegmentValue::CenterOf(i) => modes.get(*i).map_or(String::new(), |(n, _)| n.clone()),
             _ => String::new(),
@@ -86,13 +89,15 @@ pub fn latency_cdfs(
         .caption(title, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(40)
-        .y_label_area_size(50)
+        .y_label_area_size(60)
         .build_cartesian_2d((0.1..max_us).log_scale(), 0.0..1.0)
         .map_err(|e| draw_err(path, e))?;
     chart
         .configure_mesh()
-        .x_desc("microseconds (log)")
-        .y_desc("fraction")
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.15))
+        .x_desc("microseconds (log scale)")
+        .y_desc("fraction of stalls")
         .draw()
         .map_err(|e| draw_err(path, e))?;
     for (i, (name, pts)) in points.iter().enumerate() {

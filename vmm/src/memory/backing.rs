@@ -38,7 +38,8 @@ impl Backing {
         }
     }
 
-    /// Whether all of RAM is populated when it is mapped.
+    /// Whether this backing populates all of RAM when it is mapped (unless a benchmark asks
+    /// it not to, to measure faulting).
     pub fn prepopulated(self) -> bool {
         self != Backing::Small
     }
