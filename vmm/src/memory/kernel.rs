@@ -267,18 +267,10 @@ AnonHugePages:      2048 kB\n";
     #[test]
     fn present_pages_follow_touches() {
         let len = 16 * PAGE_SIZE as usize;
-        // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
+        let p: *mut libc::c_void = crate::memory::pool::map_anonymous(len, 0)
+            .expect("mmap")
+            .as_ptr()
+            .cast();
         for page in [0usize, 3, 15] {
             // SAFETY: inside the mapping.
             unsafe {

@@ -146,7 +146,8 @@ pub trait HugePageAllocator: Send + Sync {
     fn alloc(&self) -> Result<HugePage, AllocError>;
 }
 
-fn map_anonymous(len: usize, flags: libc::c_int) -> io::Result<NonNull<u8>> {
+/// Maps `len` bytes of private anonymous memory with extra `flags`, at a kernel-chosen address.
+pub(crate) fn map_anonymous(len: usize, flags: libc::c_int) -> io::Result<NonNull<u8>> {
     // SAFETY: a fresh private anonymous mapping at a kernel-chosen address.
     let p = unsafe {
         libc::mmap(

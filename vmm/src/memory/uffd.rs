@@ -309,19 +309,9 @@ mod tests {
 
     /// Maps `len` bytes of anonymous memory for a test.
     fn anon(len: usize) -> *mut u8 {
-        // SAFETY: a fresh private anonymous mapping.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        p.cast()
+        crate::memory::pool::map_anonymous(len, 0)
+            .expect("mmap")
+            .as_ptr()
     }
 
     #[test]
