@@ -16,13 +16,18 @@ run: build
 	$(VMM) run --guest verify --vcpus 2 --memory 64M --arg mode=stress --arg passes=3
 
 # The whole suite: formatting, lints (host and guest code), unit and integration tests.
+# The tests run the binary with fault injection compiled in (the `failpoints` feature); `make run`
+# and release builds never have it.
+TEST_FEATURES := --features vmm/failpoints,integration-tests/failpoints
+
 test:
 	$(CARGO) fmt --all -- --check
 	cd guest/programs && $(CARGO) fmt -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings
 	cd guest/programs && $(CARGO) clippy --release --target-dir ../../target/guest -- -D warnings
-	$(CARGO) build --bins
-	$(CARGO) test --workspace
+	$(CARGO) build --bins $(TEST_FEATURES)
+	$(CARGO) test --workspace $(TEST_FEATURES)
 
 # The default benchmark set, sized to finish in a few minutes on a nested KVM host.
 bench: build

@@ -44,13 +44,21 @@ pub const BUILTINS: &[Builtin] = &[
     Builtin {
         name: "misbehave",
         summary: "does something a VMM must survive, for tests",
-        args: "kind=triple-fault|bad-ucall|unknown-port|serial-flood bytes=SIZE(256K)",
+        args: "kind=triple-fault(default)|bad-ucall|unknown-port|serial-flood|untouched-ucall \
+               bytes=SIZE(256K)",
     },
 ];
+
+/// Largest guest file the VMM reads: far more than any program that fits the guest's page
+/// tables needs, small enough that reading it costs nothing to fear.
+pub const MAX_GUEST_FILE: u64 = 256 << 20;
 
 /// Errors from finding, checking or loading a guest program.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The file is not a regular file of a sane size.
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
     /// Neither a built-in name nor an existing file.
     #[error("no built-in guest is called {name:?} and no such file exists; built-ins: {known}")]
     Unknown {
@@ -266,7 +274,14 @@ impl GuestImage {
                 known: builtin_names(),
             });
         }
-        let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
+        let (mut file, len) = crate::files::open_regular(path, "guest file", MAX_GUEST_FILE)?;
+        let mut bytes = Vec::with_capacity(len as usize);
+        // Bounded even if the file grows after it was checked.
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(&mut file, MAX_GUEST_FILE),
+            &mut bytes,
+        )
+        .map_err(|source| ImageError::Read {
             path: path.into(),
             source,
         })?;

@@ -12,6 +12,7 @@ use vmm::loader::BUILTINS;
 use vmm::vm::{Vm, exit_code};
 
 fn main() -> ExitCode {
+    let _faults = vmm::inject::from_env();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

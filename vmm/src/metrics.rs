@@ -7,6 +7,8 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+pub use crate::files::{MetricsTarget, lines_path};
+
 /// Counters one vCPU thread keeps; owned by that thread, handed back when it ends.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct VcpuStats {
@@ -46,10 +48,84 @@ impl VcpuStats {
     }
 }
 
-/// Writes `summary` to `path` as pretty JSON.
+/// Writes `summary` as pretty JSON to the metrics target: a regular file is replaced
+/// atomically, a stream (FIFO, character device) gets the text appended.
+pub fn write_summary(target: &MetricsTarget, summary: &Value) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(summary).map_err(std::io::Error::other)? + "\n";
+    match target {
+        MetricsTarget::File(path) => write_file_atomically(path, text.as_bytes()),
+        MetricsTarget::Stream { file, .. } => write_stream(file, text.as_bytes()),
+    }
+}
+
+/// Writes `summary` as pretty JSON to a regular file at `path` (benchmarks' outputs).
 pub fn write_json(path: &Path, summary: &Value) -> std::io::Result<()> {
-    let text = serde_json::to_string_pretty(summary).map_err(std::io::Error::other)?;
-    std::fs::write(path, text + "\n")
+    let text = serde_json::to_string_pretty(summary).map_err(std::io::Error::other)? + "\n";
+    write_file_atomically(path, text.as_bytes())
+}
+
+fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = crate::files::temporary_for(path);
+    let result = std::fs::write(&tmp, bytes).and_then(|()| {
+        crate::files::replace_with(&tmp, path, "--metrics").map_err(std::io::Error::other)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// How long a write to a metrics stream may wait for its reader before it is given up.
+pub const STREAM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Writes all of `bytes` to a non-blocking stream, waiting at most [`STREAM_WAIT`] in all for
+/// a slow reader.
+fn write_stream(mut file: &std::fs::File, mut bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + STREAM_WAIT;
+    while !bytes.is_empty() {
+        match file.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::Error::other(
+                        "the metrics reader did not keep up (waited 1 s)",
+                    ));
+                }
+                let mut pfd = libc::pollfd {
+                    fd: file.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Appends `line` as one line of JSON: to `<path>.jsonl` for a metrics file, to the stream
+/// itself for a FIFO or character device.
+pub fn append_line(target: &MetricsTarget, line: &Value) -> std::io::Result<()> {
+    let text = format!("{line}\n");
+    match target {
+        MetricsTarget::File(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(lines_path(path))?;
+            file.write_all(text.as_bytes())
+        }
+        MetricsTarget::Stream { file, .. } => write_stream(file, text.as_bytes()),
+    }
 }
 
 /// Merges the keys of `extra` (an object) into `summary` (an object), recursively.
@@ -64,23 +140,6 @@ pub fn merge(summary: &mut Value, extra: &Value) {
             }
         }
     }
-}
-
-/// Where `--metrics-interval` lines go: `<metrics path>.jsonl`.
-pub fn lines_path(metrics: &Path) -> std::path::PathBuf {
-    let mut name = metrics.as_os_str().to_owned();
-    name.push(".jsonl");
-    name.into()
-}
-
-/// Appends `line` as one line of JSON to `path`.
-pub fn append_line(path: &Path, line: &Value) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    writeln!(file, "{line}")
 }
 
 /// The `vcpus` section of the summary.

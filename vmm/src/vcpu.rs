@@ -14,7 +14,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use crate::arch;
 use crate::devices::{Devices, PioResult};
-use crate::memory::{GuestRam, MemoryMap};
+use crate::memory::GuestRam;
 use crate::metrics::VcpuStats;
 use crate::ucall::{self, UcallResult};
 
@@ -132,11 +132,14 @@ pub struct Vcpu {
 pub struct VcpuShared {
     /// The devices exits reach.
     pub devices: Arc<Devices>,
-    /// Guest RAM, for ucalls.
+    /// Guest RAM, for ucalls. A ucall is read without the memory map lock, the way the guest
+    /// itself reads memory: the struct may lie in a page nobody touched yet, and then the read
+    /// is a userfault the fault handler must serve, perhaps after taking the write side (a
+    /// 2 MiB install) or behind a waiting collapse commit. No thread may hold the map lock
+    /// across a fault the handler must serve. The read is as safe as the guest's own: guest
+    /// RAM stays mapped for the VM's life, and an extent replaced meanwhile holds the same
+    /// bytes (it was write-protected and copied first).
     pub ram: Arc<GuestRam>,
-    /// The memory map lock: reading guest memory on the guest's behalf holds its read side,
-    /// so a collapse never swaps an extent under a ucall being decoded.
-    pub map: Arc<MemoryMap>,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
     /// Where the vCPU's end is reported.
@@ -207,11 +210,7 @@ impl Vcpu {
                         Ok(regs) => regs.rdi,
                         Err(e) => break Some(VcpuEnd::Failed(format!("KVM_GET_REGS failed: {e}"))),
                     };
-                    // The read side is held only while guest memory is read, not while the
-                    // ucall prints (stdout may block).
-                    let map = shared.map.read().unwrap_or_else(|p| p.into_inner());
                     let bytes = ucall::read(shared.ram.view(), rdi);
-                    drop(map);
                     let result = match bytes {
                         Ok(bytes) => ucall::dispatch(&bytes, &shared.devices, rdi, &mut stats),
                         Err(invalid) => invalid,

@@ -6,6 +6,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc;
@@ -23,8 +24,9 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 use crate::arch;
 use crate::config::{ConfigError, VmConfig, host_memory};
 use crate::devices::Devices;
+use crate::files::{FileError, ImageTarget, MetricsTarget};
 use crate::loader::{GuestImage, ImageError};
-use crate::memory::image::ImageFileError;
+use crate::memory::image::{HEADER_SIZE, ImageFileError, SAVE_FLAG};
 use crate::memory::{Memory, MemoryError, Teardown, kernel};
 use crate::metrics::{self, VcpuStats};
 use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
@@ -60,6 +62,9 @@ pub enum VmError {
     /// A configuration value is not allowed.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An output path cannot be used.
+    #[error(transparent)]
+    Output(#[from] FileError),
     /// The guest program is not usable.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -84,6 +89,12 @@ pub enum VmError {
     /// A vCPU thread panicked.
     #[error("vcpu{0} thread panicked")]
     VcpuPanicked(u32),
+    /// A vCPU thread did not stop.
+    #[error(
+        "vcpu{0} did not stop within {STOP_LIMIT:?}, even with its faults released; exiting \
+         without tearing down the memory it may still use"
+    )]
+    VcpuStuck(u32),
     /// The metrics file could not be written.
     #[error("cannot write metrics to {path}")]
     Metrics {
@@ -100,10 +111,14 @@ impl VmError {
     /// to a failure of the VMM while running.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            VmError::Config(_) | VmError::Image(_) | VmError::OpenKvm { .. } => true,
-            VmError::Memory(MemoryError::HugetlbPool { .. }) => true,
+            VmError::Config(_)
+            | VmError::Output(_)
+            | VmError::Image(_)
+            | VmError::OpenKvm { .. } => true,
+            VmError::Memory(MemoryError::HugetlbPool { .. })
+            | VmError::Memory(MemoryError::UffdUnavailable { .. }) => true,
             // An unusable image is bad input; an I/O error while saving one is not.
-            VmError::Memory(MemoryError::Image(e)) => !matches!(e, ImageFileError::Io { .. }),
+            VmError::Memory(MemoryError::Image(e)) => e.is_bad_input(),
             _ => false,
         }
     }
@@ -138,6 +153,13 @@ pub enum Outcome {
     Interrupted(i32),
     /// A VMM thread failed while the guest ran (the fault handler).
     VmmFailed(String),
+    /// The guest finished, but saving its memory failed (the old image, if any, is intact).
+    SaveFailed {
+        /// The guest's own code.
+        code: u64,
+        /// Why the save failed.
+        what: String,
+    },
 }
 
 /// Process exit codes for ends that are not a guest's own code.
@@ -165,7 +187,7 @@ impl Outcome {
             Outcome::Failed { .. } => exit_code::GUEST_FAILED,
             Outcome::TimedOut(_) => exit_code::TIMED_OUT,
             Outcome::Interrupted(sig) => 128 + *sig as u8,
-            Outcome::VmmFailed(_) => exit_code::VMM_FAILED,
+            Outcome::VmmFailed(_) | Outcome::SaveFailed { .. } => exit_code::VMM_FAILED,
         }
     }
 
@@ -183,6 +205,9 @@ impl Outcome {
             }
             Outcome::Interrupted(sig) => format!("stopped by signal {sig}"),
             Outcome::VmmFailed(what) => format!("the VMM failed while the guest ran: {what}"),
+            Outcome::SaveFailed { code, what } => {
+                format!("the guest finished with code {code}, but saving its memory failed: {what}")
+            }
         }
     }
 }
@@ -246,6 +271,8 @@ pub struct Vm {
     events: (mpsc::Sender<VmEvent>, mpsc::Receiver<VmEvent>),
     hugetlb_free_before: u64,
     tsc_khz: u64,
+    save_to: Option<ImageTarget>,
+    metrics_to: Option<MetricsTarget>,
     // Last: unmapped after the VM fd (and its memslot) is gone.
     memory: Option<Memory>,
 }
@@ -284,11 +311,35 @@ impl Vm {
         let host_mem = host_memory().map_err(VmError::HostMemory)?;
         let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
         config.validate(host_mem, max_vcpus)?;
+        // Every output is checked before anything runs, so a bad path never costs a run.
+        let save_to = config
+            .save_memory
+            .as_deref()
+            .map(|p| ImageTarget::check(SAVE_FLAG, p, HEADER_SIZE + config.memory.0))
+            .transpose()?;
+        let metrics_to = config
+            .metrics
+            .as_deref()
+            .map(|p| MetricsTarget::open("--metrics", p))
+            .transpose()?;
         let image = GuestImage::find(&config.guest)?;
         let exe = image.check(config.memory.0)?;
 
         let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
-        let mut memory = Memory::new(config.memory_config())?;
+        let mut memory_config = config.memory_config();
+        // On by default, the collapse thread is an optimisation: where the host does not
+        // allow it, say so once and run without it. Asked for with --collapse on, it must run.
+        if memory_config.collapse.is_some()
+            && config.collapse.is_none()
+            && let Some(why) = crate::memory::collapse_unavailable()
+        {
+            eprintln!(
+                "vmm: warning: running without the collapse thread: {why}; pass --collapse \
+                 off to silence this"
+            );
+            memory_config.collapse = None;
+        }
+        let mut memory = Memory::new(memory_config)?;
         memory
             .ram()
             .register(&vm_fd, 0)
@@ -355,6 +406,8 @@ impl Vm {
             events,
             hugetlb_free_before,
             tsc_khz,
+            save_to,
+            metrics_to,
             memory: Some(memory),
         })
     }
@@ -377,7 +430,6 @@ impl Vm {
             let shared = VcpuShared {
                 devices: self.devices.clone(),
                 ram: self.memory().ram().clone(),
-                map: self.memory().map().clone(),
                 stop: stop.clone(),
                 events: events_tx.clone(),
             };
@@ -399,7 +451,10 @@ impl Vm {
             match spawned {
                 Ok(handle) => threads.push((index as u32, handle)),
                 Err(source) => {
-                    let _ = stop_and_join(&stop, threads);
+                    let released = || self.memory().release_faults();
+                    if stop_and_join(&stop, threads, &released).is_err() {
+                        std::mem::forget(self.memory.take());
+                    }
                     return Err(VmError::Thread { name, source });
                 }
             }
@@ -456,21 +511,49 @@ impl Vm {
                 break Outcome::TimedOut(t);
             }
         };
-        let vcpus = stop_and_join(&stop, threads)?;
+        let vcpus = match stop_and_join(&stop, threads, &|| self.memory().release_faults()) {
+            Ok(v) => v,
+            Err(e) => {
+                // A thread may still be inside guest RAM: leave it mapped for the exit.
+                std::mem::forget(self.memory.take());
+                return Err(e);
+            }
+        };
         self.memory
             .as_mut()
             .expect("memory lives until teardown")
             .stop_collapse();
-        let saved = match (&self.config.save_memory, &outcome) {
-            (Some(path), Outcome::Done(_)) => {
-                let stats = self.memory().save(path)?;
-                log::info!("saved guest memory to {}: {stats:?}", path.display());
-                Some(json!({"path": path, "pages": stats}))
+        let mut outcome = outcome;
+        let saved = match (&self.save_to, &outcome) {
+            (Some(target), &Outcome::Done(code)) => {
+                let path = target.path();
+                let interrupted = || STOP_SIGNAL.load(Ordering::SeqCst) != 0;
+                match self.memory().save(path, &interrupted) {
+                    Ok(stats) => {
+                        log::info!("saved guest memory to {}: {stats:?}", path.display());
+                        Some(json!({"path": path, "pages": stats}))
+                    }
+                    Err(MemoryError::Image(ImageFileError::Interrupted { .. })) => {
+                        eprintln!(
+                            "vmm: a signal stopped the save; {} was left as it was",
+                            path.display()
+                        );
+                        outcome = Outcome::Interrupted(STOP_SIGNAL.load(Ordering::SeqCst));
+                        None
+                    }
+                    Err(e) => {
+                        outcome = Outcome::SaveFailed {
+                            code,
+                            what: error_chain(&e),
+                        };
+                        None
+                    }
+                }
             }
-            (Some(path), _) => {
+            (Some(target), _) => {
                 eprintln!(
                     "vmm: not saving memory to {}: the guest did not finish",
-                    path.display()
+                    target.path().display()
                 );
                 None
             }
@@ -495,10 +578,18 @@ impl Vm {
             hugetlb_free_before: self.hugetlb_free_before,
             tsc_khz: self.tsc_khz,
         };
-        if let Some(path) = &self.config.metrics {
-            metrics::write_json(path, &summary.to_json()).map_err(|source| VmError::Metrics {
-                path: path.display().to_string(),
-                source,
+        if let Some(target) = &self.metrics_to {
+            metrics::write_summary(target, &summary.to_json()).map_err(|source| {
+                VmError::Metrics {
+                    path: self
+                        .config
+                        .metrics
+                        .as_deref()
+                        .unwrap_or(Path::new(""))
+                        .display()
+                        .to_string(),
+                    source,
+                }
             })?;
         }
         Ok(summary)
@@ -526,35 +617,75 @@ impl Vm {
         Ok(value)
     }
 
-    /// Appends one line of metrics to `<--metrics>.jsonl`.
+    /// Appends one line of metrics to `<--metrics>.jsonl` (or to the metrics stream).
     fn write_metrics_line(&self, start: Instant) -> Result<(), VmError> {
-        let Some(path) = &self.config.metrics else {
+        let Some(target) = &self.metrics_to else {
             return Ok(());
         };
         let mut line = self.memory_metrics()?;
         line["elapsed_ns"] = json!(start.elapsed().as_nanos() as u64);
-        let lines = metrics::lines_path(path);
-        metrics::append_line(&lines, &line).map_err(|source| VmError::Metrics {
-            path: lines.display().to_string(),
+        metrics::append_line(target, &line).map_err(|source| VmError::Metrics {
+            path: match target {
+                MetricsTarget::File(p) => metrics::lines_path(p),
+                MetricsTarget::Stream { path, .. } => path.clone(),
+            }
+            .display()
+            .to_string(),
             source,
         })
     }
 }
 
-/// Sets the stop flag and kicks every vCPU thread out of `KVM_RUN` until it has exited.
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out += &format!(": {cause}");
+        source = cause.source();
+    }
+    out
+}
+
+/// How long vCPU threads get to stop on their own (kicked out of `KVM_RUN` by a signal)
+/// before the faults they may be waiting on are released.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+/// How long stopping may take in all before the VMM gives up on a vCPU thread and exits
+/// without tearing down what that thread may still be using.
+pub const STOP_LIMIT: Duration = Duration::from_secs(5);
+
+/// Sets the stop flag and kicks every vCPU thread out of `KVM_RUN` until it has exited. A
+/// thread still running after [`STOP_GRACE`] may be blocked in a fault nobody will serve (a
+/// stalled or dead page server): `release` then unregisters guest RAM from userfaultfd, which
+/// wakes every such waiter. After [`STOP_LIMIT`] the stop fails with the threads left behind.
 fn stop_and_join(
     stop: &AtomicBool,
     threads: Vec<(u32, JoinHandle<VcpuStats>)>,
+    release: &dyn Fn(),
 ) -> Result<Vec<VcpuStats>, VmError> {
     stop.store(true, Ordering::Release);
-    let mut stats = Vec::with_capacity(threads.len());
-    for (index, handle) in threads {
-        // A signal that lands just before KVM_RUN is lost, so keep kicking until it is out.
-        while !handle.is_finished() {
-            let _ = handle.kill(kick_signal());
-            std::thread::sleep(Duration::from_millis(2));
+    let start = Instant::now();
+    let mut released = false;
+    while let Some(&(index, _)) = threads.iter().find(|(_, h)| !h.is_finished()) {
+        if !released && start.elapsed() >= STOP_GRACE {
+            log::warn!(
+                "vcpu{index} did not stop within {STOP_GRACE:?}; releasing the faults it may \
+                 be waiting on"
+            );
+            release();
+            released = true;
         }
-        stats.push(handle.join().map_err(|_| VmError::VcpuPanicked(index))?);
+        if start.elapsed() >= STOP_LIMIT {
+            return Err(VmError::VcpuStuck(index));
+        }
+        // A signal that lands just before KVM_RUN is lost, so keep kicking until it is out.
+        for (_, handle) in threads.iter().filter(|(_, h)| !h.is_finished()) {
+            let _ = handle.kill(kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
-    Ok(stats)
+    threads
+        .into_iter()
+        .map(|(index, handle)| handle.join().map_err(|_| VmError::VcpuPanicked(index)))
+        .collect()
 }

@@ -232,10 +232,15 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
     let image_path = config.scratch.join("bench-faults.img");
     if runnable.iter().any(|m| m.uses_image()) {
         // Every page holds data, so the handler really copies (no zero-page shortcut).
-        image::save(&image_path, config.ram(), |gpa, buf| {
-            buf.fill((gpa >> 12) as u8 | 1);
-            true
-        })
+        image::save(
+            &image_path,
+            config.ram(),
+            |gpa, buf| {
+                buf.fill((gpa >> 12) as u8 | 1);
+                Ok(image::Page::Read)
+            },
+            &|| false,
+        )
         .map_err(|e| {
             BenchError::Setup(format!("cannot write the benchmark's memory image: {e}"))
         })?;

@@ -24,8 +24,7 @@
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLockReadGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
@@ -40,6 +39,7 @@ use super::ram::GuestRam;
 use super::source::{Fill, PageSource};
 use super::uffd::Uffd;
 use crate::metrics::{latency_histogram, percentiles};
+use crate::worker::{Stop, Worker};
 
 /// When, relative to the memory map lock, the huge page is allocated and charged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -654,8 +654,7 @@ impl Collapser {
 
 /// The collapse thread.
 pub struct CollapseThread {
-    thread: Option<JoinHandle<()>>,
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    worker: Worker,
     stopping: Arc<AtomicBool>,
 }
 
@@ -668,68 +667,33 @@ impl CollapseThread {
         sync: Box<dyn Fn(ExtentIndex) + Send>,
         on_fatal: Arc<dyn Fn(String) + Send + Sync>,
     ) -> std::io::Result<CollapseThread> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let stopping = collapser.stopping.clone();
-        let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("collapser".into())
-            .spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    scan_loop(&collapser, &*sync, &thread_stop)
-                }));
-                match result {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => on_fatal(format!("the collapse thread stopped: {e}")),
-                    Err(_) => on_fatal("the collapse thread panicked".into()),
-                }
-            })?;
-        Ok(CollapseThread {
-            thread: Some(thread),
-            stop,
-            stopping,
-        })
+        let worker = Worker::spawn(
+            "collapser",
+            move |stop| {
+                scan_loop(&collapser, &*sync, stop)
+                    .map_err(|e| format!("the collapse thread stopped: {e}"))
+            },
+            move |what| on_fatal(what),
+        )?;
+        Ok(CollapseThread { worker, stopping })
     }
 
     /// Stops the thread and waits for it (any collapse in progress completes or fails cleanly).
     pub fn stop(&mut self) {
         self.stopping.store(true, Ordering::Release);
-        let (lock, cond) = &*self.stop;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cond.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.worker.stop();
     }
-}
-
-impl Drop for CollapseThread {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Sleeps for `d` or until stopped; returns true if stopped.
-fn sleep_or_stop(stop: &(Mutex<bool>, Condvar), d: Duration) -> bool {
-    let (lock, cond) = stop;
-    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-    let (guard, _) = cond
-        .wait_timeout_while(guard, d, |stopped| !*stopped)
-        .unwrap_or_else(|p| p.into_inner());
-    *guard
 }
 
 /// khugepaged's loop: scan a batch of extents, sleep, back off after allocation failures.
-fn scan_loop(
-    c: &Collapser,
-    sync: &dyn Fn(ExtentIndex),
-    stop: &(Mutex<bool>, Condvar),
-) -> Result<(), CollapseError> {
+fn scan_loop(c: &Collapser, sync: &dyn Fn(ExtentIndex), stop: &Stop) -> Result<(), CollapseError> {
     let extents = c.map.read().unwrap_or_else(|p| p.into_inner()).len();
     let batch = (c.config.pages_to_scan / PAGES_PER_EXTENT as u64).max(1) as usize;
     let mut cursor = 0;
     if let Some(gate) = &c.config.gate {
         while !gate.load(Ordering::Acquire) {
-            if sleep_or_stop(stop, Duration::from_millis(1)) {
+            if stop.sleep(Duration::from_millis(1)) {
                 return Ok(());
             }
         }
@@ -738,7 +702,7 @@ fn scan_loop(
     loop {
         let mut back_off = false;
         for _ in 0..batch {
-            if *stop.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            if stop.is_set() {
                 return Ok(());
             }
             let index = ExtentIndex(cursor);
@@ -775,7 +739,7 @@ fn scan_loop(
         } else {
             c.config.scan_sleep
         };
-        if sleep_or_stop(stop, sleep) {
+        if stop.sleep(sleep) {
             return Ok(());
         }
     }
@@ -791,8 +755,8 @@ mod tests {
     use crate::memory::pool::{AllocError, alloc_thp};
     use crate::memory::source::ZeroSource;
     use crate::memory::uffd;
-    use std::sync::TryLockError;
     use std::sync::mpsc;
+    use std::sync::{Condvar, TryLockError};
 
     const EXTENTS: u64 = 4;
     /// Pages written in each extent; the rest stay unpopulated.
@@ -837,17 +801,18 @@ mod tests {
         let map = Arc::new(MemoryMap::new(table));
         uffd.register(base, ram.size(), uffd::REGISTER_MODE_WP)
             .unwrap();
-        let handler = FaultHandler::start(HandlerContext {
-            uffd: uffd.clone(),
-            map: map.clone(),
-            host_base: base,
-            ram_size: ram.size(),
-            source: Arc::new(ZeroSource),
-            granularity: PAGE_SIZE,
-            stats: Arc::new(FaultStats::default()),
-            on_fatal: Box::new(|what| panic!("fault handler failed: {what}")),
-            huge: None,
-        })
+        let handler = FaultHandler::start(
+            HandlerContext {
+                uffd: uffd.clone(),
+                map: map.clone(),
+                ram: ram.clone(),
+                source: Arc::new(ZeroSource),
+                granularity: PAGE_SIZE,
+                stats: Arc::new(FaultStats::default()),
+                huge: None,
+            },
+            |what| panic!("fault handler failed: {what}"),
+        )
         .unwrap();
         Some(Rig {
             ram,

@@ -15,21 +15,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 use hdrhistogram::Histogram;
-use vmm_sys_util::eventfd::EventFd;
 
 use std::sync::RwLockReadGuard;
 
 use super::extent::{ExtentIndex, ExtentState, ExtentTable, MemoryMap};
 use super::ledger::Ledger;
 use super::pool::{HugePage, HugePageAllocator};
+use super::ram::GuestRam;
 use super::source::{Fill, PageSource};
 use super::uffd::{Fault, Resolved, Uffd};
 use crate::metrics::latency_histogram;
+use crate::worker::{Stop, Worker, lock};
 
 /// What the fault handler has done so far; shared with whoever reports metrics.
 #[derive(Debug)]
@@ -71,21 +71,23 @@ pub struct HandlerContext {
     pub uffd: Arc<Uffd>,
     /// The memory map lock and extent table.
     pub map: Arc<MemoryMap>,
-    /// Host address of guest-physical 0.
-    pub host_base: u64,
-    /// Guest RAM size.
-    pub ram_size: u64,
+    /// Guest RAM (held so it stays mapped while the thread lives).
+    pub ram: Arc<GuestRam>,
     /// Where page contents come from.
     pub source: Arc<dyn PageSource>,
     /// Bytes resolved per missing fault: 4 KiB, or more (aligned) to fault around.
     pub granularity: u64,
     /// Counters.
     pub stats: Arc<FaultStats>,
-    /// Called once if the handler cannot go on.
-    pub on_fatal: Box<dyn Fn(String) + Send>,
     /// With 2 MiB granularity: resolve a fault in a wholly unpopulated extent by moving a
     /// pre-zeroed huge page, filled from the source, over the whole extent.
     pub huge: Option<HugeFill>,
+}
+
+impl HandlerContext {
+    fn host_base(&self) -> u64 {
+        self.ram.host_base().0 as u64
+    }
 }
 
 /// Where extent-granular fault resolution gets its huge pages.
@@ -98,68 +100,41 @@ pub struct HugeFill {
 
 /// The running handler thread; stops and joins on drop.
 pub struct FaultHandler {
-    thread: Option<JoinHandle<()>>,
-    stop: EventFd,
+    worker: Worker,
 }
 
 impl FaultHandler {
-    /// Starts the handler thread.
-    pub fn start(ctx: HandlerContext) -> std::io::Result<FaultHandler> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let stop_for_thread = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("uffd-handler".into())
-            .spawn(move || {
-                let uffd = ctx.uffd.clone();
-                let (base, size) = (ctx.host_base, ctx.ram_size);
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    serve(&ctx, &stop_for_thread)
-                }));
-                let failure = match result {
-                    Ok(Ok(())) => None,
-                    Ok(Err(what)) => Some(what),
-                    Err(panic) => Some(format!(
-                        "the fault handler panicked: {}",
-                        panic
-                            .downcast_ref::<String>()
-                            .map(String::as_str)
-                            .or_else(|| panic.downcast_ref::<&str>().copied())
-                            .unwrap_or("unknown panic")
-                    )),
-                };
-                if let Some(what) = failure {
-                    // Wake every thread blocked on a fault we will never serve.
-                    let _ = uffd.unregister(base, size);
-                    (ctx.on_fatal)(what);
-                }
-            })?;
-        Ok(FaultHandler {
-            thread: Some(thread),
-            stop,
-        })
+    /// Starts the handler thread. If it fails, it unregisters guest RAM from the uffd (which
+    /// wakes every thread blocked on a fault it will never serve) and calls `on_fatal` once.
+    pub fn start(
+        ctx: HandlerContext,
+        on_fatal: impl FnOnce(String) + Send + 'static,
+    ) -> std::io::Result<FaultHandler> {
+        let (uffd, ram) = (ctx.uffd.clone(), ctx.ram.clone());
+        let worker = Worker::spawn(
+            "uffd-handler",
+            move |stop| serve(&ctx, stop),
+            move |what| {
+                let _ = uffd.unregister(ram.host_base().0 as u64, ram.size());
+                on_fatal(what);
+            },
+        )?;
+        Ok(FaultHandler { worker })
     }
 
     /// Stops the thread and waits for it.
     pub fn stop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = self.stop.write(1);
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for FaultHandler {
-    fn drop(&mut self) {
-        self.stop();
+        self.worker.stop();
     }
 }
 
 /// The handler loop: wait for faults or the stop event, serve faults in batches.
-fn serve(ctx: &HandlerContext, stop: &EventFd) -> Result<(), String> {
+fn serve(ctx: &HandlerContext, stop: &Stop) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let mut faults: Vec<Fault> = Vec::with_capacity(64);
     let mut buf = vec![0u8; ctx.granularity as usize];
     let zeroes = vec![0u8; ctx.granularity as usize];
+    let (host_base, ram_size) = (ctx.host_base(), ctx.ram.size());
     loop {
         let mut fds = [
             libc::pollfd {
@@ -168,7 +143,7 @@ fn serve(ctx: &HandlerContext, stop: &EventFd) -> Result<(), String> {
                 revents: 0,
             },
             libc::pollfd {
-                fd: stop.as_raw_fd(),
+                fd: stop.fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -190,9 +165,10 @@ fn serve(ctx: &HandlerContext, stop: &EventFd) -> Result<(), String> {
             .read_faults(&mut faults)
             .map_err(|e| format!("reading the userfaultfd failed: {e}"))?;
         for fault in &faults {
+            fail::fail_point!("fault-serve");
             let start = Instant::now();
-            let gpa = fault.address.wrapping_sub(ctx.host_base) & !(PAGE_SIZE - 1);
-            if gpa >= ctx.ram_size {
+            let gpa = fault.address.wrapping_sub(host_base) & !(PAGE_SIZE - 1);
+            if gpa >= ram_size {
                 return Err(format!(
                     "fault at host address {:#x}, outside guest RAM",
                     fault.address
@@ -206,9 +182,7 @@ fn serve(ctx: &HandlerContext, stop: &EventFd) -> Result<(), String> {
                 &ctx.stats.service_ns
             };
             let ns = start.elapsed().as_nanos() as u64;
-            if let Ok(mut h) = histogram.lock() {
-                h.saturating_record(ns.max(1));
-            }
+            lock(histogram).saturating_record(ns.max(1));
         }
     }
 }
@@ -236,7 +210,7 @@ fn serve_missing(
     if extent.state() == ExtentState::Huge {
         // A collapse committed while this fault waited for the lock: the page is there now,
         // in the huge page that replaced the extent. Let the thread retry its access.
-        let _ = ctx.uffd.wake(ctx.host_base + gpa, PAGE_SIZE);
+        let _ = ctx.uffd.wake(ctx.host_base() + gpa, PAGE_SIZE);
         return Ok(());
     }
     // Resolve the whole granule when none of it is populated yet; otherwise only the page
@@ -254,7 +228,7 @@ fn serve_missing(
         .source
         .fill(at, &mut buf[..len as usize])
         .map_err(|e| format!("the page source failed for guest address {at:#x}: {e}"))?;
-    let dst = ctx.host_base + at;
+    let dst = ctx.host_base() + at;
     // SAFETY: `dst..dst+len` is guest RAM (checked against ram_size by the caller), registered
     // with this uffd and owned by the VM for the handler's whole life; the sources are our
     // own buffers of at least `len` bytes.
@@ -282,11 +256,11 @@ fn serve_missing(
             map.mark_populated(gpa);
             ctx.stats.already_present.fetch_add(1, Ordering::Relaxed);
             // Another resolution filled the page; make sure this waiter is woken too.
-            let _ = ctx.uffd.wake(ctx.host_base + gpa, PAGE_SIZE);
+            let _ = ctx.uffd.wake(ctx.host_base() + gpa, PAGE_SIZE);
         }
         Resolved::Retry => {
             ctx.stats.retried.fetch_add(1, Ordering::Relaxed);
-            let _ = ctx.uffd.wake(ctx.host_base + gpa, PAGE_SIZE);
+            let _ = ctx.uffd.wake(ctx.host_base() + gpa, PAGE_SIZE);
         }
     }
     Ok(())
@@ -333,7 +307,7 @@ fn map_whole_extent(
         give_back(page);
         return Ok(false);
     }
-    let dst = ctx.host_base + index.gpa();
+    let dst = ctx.host_base() + index.gpa();
     // SAFETY: `dst` is an unpopulated, 2 MiB-aligned extent of guest RAM, mapped for the VM's
     // life, whose memslot KVM keeps in sync through its MMU notifier. The write lock is held,
     // so no reader of extent state sees the switch, and there is no old data to lose.
@@ -361,7 +335,7 @@ fn answer_wp(ctx: &HandlerContext, gpa: u64) -> Result<(), String> {
     let extent = map
         .get(ExtentIndex::containing(gpa))
         .expect("gpa is inside RAM");
-    let page = ctx.host_base + gpa;
+    let page = ctx.host_base() + gpa;
     let result = if extent.is_tracking() {
         extent.mark_dirty(page_in_extent(gpa));
         ctx.uffd.write_protect(page, PAGE_SIZE, false, true)

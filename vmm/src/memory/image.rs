@@ -8,30 +8,29 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use guest_abi::layout::PAGE_SIZE;
+use guest_abi::layout::{MAX_RAM, PAGE_SIZE};
 
 use crate::config::ByteSize;
+use crate::files::{self, FileError};
 
 const MAGIC: &[u8; 8] = b"VMMIMAGE";
 const VERSION: u32 = 1;
 /// Bytes before the RAM contents.
 pub const HEADER_SIZE: u64 = 4096;
+/// The option that names the file an image is saved to.
+pub const SAVE_FLAG: &str = "--save-memory";
 
 /// Errors about memory image files.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageFileError {
-    /// The file could not be opened.
-    #[error("cannot open memory image {}", path.display())]
-    Open {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// The file could not be opened, or is not a regular file of a sane size.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The file is not an image.
     #[error("{} is not a vmm memory image (no VMMIMAGE header); images are written by --save-memory", path.display())]
     NotAnImage {
@@ -72,6 +71,29 @@ pub enum ImageFileError {
         /// RAM size recorded in the image.
         ram: u64,
     },
+    /// A read ended at the end of the file: the image shrank while the VM used it.
+    #[error(
+        "memory image {} ended early: reading {len} bytes at file offset {offset} reached the          end of the file (was it truncated while the VM ran?)", path.display()
+    )]
+    ShortRead {
+        /// The file.
+        path: PathBuf,
+        /// Where the read started.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+    },
+    /// The file changed under the VM: the pages served so far came from what it held before.
+    #[error(
+        "memory image {} changed while the VM ran ({what}); pages already served came from the \
+         old contents, so the VM cannot go on", path.display()
+    )]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// How it changed.
+        what: String,
+    },
     /// Reading or writing failed.
     #[error("I/O error on memory image {}", path.display())]
     Io {
@@ -81,6 +103,25 @@ pub enum ImageFileError {
         #[source]
         source: io::Error,
     },
+    /// The save was stopped by a signal before it replaced anything.
+    #[error("saving guest memory to {} was interrupted by a signal; the file was left as it was", path.display())]
+    Interrupted {
+        /// The target.
+        path: PathBuf,
+    },
+}
+
+impl ImageFileError {
+    /// Whether the error is about the file the user named (bad input), as opposed to an I/O
+    /// failure while the VM ran.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(
+            self,
+            ImageFileError::Io { .. }
+                | ImageFileError::ShortRead { .. }
+                | ImageFileError::Interrupted { .. }
+        )
+    }
 }
 
 fn header(ram_size: u64) -> [u8; HEADER_SIZE as usize] {
@@ -93,39 +134,58 @@ fn header(ram_size: u64) -> [u8; HEADER_SIZE as usize] {
     h
 }
 
+/// What an image header says, or why it is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// A valid header for this many bytes of RAM.
+    Ram(u64),
+    /// Not a header this VMM writes.
+    NotAnImage,
+}
+
+/// Decodes the first bytes of a file as an image header (pure: the fuzz target's entry).
+pub fn parse_header(bytes: &[u8]) -> Header {
+    if bytes.len() < 32 {
+        return Header::NotAnImage;
+    }
+    let word32 = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+    let word64 = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    if &bytes[0..8] != MAGIC
+        || word32(8) != VERSION
+        || u64::from(word32(12)) != HEADER_SIZE
+        || word64(24) != PAGE_SIZE
+    {
+        return Header::NotAnImage;
+    }
+    Header::Ram(word64(16))
+}
+
 /// An open, checked memory image.
 #[derive(Debug)]
 pub struct ImageFile {
     file: File,
     path: PathBuf,
+    /// Length and modification time when opened: a change means the file changed under us.
+    opened: (u64, (i64, i64)),
+    /// Guest-physical ranges that hold data in the file (the rest are holes, all zeroes).
+    data: Vec<Range<u64>>,
 }
 
 impl ImageFile {
     /// Opens `path` and checks it is a complete image of exactly `ram_size` bytes of RAM.
     pub fn open(path: &Path, ram_size: u64) -> Result<ImageFile, ImageFileError> {
         let p = || path.to_path_buf();
-        let file = File::open(path).map_err(|source| ImageFileError::Open { path: p(), source })?;
-        let len = file
-            .metadata()
-            .map_err(|source| ImageFileError::Io { path: p(), source })?
-            .len();
+        let (file, len) = files::open_regular(path, "memory image", HEADER_SIZE + MAX_RAM)?;
         let mut h = [0u8; 32];
         if len < h.len() as u64 {
             return Err(ImageFileError::NotAnImage { path: p() });
         }
         file.read_exact_at(&mut h, 0)
             .map_err(|source| ImageFileError::Io { path: p(), source })?;
-        let word32 = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
-        let word64 = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
-        if &h[0..8] != MAGIC
-            || word32(8) != VERSION
-            || u64::from(word32(12)) != HEADER_SIZE
-            || word64(24) != PAGE_SIZE
-        {
+        let Header::Ram(image_ram) = parse_header(&h) else {
             return Err(ImageFileError::NotAnImage { path: p() });
-        }
-        let image_ram = word64(16);
-        let expected = HEADER_SIZE + image_ram;
+        };
+        let expected = HEADER_SIZE.saturating_add(image_ram);
         if len < expected {
             return Err(ImageFileError::Truncated {
                 path: p(),
@@ -149,17 +209,72 @@ impl ImageFile {
                 ram: ByteSize(ram_size),
             });
         }
-        Ok(ImageFile { file, path: p() })
+        let data = data_ranges(&file, len)
+            .map_err(|source| ImageFileError::Io { path: p(), source })?
+            .into_iter()
+            .filter_map(|r| {
+                let start = r.start.max(HEADER_SIZE) - HEADER_SIZE;
+                let end = r.end.min(len).saturating_sub(HEADER_SIZE);
+                (start < end).then_some(start..end)
+            })
+            .collect();
+        let opened = (
+            len,
+            mtime(&file).map_err(|source| ImageFileError::Io { path: p(), source })?,
+        );
+        Ok(ImageFile {
+            file,
+            path: p(),
+            opened,
+            data,
+        })
     }
 
     /// Reads the RAM bytes at guest-physical `gpa` into `buf`.
     pub fn read_at(&self, buf: &mut [u8], gpa: u64) -> Result<(), ImageFileError> {
+        let offset = HEADER_SIZE + gpa;
         self.file
-            .read_exact_at(buf, HEADER_SIZE + gpa)
-            .map_err(|source| ImageFileError::Io {
-                path: self.path.clone(),
-                source,
+            .read_exact_at(buf, offset)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::UnexpectedEof => ImageFileError::ShortRead {
+                    path: self.path.clone(),
+                    offset,
+                    len: buf.len() as u64,
+                },
+                _ => ImageFileError::Io {
+                    path: self.path.clone(),
+                    source,
+                },
             })
+    }
+
+    /// Fails if the file was truncated, extended or written since it was opened (an image
+    /// replaced by a rename is not a change: the VM keeps the one it opened).
+    pub fn check_unchanged(&self) -> Result<(), ImageFileError> {
+        let changed = |what: String| ImageFileError::Changed {
+            path: self.path.clone(),
+            what,
+        };
+        let io = |source| ImageFileError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let len = self.file.metadata().map_err(io)?.len();
+        if len != self.opened.0 {
+            return Err(changed(format!(
+                "it is {len} bytes now, {} when it was opened",
+                self.opened.0
+            )));
+        }
+        if mtime(&self.file).map_err(io)? != self.opened.1 {
+            return Err(changed("it was written to".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether `[gpa, gpa + len)` is a hole in the file: all zeroes, nothing to read.
+    pub fn is_hole(&self, gpa: u64, len: u64) -> bool {
+        !self.data.iter().any(|r| r.start < gpa + len && gpa < r.end)
     }
 
     /// The file's path.
@@ -168,39 +283,93 @@ impl ImageFile {
     }
 }
 
-/// Writes an image of `ram_size` bytes atomically to `path`. `page(gpa)` returns the 4 KiB
-/// page at `gpa`, or `None` for a page that is known to be unpopulated (a hole). All-zero pages
-/// become holes too.
+/// A file's modification time, to the nanosecond.
+fn mtime(file: &File) -> io::Result<(i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    Ok((meta.mtime(), meta.mtime_nsec()))
+}
+
+/// The whole file as one data range.
+fn whole(len: u64) -> Vec<Range<u64>> {
+    std::iter::once(0..len).collect()
+}
+
+/// File offset ranges that hold data (`SEEK_DATA`/`SEEK_HOLE`); the whole file where the file
+/// system cannot tell.
+fn data_ranges(file: &File, len: u64) -> io::Result<Vec<Range<u64>>> {
+    let mut out = Vec::new();
+    let mut at = 0i64;
+    let fd = file.as_raw_fd();
+    while (at as u64) < len {
+        // SAFETY: lseek on our own fd changes only its offset, which nothing else uses (every
+        // read is positioned).
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(out),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(whole(len)),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Ok(whole(len));
+        }
+        out.push(data as u64..hole as u64);
+        at = hole;
+    }
+    Ok(out)
+}
+
+/// What a save found at one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// The buffer holds the page (written unless it is all zeroes).
+    Read,
+    /// The page is known to be zero without reading it (never populated, a hole in the
+    /// image it came from): left as a hole.
+    Hole,
+}
+
+/// Writes an image of `ram_size` bytes atomically to `path`, a target checked before the guest
+/// started: to a temporary file in the same directory, fsynced, renamed over `path` only if
+/// `path` is still missing or a regular file, then the directory is fsynced. `page(gpa, buf)`
+/// fills the 4 KiB page at `gpa` or says it is a hole; all-zero pages become holes too.
+/// `interrupted()` is asked now and then: when it says yes, the save stops and the temporary
+/// is removed, leaving `path` as it was.
 pub fn save(
     path: &Path,
     ram_size: u64,
-    mut page: impl FnMut(u64, &mut [u8; PAGE_SIZE as usize]) -> bool,
+    mut page: impl FnMut(u64, &mut [u8; PAGE_SIZE as usize]) -> Result<Page, ImageFileError>,
+    interrupted: &dyn Fn() -> bool,
 ) -> Result<SaveStats, ImageFileError> {
     let err = |source| ImageFileError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| err(io::Error::other("the path names no file")))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    if path.file_name().is_none() {
+        return Err(err(io::Error::other("the path names no file")));
+    }
+    let tmp = files::temporary_for(path);
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(&header(ram_size))?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(err)?;
+        file.write_all(&header(ram_size)).map_err(err)?;
         // Sets the length first: everything not written below stays a hole.
-        file.set_len(HEADER_SIZE + ram_size)?;
+        file.set_len(HEADER_SIZE + ram_size).map_err(err)?;
         let mut stats = SaveStats::default();
         let mut buf = [0u8; PAGE_SIZE as usize];
         for gpa in (0..ram_size).step_by(PAGE_SIZE as usize) {
-            if !page(gpa, &mut buf) {
+            if gpa % (64 << 20) == 0 && interrupted() {
+                return Err(ImageFileError::Interrupted { path: path.into() });
+            }
+            if page(gpa, &mut buf)? == Page::Hole {
                 stats.unpopulated_pages += 1;
                 continue;
             }
@@ -208,19 +377,24 @@ pub fn save(
                 stats.zero_pages += 1;
                 continue;
             }
-            file.write_all_at(&buf, HEADER_SIZE + gpa)?;
+            file.write_all_at(&buf, HEADER_SIZE + gpa).map_err(err)?;
             stats.data_pages += 1;
         }
-        file.sync_all()?;
+        file.sync_all().map_err(err)?;
         drop(file);
-        std::fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()?;
+        if interrupted() {
+            return Err(ImageFileError::Interrupted { path: path.into() });
+        }
+        files::replace_with(&tmp, path, SAVE_FLAG)?;
+        File::open(files::parent_dir(path))
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
         Ok(stats)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(err)
+    result
 }
 
 /// What a save wrote.
@@ -228,9 +402,9 @@ pub fn save(
 pub struct SaveStats {
     /// Pages written.
     pub data_pages: u64,
-    /// Populated pages that held only zeroes (left as holes).
+    /// Pages read that held only zeroes (left as holes).
     pub zero_pages: u64,
-    /// Pages never populated (left as holes without being read).
+    /// Pages known to be zero without reading them (left as holes).
     pub unpopulated_pages: u64,
 }
 
@@ -246,22 +420,38 @@ mod tests {
         d
     }
 
+    fn never() -> bool {
+        false
+    }
+
+    fn filled(value: u8) -> impl FnMut(u64, &mut [u8; 4096]) -> Result<Page, ImageFileError> {
+        move |_, b| {
+            b.fill(value);
+            Ok(Page::Read)
+        }
+    }
+
     #[test]
     fn save_then_open_round_trips_sparsely() {
         let dir = tmpdir("roundtrip");
         let path = dir.join("ram.img");
         let ram = 4 << 20;
-        let stats = save(&path, ram, |gpa, buf| {
-            buf.fill(0);
-            match gpa / PAGE_SIZE {
-                0 => false,
-                7 => {
-                    buf[10] = 0xab;
-                    true
-                }
-                _ => true,
-            }
-        })
+        let stats = save(
+            &path,
+            ram,
+            |gpa, buf| {
+                buf.fill(0);
+                Ok(match gpa / PAGE_SIZE {
+                    0 => Page::Hole,
+                    7 => {
+                        buf[10] = 0xab;
+                        Page::Read
+                    }
+                    _ => Page::Read,
+                })
+            },
+            &never,
+        )
         .unwrap();
         assert_eq!(
             stats,
@@ -275,6 +465,10 @@ mod tests {
         let mut page = [0u8; 4096];
         image.read_at(&mut page, 7 * 4096).unwrap();
         assert_eq!(page[10], 0xab);
+        // The hole map knows where the data is.
+        assert!(!image.is_hole(7 * 4096, 4096));
+        assert!(!image.is_hole(0, 2 << 20));
+        assert!(image.is_hole(2 << 20, 2 << 20));
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), HEADER_SIZE + ram);
         assert!(
@@ -291,18 +485,52 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_save_leaves_the_old_image_alone() {
+    fn a_failed_or_interrupted_save_leaves_the_old_image_alone() {
         let dir = tmpdir("atomic");
         let path = dir.join("ram.img");
-        save(&path, 2 << 20, |_, b| {
-            b.fill(1);
-            true
-        })
-        .unwrap();
+        save(&path, 2 << 20, filled(1), &never).unwrap();
         let before = std::fs::read(&path).unwrap();
         // A save into a directory that does not exist fails before touching anything.
-        assert!(save(&dir.join("missing/ram.img"), 2 << 20, |_, _| true).is_err());
+        assert!(save(&dir.join("missing/ram.img"), 2 << 20, filled(2), &never).is_err());
+        // A signal during the save.
+        let e = save(&path, 2 << 20, filled(3), &|| true).unwrap_err();
+        assert!(matches!(e, ImageFileError::Interrupted { .. }), "{e}");
+        // A page that cannot be read.
+        let e = save(
+            &path,
+            2 << 20,
+            |gpa, _| {
+                if gpa == 8192 {
+                    Err(ImageFileError::ShortRead {
+                        path: "x".into(),
+                        offset: 0,
+                        len: 1,
+                    })
+                } else {
+                    Ok(Page::Hole)
+                }
+            },
+            &never,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ImageFileError::ShortRead { .. }), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_save_never_renames_over_anything_but_a_regular_file() {
+        let dir = tmpdir("no-replace");
+        let path = dir.join("ram.img");
+        std::fs::create_dir(&path).unwrap();
+        let e = save(&path, 2 << 20, filled(1), &never).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        assert!(path.is_dir());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -312,18 +540,18 @@ mod tests {
         let path = dir.join("ram.img");
         assert!(matches!(
             ImageFile::open(&path, 2 << 20),
-            Err(ImageFileError::Open { .. })
+            Err(ImageFileError::File(FileError::Open { .. }))
+        ));
+        assert!(matches!(
+            ImageFile::open(&dir, 2 << 20),
+            Err(ImageFileError::File(FileError::NotRegular { .. }))
         ));
         std::fs::write(&path, b"hello, not an image at all, really no").unwrap();
         assert!(matches!(
             ImageFile::open(&path, 2 << 20),
             Err(ImageFileError::NotAnImage { .. })
         ));
-        save(&path, 4 << 20, |_, b| {
-            b.fill(0);
-            true
-        })
-        .unwrap();
+        save(&path, 4 << 20, filled(0), &never).unwrap();
         let e = ImageFile::open(&path, 2 << 20).unwrap_err().to_string();
         assert!(
             e.contains("holds 4M") && e.contains("--memory is 2M") && e.contains("--memory 4M"),
@@ -339,5 +567,69 @@ mod tests {
             Err(ImageFileError::TooLong { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_image_changed_while_open_is_noticed() {
+        let dir = tmpdir("changed");
+        let path = dir.join("ram.img");
+        save(&path, 2 << 20, filled(7), &never).unwrap();
+        let image = ImageFile::open(&path, 2 << 20).unwrap();
+        image.check_unchanged().unwrap();
+        // Replacing the file by a rename is not a change: the open image is the old one.
+        save(&path, 2 << 20, filled(8), &never).unwrap();
+        image.check_unchanged().unwrap();
+        let image = ImageFile::open(&path, 2 << 20).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"x", 9000)
+            .unwrap();
+        let e = image.check_unchanged().unwrap_err().to_string();
+        assert!(
+            e.contains("changed while the VM ran") && e.contains("written"),
+            "{e}"
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let e = image.check_unchanged().unwrap_err().to_string();
+        assert!(e.contains("4096 bytes now"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_image_truncated_while_open_says_so() {
+        let dir = tmpdir("shrunk");
+        let path = dir.join("ram.img");
+        save(&path, 2 << 20, filled(7), &never).unwrap();
+        let image = ImageFile::open(&path, 2 << 20).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(HEADER_SIZE + 4096)
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let e = image.read_at(&mut buf, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("ended early") && e.contains("truncated"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn headers_parse_only_when_every_field_matches() {
+        let h = header(6 << 20);
+        assert_eq!(parse_header(&h), Header::Ram(6 << 20));
+        for i in [0, 8, 12, 24] {
+            let mut bad = h;
+            bad[i] ^= 1;
+            assert_eq!(parse_header(&bad), Header::NotAnImage, "byte {i}");
+        }
+        assert_eq!(parse_header(&h[..31]), Header::NotAnImage);
     }
 }

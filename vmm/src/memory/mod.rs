@@ -31,7 +31,7 @@ pub use backing::{Backing, SourceKind};
 use collapse::{CollapseConfig, CollapseStats, CollapseThread, Collapser};
 pub use extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, MemoryMap};
 use fault::{FaultHandler, FaultStats, HandlerContext, HugeFill};
-use image::{ImageFile, ImageFileError, SaveStats};
+use image::{ImageFile, ImageFileError, Page, SaveStats};
 use kernel::SmapsTotals;
 use ledger::Ledger;
 use pool::{HugePagePool, HugeSource};
@@ -75,14 +75,28 @@ pub enum MemoryError {
     /// A memory image is unusable.
     #[error(transparent)]
     Image(#[from] ImageFileError),
-    /// userfaultfd could not be set up.
+    /// This user may not open a userfaultfd.
     #[error(
-        "cannot set up userfaultfd for --page-source {source_name} (needs root, \
-         vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd)"
+        "{needed_by} needs a userfaultfd, which this user may not open: run as root, set \
+         vm.unprivileged_userfaultfd=1, or give this user read and write access to \
+         /dev/userfaultfd{alternative}"
     )]
+    UffdUnavailable {
+        /// What needs it.
+        needed_by: String,
+        /// How to do without, if there is a way.
+        alternative: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// userfaultfd could not be set up.
+    #[error("cannot set up userfaultfd for {needed_by}: {what}")]
     Uffd {
-        /// The page source that needs it.
-        source_name: &'static str,
+        /// What needs it.
+        needed_by: String,
+        /// What failed.
+        what: &'static str,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -93,6 +107,23 @@ pub enum MemoryError {
     /// A memory thread could not be started.
     #[error("cannot start a memory thread")]
     Thread(#[source] std::io::Error),
+}
+
+/// Why the collapse thread cannot run on this host for this user, if it cannot: it needs a
+/// userfaultfd with write-protection of unpopulated pages.
+pub fn collapse_unavailable() -> Option<String> {
+    let features = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
+    match Uffd::new(features) {
+        Err(e) => Some(format!(
+            "this user may not open a userfaultfd ({e}; it needs root, \
+             vm.unprivileged_userfaultfd=1, or read and write access to /dev/userfaultfd)"
+        )),
+        Ok(u) if u.features() & features != features => Some(
+            "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux 6.4+)"
+                .into(),
+        ),
+        Ok(_) => None,
+    }
 }
 
 /// What teardown left behind.
@@ -265,13 +296,18 @@ impl Memory {
         if !missing && collapse.is_none() {
             return Ok(());
         }
-        let uffd_err = |source| MemoryError::Uffd {
-            source_name: if missing {
-                self.config.source.name()
-            } else {
-                "collapse"
-            },
-            source,
+        let needed_by = if missing {
+            format!("--page-source {}", self.config.source.name())
+        } else {
+            "the collapse thread".to_string()
+        };
+        let uffd_err = |what| {
+            let needed_by = needed_by.clone();
+            move |source| MemoryError::Uffd {
+                needed_by,
+                what,
+                source,
+            }
         };
         let mut features = uffd::FEATURE_THREAD_ID;
         let mut mode = 0;
@@ -282,16 +318,27 @@ impl Memory {
             features |= uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
             mode |= uffd::REGISTER_MODE_WP;
         }
-        let uffd = Arc::new(Uffd::new(features).map_err(uffd_err)?);
+        let uffd =
+            Arc::new(
+                Uffd::new(features).map_err(|source| MemoryError::UffdUnavailable {
+                    needed_by: needed_by.clone(),
+                    alternative: if missing {
+                        ""
+                    } else {
+                        ", or run with --collapse off"
+                    },
+                    source,
+                })?,
+            );
         if uffd.features() & features != features {
-            return Err(uffd_err(std::io::Error::other(
+            return Err(uffd_err("checking its features")(std::io::Error::other(
                 "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux \
                  6.4+), which the collapse thread needs; run with --collapse off",
             )));
         }
         let base = self.ram.host_base().0 as u64;
         uffd.register(base, self.config.size, mode)
-            .map_err(uffd_err)?;
+            .map_err(uffd_err("registering guest RAM"))?;
         let source: Option<Arc<dyn PageSource>> = match &self.image {
             Some(image) => Some(Arc::new(ImageSource::new(image.clone()))),
             None => None,
@@ -299,8 +346,13 @@ impl Memory {
         // Huge pages for the collapse thread and for extent-granular fault resolution.
         let extent_faults = missing && self.config.fault_granularity == EXTENT_SIZE;
         if collapse.is_some() || extent_faults {
-            let pool = HugePagePool::new(self.config.huge_source, self.config.pool_ahead)
-                .map_err(MemoryError::Thread)?;
+            let fatal = on_fatal.clone();
+            let pool = HugePagePool::new(
+                self.config.huge_source,
+                self.config.pool_ahead,
+                move |what| fatal(what),
+            )
+            .map_err(MemoryError::Thread)?;
             pool.wait_ready(self.config.pool_ahead, std::time::Duration::from_secs(2));
             self.pool = Some(Arc::new(pool));
         }
@@ -313,18 +365,19 @@ impl Memory {
                 ledger: self.ledger.clone(),
             });
         let fatal = on_fatal.clone();
-        let handler = FaultHandler::start(HandlerContext {
-            uffd: uffd.clone(),
-            map: self.map.clone(),
-            host_base: base,
-            ram_size: self.config.size,
-            source: source.clone().unwrap_or_else(|| Arc::new(ZeroSource)),
-            granularity: self.config.fault_granularity,
-            stats: self.fault_stats.clone(),
-            on_fatal: Box::new(move |what| fatal(what)),
-            huge,
-        })
-        .map_err(uffd_err)?;
+        let handler = FaultHandler::start(
+            HandlerContext {
+                uffd: uffd.clone(),
+                map: self.map.clone(),
+                ram: self.ram.clone(),
+                source: source.clone().unwrap_or_else(|| Arc::new(ZeroSource)),
+                granularity: self.config.fault_granularity,
+                stats: self.fault_stats.clone(),
+                huge,
+            },
+            move |what| fatal(what),
+        )
+        .map_err(uffd_err("starting the fault handler"))?;
         self.uffd = Some(uffd.clone());
         self.handler = Some(handler);
         if let Some(config) = collapse {
@@ -360,6 +413,18 @@ impl Memory {
             );
         }
         Ok(())
+    }
+
+    /// Unregisters guest RAM from the userfaultfd, which wakes every thread waiting on a fault
+    /// in it; the kernel resolves later faults itself (with zeroes). Only for a VM that is
+    /// stopping and whose vCPUs would not stop: its guest never runs again.
+    pub fn release_faults(&self) {
+        if let Some(uffd) = &self.uffd {
+            let base = self.ram.host_base().0 as u64;
+            if let Err(e) = uffd.unregister(base, self.config.size) {
+                log::warn!("unregistering guest RAM from userfaultfd: {e}");
+            }
+        }
     }
 
     /// Stops the collapse thread (a collapse in progress completes or fails cleanly first).
@@ -478,19 +543,43 @@ impl Memory {
         kernel::smaps_totals(base, base + self.config.size).map_err(MemoryError::KernelView)
     }
 
-    /// Saves guest RAM to an image at `path`, atomically and sparsely: pages the VMM knows
-    /// were never populated are not even read.
-    pub fn save(&self, path: &Path) -> Result<SaveStats, MemoryError> {
+    /// Saves guest RAM to an image at `path`, atomically and sparsely. A page the guest never
+    /// populated holds what its page source would have given it: nothing is read for it with
+    /// the zero and kernel sources, and with an image source it is copied from that image
+    /// (unless it is a hole there), so a restore followed by a save never loses a byte, even
+    /// when the save replaces the image it restored from. `interrupted()` stops the save early.
+    pub fn save(
+        &self,
+        path: &Path,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<SaveStats, MemoryError> {
         let counts_known = self.counts()?;
         log::debug!("saving memory image with extents {counts_known:?}");
         let table = self.map.read().unwrap_or_else(|p| p.into_inner());
         let view = self.ram.view();
-        let stats = image::save(path, self.config.size, |gpa, buf| {
-            if !table.is_populated(gpa) {
-                return false;
-            }
-            view.read_slice(buf, GuestAddress(gpa)).is_ok()
-        })?;
+        let image = self.image.as_deref();
+        if let Some(image) = image {
+            image.check_unchanged()?;
+        }
+        let stats = image::save(
+            path,
+            self.config.size,
+            |gpa, buf| {
+                if table.is_populated(gpa) {
+                    view.read_slice(buf, GuestAddress(gpa))
+                        .expect("a populated page lies inside guest RAM");
+                    return Ok(Page::Read);
+                }
+                match image {
+                    Some(image) if !image.is_hole(gpa, PAGE_SIZE) => {
+                        image.read_at(buf, gpa)?;
+                        Ok(Page::Read)
+                    }
+                    _ => Ok(Page::Hole),
+                }
+            },
+            interrupted,
+        )?;
         Ok(stats)
     }
 

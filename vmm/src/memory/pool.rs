@@ -12,13 +12,13 @@ use std::collections::VecDeque;
 use std::io;
 use std::ptr::NonNull;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 
 use guest_abi::layout::EXTENT_SIZE;
 
 use super::kernel;
+use crate::worker::{Stop, Worker, lock};
 
 /// Where huge pages come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -270,12 +270,15 @@ struct PoolInner {
     ahead: usize,
     ready: Mutex<VecDeque<HugePage>>,
     wanted: Condvar,
-    stop: AtomicBool,
+    stop: Arc<Stop>,
     stats: PoolStats,
 }
 
 impl PoolInner {
     fn allocate(&self) -> Result<HugePage, AllocError> {
+        fail::fail_point!("pool-alloc", |_| Err(AllocError::GaveUp(
+            "injected allocation failure".into()
+        )));
         let result = match self.source {
             HugeSource::Hugetlb => alloc_hugetlb(),
             HugeSource::Thp => alloc_thp(),
@@ -295,19 +298,22 @@ impl PoolInner {
         result
     }
 
-    fn refill(&self) {
-        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+    /// The refill thread: keeps `ahead` pages ready. The stop flag is checked under the
+    /// `ready` lock and set (with the notify) under it too, so a stop is never missed.
+    fn refill(&self) -> Result<(), String> {
+        let mut ready = lock(&self.ready);
         loop {
-            if self.stop.load(Ordering::Acquire) {
-                return;
+            if self.stop.is_set() {
+                return Ok(());
             }
             if ready.len() >= self.ahead {
+                fail::fail_point!("pool-refill-wait");
                 ready = self.wanted.wait(ready).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
             drop(ready);
             let page = self.allocate();
-            ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+            ready = lock(&self.ready);
             match page {
                 Ok(page) => ready.push_back(page),
                 // Nothing to be had now: wait for the next request instead of spinning.
@@ -326,31 +332,37 @@ impl PoolInner {
 /// The huge page pool with its refill thread.
 pub struct HugePagePool {
     inner: Arc<PoolInner>,
-    thread: Option<JoinHandle<()>>,
+    refill: Option<Worker>,
 }
 
 impl HugePagePool {
     /// A pool of pages from `source` that keeps `ahead` pages ready (0: allocate on demand).
-    pub fn new(source: HugeSource, ahead: usize) -> io::Result<Self> {
+    /// If the refill thread fails (it panics), `on_fatal` is told.
+    pub fn new(
+        source: HugeSource,
+        ahead: usize,
+        on_fatal: impl FnOnce(String) + Send + 'static,
+    ) -> io::Result<Self> {
+        let stop = Arc::new(Stop::new()?);
         let inner = Arc::new(PoolInner {
             source,
             ahead,
             ready: Mutex::new(VecDeque::new()),
             wanted: Condvar::new(),
-            stop: AtomicBool::new(false),
+            stop,
             stats: PoolStats::default(),
         });
-        let thread = if ahead > 0 {
-            let refill = inner.clone();
-            Some(
-                std::thread::Builder::new()
-                    .name("huge-refill".into())
-                    .spawn(move || refill.refill())?,
-            )
+        let refill = if ahead > 0 {
+            let pool = inner.clone();
+            Some(Worker::spawn(
+                "huge-refill",
+                move |_| pool.refill(),
+                on_fatal,
+            )?)
         } else {
             None
         };
-        Ok(HugePagePool { inner, thread })
+        Ok(HugePagePool { inner, refill })
     }
 
     /// The pool's counters.
@@ -366,6 +378,7 @@ impl HugePagePool {
         let failed = || self.inner.stats.failed.load(Ordering::Relaxed) > 0;
         while self.ready() < n.min(self.inner.ahead)
             && !failed()
+            && self.refill.is_some()
             && std::time::Instant::now() < deadline
         {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -374,32 +387,24 @@ impl HugePagePool {
 
     /// Pages ready right now.
     pub fn ready(&self) -> usize {
-        self.inner.ready.lock().map_or(0, |r| r.len())
+        lock(&self.inner.ready).len()
     }
 
     /// Stops the refill thread and unmaps every ready page.
     pub fn shutdown(&mut self) {
-        self.inner.stop.store(true, Ordering::Release);
-        self.inner.wanted.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
         self.inner
-            .ready
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .stop
+            .set_and_notify(&self.inner.ready, &self.inner.wanted);
+        if let Some(mut refill) = self.refill.take() {
+            refill.stop();
+        }
+        lock(&self.inner.ready).clear();
     }
 }
 
 impl HugePageAllocator for HugePagePool {
     fn alloc(&self) -> Result<HugePage, AllocError> {
-        let ready = self
-            .inner
-            .ready
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front();
+        let ready = lock(&self.inner.ready).pop_front();
         self.inner.wanted.notify_one();
         match ready {
             Some(page) => {
@@ -440,7 +445,7 @@ mod tests {
 
     #[test]
     fn pool_keeps_pages_ready_and_frees_them() {
-        let mut pool = HugePagePool::new(HugeSource::Thp, 2).unwrap();
+        let mut pool = HugePagePool::new(HugeSource::Thp, 2, |what| panic!("{what}")).unwrap();
         for _ in 0..200 {
             if pool.ready() == 2 {
                 break;

@@ -51,6 +51,11 @@ impl ImageSource {
 impl PageSource for ImageSource {
     fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, ImageFileError> {
         debug_assert_eq!(buf.len() as u64 % PAGE_SIZE, 0);
+        // One fstat: a hole needs no read, so only this notices an image changed meanwhile.
+        self.image.check_unchanged()?;
+        if self.image.is_hole(gpa, buf.len() as u64) {
+            return Ok(Fill::Zero);
+        }
         // File I/O in the fault path: this is the userland backend whose progress a collapse
         // must never block by allocating under the write lock.
         self.image.read_at(buf, gpa)?;

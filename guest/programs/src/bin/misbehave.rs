@@ -7,6 +7,12 @@
 //!   must return all ones, and the guest then ends with code 0 (or 1 if they did not).
 //! - `serial-flood`: writes `bytes=SIZE` (256K) to the serial console as fast as it can, then
 //!   ends with code 0; the host must rate-limit it.
+//! - `untouched-ucall`: hands the host a ucall in the last page of free RAM, which nobody has
+//!   touched: the host's read of it is the page's first touch, a fault its own fault handler
+//!   may have to serve. The page holds no valid ucall, so the host must end the vCPU (201)
+//!   promptly, whatever serves the fault.
+//!
+//! Without `kind=`, the guest triple-faults.
 #![no_std]
 #![no_main]
 
@@ -20,7 +26,13 @@ const UNCLAIMED_PORT: u16 = 0x2345;
 fn main(boot: &BootInfo, args: &Args) -> u64 {
     match args.choice(
         "kind",
-        &["triple-fault", "bad-ucall", "unknown-port", "serial-flood"],
+        &[
+            "triple-fault",
+            "bad-ucall",
+            "unknown-port",
+            "serial-flood",
+            "untouched-ucall",
+        ],
     ) {
         "triple-fault" => {
             // SAFETY: deliberately faults; with a zero-length IDT the CPU shuts down.
@@ -35,6 +47,16 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
             Text::new()
                 .s("the host accepted a ucall outside RAM")
                 .print();
+            2
+        }
+        "untouched-ucall" => {
+            let page = boot.free_end - guest_rt::layout::PAGE_SIZE;
+            // SAFETY: as for `bad-ucall`; the address is inside guest RAM this time.
+            unsafe {
+                asm!("in al, dx", in("dx") guest_abi::ports::UCALL, in("rdi") page,
+                     out("al") _, options(nomem, nostack));
+            }
+            Text::new().s("the host accepted a ucall of zeroes").print();
             2
         }
         "unknown-port" => {
