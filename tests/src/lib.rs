@@ -307,3 +307,94 @@ impl Drop for HugetlbHog {
         }
     }
 }
+
+/// Runs `vmm ARGS...` with extra environment variables, killing it after `limit`; returns what
+/// it did and how long it took (`None` as the code if it had to be killed).
+pub fn vmm_within(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Run, Duration) {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("start vmm");
+    loop {
+        if child.try_wait().expect("wait for vmm").is_some() {
+            break;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = start.elapsed();
+    let mut run = Run::from_output(child.wait_with_output().expect("collect vmm output"));
+    if took > limit {
+        run.code = None;
+    }
+    (run, took)
+}
+
+/// Whether the tests run as root (some make device nodes or run the VMM as another user).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// An unprivileged user with KVM: `nobody`, given a KVM device node of its own in a private
+/// directory (the system's `/dev/kvm` is left as it is) and its own copy of the binary.
+pub struct Nobody {
+    /// A directory `nobody` may write in.
+    pub dir: TempDir,
+    kvm: String,
+    bin: String,
+}
+
+impl Nobody {
+    /// Sets it up; `None` (with `SKIP`) where the tests do not run as root.
+    pub fn new(test: &str) -> Option<Nobody> {
+        if !is_root() {
+            eprintln!("SKIP: {test} runs the VMM as nobody, which needs root");
+            return None;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("nobody");
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let kvm = dir.path("kvm");
+        let status = Command::new("mknod")
+            .args([&kvm, "c", "10", "232"])
+            .status()
+            .expect("mknod");
+        assert!(status.success());
+        let status = Command::new("chown")
+            .args(["nobody", &kvm])
+            .status()
+            .expect("chown");
+        assert!(status.success());
+        let bin = dir.path("vmm");
+        std::fs::copy(vmm_bin(), &bin).expect("copy the binary");
+        Some(Nobody { dir, kvm, bin })
+    }
+
+    /// Runs `vmm ARGS...` as `nobody` with its KVM device, from its directory.
+    pub fn vmm(&self, args: &[&str]) -> Run {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                &self.bin,
+            ])
+            .args(args)
+            .args(["--kvm-device", &self.kvm])
+            .current_dir(&self.dir.0)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run setpriv");
+        Run::from_output(out)
+    }
+}

@@ -17,3 +17,17 @@ pub const ENABLED: bool = cfg!(feature = "failpoints");
 pub fn from_env() -> Option<fail::FailScenario<'static>> {
     ENABLED.then(fail::FailScenario::setup)
 }
+
+/// `fires!("name")`: whether point `name` fires now, for points whose effect the caller
+/// performs itself (any action that returns makes it fire). Always false without the feature.
+#[macro_export]
+macro_rules! fires {
+    ($name:expr) => {{
+        #[allow(clippy::redundant_closure_call)]
+        let fired = (|| {
+            fail::fail_point!($name, |_| true);
+            false
+        })();
+        fired
+    }};
+}

@@ -60,8 +60,22 @@ pub enum ExitAction {
     Fatal(String),
 }
 
-/// Handles one exit. Counts it by reason in `stats`.
-pub fn handle_exit(devices: &Devices, exit: VcpuExit<'_>, stats: &mut VcpuStats) -> ExitAction {
+/// Handles one exit of a vCPU whose guest has `ram_size` bytes of RAM. Counts it by reason in
+/// `stats`.
+pub fn handle_exit(
+    devices: &Devices,
+    ram_size: u64,
+    exit: VcpuExit<'_>,
+    stats: &mut VcpuStats,
+) -> ExitAction {
+    // KVM turns an access to guest RAM whose host memory is missing into MMIO: answering it
+    // like a device would drop the guest's write (or invent its read) without a word.
+    let ram_hole = |addr: u64| {
+        ExitAction::Fatal(format!(
+            "the guest accessed RAM at {addr:#x}, which has no host memory behind it (a \
+             failed mremap?); stopping rather than losing the access"
+        ))
+    };
     let pio = |r: PioResult| match r {
         PioResult::Handled => ExitAction::Continue,
         PioResult::Ucall => ExitAction::Ucall,
@@ -75,6 +89,10 @@ pub fn handle_exit(devices: &Devices, exit: VcpuExit<'_>, stats: &mut VcpuStats)
         VcpuExit::IoIn(port, data) => {
             stats.count_exit("io_in");
             pio(devices.pio_read(port, data))
+        }
+        VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) if addr < ram_size => {
+            stats.count_exit("ram_hole");
+            ram_hole(addr)
         }
         VcpuExit::MmioRead(addr, data) => {
             stats.count_exit("mmio_read");
@@ -187,12 +205,13 @@ impl Vcpu {
             if shared.stop.load(Ordering::Acquire) {
                 break None;
             }
+            fail::fail_point!("vcpu-run");
             let action = match self.fd.run() {
                 Ok(VcpuExit::InternalError) => {
                     stats.count_exit("internal_error");
                     ExitAction::Fatal(self.internal_error())
                 }
-                Ok(exit) => handle_exit(&shared.devices, exit, &mut stats),
+                Ok(exit) => handle_exit(&shared.devices, shared.ram.size(), exit, &mut stats),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     stats.count_exit("interrupted");
                     continue;

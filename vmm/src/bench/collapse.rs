@@ -389,7 +389,7 @@ fn floors() -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
         // unmaps the moved page when dropped.
         let moved = unsafe { page.move_to(dst.host_base().0 as u64) };
         let elapsed = t.elapsed();
-        moved.map_err(|(_, e)| BenchError::Setup(format!("mremap failed: {e}")))?;
+        moved.map_err(|f| BenchError::Setup(format!("mremap failed: {}", f.source)))?;
         Ok(elapsed)
     })?;
     Ok((memcpy, mremap))

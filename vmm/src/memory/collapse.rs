@@ -377,6 +377,14 @@ impl Collapser {
         Ok(())
     }
 
+    /// Which pages of the extent the kernel has present.
+    fn present_pages(&self, index: ExtentIndex) -> std::io::Result<Vec<bool>> {
+        fail::fail_point!("collapse-present-pages", |_| Err(
+            std::io::Error::from_raw_os_error(libc::EMFILE)
+        ));
+        kernel::present_pages(self.host(index), EXTENT_SIZE)
+    }
+
     /// Protects the extent, then copies every page the kernel has present. Asking the kernel
     /// (not the table) after protecting is what makes the copy complete: a page that becomes
     /// present later can only do so through a fault the handler records as dirty, while the
@@ -393,7 +401,8 @@ impl Collapser {
             crate::log_ratelimited!(log::Level::Warn, "{e}: {}", e.source);
             return Err(ScanResult::Fail);
         }
-        let present = match kernel::present_pages(self.host(index), EXTENT_SIZE) {
+        let present = self.present_pages(index);
+        let present = match present {
             Ok(p) => p,
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -402,7 +411,7 @@ impl Collapser {
             }
         };
         if self.kernel_populates {
-            extent.sync_pages(|p| present[p]);
+            extent.add_present(|p| present[p]);
         }
         self.copy_pages(index, page, (0..PAGES_PER_EXTENT).filter(|&p| present[p]));
         self.fill_unpopulated(index, extent, page)
@@ -633,11 +642,26 @@ impl Collapser {
         // no guest write can observe the switch half-done or lose data to it.
         let moved = unsafe { page.move_to(dst) };
         let extent = table.get_mut(index).expect("index inside the table");
-        if let Err((page, source)) = moved {
+        if let Err(failed) = moved {
+            if failed.hole {
+                // The page holds the whole extent, copied while it was protected.
+                super::restore_hole(&self.ram, &self.uffd, index, Some(&failed.page)).map_err(
+                    |source| CollapseError {
+                        extent: index.0,
+                        what: "mapping it again after a failed mremap unmapped it",
+                        source,
+                    },
+                )?;
+                extent.add_present(|_| true);
+            }
             let unprotected = self.unprotect(index, extent);
-            self.give_back(page);
+            self.give_back(failed.page);
             unprotected?;
-            log::warn!("collapse: mremap of extent {} failed: {source}", index.0);
+            log::warn!(
+                "collapse: mremap of extent {} failed: {}",
+                index.0,
+                failed.source
+            );
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             return Ok(ScanResult::Fail);
         }
@@ -686,7 +710,7 @@ impl CollapseThread {
     }
 }
 
-/// khugepaged's loop: scan a batch of extents, sleep, back off after allocation failures.
+/// khugepaged's loop: scan a batch of extents, sleep, back off after a failure.
 fn scan_loop(c: &Collapser, sync: &dyn Fn(ExtentIndex), stop: &Stop) -> Result<(), CollapseError> {
     let extents = c.map.read().unwrap_or_else(|p| p.into_inner()).len();
     let batch = (c.config.pages_to_scan / PAGES_PER_EXTENT as u64).max(1) as usize;
@@ -723,8 +747,11 @@ fn scan_loop(c: &Collapser, sync: &dyn Fn(ExtentIndex), stop: &Stop) -> Result<(
                 Some(ExtentState::Small { .. }) => {}
                 _ => continue,
             }
+            fail::fail_point!("collapse-scan");
             match c.collapse(guard, index)? {
-                ScanResult::AllocHugePageFail | ScanResult::CgroupChargeFail => {
+                // Whatever failed (no page, no charge, an ioctl or the kernel's view out of
+                // reach, such as EMFILE) is unlikely to succeed again at once.
+                ScanResult::AllocHugePageFail | ScanResult::CgroupChargeFail | ScanResult::Fail => {
                     back_off = true;
                     break;
                 }
@@ -796,7 +823,7 @@ mod tests {
         let base = ram.host_base().0 as u64;
         let present = kernel::present_pages(base, ram.size()).unwrap();
         for (i, extent) in table.iter() {
-            extent.sync_pages(|p| present[i.0 * PAGES_PER_EXTENT + p]);
+            extent.add_present(|p| present[i.0 * PAGES_PER_EXTENT + p]);
         }
         let map = Arc::new(MemoryMap::new(table));
         uffd.register(base, ram.size(), uffd::REGISTER_MODE_WP)
@@ -1065,11 +1092,32 @@ mod tests {
             let present =
                 kernel::present_pages(rig.ram.host_base().0 as u64 + EXTENT_SIZE, EXTENT_SIZE)
                     .unwrap();
-            table
-                .get(ExtentIndex(1))
-                .unwrap()
-                .sync_pages(|p| present[p]);
+            let extent = table.get(ExtentIndex(1)).unwrap();
+            extent.clear_pages();
+            extent.add_present(|p| present[p]);
         }
+    }
+
+    /// A move that unmaps the extent and then fails (as the kernel may, late in `mremap`):
+    /// the extent is mapped again with its data, registered again, and collapses later.
+    #[test]
+    #[cfg(feature = "failpoints")]
+    fn a_failed_move_that_left_a_hole_puts_the_extent_back() {
+        let Some(rig) = rig() else { return };
+        let scenario = fail::FailScenario::setup();
+        fail::cfg("mremap-hole", "1*return").unwrap();
+        let s = setup(&rig, CollapseOrder::Prealloc, false, EXTENT_SIZE);
+        assert_eq!(collapse(&s.collapser, 3), ScanResult::Fail);
+        assert_eq!(s.collapser.ledger.charged(), 0);
+        let gpa = 3 * EXTENT_SIZE;
+        for p in 0..FILLED as u64 {
+            let at = gpa + p * PAGE_SIZE;
+            assert_eq!(read(&rig.ram, at), value(at, 0), "page {p}");
+        }
+        assert_writable(&rig.ram, gpa + 7 * PAGE_SIZE);
+        // Registered again for write-protection: the next collapse protects and succeeds.
+        assert_eq!(collapse(&s.collapser, 3), ScanResult::Succeed);
+        scenario.teardown();
     }
 
     #[test]

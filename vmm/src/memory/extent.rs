@@ -108,17 +108,28 @@ impl Extent {
         true
     }
 
-    /// Replaces the page bits with the kernel's view (`present(page)`); bumps the generation if
-    /// anything changed. Used where the host kernel, not the VMM, populates memory.
-    pub fn sync_pages(&self, present: impl Fn(usize) -> bool) {
+    /// Records the pages the host kernel reports present (`present(page)`), where the kernel,
+    /// not the VMM, populates memory; bumps the generation if any page is new. Pages are only
+    /// ever added: a page the kernel populated stays populated until the extent becomes huge,
+    /// so a report taken before another one that was applied first cannot roll the table back.
+    pub fn add_present(&self, present: impl Fn(usize) -> bool) {
         let mut changed = false;
         for (w, word) in self.pages.iter().enumerate() {
             let bits = (0..64).fold(0u64, |acc, b| acc | (u64::from(present(w * 64 + b)) << b));
-            changed |= word.swap(bits, Ordering::SeqCst) != bits;
+            changed |= word.fetch_or(bits, Ordering::SeqCst) & bits != bits;
         }
         if changed {
             self.generation.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// Forgets every page (tests that undo what they injected).
+    #[cfg(test)]
+    pub fn clear_pages(&self) {
+        for word in &self.pages {
+            word.store(0, Ordering::SeqCst);
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Starts recording the pages the guest writes (a collapse is about to copy the extent
@@ -307,10 +318,12 @@ mod tests {
                     }
                     Op::Sync(e, present) => {
                         if e >= extents || model.huge[e] { continue; }
-                        table.get(ExtentIndex(e)).unwrap().sync_pages(|p| present[p]);
-                        if model.pages[e] != present {
+                        table.get(ExtentIndex(e)).unwrap().add_present(|p| present[p]);
+                        let merged: Vec<bool> =
+                            model.pages[e].iter().zip(&present).map(|(a, b)| *a || *b).collect();
+                        if model.pages[e] != merged {
                             model.changes[e] += 1;
-                            model.pages[e] = present;
+                            model.pages[e] = merged;
                         }
                     }
                     Op::Huge(e) => {

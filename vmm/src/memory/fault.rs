@@ -238,7 +238,13 @@ fn serve_missing(
             Fill::Zero if fault.write || len > PAGE_SIZE => {
                 ctx.uffd.copy(dst, zeroes.as_ptr(), len)
             }
-            Fill::Zero => ctx.uffd.zeropage(dst, len),
+            // A page holding a uffd-wp marker (its extent is being collapsed) is no page:
+            // ZEROPAGE refuses it with EEXIST, COPY fills it. A page that really is present
+            // makes COPY say so too.
+            Fill::Zero => match ctx.uffd.zeropage(dst, len) {
+                Ok(Resolved::AlreadyPresent) => ctx.uffd.copy(dst, zeroes.as_ptr(), len),
+                other => other,
+            },
         }
     }
     .map_err(|e| format!("resolving the fault at guest address {at:#x} failed: {e}"))?;
@@ -311,9 +317,18 @@ fn map_whole_extent(
     // SAFETY: `dst` is an unpopulated, 2 MiB-aligned extent of guest RAM, mapped for the VM's
     // life, whose memslot KVM keeps in sync through its MMU notifier. The write lock is held,
     // so no reader of extent state sees the switch, and there is no old data to lose.
-    if let Err((page, _)) = unsafe { page.move_to(dst) } {
+    if let Err(failed) = unsafe { page.move_to(dst) } {
+        if failed.hole {
+            // The extent was unpopulated: fresh memory is what it held.
+            super::restore_hole(&ctx.ram, &ctx.uffd, index, None).map_err(|e| {
+                format!(
+                    "extent {} was unmapped by a failed mremap and could not be mapped again: {e}",
+                    index.0
+                )
+            })?;
+        }
         drop(table);
-        give_back(page);
+        give_back(failed.page);
         return Ok(false);
     }
     extent.set_huge();

@@ -51,10 +51,21 @@ mod nr {
 }
 use nr::*;
 
+/// `/proc/self/pagemap`, opened once: asked on every collapse, it must not cost an open (nor
+/// fail for want of a file descriptor) each time.
+fn pagemap() -> io::Result<&'static File> {
+    static PAGEMAP: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+    if let Some(file) = PAGEMAP.get() {
+        return Ok(file);
+    }
+    let file = File::open("/proc/self/pagemap")?;
+    Ok(PAGEMAP.get_or_init(|| file))
+}
+
 /// Host address ranges in `[start, end)` whose pages all have every category in `mask`.
 /// `Ok(None)` when the kernel has no `PAGEMAP_SCAN` (before Linux 6.7).
 pub fn scan(start: u64, end: u64, mask: u64) -> io::Result<Option<Vec<Range<u64>>>> {
-    let pagemap = File::open("/proc/self/pagemap")?;
+    let pagemap = pagemap()?;
     let mut regions = vec![PageRegion::default(); 512];
     let mut out: Vec<Range<u64>> = Vec::new();
     let mut at = start;

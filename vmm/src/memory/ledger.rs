@@ -68,6 +68,14 @@ impl Ledger {
             observe();
         }
         let mut current = self.charged.load(Ordering::Acquire);
+        fail::fail_point!("ledger-charge", |_| {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            Err(ChargeError {
+                bytes,
+                charged: current,
+                limit: self.limit,
+            })
+        });
         loop {
             let next = current.checked_add(bytes).filter(|&n| n <= self.limit);
             let Some(next) = next else {

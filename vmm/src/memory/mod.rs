@@ -135,6 +135,37 @@ pub struct Teardown {
     pub hugetlb_free_pages: u64,
 }
 
+/// Puts an extent of guest RAM back after a failed move unmapped it: fresh memory, the old
+/// contents copied back from `page` (which holds a complete copy) or none (the extent was
+/// unpopulated), registered with the uffd again as all of RAM is. The write lock is held.
+pub(crate) fn restore_hole(
+    ram: &GuestRam,
+    uffd: &Uffd,
+    index: ExtentIndex,
+    page: Option<&pool::HugePage>,
+) -> std::io::Result<()> {
+    ram.refill_hole(index.gpa(), EXTENT_SIZE)?;
+    let dst = ram.host_base().0 as u64 + index.gpa();
+    if let Some(page) = page {
+        // SAFETY: `dst` is the extent just mapped again (2 MiB, writable, owned by `ram`),
+        // `page` is our own 2 MiB mapping; the two never overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                page.addr() as *const u8,
+                dst as *mut u8,
+                EXTENT_SIZE as usize,
+            )
+        };
+    }
+    // Registered after the copy: the copy's own writes must not fault to the handler.
+    uffd.register(dst, EXTENT_SIZE, uffd.registered_mode())?;
+    log::warn!(
+        "a failed mremap unmapped extent {}; it was mapped again",
+        index.0
+    );
+    Ok(())
+}
+
 /// Brings one extent's populated pages up to date with the host kernel.
 fn sync_extent(map: &MemoryMap, ram: &GuestRam, index: ExtentIndex) -> std::io::Result<()> {
     let table = map.read().unwrap_or_else(|p| p.into_inner());
@@ -145,7 +176,7 @@ fn sync_extent(map: &MemoryMap, ram: &GuestRam, index: ExtentIndex) -> std::io::
         return Ok(());
     }
     let present = kernel::present_pages(ram.host_base().0 as u64 + index.gpa(), EXTENT_SIZE)?;
-    extent.sync_pages(|p| present[p]);
+    extent.add_present(|p| present[p]);
     Ok(())
 }
 
@@ -483,15 +514,18 @@ impl Memory {
         if self.config.backing.prepopulated() {
             return Ok(());
         }
+        // The report is taken under the lock, so no extent changes state (becomes huge)
+        // between the kernel's report and its use.
+        let table = self.map.read().unwrap_or_else(|p| p.into_inner());
         let present = kernel::present_pages(self.ram.host_base().0 as u64, self.config.size)
             .map_err(MemoryError::KernelView)?;
-        let table = self.map.read().unwrap_or_else(|p| p.into_inner());
+        fail::fail_point!("kernel-sync-snapshot");
         for (index, extent) in table.iter() {
             if extent.state() == ExtentState::Huge {
                 continue;
             }
             let first = index.0 * extent::PAGES_PER_EXTENT;
-            extent.sync_pages(|p| present[first + p]);
+            extent.add_present(|p| present[first + p]);
         }
         Ok(())
     }
@@ -674,7 +708,7 @@ fn mark_huge_extents(
         if is_huge {
             extent.set_huge();
         } else {
-            extent.sync_pages(|_| true);
+            extent.add_present(|_| true);
         }
     }
     if let Some(ranges) = huge {
@@ -737,6 +771,41 @@ mod tests {
         let charged = memory.ledger().charged();
         assert_eq!(charged, 8 << 20);
         Some((memory.teardown(), free_before, charged))
+    }
+
+    /// Two reports of the kernel's view applied out of order (an old one last) must not roll
+    /// the table back: pages are only ever added.
+    #[test]
+    #[cfg(feature = "failpoints")]
+    fn an_old_kernel_report_never_rolls_the_table_back() {
+        let scenario = fail::FailScenario::setup();
+        let memory = Memory::new(MemoryConfig::small(8 << 20)).unwrap();
+        let gpa = 3 * PAGE_SIZE;
+        fail::cfg("kernel-sync-snapshot", "1*pause").unwrap();
+        std::thread::scope(|s| {
+            // Takes its report (the page absent), then waits in the fault point.
+            let old = s.spawn(|| memory.sync_from_kernel().unwrap());
+            std::thread::sleep(Duration::from_millis(200));
+            memory
+                .ram()
+                .view()
+                .write_obj(1u64, GuestAddress(gpa))
+                .unwrap();
+            memory.sync_from_kernel().unwrap();
+            let table = memory.map().read().unwrap();
+            assert!(table.is_populated(gpa));
+            let generation = table.get(ExtentIndex(0)).unwrap().generation();
+            drop(table);
+            fail::remove("kernel-sync-snapshot");
+            old.join().unwrap();
+            let table = memory.map().read().unwrap();
+            assert!(
+                table.is_populated(gpa),
+                "the old report rolled the page back"
+            );
+            assert_eq!(table.get(ExtentIndex(0)).unwrap().generation(), generation);
+        });
+        scenario.teardown();
     }
 
     #[test]

@@ -106,13 +106,25 @@ impl HugePage {
 
     /// Moves the page over `dst` with `mremap`, replacing whatever was mapped there; from then
     /// on the mapping at `dst` owns it (and unmaps it with the rest). On failure the page is
-    /// handed back, still mapped where it was.
+    /// handed back, still mapped where it was, with whether `dst` is still mapped: the kernel
+    /// unmaps the destination before it moves, and a move that fails after that (`ENOMEM`
+    /// near `vm.max_map_count`) leaves a hole where the caller's memory was.
     ///
     /// # Safety
     /// `dst` must be 2 MiB aligned and start 2 MiB of a mapping the caller owns, whose old
     /// pages nothing relies on any more (they are unmapped); for guest RAM that means the
     /// memory map's write lock is held and the contents were copied first.
-    pub unsafe fn move_to(self, dst: u64) -> Result<PageKind, (HugePage, io::Error)> {
+    pub unsafe fn move_to(self, dst: u64) -> Result<PageKind, MoveFailed> {
+        if crate::fires!("mremap-hole") {
+            // As the kernel does on a late failure: the destination is gone, the page is not.
+            // SAFETY: per the caller's contract, `dst` is 2 MiB of the caller's own mapping.
+            unsafe { libc::munmap(dst as *mut libc::c_void, EXTENT_SIZE as usize) };
+            return Err(MoveFailed {
+                page: self,
+                source: io::Error::from_raw_os_error(libc::ENOMEM),
+                hole: true,
+            });
+        }
         // SAFETY: per the caller's contract for `dst`; the source is our own 2 MiB mapping.
         let moved = unsafe {
             libc::mremap(
@@ -124,12 +136,36 @@ impl HugePage {
             )
         };
         if moved == libc::MAP_FAILED {
-            return Err((self, io::Error::last_os_error()));
+            let source = io::Error::last_os_error();
+            return Err(MoveFailed {
+                page: self,
+                source,
+                hole: !is_mapped(dst),
+            });
         }
         let kind = self.kind;
         std::mem::forget(self);
         Ok(kind)
     }
+}
+
+/// A move that did not happen.
+#[derive(Debug)]
+pub struct MoveFailed {
+    /// The page, still the caller's.
+    pub page: HugePage,
+    /// Why.
+    pub source: io::Error,
+    /// Whether the destination was unmapped all the same (it must be mapped again).
+    pub hole: bool,
+}
+
+/// Whether the page at `addr` is mapped at all (`mincore` says `ENOMEM` for a hole).
+fn is_mapped(addr: u64) -> bool {
+    let mut v = 0u8;
+    // SAFETY: mincore only reports on the range and writes one byte into `v`.
+    let r = unsafe { libc::mincore(addr as *mut libc::c_void, 4096, &mut v) };
+    !(r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOMEM))
 }
 
 impl Drop for HugePage {
@@ -303,6 +339,7 @@ impl PoolInner {
     fn refill(&self) -> Result<(), String> {
         let mut ready = lock(&self.ready);
         loop {
+            fail::fail_point!("pool-refill");
             if self.stop.is_set() {
                 return Ok(());
             }
@@ -461,6 +498,36 @@ mod tests {
         );
         pool.shutdown();
         assert_eq!(pool.ready(), 0);
+    }
+
+    /// The refill thread checks its stop flag, then waits: a stop (and its wake-up) landing
+    /// between the two must still be seen. The fault point holds the thread right there.
+    #[test]
+    #[cfg(feature = "failpoints")]
+    fn a_stop_between_the_check_and_the_wait_is_not_missed() {
+        let scenario = fail::FailScenario::setup();
+        fail::cfg("pool-refill-wait", "sleep(300)").unwrap();
+        let mut pool = HugePagePool::new(HugeSource::Thp, 1, |what| panic!("{what}")).unwrap();
+        // Watched through the counters: `ready()` would take the lock the thread holds.
+        let start = std::time::Instant::now();
+        while pool.stats().thp.load(Ordering::SeqCst) < 1 {
+            if start.elapsed() > std::time::Duration::from_secs(10) {
+                eprintln!("SKIP: no THP could be allocated here");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // The thread has filled the pool and now sleeps in the fault point, between its check
+        // of the stop flag and its wait.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let start = std::time::Instant::now();
+        pool.shutdown();
+        let took = start.elapsed();
+        assert!(
+            took < crate::worker::JOIN_LIMIT,
+            "shutdown took {took:?}: the refill thread missed its stop"
+        );
+        scenario.teardown();
     }
 
     #[test]

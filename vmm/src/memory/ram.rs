@@ -54,6 +54,7 @@ pub struct HostAddr(pub usize);
 pub struct GuestRam {
     base: NonNull<u8>,
     size: u64,
+    backing: Backing,
     view: GuestMemoryMmap,
 }
 
@@ -148,7 +149,46 @@ impl GuestRam {
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .expect("a region at guest-physical 0 of at most MAX_RAM cannot overflow");
         let view = GuestMemoryMmap::from_regions(vec![region]).map_err(RamError::ViewRegions)?;
-        Ok(GuestRam { base, size, view })
+        Ok(GuestRam {
+            base,
+            size,
+            backing,
+            view,
+        })
+    }
+
+    /// Maps fresh memory (zeroes, RAM's flags and advice) over a hole at `[gpa, gpa + len)`:
+    /// a failed `mremap` may have unmapped part of guest RAM.
+    pub fn refill_hole(&self, gpa: u64, len: u64) -> io::Result<()> {
+        assert!(
+            gpa.checked_add(len).is_some_and(|end| end <= self.size),
+            "inside RAM"
+        );
+        // SAFETY: the range lies inside our reservation and is unmapped (NOREPLACE fails
+        // otherwise), so nothing is replaced and nothing else refers to it.
+        let addr = unsafe { self.base.as_ptr().add(gpa as usize) };
+        // SAFETY: as above.
+        let mapped = unsafe {
+            libc::mmap(
+                addr.cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_FIXED_NOREPLACE
+                    | self.backing.mmap_flags(),
+                -1,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some(advice) = self.backing.madvise() {
+            // SAFETY: advice on the range just mapped; it changes no contents.
+            unsafe { libc::madvise(mapped, len as usize, advice) };
+        }
+        Ok(())
     }
 
     /// Populates every page now (`MADV_POPULATE_WRITE`), so no fault happens later.

@@ -50,6 +50,10 @@ impl ImageSource {
 
 impl PageSource for ImageSource {
     fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, ImageFileError> {
+        fail::fail_point!("source-read", |_| Err(ImageFileError::Io {
+            path: self.image.path().into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        }));
         debug_assert_eq!(buf.len() as u64 % PAGE_SIZE, 0);
         // One fstat: a hole needs no read, so only this notices an image changed meanwhile.
         self.image.check_unchanged()?;

@@ -123,6 +123,8 @@ pub enum Resolved {
 pub struct Uffd {
     fd: OwnedFd,
     features: u64,
+    /// The mode of the last registration, to register a range again the same way.
+    mode: std::sync::atomic::AtomicU64,
 }
 
 fn ioctl_result(ret: libc::c_int) -> io::Result<()> {
@@ -169,6 +171,7 @@ impl Uffd {
         Ok(Uffd {
             fd,
             features: api.features,
+            mode: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -186,7 +189,16 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one `UffdioRegister`; registering changes
         // how faults in the range are handled, not memory contents.
-        ioctl_result(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER() as _, &mut reg) })
+        ioctl_result(unsafe {
+            libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER() as _, &mut reg)
+        })?;
+        self.mode.store(mode, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The mode guest RAM was registered with.
+    pub fn registered_mode(&self) -> u64 {
+        self.mode.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Unregisters a range.
@@ -209,6 +221,9 @@ impl Uffd {
     /// `dst..dst+len` must be memory registered with this uffd that the caller owns (guest
     /// RAM), and `src..src+len` must be readable.
     pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> io::Result<Resolved> {
+        fail::fail_point!("uffd-copy", |_| Err(io::Error::from_raw_os_error(
+            libc::EIO
+        )));
         let mut copy = UffdioCopy {
             dst,
             src: src as u64,
@@ -251,6 +266,9 @@ impl Uffd {
     /// Write-protects (`protect`) or unprotects a range; unprotecting wakes blocked writers
     /// unless `wake` is false (the kernel takes no wake flag with protection).
     pub fn write_protect(&self, start: u64, len: u64, protect: bool, wake: bool) -> io::Result<()> {
+        fail::fail_point!("uffd-writeprotect", |_| Err(io::Error::from_raw_os_error(
+            libc::EIO
+        )));
         let mode = match (protect, wake) {
             (true, _) => WRITEPROTECT_MODE_WP,
             (false, true) => 0,

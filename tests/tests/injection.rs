@@ -1,0 +1,206 @@
+//! Fault injection through the whole memory path: a failing page-source read, failing
+//! `UFFDIO_COPY`, `UFFDIO_WRITEPROTECT` and `mremap` (including an `mremap` that unmaps its
+//! destination and then fails, as the kernel may), failed allocations and charges at each step
+//! of the fault path and of each collapse order, the kernel's view out of reach, and a panic in
+//! every thread. After each, the VM either goes on correctly (the guest checks every page it
+//! wrote) or ends with a clear error; either way the ledger is back at zero and every hugetlb
+//! page is back in the pool after teardown.
+#![cfg(feature = "failpoints")]
+
+use std::time::Duration;
+
+use integration_tests::{TempDir, hugetlb_lock, read_json, report_sum, require_kvm, vmm_within};
+use serde_json::Value;
+use vmm::vm::exit_code;
+
+/// What an injected run must end with.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// The guest finished and found every page as it wrote it.
+    Correct,
+    /// The VM ended with this code and a message containing this text.
+    Ends(u8, &'static str),
+    /// Either of the two: the failure leaves a window in which a vCPU may fail (said so).
+    CorrectOrEnds(u8, &'static str),
+}
+
+/// Runs `verify mode=stress` on 2 vCPUs with `failpoints`, checks the outcome and the
+/// teardown, and returns the metrics.
+fn inject(args: &str, failpoints: &str, expect: Expect) -> Value {
+    let _pool = hugetlb_lock();
+    let dir = TempDir::new("inject");
+    let image = dir.path("ram.img");
+    let metrics = dir.path("m.json");
+    if args.contains("IMAGE") {
+        let (run, _) = vmm_within(
+            &integration_tests::words(&format!(
+                "run --guest verify --vcpus 2 --memory 32M --arg mode=fill --arg seed=9 \
+                 --save-memory {image}"
+            )),
+            &[],
+            Duration::from_secs(120),
+        );
+        assert_eq!(run.code, Some(0), "{run}");
+    }
+    let mode = if args.contains("IMAGE") {
+        "--arg mode=check --arg seed=9"
+    } else {
+        "--arg mode=stress --arg passes=3"
+    };
+    let line = format!(
+        "run --guest verify --vcpus 2 --memory 32M {mode} --metrics {metrics} {}",
+        args.replace("IMAGE", &image)
+    );
+    let (run, took) = vmm_within(
+        &integration_tests::words(&line),
+        &[("FAILPOINTS", failpoints)],
+        Duration::from_secs(120),
+    );
+    let what = format!("{line}\nFAILPOINTS={failpoints}\n{run}");
+    assert!(took < Duration::from_secs(100), "took {took:?}: {what}");
+    let expect = match expect {
+        Expect::CorrectOrEnds(code, needle) if run.code != Some(0) => Expect::Ends(code, needle),
+        Expect::CorrectOrEnds(..) => Expect::Correct,
+        other => other,
+    };
+    match expect {
+        Expect::CorrectOrEnds(..) => unreachable!(),
+        Expect::Correct => {
+            assert_eq!(run.code, Some(0), "{what}");
+            assert_eq!(report_sum(&run.stdout, "mismatches"), 0, "{what}");
+        }
+        Expect::Ends(code, needle) => {
+            assert_eq!(run.code, Some(i32::from(code)), "{what}");
+            assert!(
+                run.stderr.contains(needle),
+                "stderr lacks {needle:?}: {what}"
+            );
+        }
+    }
+    let json = read_json(&metrics);
+    assert_eq!(json["ledger"]["after_teardown_bytes"], 0, "{what}\n{json}");
+    assert_eq!(
+        json["kernel"]["hugetlb_free_after_teardown"], json["kernel"]["hugetlb_free_before"],
+        "every hugetlb page went back: {what}"
+    );
+    json
+}
+
+const HANDLER_FAILED: u8 = exit_code::VMM_FAILED;
+
+#[test]
+fn the_4k_fault_path_ends_the_vm_cleanly_on_each_failure() {
+    require_kvm!();
+    let source = "--page-source image:IMAGE --collapse off";
+    inject(
+        source,
+        "source-read=1*return",
+        Expect::Ends(HANDLER_FAILED, "the page source failed"),
+    );
+    inject(
+        "--page-source zero --collapse off",
+        "uffd-copy=1*return",
+        Expect::Ends(HANDLER_FAILED, "resolving the fault at guest address"),
+    );
+    inject(
+        "--page-source zero --collapse off",
+        "fault-serve=1*panic(injected)",
+        Expect::Ends(HANDLER_FAILED, "uffd-handler panicked: injected"),
+    );
+}
+
+#[test]
+fn the_2m_fault_path_falls_back_or_ends_cleanly_on_each_failure() {
+    require_kvm!();
+    let source = "--page-source image:IMAGE --fault-granularity 2M --collapse off";
+    // No page or no charge: the fault is served 4 KiB at a time instead.
+    for failpoints in ["pool-alloc=return", "ledger-charge=return"] {
+        let json = inject(source, failpoints, Expect::Correct);
+        assert_eq!(json["faults"]["extents_mapped"], 0, "{failpoints}: {json}");
+    }
+    // The move fails (and takes the extent with it): the extent is mapped again and served
+    // 4 KiB at a time; later ones move as usual.
+    let json = inject(source, "mremap-hole=2*return", Expect::Correct);
+    assert!(
+        json["faults"]["extents_mapped"].as_u64().unwrap() > 0,
+        "{json}"
+    );
+    inject(
+        source,
+        "source-read=1*return",
+        Expect::Ends(HANDLER_FAILED, "the page source failed"),
+    );
+}
+
+#[test]
+fn every_collapse_order_survives_each_failure() {
+    require_kvm!();
+    for order in ["prealloc", "legacy", "unlocked"] {
+        for source in ["kernel", "zero"] {
+            // Nothing kept ready: every allocation is the collapse's own.
+            let args =
+                format!("--page-source {source} --collapse-order {order} --huge-pool-ahead 0");
+            let json = inject(&args, "pool-alloc=3*return", Expect::Correct);
+            assert!(
+                json["collapse"]["collapse_alloc_failed"].as_u64().unwrap() >= 1,
+                "{json}"
+            );
+            let json = inject(&args, "ledger-charge=3*return", Expect::Correct);
+            assert!(
+                json["collapse"]["charge_failed"].as_u64().unwrap() >= 1,
+                "{json}"
+            );
+            // The kernel unmaps the destination before it moves; a move that fails after
+            // that leaves a hole until the extent is mapped again (its copy put back). A
+            // vCPU that touches the extent in that window fails, and the VMM says why.
+            let json = inject(
+                &args,
+                "mremap-hole=2*return",
+                Expect::CorrectOrEnds(exit_code::GUEST_FAILED, "a failed mremap unmapped extent"),
+            );
+            assert!(json["collapse"]["failed"].as_u64().unwrap() >= 1, "{json}");
+        }
+        // The first protect fails: that collapse gives up; the rest go on.
+        let args = format!("--page-source zero --collapse-order {order}");
+        let json = inject(&args, "uffd-writeprotect=1*return", Expect::Correct);
+        assert!(json["collapse"]["failed"].as_u64().unwrap() >= 1, "{json}");
+    }
+}
+
+#[test]
+fn a_collapse_that_cannot_see_the_kernels_view_backs_off() {
+    require_kvm!();
+    let json = inject(
+        "--page-source kernel --collapse-alloc-sleep 200",
+        "collapse-present-pages=return",
+        Expect::Correct,
+    );
+    let failed = json["collapse"]["failed"].as_u64().unwrap();
+    let wall_ms = json["wall_time_ns"].as_u64().unwrap() / 1_000_000;
+    assert!(failed >= 1, "{json}");
+    // One attempt per back-off, not thousands: at most one per 200 ms, and a few to start.
+    assert!(
+        failed <= 3 + wall_ms / 200,
+        "{failed} failures in {wall_ms} ms"
+    );
+}
+
+#[test]
+fn a_panic_in_any_memory_thread_or_vcpu_ends_the_vm_with_its_name() {
+    require_kvm!();
+    inject(
+        "--page-source zero",
+        "collapse-scan=1*panic(injected)",
+        Expect::Ends(HANDLER_FAILED, "collapser panicked: injected"),
+    );
+    inject(
+        "--page-source zero",
+        "pool-refill=1*panic(injected)",
+        Expect::Ends(HANDLER_FAILED, "huge-refill panicked: injected"),
+    );
+    inject(
+        "--page-source zero",
+        "vcpu-run=1*panic(injected)",
+        Expect::Ends(exit_code::GUEST_FAILED, "the vCPU thread panicked"),
+    );
+}
