@@ -384,3 +384,165 @@ fn guest_reads_of_a_collapsing_extent_are_served_once() {
         "{json}"
     );
 }
+
+#[test]
+fn the_pool_kept_ready_is_bounded() {
+    require_kvm!();
+    vmm_fails(
+        &words("run --memory 64M --huge-pool-ahead 100000"),
+        exit_code::BAD_INPUT,
+        &["--huge-pool-ahead 100000 is out of range: allowed 0 to 32"],
+    );
+    vmm_fails(
+        &words("run --memory 1G --huge-pool-ahead 65"),
+        exit_code::BAD_INPUT,
+        &["allowed 0 to 64"],
+    );
+    vmm_ok(&words("run --memory 64M --huge-pool-ahead 32"));
+}
+
+#[test]
+fn a_guest_cannot_flood_the_host_through_ucalls() {
+    require_kvm!();
+    let dir = TempDir::new("ucall-flood");
+    let metrics = dir.path("m.json");
+    for kind in ["print-flood", "report-flood"] {
+        let run = vmm_ok(&words(&format!(
+            "run --guest misbehave --arg kind={kind} --arg count=20000 --memory 8M --metrics \
+             {metrics}"
+        )));
+        let json = integration_tests::read_json(&metrics);
+        let dropped = json["console"]["ucall_dropped_bytes"].as_u64().unwrap();
+        let written = json["console"]["ucall_written_bytes"].as_u64().unwrap();
+        assert!(dropped > 0, "{kind}: {json}");
+        // The burst and the steady rate over the run, nothing more.
+        let secs = json["wall_time_ns"].as_u64().unwrap() / 1_000_000_000 + 1;
+        assert!(
+            written <= (64 << 10) + secs * (16 << 10),
+            "{kind}: {written} bytes"
+        );
+        assert!(run.stdout.len() as u64 <= written, "{kind}");
+        assert!(
+            run.stderr
+                .contains("bytes of ucall prints and reports (rate limit)"),
+            "{run}"
+        );
+        if kind == "report-flood" {
+            let vcpu = &json["vcpus"][0];
+            assert_eq!(
+                vcpu["reports"].as_array().unwrap().len(),
+                vmm::metrics::MAX_REPORTS
+            );
+            assert_eq!(
+                vcpu["reports_dropped"],
+                20000 - vmm::metrics::MAX_REPORTS as u64
+            );
+        }
+        assert!(std::fs::metadata(&metrics).unwrap().len() < 1 << 20);
+    }
+}
+
+#[test]
+fn guest_escape_sequences_never_reach_the_terminal() {
+    require_kvm!();
+    let run = vmm_ok(&words(
+        "run --guest misbehave --arg kind=escapes --memory 8M",
+    ));
+    assert!(
+        !run.stdout.contains('\x1b') && !run.stdout.contains('\x07'),
+        "{:?}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("serial ^[[2J^[]0;owned^G end"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("ucall ^[[31m red ^[[0m end"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature (make test)"
+)]
+fn a_signal_during_a_save_stops_it_and_leaves_the_old_image() {
+    require_kvm!();
+    let dir = TempDir::new("save-signal");
+    let image = dir.path("ram.img");
+    fill(&image);
+    let before = std::fs::read(&image).unwrap();
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        // The save waits a second in the fault point, long enough for the signal to land.
+        let mut cmd = Command::new(integration_tests::vmm_bin());
+        cmd.args(words(&format!(
+            "run --guest hello --memory 64M --save-memory {image}"
+        )))
+        .env("FAILPOINTS", "save-start=sleep(1500)")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        // SAFETY: signalling our own child, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let run = wait(child);
+        assert_eq!(run.code, Some(code), "{run}");
+        assert!(run.stderr.contains("a signal stopped the save"), "{run}");
+        assert_eq!(
+            std::fs::read(&image).unwrap(),
+            before,
+            "the old image is intact"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir.0).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+    }
+}
+
+#[test]
+fn a_temporary_left_by_a_killed_save_is_removed_by_the_next() {
+    require_kvm!();
+    let dir = TempDir::new("stale-tmp");
+    let image = dir.path("ram.img");
+    // As left by a save that was killed (a PID that cannot exist).
+    let stale = dir.path(".ram.img.tmp-2147483600");
+    std::fs::write(&stale, b"half an image").unwrap();
+    vmm_ok(&words(&format!("run --memory 8M --save-memory {image}")));
+    assert!(!std::path::Path::new(&stale).exists());
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
+}
+
+#[test]
+fn small_bad_values_are_named_with_what_is_allowed() {
+    require_kvm!();
+    for (line, needle) in [
+        ("run --timeout 1e9", "--timeout 1000000000 is out of range"),
+        ("run --memory 99999999999G", "too large"),
+        (
+            "run --memory 64M --huge-limit 3M",
+            "--huge-limit 3M is not allowed",
+        ),
+        ("run --memory 64M --huge-limit 1", "multiple of 2 MiB"),
+        (
+            "run --memory 64M --huge-limit 4M --collapse off",
+            "--huge-limit applies only",
+        ),
+        (
+            "run --memory 64M --huge-limit 4M --backing thp",
+            "--huge-limit applies only",
+        ),
+        (
+            "run --kvm-device /dev/null",
+            "/dev/null is not a KVM device",
+        ),
+        ("run --kvm-device /etc/passwd", "it is a regular file"),
+    ] {
+        vmm_fails(&words(line), exit_code::BAD_INPUT, &[needle]);
+    }
+}

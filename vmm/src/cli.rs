@@ -194,6 +194,10 @@ pub struct RunArgs {
     pub max_ptes_none: u32,
 }
 
+/// Longest `--timeout` or `--metrics-interval`, in seconds: far beyond any run, and far from
+/// where a deadline would overflow the clock.
+pub const MAX_SECONDS: f64 = 1e8;
+
 fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),
@@ -207,9 +211,12 @@ impl RunArgs {
     pub fn to_config(&self) -> Result<VmConfig, String> {
         let seconds = |flag: &str, value: Option<f64>| match value {
             None => Ok(None),
-            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Ok(Some(Duration::from_secs_f64(t))),
+            Some(t) if t.is_finite() && t > 0.0 && t <= MAX_SECONDS => {
+                Ok(Some(Duration::from_secs_f64(t)))
+            }
             Some(t) => Err(format!(
-                "{flag} {t} is not allowed: give a number of seconds greater than zero"
+                "{flag} {t} is out of range: give a number of seconds greater than 0 and at \
+                 most {MAX_SECONDS} (about three years)"
             )),
         };
         let timeout = seconds("--timeout", self.timeout)?;

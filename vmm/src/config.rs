@@ -20,16 +20,30 @@ impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bytes = guest_abi::parse_size(s.trim().as_bytes()).ok_or_else(|| {
-            format!(
-                "invalid size {s:?}: expected a whole number of bytes with an optional K, M or G \
-                 suffix, such as 512M or 2G"
-            )
+            if well_formed_size(s.trim()) {
+                format!("invalid size {s:?}: too large (sizes are at most 16 EiB, 2^64 bytes)")
+            } else {
+                format!(
+                    "invalid size {s:?}: expected a whole number of bytes with an optional K, M \
+                     or G suffix, such as 512M or 2G"
+                )
+            }
         })?;
         if bytes == 0 {
             return Err(format!("invalid size {s:?}: must be greater than zero"));
         }
         Ok(ByteSize(bytes))
     }
+}
+
+/// Whether `s` is written as a size (digits and an optional suffix, or `0x` and hex digits),
+/// whatever its value: a well-formed size that does not parse is too large.
+fn well_formed_size(s: &str) -> bool {
+    if let Some(hex) = s.strip_prefix("0x") {
+        return !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    }
+    let digits = s.strip_suffix(['k', 'K', 'm', 'M', 'g', 'G']).unwrap_or(s);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 impl fmt::Display for ByteSize {
@@ -70,6 +84,10 @@ impl FromStr for GuestArg {
         })
     }
 }
+
+/// Most huge pages the pool keeps ready (128 MiB): pages kept ready are memory the ledger
+/// does not charge, so they are bounded by this and by the guest's extents.
+pub const MAX_POOL_AHEAD: usize = 64;
 
 /// Smallest guest RAM: the reserved area plus one extent for the program.
 pub const MIN_MEMORY: u64 = LOAD_BASE + EXTENT_SIZE;
@@ -192,6 +210,33 @@ pub enum ConfigError {
     /// A zero pages-to-scan.
     #[error("--collapse-pages-to-scan must be at least 1")]
     PagesToScan,
+    /// A huge-page limit that is not a whole number of huge pages or exceeds RAM.
+    #[error(
+        "--huge-limit {value} is not allowed: give a multiple of 2 MiB from 2M to {ram} (the guest's RAM)"
+    )]
+    HugeLimit {
+        /// The value given.
+        value: ByteSize,
+        /// Guest RAM.
+        ram: ByteSize,
+    },
+    /// A huge-page limit where nothing charges huge pages.
+    #[error(
+        "--huge-limit applies only where huge pages are charged: the collapse thread (on by \
+         default with --backing small) or --fault-granularity 2M"
+    )]
+    HugeLimitUnused,
+    /// More huge pages kept ready than make sense.
+    #[error(
+        "--huge-pool-ahead {value} is out of range: allowed 0 to {max} (one per extent of guest \
+         RAM, at most {MAX_POOL_AHEAD})"
+    )]
+    PoolAhead {
+        /// The value given.
+        value: usize,
+        /// Largest allowed.
+        max: usize,
+    },
     /// An output file whose directory does not exist.
     #[error("{flag} {path}: the directory {dir} does not exist")]
     OutputDir {
@@ -259,6 +304,25 @@ impl VmConfig {
         if self.collapse_config.pages_to_scan == 0 {
             return Err(ConfigError::PagesToScan);
         }
+        if let Some(limit) = self.huge_limit {
+            if !limit.0.is_multiple_of(EXTENT_SIZE) || limit.0 > mem {
+                return Err(ConfigError::HugeLimit {
+                    value: limit,
+                    ram: self.memory,
+                });
+            }
+            let extent_faults = self.fault_granularity.0 == EXTENT_SIZE;
+            if !self.collapse_on() && !extent_faults {
+                return Err(ConfigError::HugeLimitUnused);
+            }
+        }
+        let max = MAX_POOL_AHEAD.min((mem / EXTENT_SIZE) as usize);
+        if self.pool_ahead > max {
+            return Err(ConfigError::PoolAhead {
+                value: self.pool_ahead,
+                max,
+            });
+        }
         if let Some(path) = &self.save_memory {
             check_output_dir("--save-memory", path)?;
         }
@@ -306,6 +370,8 @@ impl VmConfig {
             huge_limit: self.huge_limit.map_or(self.memory.0, |l| l.0),
             pool_ahead: self.pool_ahead,
             populate: self.populate,
+            map_reserve: crate::memory::MAP_RESERVE
+                + crate::memory::MAPS_PER_THREAD * u64::from(self.vcpus),
         }
     }
 }

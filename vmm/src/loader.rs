@@ -44,8 +44,8 @@ pub const BUILTINS: &[Builtin] = &[
     Builtin {
         name: "misbehave",
         summary: "does something a VMM must survive, for tests",
-        args: "kind=triple-fault(default)|bad-ucall|unknown-port|serial-flood|untouched-ucall \
-               bytes=SIZE(256K)",
+        args: "kind=triple-fault(default)|bad-ucall|unknown-port|serial-flood|untouched-ucall|\
+               print-flood|report-flood|escapes bytes=SIZE(256K) count=N(100000)",
     },
 ];
 
@@ -246,6 +246,22 @@ pub fn parse_executable(bytes: &[u8], ram_size: u64) -> Result<Executable, Strin
     if segments.is_empty() {
         return Err("no loadable (PT_LOAD) segment".into());
     }
+    // Loaded one after the other, overlapping segments would overwrite each other's bytes.
+    let mut sorted: Vec<&Segment> = segments.iter().collect();
+    sorted.sort_by_key(|s| s.addr);
+    for pair in sorted.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if a.addr + a.mem_size > b.addr {
+            return Err(format!(
+                "segments [{:#x}, {:#x}) and [{:#x}, {:#x}) overlap; each byte of guest memory \
+                 may come from one segment only",
+                a.addr,
+                a.addr + a.mem_size,
+                b.addr,
+                b.addr + b.mem_size
+            ));
+        }
+    }
     if !segments
         .iter()
         .any(|s| (s.addr..s.addr + s.mem_size).contains(&entry))
@@ -427,6 +443,18 @@ mod tests {
                 "more file bytes",
             ),
             (elf(ET_EXEC, EM_X86_64, LOAD_BASE, &[]), "no loadable"),
+            (
+                elf(
+                    ET_EXEC,
+                    EM_X86_64,
+                    LOAD_BASE,
+                    &[
+                        (PT_LOAD, 0, LOAD_BASE, 16, 0x2000),
+                        (PT_LOAD, 0, LOAD_BASE + 0x1000, 16, 0x1000),
+                    ],
+                ),
+                "overlap",
+            ),
             (
                 elf(
                     ET_EXEC,

@@ -63,6 +63,12 @@ fn main() -> ExitCode {
                     if dropped > 0 {
                         eprintln!("vmm: dropped {dropped} bytes of serial output (rate limit)");
                     }
+                    let (_, dropped) = summary.ucall_output;
+                    if dropped > 0 {
+                        eprintln!(
+                            "vmm: dropped {dropped} bytes of ucall prints and reports (rate limit)"
+                        );
+                    }
                     let json = summary.to_json();
                     if json["collapse"]["enabled"] == true {
                         let (ext, c) = (&json["memory"]["extents"], &json["collapse"]);

@@ -9,6 +9,9 @@ use serde_json::{Value, json};
 
 pub use crate::files::{MetricsTarget, lines_path};
 
+/// Most report ucalls kept per vCPU (keys are at most 256 bytes: about 300 KiB).
+pub const MAX_REPORTS: usize = 1024;
+
 /// Counters one vCPU thread keeps; owned by that thread, handed back when it ends.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct VcpuStats {
@@ -18,8 +21,10 @@ pub struct VcpuStats {
     pub exits: BTreeMap<&'static str, u64>,
     /// Sync ucalls seen.
     pub syncs: u64,
-    /// Report ucalls, in order: `(key, value)`.
+    /// Report ucalls, in order: `(key, value)`; at most [`MAX_REPORTS`].
     pub reports: Vec<(String, u64)>,
+    /// Reports not kept because [`MAX_REPORTS`] were already.
+    pub reports_dropped: u64,
     /// The code this vCPU ended with, if it sent done.
     pub exit_code: Option<u64>,
 }
@@ -30,6 +35,16 @@ impl VcpuStats {
         VcpuStats {
             index,
             ..Default::default()
+        }
+    }
+
+    /// Keeps a report, unless [`MAX_REPORTS`] are kept already (then it is only counted): a
+    /// guest reporting in a loop must not grow the VMM's memory or its metrics file.
+    pub fn add_report(&mut self, key: String, value: u64) {
+        if self.reports.len() < MAX_REPORTS {
+            self.reports.push((key, value));
+        } else {
+            self.reports_dropped += 1;
         }
     }
 
@@ -153,6 +168,7 @@ pub fn vcpus_json(vcpus: &[VcpuStats]) -> Value {
                     "exit_code": v.exit_code,
                     "exits": v.exits,
                     "syncs": v.syncs,
+                    "reports_dropped": v.reports_dropped,
                     "reports": v.reports.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
                 })
             })

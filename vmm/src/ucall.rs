@@ -26,6 +26,19 @@ pub enum UcallResult {
     Invalid(String),
 }
 
+/// Text a guest wrote, as the host shows it: invalid UTF-8 replaced, and C1 control
+/// characters (which some terminals obey as escapes) shown as `<U+009B>`; C0 controls are
+/// made visible on the way out (see [`crate::devices::serial::sanitize`]).
+pub fn guest_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| match c {
+            '\u{80}'..='\u{9f}' => format!("<U+{:04X}>", c as u32),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 /// Handles the ucall at guest address `addr` from vCPU `stats.index`.
 pub fn handle(
     mem: &GuestMemoryMmap,
@@ -62,7 +75,7 @@ pub fn dispatch(
     match Ucall::decode(bytes) {
         Err(e) => UcallResult::Invalid(format!("malformed ucall at {addr:#x}: {e}")),
         Ok(Command::Print(text)) => {
-            devices.print_line(&format!("[vcpu{index}] {}", String::from_utf8_lossy(text)));
+            devices.print_line(&format!("[vcpu{index}] {}", guest_text(text)));
             UcallResult::Continue
         }
         Ok(Command::Sync(stage)) => {
@@ -71,9 +84,9 @@ pub fn dispatch(
             UcallResult::Continue
         }
         Ok(Command::Report { key, value }) => {
-            let key = String::from_utf8_lossy(key).into_owned();
+            let key = guest_text(key);
             devices.print_line(&format!("[vcpu{index}] {key} = {value}"));
-            stats.reports.push((key, value));
+            stats.add_report(key, value);
             UcallResult::Continue
         }
         Ok(Command::Done(code)) => UcallResult::Done(code),
@@ -82,11 +95,7 @@ pub fn dispatch(
             line,
             message,
         }) => UcallResult::Abort {
-            what: format!(
-                "{}:{line}: {}",
-                String::from_utf8_lossy(file),
-                String::from_utf8_lossy(message)
-            ),
+            what: format!("{}:{line}: {}", guest_text(file), guest_text(message)),
         },
     }
 }

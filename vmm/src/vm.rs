@@ -47,6 +47,14 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The KVM device is not one.
+    #[error("{path} is not a KVM device: {why}; name the KVM device node (normally /dev/kvm)")]
+    NotKvm {
+        /// The device path.
+        path: String,
+        /// What it is instead.
+        why: String,
+    },
     /// A KVM ioctl failed.
     #[error("KVM call failed: {what}")]
     Kvm {
@@ -83,6 +91,20 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// Too few memory mappings are left for the VMM's threads.
+    #[error(
+        "vm.max_map_count is {max} and this process already uses {used} mappings; the VMM needs \
+         {need} more for its threads and buffers (raise it as root: sysctl -w \
+         vm.max_map_count=65530)"
+    )]
+    Mappings {
+        /// `vm.max_map_count`.
+        max: u64,
+        /// Mappings in use.
+        used: u64,
+        /// Mappings needed.
+        need: u64,
+    },
     /// The kick signal handler could not be installed.
     #[error("cannot install a signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -112,9 +134,11 @@ impl VmError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             VmError::Config(_)
+            | VmError::Mappings { .. }
             | VmError::Output(_)
             | VmError::Image(_)
-            | VmError::OpenKvm { .. } => true,
+            | VmError::OpenKvm { .. }
+            | VmError::NotKvm { .. } => true,
             VmError::Memory(MemoryError::HugetlbPool { .. })
             | VmError::Memory(MemoryError::UffdUnavailable { .. }) => true,
             // An unusable image is bad input; an I/O error while saving one is not.
@@ -223,6 +247,8 @@ pub struct RunSummary {
     pub vcpus: Vec<VcpuStats>,
     /// Serial console bytes written and dropped by the rate limit.
     pub console: (u64, u64),
+    /// Ucall text bytes (prints, reports) written and dropped by its rate limit.
+    pub ucall_output: (u64, u64),
     /// The memory, faults and kernel sections, read just before teardown.
     pub memory: Value,
     /// What `--save-memory` wrote, if it ran.
@@ -243,7 +269,12 @@ impl RunSummary {
             "outcome": self.outcome.describe(),
             "wall_time_ns": self.wall.as_nanos() as u64,
             "vcpus": metrics::vcpus_json(&self.vcpus),
-            "console": { "written_bytes": self.console.0, "dropped_bytes": self.console.1 },
+            "console": {
+                "written_bytes": self.console.0,
+                "dropped_bytes": self.console.1,
+                "ucall_written_bytes": self.ucall_output.0,
+                "ucall_dropped_bytes": self.ucall_output.1,
+            },
             "saved_image": self.saved,
         });
         metrics::merge(&mut summary, &self.memory);
@@ -300,7 +331,34 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
             path: path.clone(),
             source: kvm_ioctls::Error::new(libc::EINVAL),
         })?;
-    Kvm::new_with_path(&c_path).map_err(|source| VmError::OpenKvm { path, source })
+    // A FIFO or a regular file named as the device would block or answer nonsense.
+    match std::fs::metadata(&config.kvm_device) {
+        Ok(meta) if !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()) => {
+            return Err(VmError::NotKvm {
+                path,
+                why: format!("it is {}", crate::files::kind_name(meta.file_type())),
+            });
+        }
+        _ => {}
+    }
+    let kvm = Kvm::new_with_path(&c_path).map_err(|source| VmError::OpenKvm {
+        path: path.clone(),
+        source,
+    })?;
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v if v < 0 => Err(VmError::NotKvm {
+            path,
+            why: format!(
+                "it does not answer KVM_GET_API_VERSION ({})",
+                std::io::Error::last_os_error()
+            ),
+        }),
+        v => Err(VmError::NotKvm {
+            path,
+            why: format!("it reports KVM API version {v}, not 12"),
+        }),
+    }
 }
 
 impl Vm {
@@ -327,6 +385,17 @@ impl Vm {
 
         let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
         let mut memory_config = config.memory_config();
+        // Running out of mappings later would abort the process (a thread's stack, an
+        // allocation): refuse now, while it can still say why.
+        if let (Ok(max), Ok(used)) = (kernel::max_map_count(), kernel::mappings())
+            && used + memory_config.map_reserve > max
+        {
+            return Err(VmError::Mappings {
+                max,
+                used,
+                need: memory_config.map_reserve,
+            });
+        }
         // On by default, the collapse thread is an optimisation: where the host does not
         // allow it, say so once and run without it. Asked for with --collapse on, it must run.
         if memory_config.collapse.is_some()
@@ -572,6 +641,7 @@ impl Vm {
             wall: start.elapsed(),
             vcpus,
             console: self.devices.serial.output_stats(),
+            ucall_output: self.devices.ucall_output_stats(),
             memory,
             saved,
             teardown,

@@ -151,7 +151,7 @@ impl FaultsConfig {
             populate: false,
             // Extent-granular resolution takes pre-zeroed pages from the pool; keep enough
             // ready that the refill thread (on another CPU) stays ahead of a fast guest.
-            pool_ahead: 8,
+            pool_ahead: 8.min((self.ram() / EXTENT_SIZE) as usize),
             ..VmConfig::default()
         }
     }

@@ -3,23 +3,24 @@
 
 pub mod serial;
 
-use std::io::Write;
 use std::sync::Mutex;
 
 use guest_abi::ports;
 
 use crate::log_ratelimited;
-use serial::SerialConsole;
+use crate::worker::lock;
+use serial::{ConsoleOut, SerialConsole};
 
 /// Where guest output goes (stdout in the VMM, a buffer in tests).
-pub type Output = Box<dyn Write + Send>;
+pub type Output = Box<dyn std::io::Write + Send>;
 
 /// Every device of a VM, shared by its vCPUs.
 pub struct Devices {
     /// COM1.
     pub serial: SerialConsole<Output>,
-    /// Where ucall prints and reports go.
-    pub ucall_out: Mutex<Output>,
+    /// Where ucall prints and reports go: rate-limited like the serial console (with a
+    /// budget of its own), whole lines only.
+    pub ucall_out: Mutex<ConsoleOut<Output>>,
 }
 
 /// What a port-I/O or MMIO access asks of the vCPU loop.
@@ -38,7 +39,7 @@ impl Devices {
     pub fn new(serial_out: Output, ucall_out: Output) -> Self {
         Devices {
             serial: SerialConsole::new(serial_out),
-            ucall_out: Mutex::new(ucall_out),
+            ucall_out: Mutex::new(ConsoleOut::new(ucall_out)),
         }
     }
 
@@ -102,11 +103,16 @@ impl Devices {
         );
     }
 
-    /// Writes a line of host-formatted guest text (ucall prints and reports).
+    /// Writes a line of host-formatted guest text (ucall prints and reports), or drops it
+    /// whole when the guest has printed too much too fast.
     pub fn print_line(&self, line: &str) {
-        let mut out = self.ucall_out.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        lock(&self.ucall_out).write_line(line.as_bytes());
+    }
+
+    /// `(bytes written, bytes dropped)` of ucall text so far.
+    pub fn ucall_output_stats(&self) -> (u64, u64) {
+        let out = lock(&self.ucall_out);
+        (out.written(), out.dropped())
     }
 }
 

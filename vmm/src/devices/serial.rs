@@ -2,7 +2,9 @@
 //!
 //! A guest can write to the serial port as fast as it likes; the host copies at most a burst
 //! plus a steady rate to stdout and counts the rest as dropped, so a flooding guest can neither
-//! grow host memory nor drown the terminal.
+//! grow host memory nor drown the terminal. Control characters other than newline and tab are
+//! shown in caret notation (`ESC` as `^[`), so a guest cannot drive the user's terminal with
+//! escape sequences.
 
 use std::io::{self, Write};
 use std::sync::Mutex;
@@ -48,6 +50,16 @@ impl TokenBucket {
         self.tokens -= granted;
         granted
     }
+
+    /// Takes `n` tokens as of `now` if all of them are there; takes none otherwise.
+    pub fn take_all_at(&mut self, n: u64, now: Instant) -> bool {
+        self.take_at(0, now);
+        if self.tokens < n {
+            return false;
+        }
+        self.tokens -= n;
+        true
+    }
 }
 
 /// Guest console output: rate-limited, copied to a writer (stdout in the VMM).
@@ -80,12 +92,47 @@ impl<W: Write> ConsoleOut<W> {
     }
 }
 
+impl<W: Write> ConsoleOut<W> {
+    /// Writes `line` and a newline whole, or drops all of it if the rate limit has not room
+    /// for it (a line cut in the middle would run into the next one).
+    pub fn write_line(&mut self, line: &[u8]) {
+        let len = line.len() as u64 + 1;
+        if self.bucket.take_all_at(len, Instant::now()) {
+            let _ = self.out.write_all(&sanitize(line));
+            let _ = self.out.write_all(b"\n");
+            let _ = self.out.flush();
+            self.written += len;
+        } else {
+            self.dropped += len;
+        }
+    }
+}
+
+/// Guest text made safe for a terminal: control characters but newline and tab in caret
+/// notation (`^[` for ESC, `^?` for DEL), everything else as it was.
+pub fn sanitize(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let unsafe_byte = |b: u8| (b < 0x20 && b != b'\n' && b != b'\t') || b == 0x7f;
+    if !bytes.iter().any(|&b| unsafe_byte(b)) {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 8);
+    for &b in bytes {
+        if unsafe_byte(b) {
+            out.push(b'^');
+            out.push(b ^ 0x40);
+        } else {
+            out.push(b);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl<W: Write> Write for ConsoleOut<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let granted = self.bucket.take_at(buf.len() as u64, Instant::now()) as usize;
         if granted > 0 {
             // A closed stdout must not stop the guest: output is best effort.
-            let _ = self.out.write_all(&buf[..granted]);
+            let _ = self.out.write_all(&sanitize(&buf[..granted]));
             if buf[..granted].contains(&b'\n') {
                 let _ = self.out.flush();
             }
@@ -176,6 +223,40 @@ mod tests {
             100,
             "never above capacity"
         );
+    }
+
+    #[test]
+    fn escape_sequences_are_shown_not_sent() {
+        assert_eq!(&*sanitize(b"plain\ttext\n"), b"plain\ttext\n");
+        assert_eq!(&*sanitize(b"\x1b[2J\x07\r\x7f"), b"^[[2J^G^M^?");
+        let console = SerialConsole::new(Vec::new());
+        console.write(0, b"\x1b]0;title\x07");
+        let out = console.lock().writer().out.clone();
+        assert_eq!(out, b"^[]0;title^G");
+        let mut lines = ConsoleOut::new(Vec::new());
+        lines.write_line(b"\x1bc");
+        assert_eq!(lines.out, b"^[c\n");
+    }
+
+    #[test]
+    fn lines_pass_whole_or_not_at_all() {
+        let mut lines = ConsoleOut::new(Vec::new());
+        let line = vec![b'x'; 1000];
+        let mut passed = 0;
+        for _ in 0..200 {
+            lines.write_line(&line);
+            passed += 1;
+            if lines.dropped() > 0 {
+                break;
+            }
+        }
+        assert!(
+            lines.dropped() > 0,
+            "200 KB of lines at once were not limited"
+        );
+        assert_eq!(lines.out.len() as u64, lines.written());
+        assert_eq!(lines.written() % 1001, 0, "no line was cut");
+        assert!(passed > 1);
     }
 
     #[test]

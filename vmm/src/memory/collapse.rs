@@ -32,7 +32,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use super::extent::{Extent, ExtentIndex, ExtentState, ExtentTable, MemoryMap, PAGES_PER_EXTENT};
-use super::kernel;
+use super::kernel::{self, MapBudget};
 use super::ledger::Ledger;
 use super::pool::{HugePage, HugePageAllocator};
 use super::ram::GuestRam;
@@ -118,6 +118,8 @@ pub enum ScanResult {
     Changed,
     /// `SCAN_FAIL`: write-protecting, copying or remapping failed.
     Fail,
+    /// No mapping left to spare for another install (`vm.max_map_count`): collapsing stops.
+    MapLimit,
 }
 
 /// What the collapse thread has done; shared with whoever reports metrics.
@@ -222,6 +224,8 @@ pub struct Collapser {
     pub stats: Arc<CollapseStats>,
     /// Set when the VM is stopping; revalidation fails from then on.
     pub stopping: Arc<AtomicBool>,
+    /// Mappings each install may cost: collapsing stops before it eats the reserve.
+    pub maps: Arc<MapBudget>,
     /// The host kernel populates pages (`--page-source kernel`): the table learns of them
     /// from the kernel.
     pub kernel_populates: bool,
@@ -436,6 +440,10 @@ impl Collapser {
         guard: RwLockReadGuard<'_, ExtentTable>,
         index: ExtentIndex,
     ) -> Result<ScanResult, CollapseError> {
+        // Before anything is allocated: the mapping an install may cost must be there.
+        if !self.maps.allows_install() {
+            return Ok(ScanResult::MapLimit);
+        }
         match self.config.order {
             CollapseOrder::Prealloc => self.collapse_prealloc(guard, index),
             CollapseOrder::Unlocked => self.collapse_unlocked(guard, index),
@@ -666,6 +674,7 @@ impl Collapser {
             return Ok(ScanResult::Fail);
         }
         extent.set_huge();
+        self.maps.installed();
         self.stats.pages_collapsed.fetch_add(1, Ordering::Relaxed);
         Ok(ScanResult::Succeed)
     }
@@ -758,6 +767,8 @@ fn scan_loop(c: &Collapser, sync: &dyn Fn(ExtentIndex), stop: &Stop) -> Result<(
                 ScanResult::ExceedNonePte => {
                     c.stats.exceed_none_pte.fetch_add(1, Ordering::Relaxed);
                 }
+                // Said once by the budget; nothing more will be collapsed.
+                ScanResult::MapLimit => return Ok(()),
                 _ => {}
             }
         }
@@ -931,6 +942,7 @@ mod tests {
             },
             stats: Arc::new(CollapseStats::default()),
             stopping: Arc::new(AtomicBool::new(false)),
+            maps: Arc::new(MapBudget::new(0).unwrap()),
             kernel_populates: true,
             before_commit: None,
         };

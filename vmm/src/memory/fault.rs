@@ -23,6 +23,7 @@ use hdrhistogram::Histogram;
 use std::sync::RwLockReadGuard;
 
 use super::extent::{ExtentIndex, ExtentState, ExtentTable, MemoryMap};
+use super::kernel::MapBudget;
 use super::ledger::Ledger;
 use super::pool::{HugePage, HugePageAllocator};
 use super::ram::GuestRam;
@@ -96,6 +97,8 @@ pub struct HugeFill {
     pub allocator: Arc<dyn HugePageAllocator>,
     /// Their charge.
     pub ledger: Arc<Ledger>,
+    /// Mappings each install may cost.
+    pub maps: Arc<MapBudget>,
 }
 
 /// The running handler thread; stops and joins on drop.
@@ -288,6 +291,9 @@ fn map_whole_extent(
         return Ok(false);
     }
     let generation = extent.generation();
+    if !huge.maps.allows_install() {
+        return Ok(false);
+    }
     let Ok(mut page) = huge.allocator.alloc() else {
         return Ok(false);
     };
@@ -333,6 +339,7 @@ fn map_whole_extent(
     }
     extent.set_huge();
     drop(table);
+    huge.maps.installed();
     ctx.stats.served.fetch_add(1, Ordering::Relaxed);
     ctx.stats.extents_mapped.fetch_add(1, Ordering::Relaxed);
     // Every thread waiting on a fault in the extent retries on the huge page.

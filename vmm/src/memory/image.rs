@@ -363,6 +363,7 @@ pub fn save(
         file.write_all(&header(ram_size)).map_err(err)?;
         // Sets the length first: everything not written below stays a hole.
         file.set_len(HEADER_SIZE + ram_size).map_err(err)?;
+        fail::fail_point!("save-start");
         let mut stats = SaveStats::default();
         let mut buf = [0u8; PAGE_SIZE as usize];
         for gpa in (0..ram_size).step_by(PAGE_SIZE as usize) {

@@ -246,6 +246,96 @@ pub fn kvm_vm_stat(vm: &kvm_ioctls::VmFd, name: &str) -> io::Result<Option<u64>>
     Ok(None)
 }
 
+/// The process's budget of memory mappings (`vm.max_map_count`). Every huge page moved into
+/// guest RAM with `mremap` may split its mapping, costing up to two more; running out aborts
+/// the process (a thread's stack, a large allocation), so installs stop while `reserve`
+/// mappings are still free for the rest of the VMM. Counting `/proc/self/maps` is slow, so
+/// installs are counted as they happen and the real count is read again only near the limit.
+#[derive(Debug)]
+pub struct MapBudget {
+    max: u64,
+    reserve: u64,
+    /// Mappings in use, as last counted plus what installs have added since (an upper bound).
+    estimate: std::sync::atomic::AtomicU64,
+    exhausted: std::sync::atomic::AtomicBool,
+}
+
+/// Mappings one `mremap` install may add (the split of the mapping it lands in).
+pub const MAPS_PER_INSTALL: u64 = 2;
+
+impl MapBudget {
+    /// A budget that keeps `reserve` mappings free.
+    pub fn new(reserve: u64) -> io::Result<Self> {
+        Ok(MapBudget {
+            max: max_map_count()?,
+            reserve,
+            estimate: std::sync::atomic::AtomicU64::new(mappings()?),
+            exhausted: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// `vm.max_map_count`.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// Whether one more install fits, keeping the reserve free. The first time it does not,
+    /// says so (once) with the figures.
+    pub fn allows_install(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.exhausted.load(Ordering::Relaxed) {
+            return false;
+        }
+        let fits = |used: u64| used + MAPS_PER_INSTALL + self.reserve <= self.max;
+        if fits(self.estimate.load(Ordering::Relaxed)) {
+            return true;
+        }
+        // Near the limit: count for real (installs next to each other often merge).
+        let Ok(used) = mappings() else {
+            return false;
+        };
+        self.estimate.store(used, Ordering::Relaxed);
+        if fits(used) {
+            return true;
+        }
+        if !self.exhausted.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "no more 2 MiB pages will be moved into guest RAM: the process uses {used} of \
+                 vm.max_map_count {} mappings and keeps {} for the rest of the VMM (raise \
+                 vm.max_map_count to go on)",
+                self.max,
+                self.reserve
+            );
+        }
+        false
+    }
+
+    /// Records an install that happened.
+    pub fn installed(&self) {
+        self.estimate
+            .fetch_add(MAPS_PER_INSTALL, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether installs were stopped for want of mappings.
+    pub fn exhausted(&self) -> bool {
+        self.exhausted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `vm.max_map_count`.
+pub fn max_map_count() -> io::Result<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")?
+        .trim()
+        .parse()
+        .map_err(io::Error::other)
+}
+
+/// The mappings this process has now (lines of `/proc/self/maps`).
+pub fn mappings() -> io::Result<u64> {
+    let text = std::fs::read("/proc/self/maps")?;
+    Ok(text.iter().filter(|&&b| b == b'\n').count() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@ use collapse::{CollapseConfig, CollapseStats, CollapseThread, Collapser};
 pub use extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, MemoryMap};
 use fault::{FaultHandler, FaultStats, HandlerContext, HugeFill};
 use image::{ImageFile, ImageFileError, Page, SaveStats};
-use kernel::SmapsTotals;
+use kernel::{MapBudget, SmapsTotals};
 use ledger::Ledger;
 use pool::{HugePagePool, HugeSource};
 pub use ram::{GuestRam, HostAddr, RamError};
@@ -108,6 +108,11 @@ pub enum MemoryError {
     #[error("cannot start a memory thread")]
     Thread(#[source] std::io::Error),
 }
+
+/// Mappings kept free for the VMM itself, besides its vCPU threads.
+pub const MAP_RESERVE: u64 = 128;
+/// Mappings a thread costs (its stack and guard, its signal stack and guard).
+pub const MAPS_PER_THREAD: u64 = 4;
 
 /// Why the collapse thread cannot run on this host for this user, if it cannot: it needs a
 /// userfaultfd with write-protection of unpopulated pages.
@@ -202,6 +207,9 @@ pub struct MemoryConfig {
     /// Populate all of RAM when it is mapped (the huge backings do unless told not to; the
     /// fault benchmark measures them faulting on demand).
     pub populate: bool,
+    /// Memory mappings kept free for the rest of the VMM (its threads, large allocations):
+    /// huge pages stop being moved into guest RAM before they would eat into them.
+    pub map_reserve: u64,
 }
 
 impl MemoryConfig {
@@ -217,12 +225,14 @@ impl MemoryConfig {
             huge_limit: size,
             pool_ahead: 2,
             populate: false,
+            map_reserve: MAP_RESERVE,
         }
     }
 }
 
 /// Guest memory and everything that manages it.
 pub struct Memory {
+    maps: Arc<MapBudget>,
     collapser: Option<CollapseThread>,
     collapse_stats: Arc<CollapseStats>,
     pool: Option<Arc<HugePagePool>>,
@@ -270,7 +280,9 @@ impl Memory {
             }
             mark_huge_extents(&ram, &mut table, config.backing)?;
         }
+        let maps = kernel::MapBudget::new(config.map_reserve).map_err(MemoryError::KernelView)?;
         Ok(Memory {
+            maps: Arc::new(maps),
             collapser: None,
             collapse_stats: Arc::new(CollapseStats::default()),
             pool: None,
@@ -394,6 +406,7 @@ impl Memory {
             .map(|pool| HugeFill {
                 allocator: pool,
                 ledger: self.ledger.clone(),
+                maps: self.maps.clone(),
             });
         let fatal = on_fatal.clone();
         let handler = FaultHandler::start(
@@ -426,6 +439,7 @@ impl Memory {
                 config,
                 stats: self.collapse_stats.clone(),
                 stopping: Arc::new(AtomicBool::new(false)),
+                maps: self.maps.clone(),
                 kernel_populates: !missing,
                 before_commit: None,
             };
@@ -542,6 +556,7 @@ impl Memory {
         });
         let mut collapse = self.collapse_stats.to_json();
         collapse["enabled"] = json!(self.config.collapse.is_some());
+        collapse["stopped_for_mappings"] = json!(self.maps.exhausted());
         collapse["order"] = json!(self.config.collapse.as_ref().map(|c| c.order));
         collapse["huge_source"] = json!(self.config.huge_source);
         collapse["pool"] = json!(pool);

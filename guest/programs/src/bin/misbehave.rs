@@ -12,12 +12,18 @@
 //!   may have to serve. The page holds no valid ucall, so the host must end the vCPU (201)
 //!   promptly, whatever serves the fault.
 //!
+//! - `print-flood`, `report-flood`: `count=N` (100000) print ucalls, or report ucalls each
+//!   with a new key, as fast as it can, then ends with code 0; the host must bound both its
+//!   output and what it keeps.
+//! - `escapes`: prints terminal escape sequences on the serial console and in a ucall; the
+//!   host must show them, not send them to the terminal.
+//!
 //! Without `kind=`, the guest triple-faults.
 #![no_std]
 #![no_main]
 
 use core::arch::asm;
-use guest_rt::{Args, BootInfo, Text, inb, outb, serial_write};
+use guest_rt::{Args, BootInfo, Text, Ucall, inb, outb, serial_write};
 
 guest_rt::entry!(main);
 
@@ -32,8 +38,30 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
             "unknown-port",
             "serial-flood",
             "untouched-ucall",
+            "print-flood",
+            "report-flood",
+            "escapes",
         ],
     ) {
+        "print-flood" => {
+            let line = Ucall::print(b"flooding the host with print ucalls, line after line");
+            for _ in 0..args.size("count", 100_000) {
+                guest_rt::ucall(&line);
+            }
+            0
+        }
+        "report-flood" => {
+            for i in 0..args.size("count", 100_000) {
+                let key = Text::new().s("key-").dec(i);
+                guest_rt::ucall(&Ucall::report(key.as_bytes(), i));
+            }
+            0
+        }
+        "escapes" => {
+            serial_write(b"serial \x1b[2J\x1b]0;owned\x07 end\n");
+            Text::new().s("ucall \x1b[31m red \x1b[0m end").print();
+            0
+        }
         "triple-fault" => {
             // SAFETY: deliberately faults; with a zero-length IDT the CPU shuts down.
             unsafe { asm!("ud2", options(nomem, nostack, noreturn)) }

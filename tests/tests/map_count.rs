@@ -1,0 +1,86 @@
+//! `vm.max_map_count`: collapsing into guest RAM must stop before it eats the mappings the
+//! rest of the VMM needs, and a limit too low to run at all is refused with a message, never
+//! an abort. These tests change a system-wide setting (restored on drop), so they live in a
+//! test binary of their own: cargo runs test binaries one at a time.
+
+use std::sync::Mutex;
+
+use integration_tests::{TempDir, is_root, read_json, report_sum, require_kvm, vmm, words};
+use vmm::vm::exit_code;
+
+const SETTING: &str = "/proc/sys/vm/max_map_count";
+
+/// Sets `vm.max_map_count` for as long as it lives; puts the old value back on drop.
+struct MaxMapCount {
+    old: String,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+impl MaxMapCount {
+    fn set(value: u64) -> Option<MaxMapCount> {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        if !is_root() {
+            eprintln!("SKIP: setting vm.max_map_count needs root");
+            return None;
+        }
+        let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let old = std::fs::read_to_string(SETTING).unwrap();
+        std::fs::write(SETTING, value.to_string()).unwrap();
+        Some(MaxMapCount {
+            old,
+            _one_at_a_time: guard,
+        })
+    }
+}
+
+impl Drop for MaxMapCount {
+    fn drop(&mut self) {
+        std::fs::write(SETTING, self.old.trim()).unwrap();
+    }
+}
+
+#[test]
+fn collapse_stops_before_the_mappings_run_out_and_a_tiny_limit_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("map-count");
+    let metrics = dir.path("m.json");
+    let line = format!(
+        "run --guest verify --vcpus 2 --memory 256M --arg mode=stress --arg passes=2 \
+         --huge-source thp --metrics {metrics}"
+    );
+    {
+        // Enough to run (about 100 mappings plus the reserve), not enough to collapse 128
+        // extents with one mapping split each.
+        let Some(_limit) = MaxMapCount::set(300) else {
+            return;
+        };
+        let run = vmm(&words(&line));
+        assert_eq!(run.code, Some(0), "{run}");
+        assert_eq!(report_sum(&run.stdout, "mismatches"), 0, "{run}");
+        assert!(
+            run.stderr
+                .contains("no more 2 MiB pages will be moved into guest RAM"),
+            "{run}"
+        );
+        assert_eq!(
+            run.stderr.matches("no more 2 MiB pages").count(),
+            1,
+            "said once: {run}"
+        );
+        let json = read_json(&metrics);
+        assert_eq!(json["collapse"]["stopped_for_mappings"], true, "{json}");
+        let collapsed = json["collapse"]["pages_collapsed"].as_u64().unwrap();
+        assert!(collapsed > 0 && collapsed < 128, "{collapsed}");
+        assert_eq!(json["ledger"]["after_teardown_bytes"], 0);
+    }
+    let Some(_limit) = MaxMapCount::set(60) else {
+        return;
+    };
+    let run = vmm(&words(&line));
+    assert_eq!(run.code, Some(i32::from(exit_code::BAD_INPUT)), "{run}");
+    assert!(run.stderr.contains("vm.max_map_count is 60"), "{run}");
+    assert!(
+        !run.stderr.contains("panicked") && !run.stderr.contains("memory allocation"),
+        "{run}"
+    );
+}
