@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VMM := target/release/vmm
 
-.PHONY: all build run test bench fmt clean
+.PHONY: all build run test bench fuzz fmt clean
 
 all: build
 
@@ -39,6 +39,17 @@ bench: build
 	$(VMM) bench faults --vcpus 2 --mem-per-vcpu 32M --repeat 3 --json target/bench/faults-2vcpu.json
 	$(VMM) bench collapse --vcpus 1 --memory 64M --passes 6 --repeat 3 \
 		--json target/bench/collapse.json --plot target/bench/collapse.svg
+
+# Fuzzing (nightly and cargo-fuzz: `cargo install cargo-fuzz`): each target for FUZZ_SECONDS, then
+# its corpus minimised. `make test` replays fuzz/corpus and fuzz/artifacts on stable.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := elf image ucall options
+
+fuzz:
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 || exit 1; \
+		$(CARGO) +nightly fuzz cmin $$t || exit 1; \
+	done
 
 fmt:
 	$(CARGO) fmt --all

@@ -11,6 +11,7 @@ use crate::config::{ByteSize, GuestArg, VmConfig};
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
 use crate::memory::pool::HugeSource;
 use crate::memory::{Backing, SourceKind};
+use crate::seccomp::Seccomp;
 
 /// A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.
 #[derive(Debug, Parser)]
@@ -192,6 +193,9 @@ pub struct RunArgs {
     /// Most unpopulated 4 KiB pages an extent may have and still be collapsed (0 to 511).
     #[arg(long, default_value_t = 511, value_name = "N")]
     pub max_ptes_none: u32,
+    /// seccomp filters on every VMM thread, one list per kind of thread (see the README).
+    #[arg(long, value_enum, default_value_t = Seccomp::On)]
+    pub seccomp: Seccomp,
 }
 
 /// Longest `--timeout` or `--metrics-interval`, in seconds: far beyond any run, and far from
@@ -247,6 +251,7 @@ impl RunArgs {
             huge_limit: self.huge_limit,
             pool_ahead: self.huge_pool_ahead,
             populate: true,
+            seccomp: self.seccomp,
         })
     }
 }

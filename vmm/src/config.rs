@@ -11,6 +11,7 @@ use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS
 use crate::memory::collapse::CollapseConfig;
 use crate::memory::pool::HugeSource;
 use crate::memory::{Backing, MemoryConfig, SourceKind};
+use crate::seccomp::Seccomp;
 
 /// A size in bytes, written with an optional `K`, `M` or `G` suffix (powers of 1024).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -131,6 +132,8 @@ pub struct VmConfig {
     pub pool_ahead: usize,
     /// Populate huge-backed RAM up front (benchmarks turn it off to measure faulting).
     pub populate: bool,
+    /// seccomp filters on every thread.
+    pub seccomp: Seccomp,
 }
 
 impl Default for VmConfig {
@@ -154,6 +157,7 @@ impl Default for VmConfig {
             huge_limit: None,
             pool_ahead: 2,
             populate: true,
+            seccomp: Seccomp::On,
         }
     }
 }
@@ -372,6 +376,7 @@ impl VmConfig {
             populate: self.populate,
             map_reserve: crate::memory::MAP_RESERVE
                 + crate::memory::MAPS_PER_THREAD * u64::from(self.vcpus),
+            seccomp: self.seccomp,
         }
     }
 }

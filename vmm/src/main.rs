@@ -13,6 +13,7 @@ use vmm::vm::{Vm, exit_code};
 
 fn main() -> ExitCode {
     let _faults = vmm::inject::from_env();
+    install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -100,6 +101,32 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Panics are bugs: say which thread and where. Under seccomp no backtrace is printed (it
+/// would open files no thread's filter allows).
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !vmm::seccomp::active() {
+            return default(info);
+        }
+        let thread = std::thread::current();
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown panic");
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "vmm: internal error: thread '{}' panicked at {at}: {what}",
+            thread.name().unwrap_or("?")
+        );
+    }));
 }
 
 /// Prints an error and its causes on one line.

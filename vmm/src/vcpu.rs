@@ -206,6 +206,7 @@ impl Vcpu {
                 break None;
             }
             fail::fail_point!("vcpu-run");
+            crate::seccomp::forbidden_call_point("seccomp-vcpu");
             let action = match self.fd.run() {
                 Ok(VcpuExit::InternalError) => {
                     stats.count_exit("internal_error");

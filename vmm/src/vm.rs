@@ -29,6 +29,7 @@ use crate::loader::{GuestImage, ImageError};
 use crate::memory::image::{HEADER_SIZE, ImageFileError, SAVE_FLAG};
 use crate::memory::{Memory, MemoryError, Teardown, kernel};
 use crate::metrics::{self, VcpuStats};
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
 
 /// Errors that keep a VM from being built or run.
@@ -108,6 +109,9 @@ pub enum VmError {
     /// The kick signal handler could not be installed.
     #[error("cannot install a signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// A seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// A vCPU thread panicked.
     #[error("vcpu{0} thread panicked")]
     VcpuPanicked(u32),
@@ -408,6 +412,8 @@ impl Vm {
             );
             memory_config.collapse = None;
         }
+        // The memory threads read the kernel's view through these, opened before any filter.
+        kernel::open_views().map_err(|e| VmError::Memory(MemoryError::KernelView(e)))?;
         let mut memory = Memory::new(memory_config)?;
         memory
             .ram()
@@ -489,6 +495,10 @@ impl Vm {
             register_signal_handler(sig, on_stop_signal).map_err(VmError::Signal)?;
         }
         STOP_SIGNAL.store(0, Ordering::SeqCst);
+        // From here on the main thread only waits, kicks, saves, reports and tears down; the
+        // vCPUs it starts next inherit its filter and add their own.
+        seccomp::install(ThreadKind::Main, self.config.seccomp)?;
+        let seccomp_mode = self.config.seccomp;
 
         let start = Instant::now();
         let (events_tx, events) = (self.events.0.clone(), &self.events.1);
@@ -506,6 +516,14 @@ impl Vm {
             let spawned = std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
+                    // SAFETY: gettid cannot fail and touches no memory.
+                    log::debug!("thread vcpu{index} is tid {}", unsafe { libc::gettid() });
+                    if let Err(e) = seccomp::install(ThreadKind::Vcpu, seccomp_mode) {
+                        let end = VcpuEnd::Failed(error_chain(&e));
+                        let index = index as u32;
+                        let _ = shared.events.send(VmEvent::Vcpu(VcpuEvent { index, end }));
+                        return VcpuStats::new(index);
+                    }
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         vcpu.run(&shared)
                     }));
@@ -539,6 +557,7 @@ impl Vm {
         let mut max_code = 0;
 
         let outcome = loop {
+            crate::seccomp::forbidden_call_point("seccomp-main");
             match events.recv_timeout(Duration::from_millis(20)) {
                 Ok(VmEvent::Vcpu(event)) => match event.end {
                     VcpuEnd::Done(code) => {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{Seccomp, ThreadKind};
+
 /// How long [`Worker::stop`] waits for a thread before leaving it behind.
 pub const JOIN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -99,10 +101,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts `body` on a thread called `name`. If `body` fails or panics, `on_failure` is
-    /// called once with what went wrong (`"<name> panicked: ..."` for a panic).
+    /// Starts `body` on a thread called `name`, under the seccomp filter of `kind` (when
+    /// `seccomp` is on). If `body` fails or panics, or the filter cannot be installed,
+    /// `on_failure` is called once with what went wrong (`"<name> panicked: ..."` for a panic).
     pub fn spawn(
         name: &str,
+        kind: ThreadKind,
+        seccomp: Seccomp,
         body: impl FnOnce(&Stop) -> Result<(), String> + Send + 'static,
         on_failure: impl FnOnce(String) + Send + 'static,
     ) -> std::io::Result<Worker> {
@@ -112,6 +117,12 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                // SAFETY: gettid cannot fail and touches no memory.
+                log::debug!("thread {thread_name} is tid {}", unsafe { libc::gettid() });
+                if let Err(e) = crate::seccomp::install(kind, seccomp) {
+                    on_failure(crate::vm::error_chain(&e));
+                    return;
+                }
                 let result =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&thread_stop)));
                 let failure = match result {
@@ -172,6 +183,8 @@ mod tests {
     fn a_stop_wakes_a_sleeper_at_once() {
         let mut w = Worker::spawn(
             "sleeper",
+            ThreadKind::PoolRefill,
+            Seccomp::Off,
             |stop| {
                 assert!(stop.sleep(Duration::from_secs(60)));
                 Ok(())
@@ -190,6 +203,8 @@ mod tests {
             let (tx, rx) = mpsc::channel();
             let _w = Worker::spawn(
                 "worker",
+                ThreadKind::PoolRefill,
+                Seccomp::Off,
                 move |_| {
                     if fail {
                         return Err("it failed".into());
@@ -209,6 +224,8 @@ mod tests {
         let (tx, rx) = mpsc::channel::<()>();
         let mut w = Worker::spawn(
             "stuck",
+            ThreadKind::PoolRefill,
+            Seccomp::Off,
             move |_| {
                 // Ignores the stop signal until the test lets it go.
                 let _ = rx.recv();

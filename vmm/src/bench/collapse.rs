@@ -180,6 +180,8 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         // THP, the kind of page the kernel's peers produce, so all variants build the same.
         huge_source: HugeSource::Thp,
         pool_ahead: config.pool_ahead,
+        // A filter can never be lifted, and this process goes on to run more VMs.
+        seccomp: crate::seccomp::Seccomp::Off,
         ..VmConfig::default()
     };
     vm_config.collapse_config.pages_to_scan = 512 * 64;

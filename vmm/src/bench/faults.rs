@@ -152,6 +152,8 @@ impl FaultsConfig {
             // Extent-granular resolution takes pre-zeroed pages from the pool; keep enough
             // ready that the refill thread (on another CPU) stays ahead of a fast guest.
             pool_ahead: 8.min((self.ram() / EXTENT_SIZE) as usize),
+            // A filter can never be lifted, and this process goes on to run more VMs.
+            seccomp: crate::seccomp::Seccomp::Off,
             ..VmConfig::default()
         }
     }

@@ -39,6 +39,7 @@ use super::ram::GuestRam;
 use super::source::{Fill, PageSource};
 use super::uffd::Uffd;
 use crate::metrics::{latency_histogram, percentiles};
+use crate::seccomp::{Seccomp, ThreadKind};
 use crate::worker::{Stop, Worker};
 
 /// When, relative to the memory map lock, the huge page is allocated and charged.
@@ -698,11 +699,14 @@ impl CollapseThread {
     pub fn start(
         collapser: Collapser,
         sync: Box<dyn Fn(ExtentIndex) + Send>,
+        seccomp: Seccomp,
         on_fatal: Arc<dyn Fn(String) + Send + Sync>,
     ) -> std::io::Result<CollapseThread> {
         let stopping = collapser.stopping.clone();
         let worker = Worker::spawn(
             "collapser",
+            ThreadKind::Collapser,
+            seccomp,
             move |stop| {
                 scan_loop(&collapser, &*sync, stop)
                     .map_err(|e| format!("the collapse thread stopped: {e}"))
@@ -757,6 +761,7 @@ fn scan_loop(c: &Collapser, sync: &dyn Fn(ExtentIndex), stop: &Stop) -> Result<(
                 _ => continue,
             }
             fail::fail_point!("collapse-scan");
+            crate::seccomp::forbidden_call_point("seccomp-collapser");
             match c.collapse(guard, index)? {
                 // Whatever failed (no page, no charge, an ioctl or the kernel's view out of
                 // reach, such as EMFILE) is unlikely to succeed again at once.
@@ -849,6 +854,7 @@ mod tests {
                 stats: Arc::new(FaultStats::default()),
                 huge: None,
             },
+            Seccomp::Off,
             |what| panic!("fault handler failed: {what}"),
         )
         .unwrap();

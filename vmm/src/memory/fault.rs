@@ -30,6 +30,7 @@ use super::ram::GuestRam;
 use super::source::{Fill, PageSource};
 use super::uffd::{Fault, Resolved, Uffd};
 use crate::metrics::latency_histogram;
+use crate::seccomp::{Seccomp, ThreadKind};
 use crate::worker::{Stop, Worker, lock};
 
 /// What the fault handler has done so far; shared with whoever reports metrics.
@@ -111,11 +112,14 @@ impl FaultHandler {
     /// wakes every thread blocked on a fault it will never serve) and calls `on_fatal` once.
     pub fn start(
         ctx: HandlerContext,
+        seccomp: Seccomp,
         on_fatal: impl FnOnce(String) + Send + 'static,
     ) -> std::io::Result<FaultHandler> {
         let (uffd, ram) = (ctx.uffd.clone(), ctx.ram.clone());
         let worker = Worker::spawn(
             "uffd-handler",
+            ThreadKind::FaultHandler,
+            seccomp,
             move |stop| serve(&ctx, stop),
             move |what| {
                 let _ = uffd.unregister(ram.host_base().0 as u64, ram.size());
@@ -169,6 +173,7 @@ fn serve(ctx: &HandlerContext, stop: &Stop) -> Result<(), String> {
             .map_err(|e| format!("reading the userfaultfd failed: {e}"))?;
         for fault in &faults {
             fail::fail_point!("fault-serve");
+            crate::seccomp::forbidden_call_point("seccomp-fault-handler");
             let start = Instant::now();
             let gpa = fault.address.wrapping_sub(host_base) & !(PAGE_SIZE - 1);
             if gpa >= ram_size {

@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use guest_abi::layout::{MAX_RAM, PAGE_SIZE};
+use guest_abi::layout::{EXTENT_SIZE, MAX_RAM, PAGE_SIZE};
 
 use crate::config::ByteSize;
 use crate::files::{self, FileError};
@@ -150,14 +150,19 @@ pub fn parse_header(bytes: &[u8]) -> Header {
     }
     let word32 = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
     let word64 = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    let ram = word64(16);
+    // Every image this VMM writes holds a whole number of extents of some VM's RAM.
     if &bytes[0..8] != MAGIC
         || word32(8) != VERSION
         || u64::from(word32(12)) != HEADER_SIZE
         || word64(24) != PAGE_SIZE
+        || ram == 0
+        || !ram.is_multiple_of(EXTENT_SIZE)
+        || ram > MAX_RAM
     {
         return Header::NotAnImage;
     }
-    Header::Ram(word64(16))
+    Header::Ram(ram)
 }
 
 /// An open, checked memory image.
@@ -632,5 +637,12 @@ mod tests {
             assert_eq!(parse_header(&bad), Header::NotAnImage, "byte {i}");
         }
         assert_eq!(parse_header(&h[..31]), Header::NotAnImage);
+        for odd_ram in [0, 1, 4096, (2 << 20) + 4096, MAX_RAM + (2 << 20)] {
+            assert_eq!(
+                parse_header(&header(odd_ram)),
+                Header::NotAnImage,
+                "{odd_ram}"
+            );
+        }
     }
 }

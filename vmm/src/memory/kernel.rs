@@ -51,15 +51,65 @@ mod nr {
 }
 use nr::*;
 
-/// `/proc/self/pagemap`, opened once: asked on every collapse, it must not cost an open (nor
-/// fail for want of a file descriptor) each time.
-fn pagemap() -> io::Result<&'static File> {
-    static PAGEMAP: std::sync::OnceLock<File> = std::sync::OnceLock::new();
-    if let Some(file) = PAGEMAP.get() {
-        return Ok(file);
+/// The `PAGEMAP_SCAN` ioctl request (for seccomp filters).
+pub fn pagemap_scan_ioctl() -> u64 {
+    PAGEMAP_SCAN()
+}
+
+/// A file of this process's own in `/proc`, opened once and read from its start each time:
+/// asked by the collapse and the pool threads, it must not cost an open each time, fail for
+/// want of a file descriptor, or need a system call their seccomp filters do not allow.
+struct ProcFile {
+    path: &'static str,
+    file: std::sync::OnceLock<File>,
+}
+
+impl ProcFile {
+    const fn new(path: &'static str) -> Self {
+        ProcFile {
+            path,
+            file: std::sync::OnceLock::new(),
+        }
     }
-    let file = File::open("/proc/self/pagemap")?;
-    Ok(PAGEMAP.get_or_init(|| file))
+
+    fn get(&self) -> io::Result<&File> {
+        if let Some(file) = self.file.get() {
+            return Ok(file);
+        }
+        let file = File::open(self.path)?;
+        Ok(self.file.get_or_init(|| file))
+    }
+
+    /// The whole file as it is now.
+    fn read(&self) -> io::Result<Vec<u8>> {
+        let file = self.get()?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = file.read_at(&mut buf, out.len() as u64)?;
+            if n == 0 {
+                return Ok(out);
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+static PAGEMAP: ProcFile = ProcFile::new("/proc/self/pagemap");
+static SMAPS: ProcFile = ProcFile::new("/proc/self/smaps");
+static MAPS: ProcFile = ProcFile::new("/proc/self/maps");
+
+/// Opens the `/proc` files the memory threads read, before those threads start (and before
+/// any seccomp filter is installed).
+pub fn open_views() -> io::Result<()> {
+    for file in [&PAGEMAP, &SMAPS, &MAPS] {
+        file.get()?;
+    }
+    Ok(())
+}
+
+fn pagemap() -> io::Result<&'static File> {
+    PAGEMAP.get()
 }
 
 /// Host address ranges in `[start, end)` whose pages all have every category in `mask`.
@@ -138,8 +188,8 @@ pub struct SmapsTotals {
 
 /// Sums smaps fields over every VMA that lies inside `[start, end)`.
 pub fn smaps_totals(start: u64, end: u64) -> io::Result<SmapsTotals> {
-    let text = std::fs::read_to_string("/proc/self/smaps")?;
-    Ok(parse_smaps(&text, start, end))
+    let text = SMAPS.read()?;
+    Ok(parse_smaps(&String::from_utf8_lossy(&text), start, end))
 }
 
 fn parse_smaps(text: &str, start: u64, end: u64) -> SmapsTotals {
@@ -332,7 +382,7 @@ pub fn max_map_count() -> io::Result<u64> {
 
 /// The mappings this process has now (lines of `/proc/self/maps`).
 pub fn mappings() -> io::Result<u64> {
-    let text = std::fs::read("/proc/self/maps")?;
+    let text = MAPS.read()?;
     Ok(text.iter().filter(|&&b| b == b'\n').count() as u64)
 }
 

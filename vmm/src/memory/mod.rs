@@ -39,6 +39,8 @@ pub use ram::{GuestRam, HostAddr, RamError};
 use source::{ImageSource, PageSource, ZeroSource};
 use uffd::Uffd;
 
+use crate::seccomp::Seccomp;
+
 /// Errors from setting up or saving guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -210,6 +212,8 @@ pub struct MemoryConfig {
     /// Memory mappings kept free for the rest of the VMM (its threads, large allocations):
     /// huge pages stop being moved into guest RAM before they would eat into them.
     pub map_reserve: u64,
+    /// seccomp filters for the memory threads.
+    pub seccomp: Seccomp,
 }
 
 impl MemoryConfig {
@@ -226,6 +230,7 @@ impl MemoryConfig {
             pool_ahead: 2,
             populate: false,
             map_reserve: MAP_RESERVE,
+            seccomp: Seccomp::Off,
         }
     }
 }
@@ -393,6 +398,7 @@ impl Memory {
             let pool = HugePagePool::new(
                 self.config.huge_source,
                 self.config.pool_ahead,
+                self.config.seccomp,
                 move |what| fatal(what),
             )
             .map_err(MemoryError::Thread)?;
@@ -419,6 +425,7 @@ impl Memory {
                 stats: self.fault_stats.clone(),
                 huge,
             },
+            self.config.seccomp,
             move |what| fatal(what),
         )
         .map_err(uffd_err("starting the fault handler"))?;
@@ -454,7 +461,8 @@ impl Memory {
                 })
             };
             self.collapser = Some(
-                CollapseThread::start(collapser, sync, on_fatal).map_err(MemoryError::Thread)?,
+                CollapseThread::start(collapser, sync, self.config.seccomp, on_fatal)
+                    .map_err(MemoryError::Thread)?,
             );
         }
         Ok(())

@@ -18,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use guest_abi::layout::EXTENT_SIZE;
 
 use super::kernel;
+use crate::seccomp::{Seccomp, ThreadKind};
 use crate::worker::{Stop, Worker, lock};
 
 /// Where huge pages come from.
@@ -340,6 +341,7 @@ impl PoolInner {
         let mut ready = lock(&self.ready);
         loop {
             fail::fail_point!("pool-refill");
+            crate::seccomp::forbidden_call_point("seccomp-pool-refill");
             if self.stop.is_set() {
                 return Ok(());
             }
@@ -378,6 +380,7 @@ impl HugePagePool {
     pub fn new(
         source: HugeSource,
         ahead: usize,
+        seccomp: Seccomp,
         on_fatal: impl FnOnce(String) + Send + 'static,
     ) -> io::Result<Self> {
         let stop = Arc::new(Stop::new()?);
@@ -393,6 +396,8 @@ impl HugePagePool {
             let pool = inner.clone();
             Some(Worker::spawn(
                 "huge-refill",
+                ThreadKind::PoolRefill,
+                seccomp,
                 move |_| pool.refill(),
                 on_fatal,
             )?)
@@ -482,7 +487,8 @@ mod tests {
 
     #[test]
     fn pool_keeps_pages_ready_and_frees_them() {
-        let mut pool = HugePagePool::new(HugeSource::Thp, 2, |what| panic!("{what}")).unwrap();
+        let mut pool =
+            HugePagePool::new(HugeSource::Thp, 2, Seccomp::Off, |what| panic!("{what}")).unwrap();
         for _ in 0..200 {
             if pool.ready() == 2 {
                 break;
@@ -507,7 +513,8 @@ mod tests {
     fn a_stop_between_the_check_and_the_wait_is_not_missed() {
         let scenario = fail::FailScenario::setup();
         fail::cfg("pool-refill-wait", "sleep(300)").unwrap();
-        let mut pool = HugePagePool::new(HugeSource::Thp, 1, |what| panic!("{what}")).unwrap();
+        let mut pool =
+            HugePagePool::new(HugeSource::Thp, 1, Seccomp::Off, |what| panic!("{what}")).unwrap();
         // Watched through the counters: `ready()` would take the lock the thread holds.
         let start = std::time::Instant::now();
         while pool.stats().thp.load(Ordering::SeqCst) < 1 {

@@ -96,6 +96,20 @@ mod nr {
 }
 use nr::*;
 
+/// The ioctl requests that resolve or protect faults, or (re)register ranges: those of the
+/// threads that serve faults and collapse extents (their seccomp filters allow these only).
+pub fn resolve_ioctls() -> [u64; 6] {
+    [
+        UFFDIO_COPY(),
+        UFFDIO_ZEROPAGE(),
+        UFFDIO_WAKE(),
+        UFFDIO_WRITEPROTECT(),
+        UFFDIO_REGISTER(),
+        UFFDIO_UNREGISTER(),
+    ]
+    .map(u64::from)
+}
+
 /// A page fault read from the uffd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {

@@ -1,0 +1,63 @@
+//! seccomp: every VMM thread runs under the filter of its kind, and a system call outside its
+//! list stops the VMM at once with a message naming the thread and the call.
+#![cfg(feature = "failpoints")]
+
+use std::time::Duration;
+
+use integration_tests::{require_kvm, vmm_within, words};
+use vmm::vm::exit_code;
+
+/// Each kind of thread, the fault point that makes it call `getppid`, and a run in which
+/// that thread exists.
+const THREADS: &[(&str, &str, &str)] = &[
+    ("vcpu0", "seccomp-vcpu", "run --guest touch --memory 16M"),
+    (
+        "uffd-handler",
+        "seccomp-fault-handler",
+        "run --guest touch --memory 16M --page-source zero",
+    ),
+    (
+        "collapser",
+        "seccomp-collapser",
+        "run --guest verify --arg mode=stress --memory 16M",
+    ),
+    (
+        "huge-refill",
+        "seccomp-pool-refill",
+        "run --guest verify --arg mode=stress --memory 16M",
+    ),
+    (
+        "vmm",
+        "seccomp-main",
+        "run --guest touch --memory 16M --arg passes=20",
+    ),
+];
+
+#[test]
+fn a_system_call_outside_a_threads_list_stops_the_vmm() {
+    require_kvm!();
+    for (thread, point, line) in THREADS {
+        let env = [("FAILPOINTS", format!("{point}=1*return"))];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (run, _) = vmm_within(&words(line), &env, Duration::from_secs(60));
+        assert_eq!(
+            run.code,
+            Some(i32::from(exit_code::VMM_FAILED)),
+            "{point}\n{run}"
+        );
+        let said = format!(
+            "vmm: seccomp: thread '{thread}' made system call {}, which its filter does not allow",
+            libc::SYS_getppid
+        );
+        assert!(
+            run.stderr.contains(&said),
+            "{point}: stderr lacks {said:?}\n{run}"
+        );
+        // The positive control: without filters the same call goes through and the run ends
+        // as usual.
+        let mut off = words(line);
+        off.extend(["--seccomp", "off"]);
+        let (run, _) = vmm_within(&off, &env, Duration::from_secs(60));
+        assert_eq!(run.code, Some(0), "{point} with --seccomp off\n{run}");
+    }
+}
