@@ -546,3 +546,14 @@ fn small_bad_values_are_named_with_what_is_allowed() {
         vmm_fails(&words(line), exit_code::BAD_INPUT, &[needle]);
     }
 }
+
+#[test]
+fn every_guest_argument_default_is_documented() {
+    let run = vmm_ok(&["guests"]);
+    assert!(
+        run.stdout.contains("kind=triple-fault(default)"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("count=N(100000)"), "{}", run.stdout);
+}

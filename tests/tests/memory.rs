@@ -397,6 +397,12 @@ fn a_failing_page_source_ends_the_vm_with_a_clear_error() {
             .contains("the page source failed for guest address"),
         "{run}"
     );
+    // And says why: the image shrank under it.
+    assert!(
+        run.stderr
+            .contains("changed while the VM ran (it is 4096 bytes now"),
+        "{run}"
+    );
 }
 
 #[test]

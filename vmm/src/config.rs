@@ -438,6 +438,15 @@ mod tests {
         assert_eq!(ByteSize(4097).to_string(), "4097");
     }
 
+    proptest::proptest! {
+        /// Every size prints as something that parses back to it.
+        #[test]
+        fn sizes_print_as_they_parse(bytes in 1u64..(1 << 50)) {
+            let shown = ByteSize(bytes).to_string();
+            proptest::prop_assert_eq!(shown.parse::<ByteSize>(), Ok(ByteSize(bytes)));
+        }
+    }
+
     #[test]
     fn memory_and_vcpus_are_range_checked() {
         let host = 24 << 30;

@@ -3,7 +3,6 @@
 //! kept in `fuzz/corpus/` and `fuzz/artifacts/` through them on stable, so a crash found once
 //! stays fixed. Each one checks what must hold of a result, not only that nothing panics.
 
-use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
 
 use guest_abi::layout::{LOAD_BASE, PAGE_SIZE};
@@ -55,17 +54,36 @@ pub fn elf(data: &[u8]) {
 }
 
 /// A memory image file: the header checks, the hole map and positioned reads, on a real
-/// (memory-backed) file holding the input.
+/// (memory-backed, sparse) file. The input is the file's first 32 bytes (the header's fields),
+/// then its length as 8 bytes (at most 64 MiB past the header), then the bytes of RAM that
+/// follow the header; the rest of the file is a hole.
 pub fn image(data: &[u8]) {
     let _ = image::parse_header(data);
+    let (head, rest) = data.split_at(data.len().min(32));
+    let (len, contents) = match rest.split_first_chunk::<8>() {
+        Some((len, contents)) => (u64::from_le_bytes(*len), contents),
+        None => (head.len() as u64, &[][..]),
+    };
+    let len = len.min(HEADER_SIZE + (64 << 20));
     // SAFETY: memfd_create takes a NUL-ended name and flags and returns a new fd or -1.
     let fd = unsafe { libc::memfd_create(c"vmm-fuzz-image".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` is a fresh fd we own.
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.write_all(data).expect("write the memfd");
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len).expect("size the memfd");
+    let mut header = [0u8; HEADER_SIZE as usize];
+    header[..head.len()].copy_from_slice(head);
+    let header_len = (HEADER_SIZE.min(len)) as usize;
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&header[..header_len], 0)
+        .expect("write the header");
+    if len > HEADER_SIZE {
+        let n = contents.len().min((len - HEADER_SIZE) as usize);
+        file.write_all_at(&contents[..n], HEADER_SIZE)
+            .expect("write the contents");
+    }
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let ram = match image::parse_header(data) {
+    let ram = match image::parse_header(&header) {
         image::Header::Ram(ram) => ram,
         image::Header::NotAnImage => 2 << 20,
     };
@@ -73,14 +91,18 @@ pub fn image(data: &[u8]) {
         return;
     };
     // Accepted: the file is exactly a header and `ram` bytes, so every page reads.
-    assert_eq!(data.len() as u64, HEADER_SIZE + ram);
+    assert_eq!(len, HEADER_SIZE + ram);
     let mut page = [0u8; PAGE_SIZE as usize];
-    for gpa in (0..ram).step_by(PAGE_SIZE as usize).take(64) {
+    let last = ram - PAGE_SIZE;
+    for gpa in (0..ram).step_by(PAGE_SIZE as usize).take(32).chain([last]) {
         image
             .read_at(&mut page, gpa)
             .expect("a page inside an accepted image");
-        let at = (HEADER_SIZE + gpa) as usize;
-        assert_eq!(&page[..], &data[at..at + PAGE_SIZE as usize]);
+        let at = gpa as usize;
+        let expected = contents.get(at..).unwrap_or(&[]);
+        let n = expected.len().min(PAGE_SIZE as usize);
+        assert_eq!(&page[..n], &expected[..n]);
+        assert!(page[n..].iter().all(|&b| b == 0));
         if image.is_hole(gpa, PAGE_SIZE) {
             assert!(page.iter().all(|&b| b == 0), "a hole holds data");
         }

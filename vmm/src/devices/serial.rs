@@ -238,6 +238,19 @@ mod tests {
         assert_eq!(lines.out, b"^[c\n");
     }
 
+    proptest::proptest! {
+        /// Whatever a guest writes, what reaches the terminal holds no control character but
+        /// newline and tab, and every other byte is kept.
+        #[test]
+        fn sanitized_text_is_inert(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let out = sanitize(&bytes);
+            proptest::prop_assert!(out.iter().all(|&b| b >= 0x20 && b != 0x7f || b == b'\n' || b == b'\t'));
+            let kept: Vec<u8> = bytes.iter().copied().filter(|&b| b >= 0x20 && b != 0x7f).collect();
+            let shown: Vec<u8> = out.iter().copied().filter(|&b| b >= 0x20 && b != 0x7f).collect();
+            proptest::prop_assert!(shown.len() >= kept.len());
+        }
+    }
+
     #[test]
     fn lines_pass_whole_or_not_at_all() {
         let mut lines = ConsoleOut::new(Vec::new());
