@@ -188,6 +188,6 @@ fn collapse_is_off_for_huge_backings_and_can_be_turned_off() {
     integration_tests::vmm_fails(
         &words("run --collapse-order eager"),
         vmm::vm::exit_code::BAD_INPUT,
-        &["\"eager\"", "prealloc, legacy or unlocked"],
+        &["'eager'", "possible values: prealloc, legacy, unlocked"],
     );
 }

@@ -359,7 +359,7 @@ fn bad_images_are_refused() {
     vmm_fails(
         &["run", "--backing", "huge"],
         exit_code::BAD_INPUT,
-        &["\"huge\"", "small, thp or hugetlb"],
+        &["'huge'", "possible values: small, thp, hugetlb"],
     );
 }
 

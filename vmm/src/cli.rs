@@ -1,17 +1,24 @@
-//! The command line: clap definitions and their conversion into a [`VmConfig`].
+//! The command line: clap definitions and their conversion into a [`VmConfig`] or a benchmark's
+//! configuration. Configuration flows one way, from here: CLI, validated config, VM, memory.
+//! Every enum option is a `clap::ValueEnum`, and every default is its type's own (or a constant
+//! next to the type), written once.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::bench::collapse::Variant;
-use crate::bench::faults::Mode;
-use crate::config::{ByteSize, GuestArg, VmConfig};
+use crate::bench::collapse::{CollapseBenchConfig, Variant};
+use crate::bench::faults::{Access, FaultsConfig, Mode, Pattern};
+use crate::config::{Collapse, GuestArg, VmConfig};
+use crate::memory::collapse::config::{
+    ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS,
+};
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
-use crate::memory::pool::HugeSource;
+use crate::memory::huge::pool::{HugeSource, POOL_AHEAD};
 use crate::memory::{Backing, SourceKind};
 use crate::seccomp::Seccomp;
+use crate::units::ByteSize;
 
 /// A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.
 #[derive(Debug, Parser)]
@@ -63,15 +70,14 @@ pub struct FaultsArgs {
     /// Memory each vCPU touches (a multiple of 2 MiB).
     #[arg(long, default_value = "64M", value_name = "SIZE")]
     pub mem_per_vcpu: ByteSize,
-    /// write or read.
-    #[arg(long, default_value = "write", value_parser = ["write", "read"])]
-    pub access: String,
-    /// seq or random.
-    #[arg(long, default_value = "seq", value_parser = ["seq", "random"])]
-    pub pattern: String,
-    /// Comma-separated modes (default: all the host supports): kernel-4k, kernel-thp, hugetlb,
-    /// uffd-zero, uffd-image, uffd-zero-2m, uffd-image-2m.
-    #[arg(long, value_delimiter = ',', value_name = "MODE,...")]
+    /// How each page is touched.
+    #[arg(long, value_enum, default_value_t)]
+    pub access: Access,
+    /// In which order.
+    #[arg(long, value_enum, default_value_t)]
+    pub pattern: Pattern,
+    /// Comma-separated modes (default: all the host supports).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "MODE,...")]
     pub modes: Vec<Mode>,
     /// Rounds, modes interleaved (A B C A B C ...); medians are reported.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -86,6 +92,22 @@ pub struct FaultsArgs {
     pub output: BenchOutput,
 }
 
+impl FaultsArgs {
+    /// The benchmark these arguments describe.
+    pub fn to_config(&self) -> FaultsConfig {
+        FaultsConfig {
+            vcpus: self.vcpus,
+            mem_per_vcpu: self.mem_per_vcpu,
+            access: self.access,
+            pattern: self.pattern,
+            modes: self.modes.clone(),
+            repeat: self.repeat.max(1),
+            scratch: std::env::temp_dir(),
+            pinned: self.pin_cpus.clone(),
+        }
+    }
+}
+
 /// `vmm bench collapse`.
 #[derive(Debug, clap::Args)]
 pub struct CollapseArgs {
@@ -98,9 +120,8 @@ pub struct CollapseArgs {
     /// Stress passes of the writing guest (the run must outlast the collapse).
     #[arg(long, default_value_t = 12, value_name = "N")]
     pub passes: u64,
-    /// Comma-separated variants (default: all): prealloc, legacy, unlocked, khugepaged,
-    /// madv-collapse.
-    #[arg(long, value_delimiter = ',', value_name = "VARIANT,...")]
+    /// Comma-separated variants (default: all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "VARIANT,...")]
     pub variants: Vec<Variant>,
     /// Huge pages kept ready ahead of demand for this VMM's variants (0: every collapse
     /// allocates and zeroes its page, so the lock orders differ where it matters).
@@ -112,6 +133,57 @@ pub struct CollapseArgs {
     /// Outputs.
     #[command(flatten)]
     pub output: BenchOutput,
+}
+
+impl CollapseArgs {
+    /// The benchmark these arguments describe.
+    pub fn to_config(&self) -> CollapseBenchConfig {
+        CollapseBenchConfig {
+            vcpus: self.vcpus,
+            memory: self.memory,
+            passes: self.passes,
+            variants: self.variants.clone(),
+            pool_ahead: self.huge_pool_ahead,
+            repeat: self.repeat,
+        }
+    }
+}
+
+/// `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// How much the VMM logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Errors and warnings.
+    #[default]
+    Warn,
+    /// And what it does.
+    Info,
+    /// And how.
+    Debug,
+    /// Everything.
+    Trace,
+    /// Nothing.
+    Off,
+}
+
+impl LogLevel {
+    /// The level as `env_logger` takes it.
+    pub fn filter(self) -> String {
+        self.to_possible_value()
+            .expect("every level has a name")
+            .get_name()
+            .to_string()
+    }
 }
 
 /// `vmm run`.
@@ -135,15 +207,15 @@ pub struct RunArgs {
     /// Write a JSON summary here at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics: Option<PathBuf>,
-    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
-    #[arg(long, default_value = "warn", value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
-    pub log_level: String,
+    /// How much to log (RUST_LOG overrides it).
+    #[arg(long, value_enum, default_value_t)]
+    pub log_level: LogLevel,
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH")]
     pub kvm_device: PathBuf,
     /// What backs guest RAM: small (4 KiB pages on demand), thp or hugetlb (2 MiB pages for
     /// all RAM, populated up front).
-    #[arg(long, default_value = "small", value_name = "small|thp|hugetlb")]
+    #[arg(long, value_enum, default_value_t)]
     pub backing: Backing,
     /// Where a page's contents come from when first touched: kernel (the host kernel fills
     /// zeroes), zero (the VMM's userfaultfd handler fills zeroes) or image:PATH (the handler
@@ -160,41 +232,37 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub metrics_interval: Option<f64>,
     /// The collapse thread, which promotes populated extents to 2 MiB pages (default: on with
-    /// --backing small).
-    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
-    pub collapse: Option<bool>,
+    /// --backing small, where the host allows it).
+    #[arg(long, value_enum)]
+    pub collapse: Option<Switch>,
     /// When the collapse allocates its huge page: prealloc (under the read lock, the seed
     /// commit's order), legacy (under the write lock) or unlocked (no lock).
-    #[arg(
-        long,
-        default_value = "prealloc",
-        value_name = "prealloc|legacy|unlocked"
-    )]
+    #[arg(long, value_enum, default_value_t)]
     pub collapse_order: CollapseOrder,
-    /// Where huge pages for collapse come from: auto (hugetlb while the pool has pages, else
-    /// THP), hugetlb or thp.
-    #[arg(long, default_value = "auto", value_name = "auto|hugetlb|thp")]
+    /// Where huge pages come from: auto (hugetlb while the pool has pages, else THP), hugetlb
+    /// or thp.
+    #[arg(long, value_enum, default_value_t)]
     pub huge_source: HugeSource,
-    /// Most huge-page memory the collapse thread may use (default: the guest's RAM size).
+    /// Most huge-page memory that may be charged (default: the guest's RAM size).
     #[arg(long, value_name = "SIZE")]
     pub huge_limit: Option<ByteSize>,
     /// Huge pages the pool keeps zeroed and ready ahead of demand (0: allocate on demand).
-    #[arg(long, default_value_t = 2, value_name = "N")]
+    #[arg(long, default_value_t = POOL_AHEAD, value_name = "N")]
     pub huge_pool_ahead: usize,
     /// 4 KiB pages the collapse thread scans per round (512 per extent).
-    #[arg(long, default_value_t = 4096, value_name = "PAGES")]
+    #[arg(long, default_value_t = PAGES_TO_SCAN, value_name = "PAGES")]
     pub collapse_pages_to_scan: u64,
     /// Milliseconds the collapse thread sleeps between rounds.
-    #[arg(long, default_value_t = 10, value_name = "MS")]
+    #[arg(long, default_value_t = SCAN_SLEEP_MS, value_name = "MS")]
     pub collapse_scan_sleep: u64,
-    /// Milliseconds the collapse thread backs off after an allocation or charge failure.
-    #[arg(long, default_value_t = 200, value_name = "MS")]
+    /// Milliseconds the collapse thread backs off after a failed collapse.
+    #[arg(long, default_value_t = ALLOC_SLEEP_MS, value_name = "MS")]
     pub collapse_alloc_sleep: u64,
     /// Most unpopulated 4 KiB pages an extent may have and still be collapsed (0 to 511).
-    #[arg(long, default_value_t = 511, value_name = "N")]
+    #[arg(long, default_value_t = MAX_PTES_NONE, value_name = "N")]
     pub max_ptes_none: u32,
     /// seccomp filters on every VMM thread, one list per kind of thread (see the README).
-    #[arg(long, value_enum, default_value_t = Seccomp::On)]
+    #[arg(long, value_enum, default_value_t)]
     pub seccomp: Seccomp,
 }
 
@@ -202,50 +270,47 @@ pub struct RunArgs {
 /// where a deadline would overflow the clock.
 pub const MAX_SECONDS: f64 = 1e8;
 
-fn parse_on_off(s: &str) -> Result<bool, String> {
-    match s {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("invalid value {s:?}: expected on or off")),
+/// A number of seconds given for `flag`, checked.
+fn seconds(flag: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
+    match value {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t > 0.0 && t <= MAX_SECONDS => {
+            Ok(Some(Duration::from_secs_f64(t)))
+        }
+        Some(t) => Err(format!(
+            "{flag} {t} is out of range: give a number of seconds greater than 0 and at most \
+             {MAX_SECONDS} (about three years)"
+        )),
     }
 }
 
 impl RunArgs {
     /// The VM configuration these arguments describe (validated later, against the host).
     pub fn to_config(&self) -> Result<VmConfig, String> {
-        let seconds = |flag: &str, value: Option<f64>| match value {
-            None => Ok(None),
-            Some(t) if t.is_finite() && t > 0.0 && t <= MAX_SECONDS => {
-                Ok(Some(Duration::from_secs_f64(t)))
-            }
-            Some(t) => Err(format!(
-                "{flag} {t} is out of range: give a number of seconds greater than 0 and at \
-                 most {MAX_SECONDS} (about three years)"
-            )),
+        let tunables = CollapseConfig {
+            order: self.collapse_order,
+            pages_to_scan: self.collapse_pages_to_scan,
+            scan_sleep: Duration::from_millis(self.collapse_scan_sleep),
+            alloc_sleep: Duration::from_millis(self.collapse_alloc_sleep),
+            max_ptes_none: self.max_ptes_none,
         };
-        let timeout = seconds("--timeout", self.timeout)?;
-        let metrics_interval = seconds("--metrics-interval", self.metrics_interval)?;
         Ok(VmConfig {
             guest: self.guest.clone(),
             memory: self.memory,
             vcpus: self.vcpus,
             args: self.args.clone(),
-            timeout,
+            timeout: seconds("--timeout", self.timeout)?,
             metrics: self.metrics.clone(),
             kvm_device: self.kvm_device.clone(),
             backing: self.backing,
             page_source: self.page_source.clone(),
             fault_granularity: self.fault_granularity,
             save_memory: self.save_memory.clone(),
-            metrics_interval,
-            collapse: self.collapse,
-            collapse_config: CollapseConfig {
-                order: self.collapse_order,
-                pages_to_scan: self.collapse_pages_to_scan,
-                scan_sleep: Duration::from_millis(self.collapse_scan_sleep),
-                alloc_sleep: Duration::from_millis(self.collapse_alloc_sleep),
-                max_ptes_none: self.max_ptes_none,
-                gate: None,
+            metrics_interval: seconds("--metrics-interval", self.metrics_interval)?,
+            collapse: match self.collapse {
+                None => Collapse::Default(tunables),
+                Some(Switch::On) => Collapse::On(tunables),
+                Some(Switch::Off) => Collapse::Off,
             },
             huge_source: self.huge_source,
             huge_limit: self.huge_limit,
@@ -274,6 +339,18 @@ mod tests {
             (c.guest.as_str(), c.memory, c.vcpus),
             ("hello", ByteSize(128 << 20), 1)
         );
+        // The command line's defaults are the types' own.
+        let defaults = VmConfig::default();
+        assert_eq!(c.collapse, defaults.collapse);
+        assert_eq!(
+            (c.backing, c.huge_source, c.pool_ahead, c.seccomp),
+            (
+                defaults.backing,
+                defaults.huge_source,
+                defaults.pool_ahead,
+                defaults.seccomp
+            )
+        );
         let Command::Run(run) = parse(&[
             "run",
             "--guest",
@@ -286,6 +363,10 @@ mod tests {
             "pattern=random",
             "--timeout",
             "2.5",
+            "--collapse",
+            "on",
+            "--collapse-order",
+            "legacy",
         ])
         .unwrap()
         .command
@@ -296,6 +377,13 @@ mod tests {
         assert_eq!(c.memory, ByteSize(1 << 30));
         assert_eq!(c.args[0].value, "random");
         assert_eq!(c.timeout, Some(Duration::from_millis(2500)));
+        assert!(matches!(
+            c.collapse,
+            Collapse::On(CollapseConfig {
+                order: CollapseOrder::Legacy,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -304,6 +392,13 @@ mod tests {
         assert!(err.contains("\"lots\""), "{err}");
         let err = parse(&["run", "--vcpus", "-1"]).unwrap_err().to_string();
         assert!(err.contains("-1"), "{err}");
+        let err = parse(&["run", "--backing", "huge"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'huge'") && err.contains("small, thp, hugetlb"),
+            "{err}"
+        );
         let Command::Run(run) = parse(&["run", "--timeout", "0"]).unwrap().command else {
             panic!()
         };

@@ -1,7 +1,6 @@
 //! The VM's configuration: a typed struct built from the CLI, validated once, with errors that
 //! name the bad value and what is allowed.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -9,55 +8,11 @@ use std::time::Duration;
 use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS, PAGE_SIZE};
 
 use crate::memory::collapse::CollapseConfig;
-use crate::memory::pool::HugeSource;
+use crate::memory::collapse::config::MAX_PTES_NONE;
+use crate::memory::huge::pool::{HugeSource, POOL_AHEAD};
 use crate::memory::{Backing, MemoryConfig, SourceKind};
 use crate::seccomp::Seccomp;
-
-/// A size in bytes, written with an optional `K`, `M` or `G` suffix (powers of 1024).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bytes = guest_abi::parse_size(s.trim().as_bytes()).ok_or_else(|| {
-            if well_formed_size(s.trim()) {
-                format!("invalid size {s:?}: too large (sizes are at most 16 EiB, 2^64 bytes)")
-            } else {
-                format!(
-                    "invalid size {s:?}: expected a whole number of bytes with an optional K, M \
-                     or G suffix, such as 512M or 2G"
-                )
-            }
-        })?;
-        if bytes == 0 {
-            return Err(format!("invalid size {s:?}: must be greater than zero"));
-        }
-        Ok(ByteSize(bytes))
-    }
-}
-
-/// Whether `s` is written as a size (digits and an optional suffix, or `0x` and hex digits),
-/// whatever its value: a well-formed size that does not parse is too large.
-fn well_formed_size(s: &str) -> bool {
-    if let Some(hex) = s.strip_prefix("0x") {
-        return !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
-    }
-    let digits = s.strip_suffix(['k', 'K', 'm', 'M', 'g', 'G']).unwrap_or(s);
-    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        match () {
-            _ if b >= 1 << 30 && b.is_multiple_of(1 << 30) => write!(f, "{}G", b >> 30),
-            _ if b >= 1 << 20 && b.is_multiple_of(1 << 20) => write!(f, "{}M", b >> 20),
-            _ if b >= 1 << 10 && b.is_multiple_of(1 << 10) => write!(f, "{}K", b >> 10),
-            _ => write!(f, "{b}"),
-        }
-    }
-}
+pub use crate::units::ByteSize;
 
 /// One `--arg KEY=VALUE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +48,28 @@ pub const MAX_POOL_AHEAD: usize = 64;
 /// Smallest guest RAM: the reserved area plus one extent for the program.
 pub const MIN_MEMORY: u64 = LOAD_BASE + EXTENT_SIZE;
 
+/// The collapse thread, as asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Collapse {
+    /// Not asked either way: on with 4 KiB backing where the host allows it (and said once
+    /// where it does not), off with huge backing.
+    Default(CollapseConfig),
+    /// `--collapse on`: it must run, or the VM is refused.
+    On(CollapseConfig),
+    /// `--collapse off`.
+    Off,
+}
+
+impl Collapse {
+    /// The tunables, when the thread is not turned off.
+    pub fn config(&self) -> Option<&CollapseConfig> {
+        match self {
+            Collapse::Default(c) | Collapse::On(c) => Some(c),
+            Collapse::Off => None,
+        }
+    }
+}
+
 /// Everything needed to build and run one VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -120,11 +97,9 @@ pub struct VmConfig {
     pub save_memory: Option<PathBuf>,
     /// How often to append a JSON line of metrics while the guest runs.
     pub metrics_interval: Option<Duration>,
-    /// The collapse thread: on by default with 4 KiB backing.
-    pub collapse: Option<bool>,
-    /// Its tunables.
-    pub collapse_config: CollapseConfig,
-    /// Where its huge pages come from.
+    /// The collapse thread, and its tunables.
+    pub collapse: Collapse,
+    /// Where huge pages come from.
     pub huge_source: HugeSource,
     /// Most huge-page memory it may charge (default: all of RAM).
     pub huge_limit: Option<ByteSize>,
@@ -151,11 +126,10 @@ impl Default for VmConfig {
             fault_granularity: ByteSize(PAGE_SIZE),
             save_memory: None,
             metrics_interval: None,
-            collapse: None,
-            collapse_config: CollapseConfig::default(),
-            huge_source: HugeSource::Auto,
+            collapse: Collapse::Default(CollapseConfig::default()),
+            huge_source: HugeSource::default(),
             huge_limit: None,
-            pool_ahead: 2,
+            pool_ahead: POOL_AHEAD,
             populate: true,
             seccomp: Seccomp::On,
         }
@@ -257,6 +231,13 @@ impl VmConfig {
     /// Checks every value against this host: `host_memory` is the host's total RAM and
     /// `kvm_max_vcpus` what KVM reports.
     pub fn validate(&self, host_memory: u64, kvm_max_vcpus: u32) -> Result<(), ConfigError> {
+        self.validate_machine(host_memory, kvm_max_vcpus)?;
+        self.validate_outputs()?;
+        self.validate_memory_management()
+    }
+
+    /// RAM, vCPUs, the guest's arguments, the timeout.
+    fn validate_machine(&self, host_memory: u64, kvm_max_vcpus: u32) -> Result<(), ConfigError> {
         let mem = self.memory.0;
         if !mem.is_multiple_of(EXTENT_SIZE) {
             return Err(ConfigError::MemoryNotAligned(
@@ -296,17 +277,44 @@ impl VmConfig {
         if self.timeout == Some(Duration::ZERO) {
             return Err(ConfigError::ZeroTimeout);
         }
+        Ok(())
+    }
+
+    /// Where the metrics and the image go (their directories; the files themselves are
+    /// checked by [`crate::files`] before the guest starts).
+    fn validate_outputs(&self) -> Result<(), ConfigError> {
         if let Some(path) = &self.metrics {
             check_output_dir("--metrics", path)?;
         }
-        if self.collapse == Some(true) && self.backing != Backing::Small {
+        if let Some(path) = &self.save_memory {
+            check_output_dir("--save-memory", path)?;
+        }
+        if self.metrics_interval.is_some() && self.metrics.is_none() {
+            return Err(ConfigError::IntervalWithoutMetrics);
+        }
+        Ok(())
+    }
+
+    /// The fault granularity, the collapse thread, huge pages.
+    fn validate_memory_management(&self) -> Result<(), ConfigError> {
+        let mem = self.memory.0;
+        if matches!(self.collapse, Collapse::On(_)) && self.backing != Backing::Small {
             return Err(ConfigError::CollapseNeedsSmall(self.backing));
         }
-        if self.collapse_config.max_ptes_none > 511 {
-            return Err(ConfigError::MaxPtesNone(self.collapse_config.max_ptes_none));
+        if let Some(c) = self.collapse.config() {
+            if c.max_ptes_none > MAX_PTES_NONE {
+                return Err(ConfigError::MaxPtesNone(c.max_ptes_none));
+            }
+            if c.pages_to_scan == 0 {
+                return Err(ConfigError::PagesToScan);
+            }
         }
-        if self.collapse_config.pages_to_scan == 0 {
-            return Err(ConfigError::PagesToScan);
+        let g = self.fault_granularity.0;
+        if !g.is_power_of_two() || !(PAGE_SIZE..=EXTENT_SIZE).contains(&g) {
+            return Err(ConfigError::FaultGranularity(self.fault_granularity));
+        }
+        if g != PAGE_SIZE && (self.backing != Backing::Small || !self.page_source.uses_uffd()) {
+            return Err(ConfigError::GranularityNeedsUffd);
         }
         if let Some(limit) = self.huge_limit {
             if !limit.0.is_multiple_of(EXTENT_SIZE) || limit.0 > mem {
@@ -315,8 +323,7 @@ impl VmConfig {
                     ram: self.memory,
                 });
             }
-            let extent_faults = self.fault_granularity.0 == EXTENT_SIZE;
-            if !self.collapse_on() && !extent_faults {
+            if self.collapse_on().is_none() && g != EXTENT_SIZE {
                 return Err(ConfigError::HugeLimitUnused);
             }
         }
@@ -326,19 +333,6 @@ impl VmConfig {
                 value: self.pool_ahead,
                 max,
             });
-        }
-        if let Some(path) = &self.save_memory {
-            check_output_dir("--save-memory", path)?;
-        }
-        if self.metrics_interval.is_some() && self.metrics.is_none() {
-            return Err(ConfigError::IntervalWithoutMetrics);
-        }
-        let g = self.fault_granularity.0;
-        if !g.is_power_of_two() || !(PAGE_SIZE..=EXTENT_SIZE).contains(&g) {
-            return Err(ConfigError::FaultGranularity(self.fault_granularity));
-        }
-        if g != PAGE_SIZE && (self.backing != Backing::Small || !self.page_source.uses_uffd()) {
-            return Err(ConfigError::GranularityNeedsUffd);
         }
         Ok(())
     }
@@ -354,12 +348,14 @@ impl VmConfig {
         }
         block
     }
-}
 
-impl VmConfig {
-    /// Whether the collapse thread runs: asked for, or by default with 4 KiB backing.
-    pub fn collapse_on(&self) -> bool {
-        self.collapse.unwrap_or(self.backing == Backing::Small)
+    /// The collapse thread's tunables if it is to run: asked for, or by default with 4 KiB
+    /// backing.
+    pub fn collapse_on(&self) -> Option<&CollapseConfig> {
+        match &self.collapse {
+            Collapse::Default(_) if self.backing != Backing::Small => None,
+            other => other.config(),
+        }
     }
 
     /// The memory part of the configuration.
@@ -369,7 +365,7 @@ impl VmConfig {
             backing: self.backing,
             source: self.page_source.clone(),
             fault_granularity: self.fault_granularity.0,
-            collapse: self.collapse_on().then(|| self.collapse_config.clone()),
+            collapse: self.collapse_on().cloned(),
             huge_source: self.huge_source,
             huge_limit: self.huge_limit.map_or(self.memory.0, |l| l.0),
             pool_ahead: self.pool_ahead,
@@ -417,33 +413,6 @@ mod tests {
             memory: ByteSize(memory),
             vcpus,
             ..Default::default()
-        }
-    }
-
-    #[test]
-    fn sizes_parse_and_name_bad_values() {
-        assert_eq!("64M".parse(), Ok(ByteSize(64 << 20)));
-        assert_eq!("2g".parse(), Ok(ByteSize(2 << 30)));
-        assert_eq!("4096".parse(), Ok(ByteSize(4096)));
-        for bad in ["", "abc", "12X", "-4M", "1.5G", "99999999999G"] {
-            let err = bad.parse::<ByteSize>().unwrap_err();
-            assert!(err.contains(&format!("{bad:?}")), "{err}");
-        }
-        assert!(
-            "0".parse::<ByteSize>()
-                .unwrap_err()
-                .contains("greater than zero")
-        );
-        assert_eq!(ByteSize(3 << 20).to_string(), "3M");
-        assert_eq!(ByteSize(4097).to_string(), "4097");
-    }
-
-    proptest::proptest! {
-        /// Every size prints as something that parses back to it.
-        #[test]
-        fn sizes_print_as_they_parse(bytes in 1u64..(1 << 50)) {
-            let shown = ByteSize(bytes).to_string();
-            proptest::prop_assert_eq!(shown.parse::<ByteSize>(), Ok(ByteSize(bytes)));
         }
     }
 

@@ -11,7 +11,7 @@ use guest_abi::{UCALL_SIZE, Ucall};
 use crate::cli::{Cli, Command};
 use crate::devices::Devices;
 use crate::loader::parse_executable;
-use crate::memory::image::{self, HEADER_SIZE, ImageFile};
+use crate::memory::ram_image::{self, HEADER_SIZE, ImageFile};
 use crate::metrics::VcpuStats;
 use crate::ucall::{self, UcallResult};
 
@@ -58,7 +58,7 @@ pub fn elf(data: &[u8]) {
 /// then its length as 8 bytes (at most 64 MiB past the header), then the bytes of RAM that
 /// follow the header; the rest of the file is a hole.
 pub fn image(data: &[u8]) {
-    let _ = image::parse_header(data);
+    let _ = ram_image::parse_header(data);
     let (head, rest) = data.split_at(data.len().min(32));
     let (len, contents) = match rest.split_first_chunk::<8>() {
         Some((len, contents)) => (u64::from_le_bytes(*len), contents),
@@ -83,9 +83,9 @@ pub fn image(data: &[u8]) {
             .expect("write the contents");
     }
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let ram = match image::parse_header(&header) {
-        image::Header::Ram(ram) => ram,
-        image::Header::NotAnImage => 2 << 20,
+    let ram = match ram_image::parse_header(&header) {
+        ram_image::Header::Ram(ram) => ram,
+        ram_image::Header::NotAnImage => 2 << 20,
     };
     let Ok(image) = ImageFile::open(std::path::Path::new(&path), ram) else {
         return;

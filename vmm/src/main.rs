@@ -3,13 +3,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::bench::collapse::{self, CollapseBenchConfig};
-use vmm::bench::faults::{self, FaultsConfig};
-use vmm::bench::{self, BenchError, plot};
+use vmm::bench::{self, BenchError, collapse, faults, plot};
 use vmm::cli::{BenchCommand, Cli, Command};
 use vmm::devices::Devices;
+use vmm::error::{chain, exit_code};
 use vmm::loader::BUILTINS;
-use vmm::vm::{Vm, exit_code};
+use vmm::vm::{RunSummary, Vm};
 
 fn main() -> ExitCode {
     let _faults = vmm::inject::from_env();
@@ -33,23 +32,17 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Bench(bench) => {
-            env_logger::Builder::new()
-                .parse_filters("warn")
-                .parse_env("RUST_LOG")
-                .init();
+            init_logging("warn");
             match run_bench(bench) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    print_chain(&e);
+                    eprintln!("error: {}", chain(&e));
                     ExitCode::from(exit_code::VMM_FAILED)
                 }
             }
         }
         Command::Run(args) => {
-            env_logger::Builder::new()
-                .parse_filters(&args.log_level)
-                .parse_env("RUST_LOG")
-                .init();
+            init_logging(&args.log_level.filter());
             let config = match args.to_config() {
                 Ok(c) => c,
                 Err(msg) => {
@@ -57,41 +50,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(exit_code::BAD_INPUT);
                 }
             };
-            let result = Vm::build(config, Devices::stdout()).and_then(Vm::run);
-            match result {
+            match Vm::build(config, Devices::stdout()).and_then(Vm::run) {
                 Ok(summary) => {
-                    let (_, dropped) = summary.console;
-                    if dropped > 0 {
-                        eprintln!("vmm: dropped {dropped} bytes of serial output (rate limit)");
-                    }
-                    let (_, dropped) = summary.ucall_output;
-                    if dropped > 0 {
-                        eprintln!(
-                            "vmm: dropped {dropped} bytes of ucall prints and reports (rate limit)"
-                        );
-                    }
-                    let json = summary.to_json();
-                    if json["collapse"]["enabled"] == true {
-                        let (ext, c) = (&json["memory"]["extents"], &json["collapse"]);
-                        eprintln!(
-                            "vmm: memory: {} of {} extents are 2 MiB pages ({} collapsed, {} MiB \
-                             charged); write lock held p50 {} us, p99 {} us",
-                            ext["huge"],
-                            ext["total"],
-                            c["pages_collapsed"],
-                            json["ledger"]["charged_bytes"].as_u64().unwrap_or(0) >> 20,
-                            c["write_lock_ns"]["p50"].as_u64().unwrap_or(0) / 1000,
-                            c["write_lock_ns"]["p99"].as_u64().unwrap_or(0) / 1000,
-                        );
-                    }
-                    let code = summary.outcome.exit_code();
-                    if code != 0 {
-                        eprintln!("vmm: {}", summary.outcome.describe());
-                    }
-                    ExitCode::from(code)
+                    print_summary(&summary);
+                    ExitCode::from(summary.outcome.exit_code())
                 }
                 Err(e) => {
-                    print_chain(&e);
+                    eprintln!("error: {}", chain(&e));
                     ExitCode::from(if e.is_bad_input() {
                         exit_code::BAD_INPUT
                     } else {
@@ -100,6 +65,49 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn init_logging(level: &str) {
+    env_logger::Builder::new()
+        .parse_filters(level)
+        .parse_env("RUST_LOG")
+        .init();
+}
+
+/// What a run says on stderr at the end: dropped output, the collapse, how it ended.
+fn print_summary(summary: &RunSummary) {
+    let console = &summary.console;
+    if console.dropped_bytes > 0 {
+        eprintln!(
+            "vmm: dropped {} bytes of serial output (rate limit)",
+            console.dropped_bytes
+        );
+    }
+    if console.ucall_dropped_bytes > 0 {
+        eprintln!(
+            "vmm: dropped {} bytes of ucall prints and reports (rate limit)",
+            console.ucall_dropped_bytes
+        );
+    }
+    let memory = &summary.memory;
+    if memory.collapse.enabled {
+        let extents = &memory.memory.extents;
+        let stats = &memory.collapse.stats;
+        let write_lock = stats.write_lock_ns.percentiles();
+        eprintln!(
+            "vmm: memory: {} of {} extents are 2 MiB pages ({} collapsed, {} MiB charged); write \
+             lock held p50 {} us, p99 {} us",
+            extents.counts.huge,
+            extents.total,
+            stats.pages_collapsed.get(),
+            memory.ledger.charged_bytes >> 20,
+            write_lock.p50 / 1000,
+            write_lock.p99 / 1000,
+        );
+    }
+    if summary.outcome.exit_code() != 0 {
+        eprintln!("vmm: {}", summary.outcome.describe());
     }
 }
 
@@ -129,34 +137,13 @@ fn install_panic_hook() {
     }));
 }
 
-/// Prints an error and its causes on one line.
-fn print_chain(e: &dyn std::error::Error) {
-    eprint!("error: {e}");
-    let mut source = e.source();
-    while let Some(cause) = source {
-        eprint!(": {cause}");
-        source = cause.source();
-    }
-    eprintln!();
-}
-
 fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
     let (json, output) = match bench {
         BenchCommand::Faults(a) => {
             if !a.pin_cpus.is_empty() {
                 bench::pin_to_cpus(&a.pin_cpus)?;
             }
-            let config = FaultsConfig {
-                vcpus: a.vcpus,
-                mem_per_vcpu: a.mem_per_vcpu,
-                access: a.access,
-                pattern: a.pattern,
-                modes: a.modes,
-                repeat: a.repeat.max(1),
-                scratch: std::env::temp_dir(),
-                pinned: a.pin_cpus.clone(),
-            };
-            let json = faults::run(&config)?;
+            let json = faults::run(&a.to_config())?;
             if let Some(path) = &a.output.plot {
                 let rates: Vec<(String, f64)> = json["modes"]
                     .as_array()
@@ -174,15 +161,7 @@ fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
             (json, a.output)
         }
         BenchCommand::Collapse(a) => {
-            let config = CollapseBenchConfig {
-                vcpus: a.vcpus,
-                memory: a.memory,
-                passes: a.passes,
-                variants: a.variants,
-                pool_ahead: a.huge_pool_ahead,
-                repeat: a.repeat,
-            };
-            let json = collapse::run(&config)?;
+            let json = collapse::run(&a.to_config())?;
             if let Some(path) = &a.output.plot {
                 let series: Vec<(String, serde_json::Value)> = json["variants"]
                     .as_array()

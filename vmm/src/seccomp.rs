@@ -17,7 +17,7 @@ use seccompiler::{
     SeccompRule,
 };
 
-use crate::memory::{kernel, uffd};
+use crate::sys::{kvm, pagemap, uffd};
 
 /// Whether threads get filters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -149,23 +149,15 @@ fn ioctls(kind: ThreadKind) -> Option<Vec<u64>> {
     Some(match kind {
         ThreadKind::Main => return None,
         ThreadKind::Vcpu => vec![kvm::KVM_RUN(), kvm::KVM_GET_REGS(), kvm::KVM_GET_SREGS()],
-        ThreadKind::FaultHandler => uffd::resolve_ioctls().to_vec(),
-        ThreadKind::Collapser => {
+        // Both may allocate a huge page on the spot (the pool had none ready), which is
+        // checked to be mapped huge with PAGEMAP_SCAN.
+        ThreadKind::FaultHandler | ThreadKind::Collapser => {
             let mut v = uffd::resolve_ioctls().to_vec();
-            v.push(kernel::pagemap_scan_ioctl());
+            v.push(pagemap::PAGEMAP_SCAN());
             v
         }
-        ThreadKind::PoolRefill => vec![kernel::pagemap_scan_ioctl()],
+        ThreadKind::PoolRefill => vec![pagemap::PAGEMAP_SCAN()],
     })
-}
-
-/// The KVM vCPU ioctl numbers (`include/uapi/linux/kvm.h`).
-#[allow(missing_docs)]
-mod kvm {
-    use kvm_bindings::{KVMIO, kvm_regs, kvm_sregs};
-    vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
-    vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
-    vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 }
 
 /// The system calls a kind of thread may make (numbers), `ioctl` aside.
@@ -267,7 +259,7 @@ pub fn active() -> bool {
 static ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The exit code of a VMM stopped by its seccomp filter.
-pub const EXIT_CODE: i32 = crate::vm::exit_code::VMM_FAILED as i32;
+pub const EXIT_CODE: i32 = crate::error::exit_code::VMM_FAILED as i32;
 
 fn install_sigsys_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();

@@ -120,7 +120,7 @@ impl Worker {
                 // SAFETY: gettid cannot fail and touches no memory.
                 log::debug!("thread {thread_name} is tid {}", unsafe { libc::gettid() });
                 if let Err(e) = crate::seccomp::install(kind, seccomp) {
-                    on_failure(crate::vm::error_chain(&e));
+                    on_failure(crate::error::chain(&e));
                     return;
                 }
                 let result =

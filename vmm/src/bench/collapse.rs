@@ -5,7 +5,6 @@
 //! `memcpy` and a bare 2 MiB `mremap`, the physical floor of a collapse's write window.
 
 use std::ops::Range;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -15,11 +14,13 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use super::{BenchError, finish, progress, quiet_devices};
-use crate::config::{ByteSize, GuestArg, VmConfig};
+use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
-use crate::memory::kernel;
-use crate::memory::pool::{HugeSource, alloc_thp};
+use crate::memory::host_view;
+use crate::memory::huge::page::alloc_thp;
+use crate::memory::huge::pool::HugeSource;
 use crate::metrics::{latency_histogram, percentiles};
+use crate::units::ByteSize;
 use crate::vm::Vm;
 
 /// Who collapses.
@@ -68,19 +69,13 @@ impl Variant {
     }
 }
 
-impl FromStr for Variant {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Variant::ALL
-            .into_iter()
-            .find(|v| v.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Variant::ALL.iter().map(|v| v.name()).collect();
-                format!(
-                    "invalid variant {s:?}: expected one of {}",
-                    names.join(", ")
-                )
-            })
+impl clap::ValueEnum for Variant {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Variant::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
     }
 }
 
@@ -140,12 +135,12 @@ impl Drop for KhugepagedSettings {
 
 /// Bytes of `range` whose pages have every category in `mask`.
 fn bytes_with(range: &Range<u64>, mask: u64) -> u64 {
-    match kernel::scan(range.start, range.end, mask) {
+    match host_view::scan(range.start, range.end, mask) {
         Ok(Some(ranges)) => ranges.iter().map(|r| r.end - r.start).sum(),
-        _ if mask == kernel::PAGE_IS_HUGE => {
-            kernel::smaps_totals(range.start, range.end).map_or(0, |t| t.anon_huge_kb << 10)
+        _ if mask == host_view::PAGE_IS_HUGE => {
+            host_view::smaps_totals(range.start, range.end).map_or(0, |t| t.anon_huge_kb << 10)
         }
-        _ => kernel::smaps_totals(range.start, range.end).map_or(0, |t| t.rss_kb << 10),
+        _ => host_view::smaps_totals(range.start, range.end).map_or(0, |t| t.rss_kb << 10),
     }
 }
 
@@ -162,7 +157,7 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
     // Every variant starts collapsing at the same moment: once the guest has populated all of
     // its RAM with 4 KiB pages (its first pass), while it goes on writing.
     let gate = Arc::new(AtomicBool::new(false));
-    let mut vm_config = VmConfig {
+    let vm_config = VmConfig {
         guest: "verify".into(),
         memory: config.memory,
         vcpus: config.vcpus,
@@ -170,12 +165,14 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
             arg("mode", "stress".into()),
             arg("passes", config.passes.to_string()),
         ],
-        collapse: Some(variant.order().is_some()),
-        collapse_config: CollapseConfig {
-            order: variant.order().unwrap_or(CollapseOrder::Prealloc),
-            scan_sleep: Duration::from_millis(1),
-            gate: Some(gate.clone()),
-            ..CollapseConfig::default()
+        collapse: match variant.order() {
+            Some(order) => Collapse::On(CollapseConfig {
+                order,
+                scan_sleep: Duration::from_millis(1),
+                pages_to_scan: 512 * 64,
+                ..CollapseConfig::default()
+            }),
+            None => Collapse::Off,
         },
         // THP, the kind of page the kernel's peers produce, so all variants build the same.
         huge_source: HugeSource::Thp,
@@ -184,15 +181,16 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         seccomp: crate::seccomp::Seccomp::Off,
         ..VmConfig::default()
     };
-    vm_config.collapse_config.pages_to_scan = 512 * 64;
     let _khugepaged = if variant == Variant::Khugepaged {
         Some(KhugepagedSettings::fast()?)
     } else {
         None
     };
-    let vm = Vm::build(vm_config, quiet_devices()).map_err(|source| BenchError::Vm {
-        what: variant.name().into(),
-        source,
+    let vm = Vm::build_gated(vm_config, quiet_devices(), Some(gate.clone())).map_err(|source| {
+        BenchError::Vm {
+            what: variant.name().into(),
+            source,
+        }
     })?;
     let range = vm.ram_host_range();
     let total = range.end - range.start;
@@ -207,7 +205,7 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         })
     };
     // Wait until the guest has populated all of RAM, then let the collapse begin.
-    while !done.load(Ordering::SeqCst) && bytes_with(&range, kernel::PAGE_IS_PRESENT) < total {
+    while !done.load(Ordering::SeqCst) && bytes_with(&range, host_view::PAGE_IS_PRESENT) < total {
         std::thread::sleep(Duration::from_millis(2));
     }
     let populated_after = start.elapsed();
@@ -256,7 +254,7 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
             } else {
                 std::thread::sleep(Duration::from_millis(2));
             }
-            if bytes_with(&range, kernel::PAGE_IS_HUGE) >= total {
+            if bytes_with(&range, host_view::PAGE_IS_HUGE) >= total {
                 kernel_all_huge = Some(began.elapsed());
             }
         }

@@ -8,16 +8,16 @@
 //! vCPU's first touch to its last), so VM set-up and teardown are not counted.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use guest_abi::layout::{EXTENT_SIZE, LOAD_BASE, PAGE_SIZE};
 use serde_json::{Value, json};
 
 use super::{BenchError, median, progress, run_vm, us};
-use crate::config::{ByteSize, GuestArg, VmConfig};
-use crate::memory::image;
-use crate::memory::kernel;
+use crate::config::{Collapse, GuestArg, VmConfig};
+use crate::memory::host_view;
+use crate::memory::ram_image;
 use crate::memory::{Backing, SourceKind};
+use crate::units::ByteSize;
 
 /// One way of resolving guest faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,17 +68,44 @@ impl Mode {
     }
 }
 
-impl FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Mode::ALL.iter().map(|m| m.name()).collect();
-                format!("invalid mode {s:?}: expected one of {}", names.join(", "))
-            })
+impl clap::ValueEnum for Mode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Mode::ALL
     }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
+/// How the guest touches each page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// A store.
+    #[default]
+    Write,
+    /// A load.
+    Read,
+}
+
+/// In which order the guest touches its pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    /// Ascending addresses.
+    #[default]
+    Seq,
+    /// A shuffle.
+    Random,
+}
+
+/// The name a value has on the command line (and in the guest's arguments).
+fn name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .expect("every value has a name")
+        .get_name()
+        .to_string()
 }
 
 /// What to measure.
@@ -88,10 +115,10 @@ pub struct FaultsConfig {
     pub vcpus: u32,
     /// Memory each vCPU touches.
     pub mem_per_vcpu: ByteSize,
-    /// `write` or `read`.
-    pub access: String,
-    /// `seq` or `random`.
-    pub pattern: String,
+    /// How each page is touched.
+    pub access: Access,
+    /// In which order.
+    pub pattern: Pattern,
     /// Modes to run (empty: all the host supports).
     pub modes: Vec<Mode>,
     /// Rounds; modes run interleaved within each, medians are reported.
@@ -139,14 +166,14 @@ impl FaultsConfig {
             memory: ByteSize(self.ram()),
             vcpus: self.vcpus,
             args: vec![
-                arg("pattern", &self.pattern),
-                arg("access", &self.access),
+                arg("pattern", &name(self.pattern)),
+                arg("access", &name(self.access)),
                 arg("size", &self.touched().to_string()),
             ],
             backing,
             page_source: source,
             fault_granularity: ByteSize(granularity),
-            collapse: Some(false),
+            collapse: Collapse::Off,
             // Huge backings fault on demand here: that is what is measured.
             populate: false,
             // Extent-granular resolution takes pre-zeroed pages from the pool; keep enough
@@ -162,7 +189,7 @@ impl FaultsConfig {
     fn unsupported(&self, mode: Mode) -> Option<String> {
         if mode == Mode::Hugetlb {
             let need = self.ram() / EXTENT_SIZE;
-            let pool = kernel::hugetlb_pool();
+            let pool = host_view::hugetlb_pool();
             if pool.free < need {
                 return Some(format!(
                     "needs {need} free 2 MiB hugetlb pages, the pool has {} (echo {need} > /proc/sys/vm/nr_hugepages)",
@@ -234,12 +261,12 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
     let image_path = config.scratch.join("bench-faults.img");
     if runnable.iter().any(|m| m.uses_image()) {
         // Every page holds data, so the handler really copies (no zero-page shortcut).
-        image::save(
+        ram_image::save(
             &image_path,
             config.ram(),
             |gpa, buf| {
                 buf.fill((gpa >> 12) as u8 | 1);
-                Ok(image::Page::Read)
+                Ok(ram_image::Page::Read)
             },
             &|| false,
         )
@@ -269,7 +296,11 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
     };
     println!(
         "vmm bench faults: {} vCPU(s) x {} each, access={}, pattern={}, {} round(s), medians, {pinning}",
-        config.vcpus, config.mem_per_vcpu, config.access, config.pattern, config.repeat
+        config.vcpus,
+        config.mem_per_vcpu,
+        name(config.access),
+        name(config.pattern),
+        config.repeat
     );
     println!(
         "{:<14} {:>14} {:>10} {:>12} {:>10} {:>10} {:>10}",

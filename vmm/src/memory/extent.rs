@@ -1,8 +1,5 @@
-//! The extent table: one entry per 2 MiB extent of guest RAM, behind the memory map lock.
-//!
-//! [`MemoryMap`] is this VMM's `mmap_sem`: an `RwLock<ExtentTable>`. Everyone who reads extent
-//! state (the fault handler, device code translating guest addresses, the collapse scan) holds
-//! the read side; only a collapse commit (and region removal) takes the write side.
+//! The extent table: one entry per 2 MiB extent of guest RAM, behind the memory map lock
+//! ([`crate::memory::map`], which says who takes which side).
 //!
 //! Population happens under the *read* lock: many faults are served at once, each setting its
 //! page's bit atomically. State changes that replace an extent's backing (`Small` → `Huge`)
@@ -10,7 +7,6 @@
 //! generation, so a thread that dropped the lock and comes back can tell whether the extent
 //! changed while it was not looking.
 
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
@@ -162,8 +158,10 @@ impl Extent {
             .filter(|&p| self.dirty[p / 64].load(Ordering::SeqCst) & (1 << (p % 64)) != 0)
     }
 
-    /// Marks the extent as backed by one huge page. Needs the write lock (`&mut`): no fault can
-    /// be looking at the extent while its backing is replaced.
+    /// Marks the extent as backed by one huge page. Needs `&mut`, which only the memory map's
+    /// write side hands out: no fault can be looking at the extent while its backing is
+    /// replaced (only [`crate::memory::huge::install`] calls it, and the huge backings at
+    /// start).
     pub fn set_huge(&mut self) {
         for w in &self.pages {
             w.store(u64::MAX, Ordering::SeqCst);
@@ -262,9 +260,6 @@ impl ExtentTable {
     }
 }
 
-/// The memory map lock: this VMM's `mmap_sem`.
-pub type MemoryMap = RwLock<ExtentTable>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,7 +356,7 @@ mod tests {
 
     #[test]
     fn concurrent_faults_count_each_page_once() {
-        let table = std::sync::Arc::new(MemoryMap::new(ExtentTable::new(4 * EXTENT_SIZE)));
+        let table = std::sync::Arc::new(std::sync::RwLock::new(ExtentTable::new(4 * EXTENT_SIZE)));
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let table = table.clone();

@@ -1,7 +1,8 @@
-//! The kernel's own view of guest memory, read so it can be set beside the VMM's: which pages
-//! are present (`PAGEMAP_SCAN`, else `mincore`), which are mapped huge (`PAGEMAP_SCAN`), the
-//! `AnonHugePages` and `*_Hugetlb` totals in `/proc/self/smaps`, the hugetlb pool, and KVM's
-//! VM statistics (`KVM_GET_STATS_FD`). Nothing here changes memory.
+//! What the host kernel says about guest memory, read so it can be set beside the VMM's own
+//! view: which pages are present (`PAGEMAP_SCAN`, else `mincore`), which are mapped huge
+//! (`PAGEMAP_SCAN`), the `AnonHugePages` and `*_Hugetlb` totals in `/proc/self/smaps`, the
+//! mappings the process has, the hugetlb pool, and KVM's VM statistics (`KVM_GET_STATS_FD`).
+//! Nothing here changes memory.
 
 use std::fs::File;
 use std::io;
@@ -11,50 +12,8 @@ use std::os::unix::fs::FileExt;
 
 use guest_abi::layout::PAGE_SIZE;
 
-/// A present page (mapped in the page tables).
-pub const PAGE_IS_PRESENT: u64 = 1 << 3;
-/// A page mapped by a huge (PMD-level) entry: THP or hugetlb.
-pub const PAGE_IS_HUGE: u64 = 1 << 6;
-
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-/// The ioctl numbers (`include/uapi/linux/fs.h`, `include/uapi/linux/kvm.h`).
-#[allow(missing_docs)]
-mod nr {
-    use super::PmScanArg;
-
-    vmm_sys_util::ioctl_iowr_nr!(PAGEMAP_SCAN, b'f' as u32, 16, PmScanArg);
-    vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, kvm_bindings::KVMIO, 0xce);
-}
-use nr::*;
-
-/// The `PAGEMAP_SCAN` ioctl request (for seccomp filters).
-pub fn pagemap_scan_ioctl() -> u64 {
-    PAGEMAP_SCAN()
-}
+pub use crate::sys::pagemap::{PAGE_IS_HUGE, PAGE_IS_PRESENT};
+use crate::sys::pagemap::{PAGEMAP_SCAN, PageRegion, PmScanArg};
 
 /// A file of this process's own in `/proc`, opened once and read from its start each time:
 /// asked by the collapse and the pool threads, it must not cost an open each time, fail for
@@ -261,115 +220,42 @@ pub fn hugetlb_pool() -> HugetlbPool {
 
 /// Reads one KVM VM statistic by name (such as `pages_2m`) through `KVM_GET_STATS_FD`.
 pub fn kvm_vm_stat(vm: &kvm_ioctls::VmFd, name: &str) -> io::Result<Option<u64>> {
+    use kvm_bindings::{kvm_stats_desc, kvm_stats_header};
     // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd we then own.
-    let raw = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_STATS_FD() as _) };
+    let raw = unsafe { libc::ioctl(vm.as_raw_fd(), crate::sys::kvm::KVM_GET_STATS_FD() as _) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `raw` is a fresh fd.
     let file = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-    let mut header = [0u8; 24];
-    file.read_exact_at(&mut header, 0)?;
-    let word = |b: &[u8], i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().expect("4"));
-    let (name_size, num_desc, desc_offset, data_offset) = (
-        word(&header, 1) as usize,
-        word(&header, 2) as usize,
-        word(&header, 4) as u64,
-        word(&header, 5) as u64,
-    );
-    let desc_size = 16 + name_size;
-    let mut descs = vec![0u8; desc_size * num_desc];
-    file.read_exact_at(&mut descs, desc_offset)?;
-    for desc in descs.chunks_exact(desc_size) {
-        let raw_name = &desc[16..];
+    let mut bytes = [0u8; std::mem::size_of::<kvm_stats_header>()];
+    file.read_exact_at(&mut bytes, 0)?;
+    // SAFETY: `kvm_stats_header` is plain integers, valid for any bytes, and `bytes` holds
+    // exactly one (read unaligned).
+    let header: kvm_stats_header = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let fixed = std::mem::size_of::<kvm_stats_desc>();
+    let desc_size = fixed + header.name_size as usize;
+    let mut descs = vec![0u8; desc_size * header.num_desc as usize];
+    file.read_exact_at(&mut descs, u64::from(header.desc_offset))?;
+    for raw_desc in descs.chunks_exact(desc_size) {
+        // SAFETY: as for the header: plain integers, `raw_desc` holds at least one (the name
+        // that follows it is read from the bytes after).
+        let desc: kvm_stats_desc = unsafe { std::ptr::read_unaligned(raw_desc.as_ptr().cast()) };
+        let raw_name = &raw_desc[fixed..];
         let len = raw_name
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(raw_name.len());
         if &raw_name[..len] == name.as_bytes() {
-            let offset = u64::from(word(desc, 2));
             let mut value = [0u8; 8];
-            file.read_exact_at(&mut value, data_offset + offset)?;
+            file.read_exact_at(
+                &mut value,
+                u64::from(header.data_offset) + u64::from(desc.offset),
+            )?;
             return Ok(Some(u64::from_le_bytes(value)));
         }
     }
     Ok(None)
-}
-
-/// The process's budget of memory mappings (`vm.max_map_count`). Every huge page moved into
-/// guest RAM with `mremap` may split its mapping, costing up to two more; running out aborts
-/// the process (a thread's stack, a large allocation), so installs stop while `reserve`
-/// mappings are still free for the rest of the VMM. Counting `/proc/self/maps` is slow, so
-/// installs are counted as they happen and the real count is read again only near the limit.
-#[derive(Debug)]
-pub struct MapBudget {
-    max: u64,
-    reserve: u64,
-    /// Mappings in use, as last counted plus what installs have added since (an upper bound).
-    estimate: std::sync::atomic::AtomicU64,
-    exhausted: std::sync::atomic::AtomicBool,
-}
-
-/// Mappings one `mremap` install may add (the split of the mapping it lands in).
-pub const MAPS_PER_INSTALL: u64 = 2;
-
-impl MapBudget {
-    /// A budget that keeps `reserve` mappings free.
-    pub fn new(reserve: u64) -> io::Result<Self> {
-        Ok(MapBudget {
-            max: max_map_count()?,
-            reserve,
-            estimate: std::sync::atomic::AtomicU64::new(mappings()?),
-            exhausted: std::sync::atomic::AtomicBool::new(false),
-        })
-    }
-
-    /// `vm.max_map_count`.
-    pub fn max(&self) -> u64 {
-        self.max
-    }
-
-    /// Whether one more install fits, keeping the reserve free. The first time it does not,
-    /// says so (once) with the figures.
-    pub fn allows_install(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        if self.exhausted.load(Ordering::Relaxed) {
-            return false;
-        }
-        let fits = |used: u64| used + MAPS_PER_INSTALL + self.reserve <= self.max;
-        if fits(self.estimate.load(Ordering::Relaxed)) {
-            return true;
-        }
-        // Near the limit: count for real (installs next to each other often merge).
-        let Ok(used) = mappings() else {
-            return false;
-        };
-        self.estimate.store(used, Ordering::Relaxed);
-        if fits(used) {
-            return true;
-        }
-        if !self.exhausted.swap(true, Ordering::Relaxed) {
-            log::warn!(
-                "no more 2 MiB pages will be moved into guest RAM: the process uses {used} of \
-                 vm.max_map_count {} mappings and keeps {} for the rest of the VMM (raise \
-                 vm.max_map_count to go on)",
-                self.max,
-                self.reserve
-            );
-        }
-        false
-    }
-
-    /// Records an install that happened.
-    pub fn installed(&self) {
-        self.estimate
-            .fetch_add(MAPS_PER_INSTALL, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether installs were stopped for want of mappings.
-    pub fn exhausted(&self) -> bool {
-        self.exhausted.load(std::sync::atomic::Ordering::Relaxed)
-    }
 }
 
 /// `vm.max_map_count`.
@@ -418,7 +304,7 @@ AnonHugePages:      2048 kB\n";
     #[test]
     fn present_pages_follow_touches() {
         let len = 16 * PAGE_SIZE as usize;
-        let p: *mut libc::c_void = crate::memory::pool::map_anonymous(len, 0)
+        let p: *mut libc::c_void = crate::memory::huge::page::map_anonymous(len, 0)
             .expect("mmap")
             .as_ptr()
             .cast();

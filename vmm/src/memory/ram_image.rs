@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use guest_abi::layout::{EXTENT_SIZE, MAX_RAM, PAGE_SIZE};
 
-use crate::config::ByteSize;
 use crate::files::{self, FileError};
+use crate::units::ByteSize;
 
 const MAGIC: &[u8; 8] = b"VMMIMAGE";
 const VERSION: u32 = 1;

@@ -1,8 +1,17 @@
 //! The VM: building it from a validated [`VmConfig`] (the default build recipe) and running it
-//! to an [`Outcome`].
+//! to an [`Outcome`]; [`error`] says why it could not be, [`summary`] what a run reports.
 //!
 //! Field order matters for teardown: vCPU fds and the VM fd (and with them every memslot) are
 //! dropped before guest RAM is unmapped.
+
+pub mod error;
+mod stop;
+pub mod summary;
+
+pub use crate::error::exit_code;
+pub use error::VmError;
+pub use stop::{STOP_GRACE, STOP_LIMIT};
+pub use summary::{ConsoleSection, Outcome, RunSummary, SavedImage};
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -17,284 +26,23 @@ use guest_abi::layout::{ARGS_ADDR, BOOT_INFO_BASE, BOOT_INFO_STRIDE, EXTENT_SIZE
 use guest_abi::{BOOT_MAGIC, BootInfo};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
-use serde_json::{Value, json};
+use serde_json::json;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::register_signal_handler;
 
 use crate::arch;
-use crate::config::{ConfigError, VmConfig, host_memory};
+use crate::config::{Collapse, VmConfig, host_memory};
 use crate::devices::Devices;
-use crate::files::{FileError, ImageTarget, MetricsTarget};
-use crate::loader::{GuestImage, ImageError};
-use crate::memory::image::{HEADER_SIZE, ImageFileError, SAVE_FLAG};
-use crate::memory::{Memory, MemoryError, Teardown, kernel};
+use crate::files::{ImageTarget, MetricsTarget};
+use crate::loader::GuestImage;
+use crate::memory::host_view;
+use crate::memory::ram_image::{HEADER_SIZE, ImageFileError, SAVE_FLAG};
+use crate::memory::report::MemoryReport;
+use crate::memory::{Memory, MemoryError};
 use crate::metrics::{self, VcpuStats};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
-
-/// Errors that keep a VM from being built or run.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// `/dev/kvm` could not be opened.
-    #[error(
-        "cannot open {path}: check that KVM is enabled (the kvm_intel or kvm_amd module is \
-         loaded and virtualization is on in the firmware) and that this user may read and \
-         write {path}"
-    )]
-    OpenKvm {
-        /// The device path.
-        path: String,
-        /// Why.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// The KVM device is not one.
-    #[error("{path} is not a KVM device: {why}; name the KVM device node (normally /dev/kvm)")]
-    NotKvm {
-        /// The device path.
-        path: String,
-        /// What it is instead.
-        why: String,
-    },
-    /// A KVM ioctl failed.
-    #[error("KVM call failed: {what}")]
-    Kvm {
-        /// Which operation.
-        what: &'static str,
-        /// The error.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// The host's RAM size could not be read.
-    #[error("cannot read the host's memory size")]
-    HostMemory(#[source] std::io::Error),
-    /// A configuration value is not allowed.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// An output path cannot be used.
-    #[error(transparent)]
-    Output(#[from] FileError),
-    /// The guest program is not usable.
-    #[error(transparent)]
-    Image(#[from] ImageError),
-    /// Guest memory could not be set up or saved.
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    /// Writing boot data into guest RAM failed.
-    #[error("cannot write boot data into guest RAM")]
-    BootData(#[source] vm_memory::GuestMemoryError),
-    /// A thread could not be started.
-    #[error("cannot start thread {name}")]
-    Thread {
-        /// The thread.
-        name: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Too few memory mappings are left for the VMM's threads.
-    #[error(
-        "vm.max_map_count is {max} and this process already uses {used} mappings; the VMM needs \
-         {need} more for its threads and buffers (raise it as root: sysctl -w \
-         vm.max_map_count=65530)"
-    )]
-    Mappings {
-        /// `vm.max_map_count`.
-        max: u64,
-        /// Mappings in use.
-        used: u64,
-        /// Mappings needed.
-        need: u64,
-    },
-    /// The kick signal handler could not be installed.
-    #[error("cannot install a signal handler")]
-    Signal(#[source] vmm_sys_util::errno::Error),
-    /// A seccomp filter could not be installed.
-    #[error(transparent)]
-    Seccomp(#[from] seccomp::SeccompError),
-    /// A vCPU thread panicked.
-    #[error("vcpu{0} thread panicked")]
-    VcpuPanicked(u32),
-    /// A vCPU thread did not stop.
-    #[error(
-        "vcpu{0} did not stop within {STOP_LIMIT:?}, even with its faults released; exiting \
-         without tearing down the memory it may still use"
-    )]
-    VcpuStuck(u32),
-    /// The metrics file could not be written.
-    #[error("cannot write metrics to {path}")]
-    Metrics {
-        /// The path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl VmError {
-    /// Whether the error is about the user's input or host set-up (nothing ran), as opposed
-    /// to a failure of the VMM while running.
-    pub fn is_bad_input(&self) -> bool {
-        match self {
-            VmError::Config(_)
-            | VmError::Mappings { .. }
-            | VmError::Output(_)
-            | VmError::Image(_)
-            | VmError::OpenKvm { .. }
-            | VmError::NotKvm { .. } => true,
-            VmError::Memory(MemoryError::HugetlbPool { .. })
-            | VmError::Memory(MemoryError::UffdUnavailable { .. }) => true,
-            // An unusable image is bad input; an I/O error while saving one is not.
-            VmError::Memory(MemoryError::Image(e)) => e.is_bad_input(),
-            _ => false,
-        }
-    }
-
-    fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-        move |source| VmError::Kvm { what, source }
-    }
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Every vCPU sent done; the largest code.
-    Done(u64),
-    /// A vCPU aborted.
-    Aborted {
-        /// Which.
-        vcpu: u32,
-        /// `file:line: message`.
-        what: String,
-    },
-    /// A vCPU failed (triple fault, bad ucall, internal error...).
-    Failed {
-        /// Which.
-        vcpu: u32,
-        /// What happened, with registers.
-        what: String,
-    },
-    /// `--timeout` expired.
-    TimedOut(Duration),
-    /// SIGINT or SIGTERM.
-    Interrupted(i32),
-    /// A VMM thread failed while the guest ran (the fault handler).
-    VmmFailed(String),
-    /// The guest finished, but saving its memory failed (the old image, if any, is intact).
-    SaveFailed {
-        /// The guest's own code.
-        code: u64,
-        /// Why the save failed.
-        what: String,
-    },
-}
-
-/// Process exit codes for ends that are not a guest's own code.
-pub mod exit_code {
-    /// Largest guest code passed through; larger codes are clamped to it.
-    pub const GUEST_MAX: u8 = 199;
-    /// A vCPU aborted (assertion or panic in the guest).
-    pub const GUEST_ABORTED: u8 = 200;
-    /// A vCPU failed: triple fault, invalid ucall, KVM internal error.
-    pub const GUEST_FAILED: u8 = 201;
-    /// `--timeout` expired.
-    pub const TIMED_OUT: u8 = 202;
-    /// Bad input: a value, a file or a device the VMM cannot use (nothing ran).
-    pub const BAD_INPUT: u8 = 203;
-    /// The VMM itself failed while running.
-    pub const VMM_FAILED: u8 = 204;
-}
-
-impl Outcome {
-    /// The process exit code for this outcome.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Outcome::Done(code) => (*code).min(u64::from(exit_code::GUEST_MAX)) as u8,
-            Outcome::Aborted { .. } => exit_code::GUEST_ABORTED,
-            Outcome::Failed { .. } => exit_code::GUEST_FAILED,
-            Outcome::TimedOut(_) => exit_code::TIMED_OUT,
-            Outcome::Interrupted(sig) => 128 + *sig as u8,
-            Outcome::VmmFailed(_) | Outcome::SaveFailed { .. } => exit_code::VMM_FAILED,
-        }
-    }
-
-    /// A one-line description for the user.
-    pub fn describe(&self) -> String {
-        match self {
-            Outcome::Done(code) => format!("guest finished with code {code}"),
-            Outcome::Aborted { vcpu, what } => format!("guest aborted on vcpu{vcpu}: {what}"),
-            Outcome::Failed { vcpu, what } => format!("vcpu{vcpu} failed: {what}"),
-            Outcome::TimedOut(t) => {
-                format!(
-                    "the guest did not finish within --timeout {}s; stopped it",
-                    t.as_secs_f64()
-                )
-            }
-            Outcome::Interrupted(sig) => format!("stopped by signal {sig}"),
-            Outcome::VmmFailed(what) => format!("the VMM failed while the guest ran: {what}"),
-            Outcome::SaveFailed { code, what } => {
-                format!("the guest finished with code {code}, but saving its memory failed: {what}")
-            }
-        }
-    }
-}
-
-/// The result of a run.
-#[derive(Debug)]
-pub struct RunSummary {
-    /// How it ended.
-    pub outcome: Outcome,
-    /// From the first vCPU start to the end of teardown.
-    pub wall: Duration,
-    /// Per-vCPU counters.
-    pub vcpus: Vec<VcpuStats>,
-    /// Serial console bytes written and dropped by the rate limit.
-    pub console: (u64, u64),
-    /// Ucall text bytes (prints, reports) written and dropped by its rate limit.
-    pub ucall_output: (u64, u64),
-    /// The memory, faults and kernel sections, read just before teardown.
-    pub memory: Value,
-    /// What `--save-memory` wrote, if it ran.
-    pub saved: Option<Value>,
-    /// What teardown left behind.
-    pub teardown: Teardown,
-    /// Free hugetlb pages before the VM was built.
-    pub hugetlb_free_before: u64,
-    /// The TSC frequency KVM reported, in kHz (0 if unknown), to turn guest cycles into time.
-    pub tsc_khz: u64,
-}
-
-impl RunSummary {
-    /// The JSON summary written by `--metrics`.
-    pub fn to_json(&self) -> Value {
-        let mut summary = json!({
-            "exit_code": self.outcome.exit_code(),
-            "outcome": self.outcome.describe(),
-            "wall_time_ns": self.wall.as_nanos() as u64,
-            "vcpus": metrics::vcpus_json(&self.vcpus),
-            "console": {
-                "written_bytes": self.console.0,
-                "dropped_bytes": self.console.1,
-                "ucall_written_bytes": self.ucall_output.0,
-                "ucall_dropped_bytes": self.ucall_output.1,
-            },
-            "saved_image": self.saved,
-        });
-        metrics::merge(&mut summary, &self.memory);
-        metrics::merge(
-            &mut summary,
-            &json!({
-                "ledger": { "after_teardown_bytes": self.teardown.ledger_charged_bytes },
-                "kernel": {
-                    "hugetlb_free_before": self.hugetlb_free_before,
-                    "hugetlb_free_after_teardown": self.teardown.hugetlb_free_pages,
-                },
-            }),
-        );
-        summary
-    }
-}
+use stop::{kick_signal, on_kick, stop_and_join};
 
 /// A VM ready to run.
 pub struct Vm {
@@ -317,15 +65,6 @@ static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     STOP_SIGNAL.store(num, Ordering::SeqCst);
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Only interrupts KVM_RUN; the vCPU loop then checks the stop flag.
-}
-
-/// The signal that kicks a vCPU thread out of `KVM_RUN`.
-fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
 }
 
 fn open_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
@@ -368,7 +107,17 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
 impl Vm {
     /// Validates `config` against this host, then builds the VM: KVM, RAM, boot data, vCPUs.
     pub fn build(config: VmConfig, devices: Devices) -> Result<Vm, VmError> {
-        let hugetlb_free_before = kernel::hugetlb_pool().free;
+        Self::build_gated(config, devices, None)
+    }
+
+    /// [`Vm::build`], with the collapse thread waiting for `gate` to turn true before its
+    /// first scan (benchmarks start every variant at the same moment).
+    pub fn build_gated(
+        config: VmConfig,
+        devices: Devices,
+        gate: Option<Arc<AtomicBool>>,
+    ) -> Result<Vm, VmError> {
+        let hugetlb_free_before = host_view::hugetlb_pool().free;
         let kvm = open_kvm(&config)?;
         let host_mem = host_memory().map_err(VmError::HostMemory)?;
         let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
@@ -391,7 +140,7 @@ impl Vm {
         let mut memory_config = config.memory_config();
         // Running out of mappings later would abort the process (a thread's stack, an
         // allocation): refuse now, while it can still say why.
-        if let (Ok(max), Ok(used)) = (kernel::max_map_count(), kernel::mappings())
+        if let (Ok(max), Ok(used)) = (host_view::max_map_count(), host_view::mappings())
             && used + memory_config.map_reserve > max
         {
             return Err(VmError::Mappings {
@@ -403,7 +152,7 @@ impl Vm {
         // On by default, the collapse thread is an optimisation: where the host does not
         // allow it, say so once and run without it. Asked for with --collapse on, it must run.
         if memory_config.collapse.is_some()
-            && config.collapse.is_none()
+            && matches!(config.collapse, Collapse::Default(_))
             && let Some(why) = crate::memory::collapse_unavailable()
         {
             eprintln!(
@@ -413,7 +162,7 @@ impl Vm {
             memory_config.collapse = None;
         }
         // The memory threads read the kernel's view through these, opened before any filter.
-        kernel::open_views().map_err(|e| VmError::Memory(MemoryError::KernelView(e)))?;
+        host_view::open_views().map_err(|e| VmError::Memory(MemoryError::KernelView(e)))?;
         let mut memory = Memory::new(memory_config)?;
         memory
             .ram()
@@ -469,9 +218,12 @@ impl Vm {
             })?;
         let events = mpsc::channel();
         let fatal = std::sync::Mutex::new(events.0.clone());
-        memory.start(Arc::new(move |what| {
-            let _ = fatal.lock().map(|tx| tx.send(VmEvent::Fatal(what)));
-        }))?;
+        memory.start(
+            gate,
+            Arc::new(move |what| {
+                let _ = fatal.lock().map(|tx| tx.send(VmEvent::Fatal(what)));
+            }),
+        )?;
         Ok(Vm {
             vcpus,
             vm_fd: Some(vm_fd),
@@ -519,7 +271,7 @@ impl Vm {
                     // SAFETY: gettid cannot fail and touches no memory.
                     log::debug!("thread vcpu{index} is tid {}", unsafe { libc::gettid() });
                     if let Err(e) = seccomp::install(ThreadKind::Vcpu, seccomp_mode) {
-                        let end = VcpuEnd::Failed(error_chain(&e));
+                        let end = VcpuEnd::Failed(crate::error::chain(&e));
                         let index = index as u32;
                         let _ = shared.events.send(VmEvent::Vcpu(VcpuEvent { index, end }));
                         return VcpuStats::new(index);
@@ -617,9 +369,12 @@ impl Vm {
                 let path = target.path();
                 let interrupted = || STOP_SIGNAL.load(Ordering::SeqCst) != 0;
                 match self.memory().save(path, &interrupted) {
-                    Ok(stats) => {
-                        log::info!("saved guest memory to {}: {stats:?}", path.display());
-                        Some(json!({"path": path, "pages": stats}))
+                    Ok(pages) => {
+                        log::info!("saved guest memory to {}: {pages:?}", path.display());
+                        Some(SavedImage {
+                            path: path.into(),
+                            pages,
+                        })
                     }
                     Err(MemoryError::Image(ImageFileError::Interrupted { .. })) => {
                         eprintln!(
@@ -632,7 +387,7 @@ impl Vm {
                     Err(e) => {
                         outcome = Outcome::SaveFailed {
                             code,
-                            what: error_chain(&e),
+                            what: crate::error::chain(&e),
                         };
                         None
                     }
@@ -647,7 +402,7 @@ impl Vm {
             }
             (None, _) => None,
         };
-        let memory = self.memory_metrics()?;
+        let mut memory = self.memory_report()?;
         // Teardown: the VM fd (and with it the memslot) first, then guest memory.
         drop(self.vm_fd.take());
         let teardown = self
@@ -655,16 +410,23 @@ impl Vm {
             .take()
             .expect("memory lives until teardown")
             .teardown();
+        memory.ledger.after_teardown_bytes = Some(teardown.ledger_charged_bytes);
+        memory.kernel.hugetlb_free_before = Some(self.hugetlb_free_before);
+        memory.kernel.hugetlb_free_after_teardown = Some(teardown.hugetlb_free_pages);
+        let (written_bytes, dropped_bytes) = self.devices.serial.output_stats();
+        let (ucall_written_bytes, ucall_dropped_bytes) = self.devices.ucall_output_stats();
         let summary = RunSummary {
             outcome,
             wall: start.elapsed(),
             vcpus,
-            console: self.devices.serial.output_stats(),
-            ucall_output: self.devices.ucall_output_stats(),
+            console: ConsoleSection {
+                written_bytes,
+                dropped_bytes,
+                ucall_written_bytes,
+                ucall_dropped_bytes,
+            },
             memory,
             saved,
-            teardown,
-            hugetlb_free_before: self.hugetlb_free_before,
             tsc_khz: self.tsc_khz,
         };
         if let Some(target) = &self.metrics_to {
@@ -686,7 +448,6 @@ impl Vm {
 }
 
 impl Vm {
-    /// The memory, faults and kernel sections of the metrics, with KVM's own `pages_2m`.
     /// The host address range of guest RAM (for benchmarks that watch the kernel's view).
     pub fn ram_host_range(&self) -> std::ops::Range<u64> {
         let ram = self.memory().ram();
@@ -698,12 +459,12 @@ impl Vm {
         self.memory.as_ref().expect("memory lives until teardown")
     }
 
-    fn memory_metrics(&self) -> Result<Value, VmError> {
-        let mut value = self.memory().metrics_json()?;
+    /// What memory reports now, with KVM's own count of 2 MiB mappings.
+    fn memory_report(&self) -> Result<MemoryReport, VmError> {
+        let mut report = self.memory().report()?;
         let vm_fd = self.vm_fd.as_ref().expect("the VM fd lives until teardown");
-        let pages_2m = kernel::kvm_vm_stat(vm_fd, "pages_2m").ok().flatten();
-        value["kernel"]["kvm_pages_2m"] = json!(pages_2m);
-        Ok(value)
+        report.kernel.kvm_pages_2m = host_view::kvm_vm_stat(vm_fd, "pages_2m").ok().flatten();
+        Ok(report)
     }
 
     /// Appends one line of metrics to `<--metrics>.jsonl` (or to the metrics stream).
@@ -711,7 +472,7 @@ impl Vm {
         let Some(target) = &self.metrics_to else {
             return Ok(());
         };
-        let mut line = self.memory_metrics()?;
+        let mut line = serde_json::to_value(self.memory_report()?).expect("plain data");
         line["elapsed_ns"] = json!(start.elapsed().as_nanos() as u64);
         metrics::append_line(target, &line).map_err(|source| VmError::Metrics {
             path: match target {
@@ -723,58 +484,4 @@ impl Vm {
             source,
         })
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out += &format!(": {cause}");
-        source = cause.source();
-    }
-    out
-}
-
-/// How long vCPU threads get to stop on their own (kicked out of `KVM_RUN` by a signal)
-/// before the faults they may be waiting on are released.
-pub const STOP_GRACE: Duration = Duration::from_secs(1);
-/// How long stopping may take in all before the VMM gives up on a vCPU thread and exits
-/// without tearing down what that thread may still be using.
-pub const STOP_LIMIT: Duration = Duration::from_secs(5);
-
-/// Sets the stop flag and kicks every vCPU thread out of `KVM_RUN` until it has exited. A
-/// thread still running after [`STOP_GRACE`] may be blocked in a fault nobody will serve (a
-/// stalled or dead page server): `release` then unregisters guest RAM from userfaultfd, which
-/// wakes every such waiter. After [`STOP_LIMIT`] the stop fails with the threads left behind.
-fn stop_and_join(
-    stop: &AtomicBool,
-    threads: Vec<(u32, JoinHandle<VcpuStats>)>,
-    release: &dyn Fn(),
-) -> Result<Vec<VcpuStats>, VmError> {
-    stop.store(true, Ordering::Release);
-    let start = Instant::now();
-    let mut released = false;
-    while let Some(&(index, _)) = threads.iter().find(|(_, h)| !h.is_finished()) {
-        if !released && start.elapsed() >= STOP_GRACE {
-            log::warn!(
-                "vcpu{index} did not stop within {STOP_GRACE:?}; releasing the faults it may \
-                 be waiting on"
-            );
-            release();
-            released = true;
-        }
-        if start.elapsed() >= STOP_LIMIT {
-            return Err(VmError::VcpuStuck(index));
-        }
-        // A signal that lands just before KVM_RUN is lost, so keep kicking until it is out.
-        for (_, handle) in threads.iter().filter(|(_, h)| !h.is_finished()) {
-            let _ = handle.kill(kick_signal());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    threads
-        .into_iter()
-        .map(|(index, handle)| handle.join().map_err(|_| VmError::VcpuPanicked(index)))
-        .collect()
 }

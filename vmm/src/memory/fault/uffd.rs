@@ -1,8 +1,4 @@
-//! A userfaultfd: the kernel ABI, wrapped.
-//!
-//! The `userfaultfd` crate generates its bindings with bindgen at build time, which needs
-//! libclang on every machine that builds the VMM; the handful of structs and ioctls used here
-//! are stable kernel ABI (`include/uapi/linux/userfaultfd.h`), so they are declared directly.
+//! A userfaultfd, wrapped (the ABI is declared in [`crate::sys::uffd`]).
 //!
 //! `Uffd` only issues ioctls on address ranges. Whether a range may be resolved (it must be
 //! guest RAM the caller owns, registered with this uffd) is the caller's invariant; the
@@ -11,104 +7,11 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-const UFFDIO: u32 = 0xAA;
-const UFFD_API: u64 = 0xAA;
-
-/// Raise write-protect faults (`UFFDIO_REGISTER_MODE_WP`).
-pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
-/// Report the faulting thread's id.
-pub const FEATURE_THREAD_ID: u64 = 1 << 8;
-/// Write-protect unpopulated pages too.
-pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-
-/// Register for faults on missing pages.
-pub const REGISTER_MODE_MISSING: u64 = 1 << 0;
-/// Register for write-protect faults.
-pub const REGISTER_MODE_WP: u64 = 1 << 1;
-
-const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-const WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
-
-const EVENT_PAGEFAULT: u8 = 0x12;
-const PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
-const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-
-/// The ioctl numbers (`include/uapi/linux/userfaultfd.h`).
-#[allow(missing_docs)]
-mod nr {
-    use super::*;
-    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3f, UffdioApi);
-    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
-    vmm_sys_util::ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
-    vmm_sys_util::ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
-    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
-    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
-    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
-    vmm_sys_util::ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
-}
-use nr::*;
-
-/// The ioctl requests that resolve or protect faults, or (re)register ranges: those of the
-/// threads that serve faults and collapse extents (their seccomp filters allow these only).
-pub fn resolve_ioctls() -> [u64; 6] {
-    [
-        UFFDIO_COPY(),
-        UFFDIO_ZEROPAGE(),
-        UFFDIO_WAKE(),
-        UFFDIO_WRITEPROTECT(),
-        UFFDIO_REGISTER(),
-        UFFDIO_UNREGISTER(),
-    ]
-    .map(u64::from)
-}
+use crate::sys::uffd::*;
+pub use crate::sys::uffd::{
+    FEATURE_PAGEFAULT_FLAG_WP, FEATURE_THREAD_ID, FEATURE_WP_UNPOPULATED, REGISTER_MODE_MISSING,
+    REGISTER_MODE_WP,
+};
 
 /// A page fault read from the uffd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,10 +203,15 @@ impl Uffd {
 
     /// Reads pending fault messages into `out` without blocking; returns how many.
     pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<usize> {
-        const MSG: usize = 32;
-        let mut buf = [0u8; MSG * 64];
-        // SAFETY: reading into our own buffer of the given length.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let mut msgs = [UffdMsg::default(); 64];
+        // SAFETY: reads whole messages into our own array of `uffd_msg`s, of the given size.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                std::mem::size_of_val(&msgs),
+            )
+        };
         if n < 0 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
@@ -311,17 +219,15 @@ impl Uffd {
                 _ => Err(err),
             };
         }
+        let read = n as usize / std::mem::size_of::<UffdMsg>();
         let mut count = 0;
-        for msg in buf[..n as usize].chunks_exact(MSG) {
-            if msg[0] != EVENT_PAGEFAULT {
-                continue;
-            }
-            let flags = u64::from_le_bytes(msg[8..16].try_into().expect("8 bytes"));
-            let address = u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes"));
+        for msg in msgs[..read].iter().filter(|m| m.event == EVENT_PAGEFAULT) {
+            // SAFETY: the kernel wrote a page-fault message, so `pagefault` is the live arm.
+            let fault = unsafe { msg.arg.pagefault };
             out.push(Fault {
-                address,
-                write: flags & PAGEFAULT_FLAG_WRITE != 0,
-                wp: flags & PAGEFAULT_FLAG_WP != 0,
+                address: fault.address,
+                write: fault.flags & PAGEFAULT_FLAG_WRITE != 0,
+                wp: fault.flags & PAGEFAULT_FLAG_WP != 0,
             });
             count += 1;
         }
@@ -341,7 +247,7 @@ mod tests {
 
     /// Maps `len` bytes of anonymous memory for a test.
     fn anon(len: usize) -> *mut u8 {
-        crate::memory::pool::map_anonymous(len, 0)
+        crate::memory::huge::page::map_anonymous(len, 0)
             .expect("mmap")
             .as_ptr()
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use guest_abi::layout::PAGE_SIZE;
 
-use super::image::{ImageFile, ImageFileError};
+use crate::memory::ram_image::{ImageFile, ImageFileError};
 
 /// What a source put in the buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

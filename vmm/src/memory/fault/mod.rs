@@ -1,0 +1,156 @@
+//! Guest page faults raised through userfaultfd: the handler thread and its loop (here), how
+//! one fault is resolved ([`resolve`]), the uffd itself ([`uffd`]), and where a page's
+//! contents come from ([`source`]).
+//!
+//! The handler takes only the memory map's **read** side, so it runs beside every other reader,
+//! and it is exactly the "userland backend" a collapse holding the write side while allocating
+//! would block (the seed commit's deadlock). A failure (an unreadable image, an ioctl error, a
+//! panic) is reported through `on_fatal`, after guest RAM is unregistered from the uffd, which
+//! wakes every blocked vCPU so the VM can stop instead of hanging.
+
+pub mod resolve;
+pub mod source;
+pub mod uffd;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use guest_abi::layout::PAGE_SIZE;
+use serde::Serialize;
+
+use super::huge::install::Installer;
+use super::map::MemoryMap;
+use crate::metrics::{Counter, Latencies};
+use crate::seccomp::{Seccomp, ThreadKind};
+use crate::worker::{Stop, Worker};
+use source::PageSource;
+use uffd::{Fault, Uffd};
+
+/// What the fault handler has done; shared with the metrics (the `faults` section).
+#[derive(Debug, Default, Serialize)]
+pub struct FaultStats {
+    /// Missing-page faults resolved by this handler (pages or granules it filled).
+    pub served: Counter,
+    /// Faults that found the page already filled (two faults raced for one page).
+    pub already_present: Counter,
+    /// Faults whose mapping changed under the handler (the thread faults again).
+    pub retried: Counter,
+    /// Write-protect faults answered.
+    #[serde(rename = "wp")]
+    pub wp_faults: Counter,
+    /// Faults resolved by moving one huge page over the whole extent.
+    pub extents_mapped: Counter,
+    /// Time to serve one missing-page fault, from reading it to resolving it.
+    pub service_ns: Latencies,
+    /// Time a write-protected writer waited, from reading its fault to waking it: the vCPU
+    /// stall a collapse causes (as far as the handler sees it).
+    pub wp_stall_ns: Latencies,
+}
+
+/// Everything the handler thread resolves faults with.
+pub struct Resolver {
+    /// The userfaultfd guest RAM is registered with.
+    pub uffd: Arc<Uffd>,
+    /// The memory map lock (and through it guest RAM, which stays mapped while this lives).
+    pub map: Arc<MemoryMap>,
+    /// Where page contents come from.
+    pub source: Arc<dyn PageSource>,
+    /// Bytes resolved per missing fault: 4 KiB, or more (aligned) to fault around; 2 MiB
+    /// resolves a fault in an unpopulated extent with a whole huge page when `huge` is set.
+    pub granularity: u64,
+    /// Counters.
+    pub stats: Arc<FaultStats>,
+    /// Huge pages for 2 MiB faults.
+    pub huge: Option<Installer>,
+}
+
+/// The running handler thread; stopped and joined on drop.
+pub struct FaultHandler {
+    worker: Worker,
+}
+
+impl FaultHandler {
+    /// Starts the handler thread. If it fails, it unregisters guest RAM from the uffd (which
+    /// wakes every thread blocked on a fault it will never serve) and calls `on_fatal` once.
+    pub fn start(
+        resolver: Resolver,
+        seccomp: Seccomp,
+        on_fatal: impl FnOnce(String) + Send + 'static,
+    ) -> std::io::Result<FaultHandler> {
+        let (uffd, ram) = (resolver.uffd.clone(), resolver.map.ram().clone());
+        let worker = Worker::spawn(
+            "uffd-handler",
+            ThreadKind::FaultHandler,
+            seccomp,
+            move |stop| serve(&resolver, stop),
+            move |what| {
+                let _ = uffd.unregister(ram.host_base().0 as u64, ram.size());
+                on_fatal(what);
+            },
+        )?;
+        Ok(FaultHandler { worker })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        self.worker.stop();
+    }
+}
+
+/// The handler loop: wait for faults or the stop event, serve faults in batches.
+fn serve(r: &Resolver, stop: &Stop) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let mut faults: Vec<Fault> = Vec::with_capacity(64);
+    let mut buffers = resolve::Buffers::new(r.granularity);
+    let ram = r.map.ram();
+    let (host_base, ram_size) = (ram.host_base().0 as u64, ram.size());
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: r.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(format!("poll on the userfaultfd failed: {err}"));
+        }
+        if fds[1].revents != 0 {
+            return Ok(());
+        }
+        faults.clear();
+        r.uffd
+            .read_faults(&mut faults)
+            .map_err(|e| format!("reading the userfaultfd failed: {e}"))?;
+        for fault in &faults {
+            fail::fail_point!("fault-serve");
+            crate::seccomp::forbidden_call_point("seccomp-fault-handler");
+            let start = Instant::now();
+            let gpa = fault.address.wrapping_sub(host_base) & !(PAGE_SIZE - 1);
+            if gpa >= ram_size {
+                return Err(format!(
+                    "fault at host address {:#x}, outside guest RAM",
+                    fault.address
+                ));
+            }
+            if fault.wp {
+                resolve::answer_wp(r, gpa)?;
+                r.stats.wp_stall_ns.record(start.elapsed());
+            } else {
+                resolve::serve_missing(r, fault, gpa, &mut buffers)?;
+                r.stats.service_ns.record(start.elapsed());
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! How one fault is resolved, under the memory map's read side (2 MiB faults take the write
+//! side briefly to move their page in, through the one install path).
+
+use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
+
+use super::Resolver;
+use super::source::Fill;
+use super::uffd::{Fault, Resolved};
+use crate::memory::extent::{ExtentIndex, ExtentState};
+use crate::memory::huge::install::{Contents, Installer};
+use crate::memory::map::MapRead;
+
+/// The handler's own buffers: a granule of page-source contents, and a granule of zeroes.
+pub struct Buffers {
+    fill: Vec<u8>,
+    zeroes: Vec<u8>,
+}
+
+impl Buffers {
+    /// Buffers for `granularity` bytes.
+    pub fn new(granularity: u64) -> Self {
+        Buffers {
+            fill: vec![0u8; granularity as usize],
+            zeroes: vec![0u8; granularity as usize],
+        }
+    }
+}
+
+/// The index of the 4 KiB page holding `gpa` within its extent.
+fn page_in_extent(gpa: u64) -> usize {
+    ((gpa % EXTENT_SIZE) / PAGE_SIZE) as usize
+}
+
+/// Resolves a missing-page fault at `gpa` under the read lock.
+pub fn serve_missing(
+    r: &Resolver,
+    fault: &Fault,
+    gpa: u64,
+    buffers: &mut Buffers,
+) -> Result<(), String> {
+    let gran = r.granularity;
+    let first = gpa & !(gran - 1);
+    let host_base = r.map.ram().host_base().0 as u64;
+    let mut map = r.map.read();
+    if let Some(installer) = r.huge.as_ref().filter(|_| gran == EXTENT_SIZE) {
+        if map_whole_extent(r, installer, ExtentIndex::containing(gpa), map)? {
+            return Ok(());
+        }
+        map = r.map.read();
+    }
+    let extent = map
+        .get(ExtentIndex::containing(gpa))
+        .expect("gpa is inside RAM");
+    if extent.state() == ExtentState::Huge {
+        // A collapse committed while this fault waited for the lock: the page is there now,
+        // in the huge page that replaced the extent. Let the thread retry its access.
+        let _ = r.uffd.wake(host_base + gpa, PAGE_SIZE);
+        return Ok(());
+    }
+    // Resolve the whole granule when none of it is populated yet; otherwise only the page
+    // (a granule with some pages present cannot be filled in one copy).
+    let (at, len) = if gran > PAGE_SIZE
+        && (first..first + gran)
+            .step_by(PAGE_SIZE as usize)
+            .all(|p| !map.is_populated(p))
+    {
+        (first, gran)
+    } else {
+        (gpa, PAGE_SIZE)
+    };
+    let fill = r
+        .source
+        .fill(at, &mut buffers.fill[..len as usize])
+        .map_err(|e| format!("the page source failed for guest address {at:#x}: {e}"))?;
+    let dst = host_base + at;
+    let (data, zeroes) = (buffers.fill.as_ptr(), buffers.zeroes.as_ptr());
+    // SAFETY: `dst..dst+len` is guest RAM (the caller checked `gpa` against its size),
+    // registered with this uffd and mapped while `r.map` lives; the sources are the handler's
+    // own buffers of at least `len` bytes.
+    let resolved = unsafe {
+        match fill {
+            Fill::Data => r.uffd.copy(dst, data, len),
+            Fill::Zero if fault.write || len > PAGE_SIZE => r.uffd.copy(dst, zeroes, len),
+            // A page holding a uffd-wp marker (its extent is being collapsed) is no page:
+            // ZEROPAGE refuses it with EEXIST, COPY fills it. A page that really is present
+            // makes COPY say so too.
+            Fill::Zero => match r.uffd.zeropage(dst, len) {
+                Ok(Resolved::AlreadyPresent) => r.uffd.copy(dst, zeroes, len),
+                other => other,
+            },
+        }
+    }
+    .map_err(|e| format!("resolving the fault at guest address {at:#x} failed: {e}"))?;
+    match resolved {
+        Resolved::Filled => {
+            for p in (at..at + len).step_by(PAGE_SIZE as usize) {
+                map.mark_populated(p);
+                if extent.is_tracking() {
+                    extent.mark_dirty(page_in_extent(p));
+                }
+            }
+            r.stats.served.inc();
+        }
+        Resolved::AlreadyPresent => {
+            map.mark_populated(gpa);
+            r.stats.already_present.inc();
+            // Another resolution filled the page; make sure this waiter is woken too.
+            let _ = r.uffd.wake(host_base + gpa, PAGE_SIZE);
+        }
+        Resolved::Retry => {
+            r.stats.retried.inc();
+            let _ = r.uffd.wake(host_base + gpa, PAGE_SIZE);
+        }
+    }
+    Ok(())
+}
+
+/// Resolves a fault in a wholly unpopulated extent with one huge page: prepared (allocated,
+/// charged) and filled from the source under the read lock, the seed's order; moved in under
+/// the write lock. Takes the read guard by value and returns with every lock released.
+/// `Ok(false)`: not done, resolve the fault page by page (the extent is partly populated, no
+/// page or charge was to be had, or the extent changed meanwhile); nothing is left behind.
+fn map_whole_extent(
+    r: &Resolver,
+    installer: &Installer,
+    index: ExtentIndex,
+    guard: MapRead<'_>,
+) -> Result<bool, String> {
+    let extent = guard.get(index).expect("the fault is inside RAM");
+    if extent.state() != ExtentState::Unpopulated {
+        return Ok(false);
+    }
+    let generation = extent.generation();
+    let Ok(mut page) = installer.prepare() else {
+        return Ok(false);
+    };
+    r.source.fill(index.gpa(), page.bytes_mut()).map_err(|e| {
+        format!(
+            "the page source failed for guest address {:#x}: {e}",
+            index.gpa()
+        )
+    })?;
+    drop(guard);
+    let mut table = r.map.write();
+    let extent = table.get(index).expect("the fault is inside RAM");
+    if extent.generation() != generation || extent.state() != ExtentState::Unpopulated {
+        return Ok(false);
+    }
+    match installer.install(&mut table, index, page, Contents::Unpopulated) {
+        Ok(_) => {}
+        Err(Ok(failed)) => {
+            log::warn!("{failed}: {}", failed.source);
+            return Ok(false);
+        }
+        Err(Err(lost)) => return Err(crate::error::chain(&lost)),
+    }
+    drop(table);
+    r.stats.served.inc();
+    r.stats.extents_mapped.inc();
+    // Every thread waiting on a fault in the extent retries on the huge page.
+    let _ = r
+        .uffd
+        .wake(r.map.ram().host_base().0 as u64 + index.gpa(), EXTENT_SIZE);
+    Ok(true)
+}
+
+/// Answers a write-protect fault. Taking the read lock waits for any collapse commit in
+/// progress. Then either a collapse is copying the extent outside the lock (tracking): record
+/// the page dirty, so the commit copies it again, and let the write through; or the commit is
+/// done and the extent is a huge page now: wake the writer to retry on it.
+pub fn answer_wp(r: &Resolver, gpa: u64) -> Result<(), String> {
+    let map = r.map.read();
+    r.stats.wp_faults.inc();
+    let extent = map
+        .get(ExtentIndex::containing(gpa))
+        .expect("gpa is inside RAM");
+    let page = r.map.ram().host_base().0 as u64 + gpa;
+    let result = if extent.is_tracking() {
+        extent.mark_dirty(page_in_extent(gpa));
+        r.uffd.write_protect(page, PAGE_SIZE, false, true)
+    } else {
+        r.uffd.wake(page, PAGE_SIZE)
+    };
+    result.map_err(|e| format!("letting a write-protected writer at {gpa:#x} go failed: {e}"))
+}

@@ -1,0 +1,694 @@
+//! [`Memory`]: guest memory and everything that manages it, owned in one place, started and
+//! stopped in order. At start it registers guest RAM with a userfaultfd (where the VMM serves
+//! faults, or the collapse thread write-protects extents), starts the fault handler, the huge
+//! page pool and the collapse thread; at teardown it stops them in the reverse order, gives
+//! back every huge page's charge, and unmaps RAM last (after the VM fd, which its owner drops
+//! first).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::backing::{Backing, SourceKind};
+use super::collapse::{CollapseConfig, CollapseStats, CollapseThread, Collapser};
+use super::extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, PAGES_PER_EXTENT};
+use super::fault::source::{ImageSource, PageSource, ZeroSource};
+use super::fault::uffd::{self, Uffd};
+use super::fault::{FaultHandler, FaultStats, Resolver};
+use super::host_view::{self, SmapsTotals};
+use super::huge::install::{Installer, MapBudget};
+use super::huge::ledger::Ledger;
+use super::huge::pool::{HugePagePool, HugeSource};
+use super::map::MemoryMap;
+use super::ram::GuestRam;
+use super::ram_image::{ImageFile, Page, SaveStats};
+use super::report::{CollapseSection, FaultsSection, LedgerSection, MemoryReport, MemorySection};
+use super::{MemoryError, ram_image};
+use crate::seccomp::Seccomp;
+
+/// Mappings kept free for the VMM itself, besides its vCPU threads.
+pub const MAP_RESERVE: u64 = 128;
+/// Mappings a thread costs (its stack and guard, its signal stack and guard).
+pub const MAPS_PER_THREAD: u64 = 4;
+
+/// Why the collapse thread cannot run on this host for this user, if it cannot: it needs a
+/// userfaultfd with write-protection of unpopulated pages.
+pub fn collapse_unavailable() -> Option<String> {
+    let features = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
+    match Uffd::new(features) {
+        Err(e) => Some(format!(
+            "this user may not open a userfaultfd ({e}; it needs root, \
+             vm.unprivileged_userfaultfd=1, or read and write access to /dev/userfaultfd)"
+        )),
+        Ok(u) if u.features() & features != features => Some(
+            "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux 6.4+)"
+                .into(),
+        ),
+        Ok(_) => None,
+    }
+}
+
+/// What teardown left behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Teardown {
+    /// Bytes still charged to the ledger after every page was given back (should be 0).
+    pub ledger_charged_bytes: u64,
+    /// Free hugetlb pages after guest RAM and the pool were unmapped.
+    pub hugetlb_free_pages: u64,
+}
+
+/// How to set up guest memory.
+#[derive(Clone, Debug)]
+pub struct MemoryConfig {
+    /// RAM size (a multiple of 2 MiB).
+    pub size: u64,
+    /// What backs RAM from the start.
+    pub backing: Backing,
+    /// Where first-touch contents come from.
+    pub source: SourceKind,
+    /// Bytes the fault handler resolves per fault (4 KiB, or up to 2 MiB to fault around).
+    pub fault_granularity: u64,
+    /// The collapse thread, if on (4 KiB backing only).
+    pub collapse: Option<CollapseConfig>,
+    /// Where huge pages come from.
+    pub huge_source: HugeSource,
+    /// Most huge-page memory that may be charged.
+    pub huge_limit: u64,
+    /// Huge pages the pool keeps ready ahead of demand.
+    pub pool_ahead: usize,
+    /// Populate all of RAM when it is mapped (the huge backings do unless told not to; the
+    /// fault benchmark measures them faulting on demand).
+    pub populate: bool,
+    /// Memory mappings kept free for the rest of the VMM (its threads, large allocations):
+    /// huge pages stop being moved into guest RAM before they would eat into them.
+    pub map_reserve: u64,
+    /// seccomp filters for the memory threads.
+    pub seccomp: Seccomp,
+}
+
+impl MemoryConfig {
+    /// 4 KiB pages populated by the host kernel, no collapse: the simplest memory.
+    pub fn small(size: u64) -> Self {
+        MemoryConfig {
+            size,
+            backing: Backing::Small,
+            source: SourceKind::Kernel,
+            fault_granularity: PAGE_SIZE,
+            collapse: None,
+            huge_source: HugeSource::Auto,
+            huge_limit: size,
+            pool_ahead: super::huge::pool::POOL_AHEAD,
+            populate: false,
+            map_reserve: MAP_RESERVE,
+            seccomp: Seccomp::Off,
+        }
+    }
+}
+
+/// Guest memory and everything that manages it.
+pub struct Memory {
+    // Stopped in this order: the collapse thread, the fault handler, the pool.
+    collapser: Option<CollapseThread>,
+    handler: Option<FaultHandler>,
+    pool: Option<Arc<HugePagePool>>,
+    uffd: Option<Arc<Uffd>>,
+    maps: Arc<MapBudget>,
+    collapse_stats: Arc<CollapseStats>,
+    fault_stats: Arc<FaultStats>,
+    ledger: Arc<Ledger>,
+    image: Option<Arc<ImageFile>>,
+    config: MemoryConfig,
+    // Unmapped when the last reference (this one, once the threads are gone) drops.
+    map: Arc<MemoryMap>,
+}
+
+impl Memory {
+    /// Maps guest RAM as configured. Huge backings are populated here (and filled from the
+    /// image, if there is one), so a short pool or an unusable image fails before the guest
+    /// starts.
+    pub fn new(config: MemoryConfig) -> Result<Memory, MemoryError> {
+        let image = match &config.source {
+            SourceKind::Image(path) => Some(Arc::new(ImageFile::open(path, config.size)?)),
+            _ => None,
+        };
+        if config.backing == Backing::Hugetlb {
+            let need = config.size / EXTENT_SIZE;
+            let pool = host_view::hugetlb_pool();
+            if pool.free < need {
+                return Err(MemoryError::HugetlbPool {
+                    need,
+                    ram_mib: config.size >> 20,
+                    free: pool.free,
+                    total: pool.total,
+                    suggest: pool.total + need - pool.free,
+                });
+            }
+        }
+        let ram = GuestRam::new(config.size, config.backing)?;
+        let mut table = ExtentTable::new(config.size);
+        if config.backing.prepopulated() && config.populate {
+            ram.populate().map_err(|source| MemoryError::Populate {
+                backing: config.backing,
+                source,
+            })?;
+            if let Some(image) = &image {
+                copy_image_into(&ram, image)?;
+            }
+            mark_huge_extents(&ram, &mut table, config.backing)?;
+        }
+        let maps = MapBudget::new(config.map_reserve).map_err(MemoryError::KernelView)?;
+        Ok(Memory {
+            collapser: None,
+            handler: None,
+            pool: None,
+            uffd: None,
+            maps: Arc::new(maps),
+            collapse_stats: Arc::new(CollapseStats::default()),
+            fault_stats: Arc::new(FaultStats::default()),
+            ledger: Arc::new(Ledger::new(config.huge_limit)),
+            image,
+            config,
+            map: Arc::new(MemoryMap::new(table, Arc::new(ram))),
+        })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        self.map.ram()
+    }
+
+    /// The memory map lock and extent table.
+    pub fn map(&self) -> &Arc<MemoryMap> {
+        &self.map
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.config
+    }
+
+    /// Fault handler counters.
+    pub fn fault_stats(&self) -> &Arc<FaultStats> {
+        &self.fault_stats
+    }
+
+    /// Collapse counters.
+    pub fn collapse_stats(&self) -> &Arc<CollapseStats> {
+        &self.collapse_stats
+    }
+
+    /// The huge-page ledger.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// The userfaultfd guest RAM is registered with, when the VMM serves faults.
+    pub fn uffd(&self) -> Option<&Arc<Uffd>> {
+        self.uffd.as_ref()
+    }
+
+    /// Call once the VMM has written its boot data: records what the kernel populated so far
+    /// and, on 4 KiB backing, registers RAM with a userfaultfd where the VMM serves faults (the
+    /// zero and image sources) or write-protects extents (the collapse thread), then starts
+    /// the fault handler, the pool and the collapse thread (which, if `gate` is given, waits
+    /// for it before its first scan). `on_fatal` is called if any of them fails.
+    pub fn start(
+        &mut self,
+        gate: Option<Arc<AtomicBool>>,
+        on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> Result<(), MemoryError> {
+        if self.config.backing.prepopulated() {
+            return Ok(());
+        }
+        self.sync_from_kernel()?;
+        let collapse = self.config.collapse.clone();
+        let missing = self.config.source.uses_uffd();
+        if !missing && collapse.is_none() {
+            return Ok(());
+        }
+        let uffd = Arc::new(self.register(missing, collapse.is_some())?);
+        let source: Option<Arc<dyn PageSource>> = match &self.image {
+            Some(image) => Some(Arc::new(ImageSource::new(image.clone()))),
+            None => None,
+        };
+        // Huge pages for the collapse thread and for 2 MiB faults.
+        let extent_faults = missing && self.config.fault_granularity == EXTENT_SIZE;
+        if collapse.is_some() || extent_faults {
+            let fatal = on_fatal.clone();
+            let pool = HugePagePool::new(
+                self.config.huge_source,
+                self.config.pool_ahead,
+                self.config.seccomp,
+                move |what| fatal(what),
+            )
+            .map_err(MemoryError::Thread)?;
+            pool.wait_ready(self.config.pool_ahead, std::time::Duration::from_secs(2));
+            self.pool = Some(Arc::new(pool));
+        }
+        let fatal = on_fatal.clone();
+        let handler = FaultHandler::start(
+            Resolver {
+                uffd: uffd.clone(),
+                map: self.map.clone(),
+                source: source.clone().unwrap_or_else(|| Arc::new(ZeroSource)),
+                granularity: self.config.fault_granularity,
+                stats: self.fault_stats.clone(),
+                huge: extent_faults.then(|| self.installer(&uffd)),
+            },
+            self.config.seccomp,
+            move |what| fatal(what),
+        )
+        .map_err(MemoryError::Thread)?;
+        self.uffd = Some(uffd.clone());
+        self.handler = Some(handler);
+        if let Some(config) = collapse {
+            let collapser = Collapser {
+                map: self.map.clone(),
+                uffd: uffd.clone(),
+                source,
+                installer: self.installer(&uffd),
+                config,
+                stats: self.collapse_stats.clone(),
+                stopping: Arc::new(AtomicBool::new(false)),
+                kernel_populates: !missing,
+                before_commit: None,
+            };
+            let sync: Box<dyn Fn(ExtentIndex) + Send> = if missing {
+                Box::new(|_| {})
+            } else {
+                let map = self.map.clone();
+                Box::new(move |index| {
+                    if let Err(e) = sync_extent(&map, index) {
+                        log::warn!("reading the kernel's view of extent {}: {e}", index.0);
+                    }
+                })
+            };
+            self.collapser = Some(
+                CollapseThread::start(collapser, sync, gate, self.config.seccomp, on_fatal)
+                    .map_err(MemoryError::Thread)?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens the userfaultfd and registers all of guest RAM with it: for missing faults where
+    /// the VMM serves them, for write-protect faults where the collapse thread runs.
+    fn register(&self, missing: bool, write_protect: bool) -> Result<Uffd, MemoryError> {
+        let needed_by = if missing {
+            format!("--page-source {}", self.config.source.name())
+        } else {
+            "the collapse thread".to_string()
+        };
+        let mut features = uffd::FEATURE_THREAD_ID;
+        let mut mode = 0;
+        if missing {
+            mode |= uffd::REGISTER_MODE_MISSING;
+        }
+        if write_protect {
+            features |= uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
+            mode |= uffd::REGISTER_MODE_WP;
+        }
+        let uffd = Uffd::new(features).map_err(|source| MemoryError::UffdUnavailable {
+            needed_by: needed_by.clone(),
+            alternative: if missing {
+                ""
+            } else {
+                ", or run with --collapse off"
+            },
+            source,
+        })?;
+        let failed = |what, source| MemoryError::Uffd {
+            needed_by: needed_by.clone(),
+            what,
+            source,
+        };
+        if uffd.features() & features != features {
+            return Err(failed(
+                "checking its features",
+                std::io::Error::other(
+                    "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux \
+                     6.4+), which the collapse thread needs; run with --collapse off",
+                ),
+            ));
+        }
+        let base = self.ram().host_base().0 as u64;
+        uffd.register(base, self.config.size, mode)
+            .map_err(|e| failed("registering guest RAM", e))?;
+        Ok(uffd)
+    }
+
+    /// The install path over this memory's pool, ledger and mapping budget.
+    fn installer(&self, uffd: &Arc<Uffd>) -> Installer {
+        Installer {
+            pool: self
+                .pool
+                .clone()
+                .expect("the pool is made before anything that installs"),
+            ledger: self.ledger.clone(),
+            maps: self.maps.clone(),
+            ram: self.ram().clone(),
+            uffd: uffd.clone(),
+        }
+    }
+
+    /// Unregisters guest RAM from the userfaultfd, which wakes every thread waiting on a fault
+    /// in it; the kernel resolves later faults itself (with zeroes). Only for a VM that is
+    /// stopping and whose vCPUs would not stop: its guest never runs again.
+    pub fn release_faults(&self) {
+        if let Some(uffd) = &self.uffd {
+            let base = self.ram().host_base().0 as u64;
+            if let Err(e) = uffd.unregister(base, self.config.size) {
+                log::warn!("unregistering guest RAM from userfaultfd: {e}");
+            }
+        }
+    }
+
+    /// Stops the collapse thread (a collapse in progress completes or fails cleanly first).
+    pub fn stop_collapse(&mut self) {
+        if let Some(mut c) = self.collapser.take() {
+            c.stop();
+        }
+    }
+
+    /// Stops the collapse thread and the fault handler (vCPUs must be stopped first: none may
+    /// be waiting on a fault).
+    pub fn stop(&mut self) {
+        self.stop_collapse();
+        if let Some(mut handler) = self.handler.take() {
+            handler.stop();
+        }
+    }
+
+    /// Tears everything down in order (collapse thread, fault handler, pool, the charges of
+    /// huge extents, guest RAM) and returns what is left charged: zero unless bookkeeping is
+    /// wrong. The VM fd (its memslot) must be gone already, and no vCPU may run.
+    pub fn teardown(mut self) -> Teardown {
+        self.stop();
+        drop(self.pool.take());
+        // With 4 KiB backing, every huge extent holds a pool page that was charged (by the
+        // collapse thread or by a 2 MiB fault).
+        if self.config.backing == Backing::Small {
+            let huge = self.map.read().counts().huge;
+            self.ledger.uncharge(huge * EXTENT_SIZE);
+        }
+        let ledger = self.ledger.clone();
+        let ram_refs = Arc::strong_count(self.map.ram());
+        drop(self);
+        if ram_refs > 1 {
+            log::warn!("guest RAM is still referenced at teardown ({ram_refs} references)");
+        }
+        Teardown {
+            ledger_charged_bytes: ledger.charged(),
+            hugetlb_free_pages: host_view::hugetlb_pool().free,
+        }
+    }
+
+    /// Brings the extent table up to date with the pages the host kernel has populated
+    /// (4 KiB backing only: where the VMM serves faults it records them itself, and its
+    /// records are what the kernel has too).
+    pub fn sync_from_kernel(&self) -> Result<(), MemoryError> {
+        if self.config.backing.prepopulated() {
+            return Ok(());
+        }
+        // The report is taken under the lock, so no extent changes state (becomes huge)
+        // between the kernel's report and its use.
+        let table = self.map.read();
+        let present = host_view::present_pages(self.ram().host_base().0 as u64, self.config.size)
+            .map_err(MemoryError::KernelView)?;
+        fail::fail_point!("kernel-sync-snapshot");
+        for (index, extent) in table.iter() {
+            if extent.state() == ExtentState::Huge {
+                continue;
+            }
+            let first = index.0 * PAGES_PER_EXTENT;
+            extent.add_present(|p| present[first + p]);
+        }
+        Ok(())
+    }
+
+    /// Extent counts, brought up to date with the kernel first where the kernel populates.
+    pub fn counts(&self) -> Result<ExtentCounts, MemoryError> {
+        if !self.config.source.uses_uffd() {
+            self.sync_from_kernel()?;
+        }
+        Ok(self.map.read().counts())
+    }
+
+    /// The kernel's totals for guest RAM.
+    pub fn smaps(&self) -> Result<SmapsTotals, MemoryError> {
+        let base = self.ram().host_base().0 as u64;
+        host_view::smaps_totals(base, base + self.config.size).map_err(MemoryError::KernelView)
+    }
+
+    /// Saves guest RAM to an image at `path`, atomically and sparsely. A page the guest never
+    /// populated holds what its page source would have given it: nothing is read for it with
+    /// the zero and kernel sources, and with an image source it is copied from that image
+    /// (unless it is a hole there), so a restore followed by a save never loses a byte, even
+    /// when the save replaces the image it restored from. `interrupted()` stops the save early.
+    pub fn save(
+        &self,
+        path: &Path,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<SaveStats, MemoryError> {
+        let counts_known = self.counts()?;
+        log::debug!("saving memory image with extents {counts_known:?}");
+        let table = self.map.read();
+        let image = self.image.as_deref();
+        if let Some(image) = image {
+            image.check_unchanged()?;
+        }
+        let stats = ram_image::save(
+            path,
+            self.config.size,
+            |gpa, buf| {
+                if table.is_populated(gpa) {
+                    table
+                        .view()
+                        .read_slice(buf, GuestAddress(gpa))
+                        .expect("a populated page lies inside guest RAM");
+                    return Ok(Page::Read);
+                }
+                match image {
+                    Some(image) if !image.is_hole(gpa, PAGE_SIZE) => {
+                        image.read_at(buf, gpa)?;
+                        Ok(Page::Read)
+                    }
+                    _ => Ok(Page::Hole),
+                }
+            },
+            interrupted,
+        )?;
+        Ok(stats)
+    }
+
+    /// What memory reports now: the `memory`, `faults`, `kernel`, `collapse` and `ledger`
+    /// sections of the metrics.
+    pub fn report(&self) -> Result<MemoryReport, MemoryError> {
+        let counts = self.counts()?;
+        Ok(MemoryReport {
+            memory: MemorySection::new(&self.config, counts),
+            faults: FaultsSection {
+                stats: self.fault_stats.clone(),
+                granularity_bytes: self.config.fault_granularity,
+            },
+            kernel: self.smaps()?.into(),
+            collapse: CollapseSection {
+                stats: self.collapse_stats.clone(),
+                enabled: self.config.collapse.is_some(),
+                order: self.config.collapse.as_ref().map(|c| c.order),
+                huge_source: self.config.huge_source,
+                pool: self.pool.as_ref().map(|p| p.stats().clone()),
+                stopped_for_mappings: self.maps.exhausted(),
+            },
+            ledger: LedgerSection {
+                charged_bytes: self.ledger.charged(),
+                peak_charged_bytes: self.ledger.peak(),
+                limit_bytes: self.ledger.limit(),
+                after_teardown_bytes: None,
+            },
+        })
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Brings one extent's populated pages up to date with the host kernel.
+fn sync_extent(map: &MemoryMap, index: ExtentIndex) -> std::io::Result<()> {
+    let table = map.read();
+    let Some(extent) = table.get(index) else {
+        return Ok(());
+    };
+    if extent.state() == ExtentState::Huge {
+        return Ok(());
+    }
+    let present =
+        host_view::present_pages(map.ram().host_base().0 as u64 + index.gpa(), EXTENT_SIZE)?;
+    extent.add_present(|p| present[p]);
+    Ok(())
+}
+
+/// Fills prepopulated RAM from an image, 2 MiB at a time (no other thread exists yet).
+fn copy_image_into(ram: &GuestRam, image: &ImageFile) -> Result<(), MemoryError> {
+    let mut buf = vec![0u8; EXTENT_SIZE as usize];
+    for gpa in (0..ram.size()).step_by(EXTENT_SIZE as usize) {
+        if image.is_hole(gpa, EXTENT_SIZE) {
+            continue;
+        }
+        image.read_at(&mut buf, gpa)?;
+        ram.view()
+            .write_slice(&buf, GuestAddress(gpa))
+            .expect("the extent lies inside guest RAM");
+    }
+    Ok(())
+}
+
+/// Marks every extent of prepopulated RAM: huge where the kernel maps it with one 2 MiB entry,
+/// small (fully populated) where THP fell back to 4 KiB pages.
+fn mark_huge_extents(
+    ram: &GuestRam,
+    table: &mut ExtentTable,
+    backing: Backing,
+) -> Result<(), MemoryError> {
+    let base = ram.host_base().0 as u64;
+    let huge = match backing {
+        Backing::Hugetlb => None,
+        _ => host_view::scan(base, base + ram.size(), host_view::PAGE_IS_HUGE)
+            .map_err(MemoryError::KernelView)?,
+    };
+    let indices: Vec<ExtentIndex> = table.iter().map(|(i, _)| i).collect();
+    for index in indices {
+        let start = base + index.gpa();
+        let is_huge = match &huge {
+            None => true,
+            Some(ranges) => ranges
+                .iter()
+                .any(|r| r.start <= start && start + EXTENT_SIZE <= r.end),
+        };
+        let extent = table.get_mut(index).expect("index from the table");
+        if is_huge {
+            extent.set_huge();
+        } else {
+            extent.add_present(|_| true);
+        }
+    }
+    if let Some(ranges) = huge {
+        let huge_bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        if huge_bytes < ram.size() {
+            log::warn!(
+                "THP backing: the kernel gave {} of {} MiB as huge pages; the rest is 4 KiB",
+                huge_bytes >> 20,
+                ram.size() >> 20
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Runs the collapse thread over 8 MiB of written memory (no VM) until every extent is
+    /// huge, then tears down. Returns (teardown, hugetlb free before).
+    fn collapse_everything(huge_source: HugeSource) -> Option<(Teardown, u64, u64)> {
+        let free_before = host_view::hugetlb_pool().free;
+        let mut config = MemoryConfig::small(8 << 20);
+        config.collapse = Some(CollapseConfig::default());
+        config.huge_source = huge_source;
+        let mut memory = Memory::new(config).unwrap();
+        for gpa in (0..8u64 << 20).step_by(PAGE_SIZE as usize) {
+            memory
+                .ram()
+                .view()
+                .write_obj(gpa ^ 0x5a5a, GuestAddress(gpa))
+                .unwrap();
+        }
+        if let Err(e) = memory.start(None, Arc::new(|what| panic!("{what}"))) {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while memory.counts().unwrap().huge < 4 {
+            assert!(
+                Instant::now() < deadline,
+                "the collapse thread did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        memory.stop_collapse();
+        for gpa in (0..8u64 << 20).step_by(PAGE_SIZE as usize) {
+            assert_eq!(
+                memory
+                    .ram()
+                    .view()
+                    .read_obj::<u64>(GuestAddress(gpa))
+                    .unwrap(),
+                gpa ^ 0x5a5a
+            );
+        }
+        let charged = memory.ledger().charged();
+        assert_eq!(charged, 8 << 20);
+        Some((memory.teardown(), free_before, charged))
+    }
+
+    /// Two reports of the kernel's view applied out of order (an old one last) must not roll
+    /// the table back: pages are only ever added.
+    #[test]
+    #[cfg(feature = "failpoints")]
+    fn an_old_kernel_report_never_rolls_the_table_back() {
+        let scenario = fail::FailScenario::setup();
+        let memory = Memory::new(MemoryConfig::small(8 << 20)).unwrap();
+        let gpa = 3 * PAGE_SIZE;
+        fail::cfg("kernel-sync-snapshot", "1*pause").unwrap();
+        std::thread::scope(|s| {
+            // Takes its report (the page absent), then waits in the fault point.
+            let old = s.spawn(|| memory.sync_from_kernel().unwrap());
+            std::thread::sleep(Duration::from_millis(200));
+            memory
+                .ram()
+                .view()
+                .write_obj(1u64, GuestAddress(gpa))
+                .unwrap();
+            memory.sync_from_kernel().unwrap();
+            let table = memory.map().read();
+            assert!(table.is_populated(gpa));
+            let generation = table.get(ExtentIndex(0)).unwrap().generation();
+            drop(table);
+            fail::remove("kernel-sync-snapshot");
+            old.join().unwrap();
+            let table = memory.map().read();
+            assert!(
+                table.is_populated(gpa),
+                "the old report rolled the page back"
+            );
+            assert_eq!(table.get(ExtentIndex(0)).unwrap().generation(), generation);
+        });
+        scenario.teardown();
+    }
+
+    #[test]
+    fn teardown_uncharges_everything_and_returns_hugetlb_pages() {
+        if let Some((t, _, _)) = collapse_everything(HugeSource::Thp) {
+            assert_eq!(t.ledger_charged_bytes, 0);
+        }
+        if host_view::hugetlb_pool().free < 8 {
+            eprintln!("SKIP: the hugetlb half needs 8 free 2 MiB pages");
+            return;
+        }
+        if let Some((t, free_before, _)) = collapse_everything(HugeSource::Hugetlb) {
+            assert_eq!(t.ledger_charged_bytes, 0);
+            assert_eq!(
+                t.hugetlb_free_pages, free_before,
+                "every hugetlb page went back"
+            );
+        }
+    }
+}

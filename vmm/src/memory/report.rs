@@ -1,0 +1,137 @@
+//! What guest memory reports: the `memory`, `faults`, `kernel`, `collapse` and `ledger`
+//! sections of the metrics, as typed values (the JSON keys are the field names). The live
+//! counters are shared by `Arc`, so a report taken at the end still reads them after the
+//! threads that wrote them are gone.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::backing::Backing;
+use super::collapse::{CollapseOrder, CollapseStats};
+use super::extent::ExtentCounts;
+use super::fault::FaultStats;
+use super::host_view::SmapsTotals;
+use super::huge::pool::{HugeSource, PoolStats};
+use super::manager::MemoryConfig;
+
+/// Every memory section of the metrics.
+#[derive(Debug, Serialize)]
+pub struct MemoryReport {
+    /// Guest RAM and its extents.
+    pub memory: MemorySection,
+    /// The fault handler.
+    pub faults: FaultsSection,
+    /// The host kernel's view.
+    pub kernel: KernelSection,
+    /// The collapse thread and the pool.
+    pub collapse: CollapseSection,
+    /// Huge-page charges.
+    pub ledger: LedgerSection,
+}
+
+/// The `memory` section.
+#[derive(Debug, Serialize)]
+pub struct MemorySection {
+    /// Guest RAM in bytes.
+    pub size_bytes: u64,
+    /// What backs it.
+    pub backing: Backing,
+    /// Who fills first touches (`kernel`, `zero`, `image`).
+    pub page_source: &'static str,
+    /// Extents by state.
+    pub extents: ExtentsSection,
+}
+
+impl MemorySection {
+    /// The section for memory set up as `config`, with `counts` extents by state.
+    pub fn new(config: &MemoryConfig, counts: ExtentCounts) -> Self {
+        MemorySection {
+            size_bytes: config.size,
+            backing: config.backing,
+            page_source: config.source.name(),
+            extents: ExtentsSection {
+                total: counts.unpopulated + counts.small + counts.huge,
+                counts,
+            },
+        }
+    }
+}
+
+/// `memory.extents`: the total, and each state's count.
+#[derive(Debug, Serialize)]
+pub struct ExtentsSection {
+    /// Every extent.
+    pub total: u64,
+    /// By state.
+    #[serde(flatten)]
+    pub counts: ExtentCounts,
+}
+
+/// The `faults` section: the handler's counters and its granularity.
+#[derive(Debug, Serialize)]
+pub struct FaultsSection {
+    /// The counters.
+    #[serde(flatten)]
+    pub stats: Arc<FaultStats>,
+    /// Bytes resolved per fault.
+    pub granularity_bytes: u64,
+}
+
+/// The `kernel` section: smaps totals for guest RAM, and (filled in by the VM) KVM's 2 MiB
+/// mappings and the hugetlb pool around the run.
+#[derive(Debug, Default, Serialize)]
+pub struct KernelSection {
+    /// `AnonHugePages`, `*_Hugetlb`, `Rss`.
+    #[serde(flatten)]
+    pub smaps: SmapsTotals,
+    /// KVM's `pages_2m` statistic (`null` where KVM has none).
+    pub kvm_pages_2m: Option<u64>,
+    /// Free hugetlb pages before the VM was built (summary only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hugetlb_free_before: Option<u64>,
+    /// Free hugetlb pages after teardown (summary only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hugetlb_free_after_teardown: Option<u64>,
+}
+
+impl From<SmapsTotals> for KernelSection {
+    fn from(smaps: SmapsTotals) -> Self {
+        KernelSection {
+            smaps,
+            ..KernelSection::default()
+        }
+    }
+}
+
+/// The `collapse` section: the thread's counters, how it was set up, and the pool's counters.
+#[derive(Debug, Serialize)]
+pub struct CollapseSection {
+    /// The counters.
+    #[serde(flatten)]
+    pub stats: Arc<CollapseStats>,
+    /// Whether the thread ran.
+    pub enabled: bool,
+    /// Its lock order.
+    pub order: Option<CollapseOrder>,
+    /// Where huge pages came from.
+    pub huge_source: HugeSource,
+    /// The pool's counters (when there was a pool).
+    pub pool: Option<Arc<PoolStats>>,
+    /// Whether installs stopped for want of mappings (`vm.max_map_count`).
+    pub stopped_for_mappings: bool,
+}
+
+/// The `ledger` section.
+#[derive(Debug, Serialize)]
+pub struct LedgerSection {
+    /// Charged when the report was taken.
+    pub charged_bytes: u64,
+    /// The most charged at once.
+    pub peak_charged_bytes: u64,
+    /// The limit.
+    pub limit_bytes: u64,
+    /// Still charged after teardown, which must be 0 (summary only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_teardown_bytes: Option<u64>,
+}
