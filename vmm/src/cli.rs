@@ -15,8 +15,8 @@ use crate::memory::collapse::config::{
     ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS,
 };
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
-use crate::memory::huge::pool::{HugeSource, POOL_AHEAD};
-use crate::memory::{Backing, SourceKind};
+use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
+use crate::memory::{Backing, PageSourceKind};
 use crate::seccomp::Seccomp;
 use crate::units::ByteSize;
 
@@ -221,7 +221,7 @@ pub struct RunArgs {
     /// zeroes), zero (the VMM's userfaultfd handler fills zeroes) or image:PATH (the handler
     /// serves pages lazily from a memory image).
     #[arg(long, default_value = "kernel", value_name = "kernel|zero|image:PATH")]
-    pub page_source: SourceKind,
+    pub page_source: PageSourceKind,
     /// Bytes the fault handler resolves per fault (a power of two, 4K to 2M).
     #[arg(long, default_value = "4K", value_name = "SIZE")]
     pub fault_granularity: ByteSize,
@@ -242,7 +242,7 @@ pub struct RunArgs {
     /// Where huge pages come from: auto (hugetlb while the pool has pages, else THP), hugetlb
     /// or thp.
     #[arg(long, value_enum, default_value_t)]
-    pub huge_source: HugeSource,
+    pub huge_source: PoolKind,
     /// Most huge-page memory that may be charged (default: the guest's RAM size).
     #[arg(long, value_name = "SIZE")]
     pub huge_limit: Option<ByteSize>,

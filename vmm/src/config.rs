@@ -9,15 +9,15 @@ use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS
 
 use crate::memory::collapse::CollapseConfig;
 use crate::memory::collapse::config::MAX_PTES_NONE;
-use crate::memory::huge::pool::{HugeSource, POOL_AHEAD};
-use crate::memory::{Backing, MemoryConfig, SourceKind};
+use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
+use crate::memory::{Backing, MemoryConfig, PageSourceKind};
 use crate::seccomp::Seccomp;
 pub use crate::units::ByteSize;
 
 /// One `--arg KEY=VALUE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestArg {
-    /// The key.
+    /// Before the first `=`; not empty.
     pub key: String,
     /// The value (may be empty).
     pub value: String,
@@ -90,7 +90,7 @@ pub struct VmConfig {
     /// What backs guest RAM from the start.
     pub backing: Backing,
     /// Where first-touch page contents come from.
-    pub page_source: SourceKind,
+    pub page_source: PageSourceKind,
     /// Bytes the fault handler resolves per fault.
     pub fault_granularity: ByteSize,
     /// Where to save guest RAM when the guest finishes.
@@ -100,7 +100,7 @@ pub struct VmConfig {
     /// The collapse thread, and its tunables.
     pub collapse: Collapse,
     /// Where huge pages come from.
-    pub huge_source: HugeSource,
+    pub huge_source: PoolKind,
     /// Most huge-page memory it may charge (default: all of RAM).
     pub huge_limit: Option<ByteSize>,
     /// Huge pages kept ready ahead of demand.
@@ -122,12 +122,12 @@ impl Default for VmConfig {
             metrics: None,
             kvm_device: "/dev/kvm".into(),
             backing: Backing::Small,
-            page_source: SourceKind::Kernel,
+            page_source: PageSourceKind::Kernel,
             fault_granularity: ByteSize(PAGE_SIZE),
             save_memory: None,
             metrics_interval: None,
             collapse: Collapse::Default(CollapseConfig::default()),
-            huge_source: HugeSource::default(),
+            huge_source: PoolKind::default(),
             huge_limit: None,
             pool_ahead: POOL_AHEAD,
             populate: true,
@@ -218,7 +218,7 @@ pub enum ConfigError {
     /// An output file whose directory does not exist.
     #[error("{flag} {path}: the directory {dir} does not exist")]
     OutputDir {
-        /// The option.
+        /// The option that named it.
         flag: &'static str,
         /// The path given.
         path: String,

@@ -26,7 +26,7 @@ pub enum FileError {
         what: &'static str,
         /// The path given.
         path: PathBuf,
-        /// Why.
+        /// What the system said.
         #[source]
         source: io::Error,
     },
@@ -55,7 +55,7 @@ pub enum FileError {
     /// An output path names something the VMM will not write over.
     #[error("{flag} {}: {reason}", path.display())]
     Output {
-        /// The option.
+        /// The option that named it.
         flag: &'static str,
         /// The path given.
         path: PathBuf,
@@ -65,13 +65,13 @@ pub enum FileError {
     /// An output's directory is missing or not writable.
     #[error("{flag} {}: cannot create files in {}", path.display(), dir.display())]
     Unwritable {
-        /// The option.
+        /// The option that named it.
         flag: &'static str,
         /// The path given.
         path: PathBuf,
         /// The directory.
         dir: PathBuf,
-        /// Why.
+        /// What the system said.
         #[source]
         source: io::Error,
     },
@@ -81,7 +81,7 @@ pub enum FileError {
          {need}; free some space or name a path on another file system", path.display()
     )]
     NoSpace {
-        /// The option.
+        /// The option that named it.
         flag: &'static str,
         /// The path given.
         path: PathBuf,
@@ -265,7 +265,7 @@ impl ImageTarget {
         Ok(ImageTarget { path: path.into() })
     }
 
-    /// The path.
+    /// The path named.
     pub fn path(&self) -> &Path {
         &self.path
     }

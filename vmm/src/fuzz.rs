@@ -11,7 +11,7 @@ use guest_abi::{UCALL_SIZE, Ucall};
 use crate::cli::{Cli, Command};
 use crate::devices::Devices;
 use crate::loader::parse_executable;
-use crate::memory::ram_image::{self, HEADER_SIZE, ImageFile};
+use crate::memory::ram_image::{self, HEADER_SIZE, RamImage};
 use crate::metrics::VcpuStats;
 use crate::ucall::{self, UcallResult};
 
@@ -87,7 +87,7 @@ pub fn image(data: &[u8]) {
         ram_image::Header::Ram(ram) => ram,
         ram_image::Header::NotAnImage => 2 << 20,
     };
-    let Ok(image) = ImageFile::open(std::path::Path::new(&path), ram) else {
+    let Ok(image) = RamImage::open(std::path::Path::new(&path), ram) else {
         return;
     };
     // Accepted: the file is exactly a header and `ram` bytes, so every page reads.
@@ -134,7 +134,7 @@ pub fn options(data: &[u8]) {
     };
     let _ = text.parse::<crate::config::ByteSize>();
     let _ = text.parse::<crate::config::GuestArg>();
-    let _ = text.parse::<crate::memory::SourceKind>();
+    let _ = text.parse::<crate::memory::PageSourceKind>();
     let args = std::iter::once("vmm").chain(text.split(['\n', ' ']).filter(|a| !a.is_empty()));
     let Ok(cli) = <Cli as clap::Parser>::try_parse_from(args) else {
         return;

@@ -1,11 +1,10 @@
 //! A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.
 //!
-//! The parts follow `DESIGN.md`: [`vm`] builds and runs a VM from a [`config::VmConfig`],
-//! [`vcpu`] runs each vCPU, [`devices`] are the serial console and the ucall and exit ports,
-//! [`ucall`] decodes guest requests, [`memory`] owns guest RAM (extents, the memory map lock,
-//! the fault handler, the huge page pool and ledger, the collapse thread), [`arch`] the x86_64
-//! boot state, [`loader`] the guest programs, [`metrics`] what a run measured, [`bench`] the
-//! benchmarks.
+//! `ARCHITECTURE.md` at the repository root maps the modules, draws the threads and the
+//! locks, and follows a fault and a collapse step by step. In short: [`cli`] turns the command
+//! line into a [`config::VmConfig`], [`vm`] builds and runs the VM, [`vcpu`] runs each vCPU,
+//! [`devices`] and [`ucall`] are what its exits reach, [`memory`] owns guest RAM and everything
+//! that manages it, [`bench`] measures it.
 
 #![deny(missing_docs)]
 
@@ -23,6 +22,7 @@ pub mod memory;
 pub mod metrics;
 pub mod ratelimit;
 pub mod seccomp;
+pub mod sync;
 pub mod sys;
 pub mod ucall;
 pub mod units;

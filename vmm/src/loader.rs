@@ -55,7 +55,7 @@ pub const MAX_GUEST_FILE: u64 = 256 << 20;
 
 /// Errors from finding, checking or loading a guest program.
 #[derive(Debug, thiserror::Error)]
-pub enum ImageError {
+pub enum ProgramError {
     /// The file is not a regular file of a sane size.
     #[error(transparent)]
     File(#[from] crate::files::FileError),
@@ -70,9 +70,9 @@ pub enum ImageError {
     /// The file could not be read.
     #[error("cannot read guest file {}", path.display())]
     Read {
-        /// The file.
+        /// The file named.
         path: PathBuf,
-        /// Why.
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
@@ -87,11 +87,11 @@ pub enum ImageError {
     /// Writing a segment into guest memory failed.
     #[error("could not load segment at {addr:#x} of guest {}", path.display())]
     Load {
-        /// The file.
+        /// The file named.
         path: PathBuf,
         /// Segment address.
         addr: u64,
-        /// Why.
+        /// What vm-memory said.
         #[source]
         source: vm_memory::GuestMemoryError,
     },
@@ -99,7 +99,7 @@ pub enum ImageError {
 
 /// A guest program ready to check and load.
 #[derive(Debug, Clone)]
-pub struct GuestImage {
+pub struct GuestProgram {
     /// The built-in name or the file path, for messages.
     pub origin: PathBuf,
     bytes: std::borrow::Cow<'static, [u8]>,
@@ -273,11 +273,11 @@ pub fn parse_executable(bytes: &[u8], ram_size: u64) -> Result<Executable, Strin
     Ok(Executable { entry, segments })
 }
 
-impl GuestImage {
+impl GuestProgram {
     /// A built-in by name, or else a file path.
-    pub fn find(name_or_path: &str) -> Result<Self, ImageError> {
+    pub fn find(name_or_path: &str) -> Result<Self, ProgramError> {
         if let Some((name, bytes)) = BUILTIN_IMAGES.iter().find(|(n, _)| *n == name_or_path) {
-            return Ok(GuestImage {
+            return Ok(GuestProgram {
                 origin: PathBuf::from(name),
                 bytes: std::borrow::Cow::Borrowed(bytes),
             });
@@ -285,7 +285,7 @@ impl GuestImage {
         let path = Path::new(name_or_path);
         let looks_like_path = name_or_path.contains('/') || path.exists();
         if !looks_like_path {
-            return Err(ImageError::Unknown {
+            return Err(ProgramError::Unknown {
                 name: name_or_path.into(),
                 known: builtin_names(),
             });
@@ -297,19 +297,19 @@ impl GuestImage {
             &mut std::io::Read::take(&mut file, MAX_GUEST_FILE),
             &mut bytes,
         )
-        .map_err(|source| ImageError::Read {
+        .map_err(|source| ProgramError::Read {
             path: path.into(),
             source,
         })?;
-        Ok(GuestImage {
+        Ok(GuestProgram {
             origin: path.into(),
             bytes: bytes.into(),
         })
     }
 
     /// Checks the image for a guest with `ram_size` bytes of RAM.
-    pub fn check(&self, ram_size: u64) -> Result<Executable, ImageError> {
-        parse_executable(&self.bytes, ram_size).map_err(|reason| ImageError::Invalid {
+    pub fn check(&self, ram_size: u64) -> Result<Executable, ProgramError> {
+        parse_executable(&self.bytes, ram_size).map_err(|reason| ProgramError::Invalid {
             path: self.origin.clone(),
             reason,
         })
@@ -317,11 +317,11 @@ impl GuestImage {
 
     /// Copies the checked segments into guest memory; the bytes past each segment's file part
     /// are left as the zeroes fresh RAM already holds.
-    pub fn load(&self, exe: &Executable, mem: &GuestMemoryMmap) -> Result<(), ImageError> {
+    pub fn load(&self, exe: &Executable, mem: &GuestMemoryMmap) -> Result<(), ProgramError> {
         for seg in &exe.segments {
             let data = &self.bytes[seg.offset as usize..(seg.offset + seg.file_size) as usize];
             mem.write_slice(data, GuestAddress(seg.addr))
-                .map_err(|source| ImageError::Load {
+                .map_err(|source| ProgramError::Load {
                     path: self.origin.clone(),
                     addr: seg.addr,
                     source,
@@ -483,7 +483,7 @@ mod tests {
 
     #[test]
     fn unknown_names_list_the_builtins() {
-        let err = GuestImage::find("nosuchguest").unwrap_err().to_string();
+        let err = GuestProgram::find("nosuchguest").unwrap_err().to_string();
         assert!(err.contains("hello") && err.contains("verify"), "{err}");
     }
 }

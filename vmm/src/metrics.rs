@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 pub use crate::files::{MetricsTarget, lines_path};
-use crate::worker::lock;
+use crate::sync::lock;
 
 /// Most report ucalls kept per vCPU (keys are at most 256 bytes: about 300 KiB).
 pub const MAX_REPORTS: usize = 1024;

@@ -27,7 +27,7 @@ impl RateLimit {
     /// many lines were suppressed in the last one.
     pub fn check(&self) -> (bool, u64) {
         let now = Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = crate::sync::lock(&self.state);
         let (start, count, suppressed) = state.get_or_insert((now, 0, 0));
         let mut reported = 0;
         if now.duration_since(*start) >= WINDOW {

@@ -51,7 +51,7 @@ pub enum ThreadKind {
 pub struct SeccompError {
     /// The thread's kind.
     pub kind: ThreadKind,
-    /// Why.
+    /// What seccompiler said.
     #[source]
     pub source: seccompiler::Error,
 }

@@ -34,7 +34,7 @@ pub enum VcpuEnd {
 pub struct VcpuEvent {
     /// Which vCPU.
     pub index: u32,
-    /// How it ended.
+    /// The outcome, for the user.
     pub end: VcpuEnd,
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::seccomp::{Seccomp, ThreadKind};
+use crate::sync::{lock, wait_timeout_while};
 
 /// How long [`Worker::stop`] waits for a thread before leaving it behind.
 pub const JOIN_LIMIT: Duration = Duration::from_secs(2);
@@ -55,10 +56,9 @@ impl Stop {
     /// Sleeps for `d` or until stopped; returns whether a stop was asked for.
     pub fn sleep(&self, d: Duration) -> bool {
         let guard = lock(&self.lock);
-        let _ = self
-            .cond
-            .wait_timeout_while(guard, d, |()| !self.is_set())
-            .unwrap_or_else(|p| p.into_inner());
+        drop(wait_timeout_while(&self.cond, guard, d, |()| {
+            !self.is_set()
+        }));
         self.is_set()
     }
 
@@ -74,14 +74,6 @@ impl Stop {
     pub fn fd(&self) -> RawFd {
         self.event.as_raw_fd()
     }
-}
-
-/// Locks a mutex, taking over the data if a thread panicked while holding it. Every mutex in
-/// this VMM guards counters, queues or histograms that stay consistent between statements, so
-/// a panic elsewhere leaves nothing half-changed behind: the thread that panicked has already
-/// been reported, and the rest carry on or stop cleanly.
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The text of a panic payload.

@@ -18,7 +18,7 @@ use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
 use crate::memory::host_view;
 use crate::memory::huge::page::alloc_thp;
-use crate::memory::huge::pool::HugeSource;
+use crate::memory::huge::pool::PoolKind;
 use crate::metrics::{latency_histogram, percentiles};
 use crate::units::ByteSize;
 use crate::vm::Vm;
@@ -175,7 +175,7 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
             None => Collapse::Off,
         },
         // THP, the kind of page the kernel's peers produce, so all variants build the same.
-        huge_source: HugeSource::Thp,
+        huge_source: PoolKind::Thp,
         pool_ahead: config.pool_ahead,
         // A filter can never be lifted, and this process goes on to run more VMs.
         seccomp: crate::seccomp::Seccomp::Off,

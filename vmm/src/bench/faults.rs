@@ -16,7 +16,7 @@ use super::{BenchError, median, progress, run_vm, us};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::memory::host_view;
 use crate::memory::ram_image;
-use crate::memory::{Backing, SourceKind};
+use crate::memory::{Backing, PageSourceKind};
 use crate::units::ByteSize;
 
 /// One way of resolving guest faults.
@@ -149,13 +149,21 @@ impl FaultsConfig {
 
     fn vm_config(&self, mode: Mode, image: &std::path::Path) -> VmConfig {
         let (backing, source, granularity) = match mode {
-            Mode::Kernel4k => (Backing::Small, SourceKind::Kernel, PAGE_SIZE),
-            Mode::KernelThp => (Backing::Thp, SourceKind::Kernel, PAGE_SIZE),
-            Mode::Hugetlb => (Backing::Hugetlb, SourceKind::Kernel, PAGE_SIZE),
-            Mode::UffdZero => (Backing::Small, SourceKind::Zero, PAGE_SIZE),
-            Mode::UffdImage => (Backing::Small, SourceKind::Image(image.into()), PAGE_SIZE),
-            Mode::UffdZero2m => (Backing::Small, SourceKind::Zero, EXTENT_SIZE),
-            Mode::UffdImage2m => (Backing::Small, SourceKind::Image(image.into()), EXTENT_SIZE),
+            Mode::Kernel4k => (Backing::Small, PageSourceKind::Kernel, PAGE_SIZE),
+            Mode::KernelThp => (Backing::Thp, PageSourceKind::Kernel, PAGE_SIZE),
+            Mode::Hugetlb => (Backing::Hugetlb, PageSourceKind::Kernel, PAGE_SIZE),
+            Mode::UffdZero => (Backing::Small, PageSourceKind::Zero, PAGE_SIZE),
+            Mode::UffdImage => (
+                Backing::Small,
+                PageSourceKind::Image(image.into()),
+                PAGE_SIZE,
+            ),
+            Mode::UffdZero2m => (Backing::Small, PageSourceKind::Zero, EXTENT_SIZE),
+            Mode::UffdImage2m => (
+                Backing::Small,
+                PageSourceKind::Image(image.into()),
+                EXTENT_SIZE,
+            ),
         };
         let arg = |k: &str, v: &str| GuestArg {
             key: k.into(),

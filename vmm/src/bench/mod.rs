@@ -25,7 +25,7 @@ pub enum BenchError {
     Vm {
         /// Which run.
         what: String,
-        /// Why.
+        /// The VM's error.
         #[source]
         source: VmError,
     },
@@ -34,15 +34,15 @@ pub enum BenchError {
     Guest {
         /// Which run.
         what: String,
-        /// How it ended.
+        /// The outcome, for the user.
         outcome: String,
     },
     /// Writing an output file failed.
     #[error("cannot write {}", path.display())]
     Output {
-        /// The file.
+        /// The file named.
         path: PathBuf,
-        /// Why.
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use guest_abi::ports;
 
 use crate::log_ratelimited;
-use crate::worker::lock;
+use crate::sync::lock;
 use serial::{ConsoleOut, SerialConsole};
 
 /// Where guest output goes (stdout in the VMM, a buffer in tests).

@@ -176,8 +176,7 @@ impl<W: Write> SerialConsole<W> {
         &self,
     ) -> std::sync::MutexGuard<'_, Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleOut<W>>>
     {
-        // A panic while holding the lock leaves only console state behind: keep using it.
-        self.uart.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.uart)
     }
 
     /// A guest write of `data` (one byte per register access) at register `offset`.

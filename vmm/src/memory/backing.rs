@@ -48,7 +48,7 @@ impl Backing {
 
 /// Where the contents of a page come from when it is first touched (`--page-source`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum SourceKind {
+pub enum PageSourceKind {
     /// The host kernel fills faults (zeroes); the VMM asks the kernel what is populated.
     #[default]
     Kernel,
@@ -58,30 +58,30 @@ pub enum SourceKind {
     Image(PathBuf),
 }
 
-impl SourceKind {
+impl PageSourceKind {
     /// Whether the VMM's userfaultfd handler serves faults for this source (with 4 KiB backing).
     pub fn uses_uffd(&self) -> bool {
-        !matches!(self, SourceKind::Kernel)
+        !matches!(self, PageSourceKind::Kernel)
     }
 
     /// The name used in metrics.
     pub fn name(&self) -> &'static str {
         match self {
-            SourceKind::Kernel => "kernel",
-            SourceKind::Zero => "zero",
-            SourceKind::Image(_) => "image",
+            PageSourceKind::Kernel => "kernel",
+            PageSourceKind::Zero => "zero",
+            PageSourceKind::Image(_) => "image",
         }
     }
 }
 
-impl FromStr for SourceKind {
+impl FromStr for PageSourceKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "kernel" => Ok(SourceKind::Kernel),
-            "zero" => Ok(SourceKind::Zero),
+            "kernel" => Ok(PageSourceKind::Kernel),
+            "zero" => Ok(PageSourceKind::Zero),
             _ => match s.strip_prefix("image:") {
-                Some(path) if !path.is_empty() => Ok(SourceKind::Image(path.into())),
+                Some(path) if !path.is_empty() => Ok(PageSourceKind::Image(path.into())),
                 _ => Err(format!(
                     "invalid page source {s:?}: expected kernel, zero or image:PATH"
                 )),
@@ -96,11 +96,14 @@ mod tests {
 
     #[test]
     fn parse_and_name_bad_values() {
-        assert_eq!("image:/a/b".parse(), Ok(SourceKind::Image("/a/b".into())));
-        assert_eq!("zero".parse(), Ok(SourceKind::Zero));
+        assert_eq!(
+            "image:/a/b".parse(),
+            Ok(PageSourceKind::Image("/a/b".into()))
+        );
+        assert_eq!("zero".parse(), Ok(PageSourceKind::Zero));
         for bad in ["image:", "disk", ""] {
             assert!(
-                bad.parse::<SourceKind>()
+                bad.parse::<PageSourceKind>()
                     .unwrap_err()
                     .contains("image:PATH")
             );

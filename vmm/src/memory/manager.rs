@@ -12,20 +12,20 @@ use std::sync::atomic::AtomicBool;
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::backing::{Backing, SourceKind};
+use super::backing::{Backing, PageSourceKind};
 use super::collapse::{CollapseConfig, CollapseStats, CollapseThread, Collapser};
 use super::extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, PAGES_PER_EXTENT};
-use super::fault::source::{ImageSource, PageSource, ZeroSource};
-use super::fault::uffd::{self, Uffd};
+use super::fault::source::{PageSource, RamImageSource, ZeroSource};
 use super::fault::{FaultHandler, FaultStats, Resolver};
 use super::host_view::{self, SmapsTotals};
 use super::huge::install::{Installer, MapBudget};
 use super::huge::ledger::Ledger;
-use super::huge::pool::{HugePagePool, HugeSource};
+use super::huge::pool::{HugePagePool, PoolKind};
 use super::map::MemoryMap;
 use super::ram::GuestRam;
-use super::ram_image::{ImageFile, Page, SaveStats};
+use super::ram_image::{Page, RamImage, SaveStats};
 use super::report::{CollapseSection, FaultsSection, LedgerSection, MemoryReport, MemorySection};
+use super::uffd::{self, Uffd};
 use super::{MemoryError, ram_image};
 use crate::seccomp::Seccomp;
 
@@ -68,13 +68,13 @@ pub struct MemoryConfig {
     /// What backs RAM from the start.
     pub backing: Backing,
     /// Where first-touch contents come from.
-    pub source: SourceKind,
+    pub source: PageSourceKind,
     /// Bytes the fault handler resolves per fault (4 KiB, or up to 2 MiB to fault around).
     pub fault_granularity: u64,
     /// The collapse thread, if on (4 KiB backing only).
     pub collapse: Option<CollapseConfig>,
     /// Where huge pages come from.
-    pub huge_source: HugeSource,
+    pub huge_source: PoolKind,
     /// Most huge-page memory that may be charged.
     pub huge_limit: u64,
     /// Huge pages the pool keeps ready ahead of demand.
@@ -95,10 +95,10 @@ impl MemoryConfig {
         MemoryConfig {
             size,
             backing: Backing::Small,
-            source: SourceKind::Kernel,
+            source: PageSourceKind::Kernel,
             fault_granularity: PAGE_SIZE,
             collapse: None,
-            huge_source: HugeSource::Auto,
+            huge_source: PoolKind::Auto,
             huge_limit: size,
             pool_ahead: super::huge::pool::POOL_AHEAD,
             populate: false,
@@ -119,7 +119,7 @@ pub struct Memory {
     collapse_stats: Arc<CollapseStats>,
     fault_stats: Arc<FaultStats>,
     ledger: Arc<Ledger>,
-    image: Option<Arc<ImageFile>>,
+    image: Option<Arc<RamImage>>,
     config: MemoryConfig,
     // Unmapped when the last reference (this one, once the threads are gone) drops.
     map: Arc<MemoryMap>,
@@ -131,7 +131,7 @@ impl Memory {
     /// starts.
     pub fn new(config: MemoryConfig) -> Result<Memory, MemoryError> {
         let image = match &config.source {
-            SourceKind::Image(path) => Some(Arc::new(ImageFile::open(path, config.size)?)),
+            PageSourceKind::Image(path) => Some(Arc::new(RamImage::open(path, config.size)?)),
             _ => None,
         };
         if config.backing == Backing::Hugetlb {
@@ -231,7 +231,7 @@ impl Memory {
         }
         let uffd = Arc::new(self.register(missing, collapse.is_some())?);
         let source: Option<Arc<dyn PageSource>> = match &self.image {
-            Some(image) => Some(Arc::new(ImageSource::new(image.clone()))),
+            Some(image) => Some(Arc::new(RamImageSource::new(image.clone()))),
             None => None,
         };
         // Huge pages for the collapse thread and for 2 MiB faults.
@@ -535,7 +535,7 @@ fn sync_extent(map: &MemoryMap, index: ExtentIndex) -> std::io::Result<()> {
 }
 
 /// Fills prepopulated RAM from an image, 2 MiB at a time (no other thread exists yet).
-fn copy_image_into(ram: &GuestRam, image: &ImageFile) -> Result<(), MemoryError> {
+fn copy_image_into(ram: &GuestRam, image: &RamImage) -> Result<(), MemoryError> {
     let mut buf = vec![0u8; EXTENT_SIZE as usize];
     for gpa in (0..ram.size()).step_by(EXTENT_SIZE as usize) {
         if image.is_hole(gpa, EXTENT_SIZE) {
@@ -598,7 +598,7 @@ mod tests {
 
     /// Runs the collapse thread over 8 MiB of written memory (no VM) until every extent is
     /// huge, then tears down. Returns (teardown, hugetlb free before).
-    fn collapse_everything(huge_source: HugeSource) -> Option<(Teardown, u64, u64)> {
+    fn collapse_everything(huge_source: PoolKind) -> Option<(Teardown, u64, u64)> {
         let free_before = host_view::hugetlb_pool().free;
         let mut config = MemoryConfig::small(8 << 20);
         config.collapse = Some(CollapseConfig::default());
@@ -676,14 +676,14 @@ mod tests {
 
     #[test]
     fn teardown_uncharges_everything_and_returns_hugetlb_pages() {
-        if let Some((t, _, _)) = collapse_everything(HugeSource::Thp) {
+        if let Some((t, _, _)) = collapse_everything(PoolKind::Thp) {
             assert_eq!(t.ledger_charged_bytes, 0);
         }
         if host_view::hugetlb_pool().free < 8 {
             eprintln!("SKIP: the hugetlb half needs 8 free 2 MiB pages");
             return;
         }
-        if let Some((t, free_before, _)) = collapse_everything(HugeSource::Hugetlb) {
+        if let Some((t, free_before, _)) = collapse_everything(PoolKind::Hugetlb) {
             assert_eq!(t.ledger_charged_bytes, 0);
             assert_eq!(
                 t.hugetlb_free_pages, free_before,

@@ -65,7 +65,7 @@ impl MemoryMap {
     /// Takes the read side.
     pub fn read(&self) -> MapRead<'_> {
         MapRead {
-            table: self.table.read().unwrap_or_else(|p| p.into_inner()),
+            table: crate::sync::read(&self.table),
             ram: &self.ram,
         }
     }
@@ -73,16 +73,10 @@ impl MemoryMap {
     /// Takes the write side.
     pub fn write(&self) -> MapWrite<'_> {
         MapWrite {
-            table: self.table.write().unwrap_or_else(|p| p.into_inner()),
+            table: crate::sync::write(&self.table),
             ram: &self.ram,
         }
     }
-
-    // Poisoning is handled here, once, for every holder: a thread that panics while holding
-    // the lock has already been reported (the VM stops), and the table stays consistent at
-    // every point a panic can happen (each state change is one atomic store, or a set of them
-    // under the write side that a panic cannot interrupt half way, since nothing in them
-    // panics), so whoever takes the lock next may still read it and tear down.
 
     /// Who holds the lock now (without waiting).
     pub fn held(&self) -> Held {

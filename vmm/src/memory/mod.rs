@@ -3,7 +3,8 @@
 //! - [`ram`]: the host mapping of guest RAM; [`backing`]: how it is backed and populated;
 //! - [`extent`]: the table of 2 MiB extents; [`map`]: the memory map lock over it, this VMM's
 //!   `mmap_sem`, and the only way to the table and to the manager's view of guest memory;
-//! - [`fault`]: the userfaultfd fault handler, the uffd, and the page sources;
+//! - [`uffd`]: the userfaultfd guest RAM is registered with; [`fault`]: the fault handler
+//!   and the page sources;
 //! - [`huge`]: huge pages (the pool, the ledger), and the one path that installs them;
 //! - [`collapse`]: the collapse thread, this VMM's khugepaged;
 //! - [`ram_image`]: memory image files (read as a page source, written by a save);
@@ -24,8 +25,9 @@ pub mod map;
 pub mod ram;
 pub mod ram_image;
 pub mod report;
+pub mod uffd;
 
-pub use backing::{Backing, SourceKind};
+pub use backing::{Backing, PageSourceKind};
 pub use extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable};
 pub use manager::{
     MAP_RESERVE, MAPS_PER_THREAD, Memory, MemoryConfig, Teardown, collapse_unavailable,
@@ -33,7 +35,7 @@ pub use manager::{
 pub use map::MemoryMap;
 pub use ram::{GuestRam, HostAddr, RamError};
 
-use ram_image::ImageFileError;
+use ram_image::RamImageError;
 
 /// Errors from setting up or saving guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -64,13 +66,13 @@ pub enum MemoryError {
     Populate {
         /// The backing.
         backing: Backing,
-        /// Why.
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
     /// A memory image is unusable.
     #[error(transparent)]
-    Image(#[from] ImageFileError),
+    Image(#[from] RamImageError),
     /// This user may not open a userfaultfd.
     #[error(
         "{needed_by} needs a userfaultfd, which this user may not open: run as root, set \
@@ -82,7 +84,7 @@ pub enum MemoryError {
         needed_by: String,
         /// How to do without, if there is a way.
         alternative: &'static str,
-        /// Why.
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
@@ -93,7 +95,7 @@ pub enum MemoryError {
         needed_by: String,
         /// What failed.
         what: &'static str,
-        /// Why.
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },

@@ -27,20 +27,20 @@ pub const SAVE_FLAG: &str = "--save-memory";
 
 /// Errors about memory image files.
 #[derive(Debug, thiserror::Error)]
-pub enum ImageFileError {
+pub enum RamImageError {
     /// The file could not be opened, or is not a regular file of a sane size.
     #[error(transparent)]
     File(#[from] FileError),
     /// The file is not an image.
     #[error("{} is not a vmm memory image (no VMMIMAGE header); images are written by --save-memory", path.display())]
     NotAnImage {
-        /// The file.
+        /// The file named.
         path: PathBuf,
     },
     /// The image holds a different amount of RAM.
     #[error("memory image {} holds {image_ram} of guest RAM but --memory is {ram}; run with --memory {image_ram}", path.display())]
     SizeMismatch {
-        /// The file.
+        /// The file named.
         path: PathBuf,
         /// RAM size recorded in the image.
         image_ram: ByteSize,
@@ -50,7 +50,7 @@ pub enum ImageFileError {
     /// The file is shorter than its header says.
     #[error("memory image {} is truncated: {len} bytes, expected {expected} (a {HEADER_SIZE}-byte header and {} of RAM)", path.display(), ByteSize(*ram))]
     Truncated {
-        /// The file.
+        /// The file named.
         path: PathBuf,
         /// Its length.
         len: u64,
@@ -62,7 +62,7 @@ pub enum ImageFileError {
     /// The file is longer than an image of its size.
     #[error("memory image {} is {len} bytes, expected {expected}: it is not an image of {} of RAM", path.display(), ByteSize(*ram))]
     TooLong {
-        /// The file.
+        /// The file named.
         path: PathBuf,
         /// Its length.
         len: u64,
@@ -76,7 +76,7 @@ pub enum ImageFileError {
         "memory image {} ended early: reading {len} bytes at file offset {offset} reached the          end of the file (was it truncated while the VM ran?)", path.display()
     )]
     ShortRead {
-        /// The file.
+        /// The file named.
         path: PathBuf,
         /// Where the read started.
         offset: u64,
@@ -89,7 +89,7 @@ pub enum ImageFileError {
          old contents, so the VM cannot go on", path.display()
     )]
     Changed {
-        /// The file.
+        /// The file named.
         path: PathBuf,
         /// How it changed.
         what: String,
@@ -97,9 +97,9 @@ pub enum ImageFileError {
     /// Reading or writing failed.
     #[error("I/O error on memory image {}", path.display())]
     Io {
-        /// The file.
+        /// The file named.
         path: PathBuf,
-        /// Why.
+        /// What the system said.
         #[source]
         source: io::Error,
     },
@@ -111,15 +111,15 @@ pub enum ImageFileError {
     },
 }
 
-impl ImageFileError {
+impl RamImageError {
     /// Whether the error is about the file the user named (bad input), as opposed to an I/O
     /// failure while the VM ran.
     pub fn is_bad_input(&self) -> bool {
         !matches!(
             self,
-            ImageFileError::Io { .. }
-                | ImageFileError::ShortRead { .. }
-                | ImageFileError::Interrupted { .. }
+            RamImageError::Io { .. }
+                | RamImageError::ShortRead { .. }
+                | RamImageError::Interrupted { .. }
         )
     }
 }
@@ -167,7 +167,7 @@ pub fn parse_header(bytes: &[u8]) -> Header {
 
 /// An open, checked memory image.
 #[derive(Debug)]
-pub struct ImageFile {
+pub struct RamImage {
     file: File,
     path: PathBuf,
     /// Length and modification time when opened: a change means the file changed under us.
@@ -176,23 +176,23 @@ pub struct ImageFile {
     data: Vec<Range<u64>>,
 }
 
-impl ImageFile {
+impl RamImage {
     /// Opens `path` and checks it is a complete image of exactly `ram_size` bytes of RAM.
-    pub fn open(path: &Path, ram_size: u64) -> Result<ImageFile, ImageFileError> {
+    pub fn open(path: &Path, ram_size: u64) -> Result<RamImage, RamImageError> {
         let p = || path.to_path_buf();
         let (file, len) = files::open_regular(path, "memory image", HEADER_SIZE + MAX_RAM)?;
         let mut h = [0u8; 32];
         if len < h.len() as u64 {
-            return Err(ImageFileError::NotAnImage { path: p() });
+            return Err(RamImageError::NotAnImage { path: p() });
         }
         file.read_exact_at(&mut h, 0)
-            .map_err(|source| ImageFileError::Io { path: p(), source })?;
+            .map_err(|source| RamImageError::Io { path: p(), source })?;
         let Header::Ram(image_ram) = parse_header(&h) else {
-            return Err(ImageFileError::NotAnImage { path: p() });
+            return Err(RamImageError::NotAnImage { path: p() });
         };
         let expected = HEADER_SIZE.saturating_add(image_ram);
         if len < expected {
-            return Err(ImageFileError::Truncated {
+            return Err(RamImageError::Truncated {
                 path: p(),
                 len,
                 expected,
@@ -200,7 +200,7 @@ impl ImageFile {
             });
         }
         if len > expected {
-            return Err(ImageFileError::TooLong {
+            return Err(RamImageError::TooLong {
                 path: p(),
                 len,
                 expected,
@@ -208,14 +208,14 @@ impl ImageFile {
             });
         }
         if image_ram != ram_size {
-            return Err(ImageFileError::SizeMismatch {
+            return Err(RamImageError::SizeMismatch {
                 path: p(),
                 image_ram: ByteSize(image_ram),
                 ram: ByteSize(ram_size),
             });
         }
         let data = data_ranges(&file, len)
-            .map_err(|source| ImageFileError::Io { path: p(), source })?
+            .map_err(|source| RamImageError::Io { path: p(), source })?
             .into_iter()
             .filter_map(|r| {
                 let start = r.start.max(HEADER_SIZE) - HEADER_SIZE;
@@ -225,9 +225,9 @@ impl ImageFile {
             .collect();
         let opened = (
             len,
-            mtime(&file).map_err(|source| ImageFileError::Io { path: p(), source })?,
+            mtime(&file).map_err(|source| RamImageError::Io { path: p(), source })?,
         );
-        Ok(ImageFile {
+        Ok(RamImage {
             file,
             path: p(),
             opened,
@@ -236,17 +236,17 @@ impl ImageFile {
     }
 
     /// Reads the RAM bytes at guest-physical `gpa` into `buf`.
-    pub fn read_at(&self, buf: &mut [u8], gpa: u64) -> Result<(), ImageFileError> {
+    pub fn read_at(&self, buf: &mut [u8], gpa: u64) -> Result<(), RamImageError> {
         let offset = HEADER_SIZE + gpa;
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| match source.kind() {
-                io::ErrorKind::UnexpectedEof => ImageFileError::ShortRead {
+                io::ErrorKind::UnexpectedEof => RamImageError::ShortRead {
                     path: self.path.clone(),
                     offset,
                     len: buf.len() as u64,
                 },
-                _ => ImageFileError::Io {
+                _ => RamImageError::Io {
                     path: self.path.clone(),
                     source,
                 },
@@ -255,12 +255,12 @@ impl ImageFile {
 
     /// Fails if the file was truncated, extended or written since it was opened (an image
     /// replaced by a rename is not a change: the VM keeps the one it opened).
-    pub fn check_unchanged(&self) -> Result<(), ImageFileError> {
-        let changed = |what: String| ImageFileError::Changed {
+    pub fn check_unchanged(&self) -> Result<(), RamImageError> {
+        let changed = |what: String| RamImageError::Changed {
             path: self.path.clone(),
             what,
         };
-        let io = |source| ImageFileError::Io {
+        let io = |source| RamImageError::Io {
             path: self.path.clone(),
             source,
         };
@@ -348,10 +348,10 @@ pub enum Page {
 pub fn save(
     path: &Path,
     ram_size: u64,
-    mut page: impl FnMut(u64, &mut [u8; PAGE_SIZE as usize]) -> Result<Page, ImageFileError>,
+    mut page: impl FnMut(u64, &mut [u8; PAGE_SIZE as usize]) -> Result<Page, RamImageError>,
     interrupted: &dyn Fn() -> bool,
-) -> Result<SaveStats, ImageFileError> {
-    let err = |source| ImageFileError::Io {
+) -> Result<SaveStats, RamImageError> {
+    let err = |source| RamImageError::Io {
         path: path.to_path_buf(),
         source,
     };
@@ -373,7 +373,7 @@ pub fn save(
         let mut buf = [0u8; PAGE_SIZE as usize];
         for gpa in (0..ram_size).step_by(PAGE_SIZE as usize) {
             if gpa % (64 << 20) == 0 && interrupted() {
-                return Err(ImageFileError::Interrupted { path: path.into() });
+                return Err(RamImageError::Interrupted { path: path.into() });
             }
             if page(gpa, &mut buf)? == Page::Hole {
                 stats.unpopulated_pages += 1;
@@ -389,7 +389,7 @@ pub fn save(
         file.sync_all().map_err(err)?;
         drop(file);
         if interrupted() {
-            return Err(ImageFileError::Interrupted { path: path.into() });
+            return Err(RamImageError::Interrupted { path: path.into() });
         }
         files::replace_with(&tmp, path, SAVE_FLAG)?;
         File::open(files::parent_dir(path))
@@ -430,7 +430,7 @@ mod tests {
         false
     }
 
-    fn filled(value: u8) -> impl FnMut(u64, &mut [u8; 4096]) -> Result<Page, ImageFileError> {
+    fn filled(value: u8) -> impl FnMut(u64, &mut [u8; 4096]) -> Result<Page, RamImageError> {
         move |_, b| {
             b.fill(value);
             Ok(Page::Read)
@@ -467,7 +467,7 @@ mod tests {
                 unpopulated_pages: 1
             }
         );
-        let image = ImageFile::open(&path, ram).unwrap();
+        let image = RamImage::open(&path, ram).unwrap();
         let mut page = [0u8; 4096];
         image.read_at(&mut page, 7 * 4096).unwrap();
         assert_eq!(page[10], 0xab);
@@ -500,14 +500,14 @@ mod tests {
         assert!(save(&dir.join("missing/ram.img"), 2 << 20, filled(2), &never).is_err());
         // A signal during the save.
         let e = save(&path, 2 << 20, filled(3), &|| true).unwrap_err();
-        assert!(matches!(e, ImageFileError::Interrupted { .. }), "{e}");
+        assert!(matches!(e, RamImageError::Interrupted { .. }), "{e}");
         // A page that cannot be read.
         let e = save(
             &path,
             2 << 20,
             |gpa, _| {
                 if gpa == 8192 {
-                    Err(ImageFileError::ShortRead {
+                    Err(RamImageError::ShortRead {
                         path: "x".into(),
                         offset: 0,
                         len: 1,
@@ -519,7 +519,7 @@ mod tests {
             &never,
         )
         .unwrap_err();
-        assert!(matches!(e, ImageFileError::ShortRead { .. }), "{e}");
+        assert!(matches!(e, RamImageError::ShortRead { .. }), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
@@ -545,32 +545,32 @@ mod tests {
         let dir = tmpdir("bad");
         let path = dir.join("ram.img");
         assert!(matches!(
-            ImageFile::open(&path, 2 << 20),
-            Err(ImageFileError::File(FileError::Open { .. }))
+            RamImage::open(&path, 2 << 20),
+            Err(RamImageError::File(FileError::Open { .. }))
         ));
         assert!(matches!(
-            ImageFile::open(&dir, 2 << 20),
-            Err(ImageFileError::File(FileError::NotRegular { .. }))
+            RamImage::open(&dir, 2 << 20),
+            Err(RamImageError::File(FileError::NotRegular { .. }))
         ));
         std::fs::write(&path, b"hello, not an image at all, really no").unwrap();
         assert!(matches!(
-            ImageFile::open(&path, 2 << 20),
-            Err(ImageFileError::NotAnImage { .. })
+            RamImage::open(&path, 2 << 20),
+            Err(RamImageError::NotAnImage { .. })
         ));
         save(&path, 4 << 20, filled(0), &never).unwrap();
-        let e = ImageFile::open(&path, 2 << 20).unwrap_err().to_string();
+        let e = RamImage::open(&path, 2 << 20).unwrap_err().to_string();
         assert!(
             e.contains("holds 4M") && e.contains("--memory is 2M") && e.contains("--memory 4M"),
             "{e}"
         );
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(HEADER_SIZE + (3 << 20)).unwrap();
-        let e = ImageFile::open(&path, 4 << 20).unwrap_err();
-        assert!(matches!(e, ImageFileError::Truncated { .. }), "{e}");
+        let e = RamImage::open(&path, 4 << 20).unwrap_err();
+        assert!(matches!(e, RamImageError::Truncated { .. }), "{e}");
         f.set_len(HEADER_SIZE + (5 << 20)).unwrap();
         assert!(matches!(
-            ImageFile::open(&path, 4 << 20),
-            Err(ImageFileError::TooLong { .. })
+            RamImage::open(&path, 4 << 20),
+            Err(RamImageError::TooLong { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -580,12 +580,12 @@ mod tests {
         let dir = tmpdir("changed");
         let path = dir.join("ram.img");
         save(&path, 2 << 20, filled(7), &never).unwrap();
-        let image = ImageFile::open(&path, 2 << 20).unwrap();
+        let image = RamImage::open(&path, 2 << 20).unwrap();
         image.check_unchanged().unwrap();
         // Replacing the file by a rename is not a change: the open image is the old one.
         save(&path, 2 << 20, filled(8), &never).unwrap();
         image.check_unchanged().unwrap();
-        let image = ImageFile::open(&path, 2 << 20).unwrap();
+        let image = RamImage::open(&path, 2 << 20).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::OpenOptions::new()
             .write(true)
@@ -614,7 +614,7 @@ mod tests {
         let dir = tmpdir("shrunk");
         let path = dir.join("ram.img");
         save(&path, 2 << 20, filled(7), &never).unwrap();
-        let image = ImageFile::open(&path, 2 << 20).unwrap();
+        let image = RamImage::open(&path, 2 << 20).unwrap();
         OpenOptions::new()
             .write(true)
             .open(&path)

@@ -12,7 +12,7 @@ use super::collapse::{CollapseOrder, CollapseStats};
 use super::extent::ExtentCounts;
 use super::fault::FaultStats;
 use super::host_view::SmapsTotals;
-use super::huge::pool::{HugeSource, PoolStats};
+use super::huge::pool::{PoolKind, PoolStats};
 use super::manager::MemoryConfig;
 
 /// Every memory section of the metrics.
@@ -115,7 +115,7 @@ pub struct CollapseSection {
     /// Its lock order.
     pub order: Option<CollapseOrder>,
     /// Where huge pages came from.
-    pub huge_source: HugeSource,
+    pub huge_source: PoolKind,
     /// The pool's counters (when there was a pool).
     pub pool: Option<Arc<PoolStats>>,
     /// Whether installs stopped for want of mappings (`vm.max_map_count`).

@@ -3,7 +3,7 @@
 use super::stop::STOP_LIMIT;
 use crate::config::ConfigError;
 use crate::files::FileError;
-use crate::loader::ImageError;
+use crate::loader::ProgramError;
 use crate::memory::MemoryError;
 use crate::seccomp;
 
@@ -19,7 +19,7 @@ pub enum VmError {
     OpenKvm {
         /// The device path.
         path: String,
-        /// Why.
+        /// What KVM said.
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -51,7 +51,7 @@ pub enum VmError {
     Output(#[from] FileError),
     /// The guest program is not usable.
     #[error(transparent)]
-    Image(#[from] ImageError),
+    Image(#[from] ProgramError),
     /// Guest memory could not be set up or saved.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -63,7 +63,7 @@ pub enum VmError {
     Thread {
         /// The thread.
         name: String,
-        /// Why.
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
@@ -99,9 +99,9 @@ pub enum VmError {
     /// The metrics file could not be written.
     #[error("cannot write metrics to {path}")]
     Metrics {
-        /// The path.
+        /// The path named.
         path: String,
-        /// Why.
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },

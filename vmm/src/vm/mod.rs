@@ -34,9 +34,9 @@ use crate::arch;
 use crate::config::{Collapse, VmConfig, host_memory};
 use crate::devices::Devices;
 use crate::files::{ImageTarget, MetricsTarget};
-use crate::loader::GuestImage;
+use crate::loader::GuestProgram;
 use crate::memory::host_view;
-use crate::memory::ram_image::{HEADER_SIZE, ImageFileError, SAVE_FLAG};
+use crate::memory::ram_image::{HEADER_SIZE, RamImageError, SAVE_FLAG};
 use crate::memory::report::MemoryReport;
 use crate::memory::{Memory, MemoryError};
 use crate::metrics::{self, VcpuStats};
@@ -133,7 +133,7 @@ impl Vm {
             .as_deref()
             .map(|p| MetricsTarget::open("--metrics", p))
             .transpose()?;
-        let image = GuestImage::find(&config.guest)?;
+        let image = GuestProgram::find(&config.guest)?;
         let exe = image.check(config.memory.0)?;
 
         let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
@@ -376,7 +376,7 @@ impl Vm {
                             pages,
                         })
                     }
-                    Err(MemoryError::Image(ImageFileError::Interrupted { .. })) => {
+                    Err(MemoryError::Image(RamImageError::Interrupted { .. })) => {
                         eprintln!(
                             "vmm: a signal stopped the save; {} was left as it was",
                             path.display()

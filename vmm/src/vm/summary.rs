@@ -18,14 +18,14 @@ pub enum Outcome {
     Done(u64),
     /// A vCPU aborted.
     Aborted {
-        /// Which.
+        /// Its index.
         vcpu: u32,
         /// `file:line: message`.
         what: String,
     },
     /// A vCPU failed (triple fault, bad ucall, internal error...).
     Failed {
-        /// Which.
+        /// Its index.
         vcpu: u32,
         /// What happened, with registers.
         what: String,
@@ -104,7 +104,7 @@ pub struct SavedImage {
 /// The result of a run, which `--metrics` writes as JSON.
 #[derive(Debug)]
 pub struct RunSummary {
-    /// How it ended.
+    /// The outcome, for the user.
     pub outcome: Outcome,
     /// From the first vCPU start to the end of teardown.
     pub wall: Duration,

@@ -28,10 +28,10 @@ use super::config::{CollapseConfig, CollapseOrder};
 use super::stats::{CollapseStats, ScanResult};
 use crate::memory::extent::{Extent, ExtentIndex, ExtentState, PAGES_PER_EXTENT};
 use crate::memory::fault::source::{Fill, PageSource};
-use crate::memory::fault::uffd::Uffd;
 use crate::memory::host_view;
 use crate::memory::huge::install::{Contents, Installer, PrepareFailed, Prepared};
 use crate::memory::map::{MapRead, MapWrite, MemoryMap};
+use crate::memory::uffd::Uffd;
 
 /// Everything a collapse touches.
 pub struct Collapser {
@@ -43,7 +43,7 @@ pub struct Collapser {
     pub source: Option<Arc<dyn PageSource>>,
     /// Where pages come from and how they go in.
     pub installer: Installer,
-    /// Tunables.
+    /// khugepaged's tunables.
     pub config: CollapseConfig,
     /// Counters, shared with the metrics.
     pub stats: Arc<CollapseStats>,
@@ -65,7 +65,7 @@ pub struct CollapseError {
     pub extent: usize,
     /// What it was doing.
     pub what: &'static str,
-    /// Why.
+    /// The failure beneath.
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }

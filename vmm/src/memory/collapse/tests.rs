@@ -12,7 +12,6 @@ use super::{CollapseConfig, CollapseOrder, CollapseStats, Collapser, ScanResult}
 use crate::memory::backing::Backing;
 use crate::memory::extent::{ExtentIndex, ExtentState, ExtentTable, PAGES_PER_EXTENT};
 use crate::memory::fault::source::ZeroSource;
-use crate::memory::fault::uffd::{self, Uffd};
 use crate::memory::fault::{FaultHandler, FaultStats, Resolver};
 use crate::memory::host_view;
 use crate::memory::huge::install::{Installer, MapBudget};
@@ -20,6 +19,7 @@ use crate::memory::huge::ledger::Ledger;
 use crate::memory::huge::page::{AllocError, HugePage, HugePageAllocator, alloc_thp};
 use crate::memory::map::{Held, MemoryMap};
 use crate::memory::ram::GuestRam;
+use crate::memory::uffd::{self, Uffd};
 use crate::seccomp::Seccomp;
 
 const EXTENTS: u64 = 4;
@@ -460,7 +460,7 @@ fn writes_during_a_collapse_are_never_lost() {
     }
 }
 
-/// The seed commit's deadlock (DESIGN.md section 4): the pool is empty and is refilled only
+/// The seed commit's deadlock, with a userland backend: the pool is empty and is refilled only
 /// when an I/O backend finishes a request, which needs the memory map's read lock.
 struct Backend {
     requests: Mutex<mpsc::Sender<()>>,

@@ -1,6 +1,5 @@
 //! Guest page faults raised through userfaultfd: the handler thread and its loop (here), how
-//! one fault is resolved ([`resolve`]), the uffd itself ([`uffd`]), and where a page's
-//! contents come from ([`source`]).
+//! one fault is resolved ([`resolve`]), and where a page's contents come from ([`source`]).
 //!
 //! The handler takes only the memory map's **read** side, so it runs beside every other reader,
 //! and it is exactly the "userland backend" a collapse holding the write side while allocating
@@ -10,7 +9,6 @@
 
 pub mod resolve;
 pub mod source;
-pub mod uffd;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,11 +18,11 @@ use serde::Serialize;
 
 use super::huge::install::Installer;
 use super::map::MemoryMap;
+use super::uffd::{Fault, Uffd};
 use crate::metrics::{Counter, Latencies};
 use crate::seccomp::{Seccomp, ThreadKind};
 use crate::worker::{Stop, Worker};
 use source::PageSource;
-use uffd::{Fault, Uffd};
 
 /// What the fault handler has done; shared with the metrics (the `faults` section).
 #[derive(Debug, Default, Serialize)]
@@ -58,7 +56,7 @@ pub struct Resolver {
     /// Bytes resolved per missing fault: 4 KiB, or more (aligned) to fault around; 2 MiB
     /// resolves a fault in an unpopulated extent with a whole huge page when `huge` is set.
     pub granularity: u64,
-    /// Counters.
+    /// Counters, shared with the metrics.
     pub stats: Arc<FaultStats>,
     /// Huge pages for 2 MiB faults.
     pub huge: Option<Installer>,

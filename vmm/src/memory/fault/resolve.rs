@@ -5,10 +5,10 @@ use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 
 use super::Resolver;
 use super::source::Fill;
-use super::uffd::{Fault, Resolved};
 use crate::memory::extent::{ExtentIndex, ExtentState};
 use crate::memory::huge::install::{Contents, Installer};
 use crate::memory::map::MapRead;
+use crate::memory::uffd::{Fault, Resolved};
 
 /// The handler's own buffers: a granule of page-source contents, and a granule of zeroes.
 pub struct Buffers {

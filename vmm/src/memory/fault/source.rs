@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use guest_abi::layout::PAGE_SIZE;
 
-use crate::memory::ram_image::{ImageFile, ImageFileError};
+use crate::memory::ram_image::{RamImage, RamImageError};
 
 /// What a source put in the buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub enum Fill {
 /// A source of page contents.
 pub trait PageSource: Send + Sync {
     /// Fills `buf` (a whole number of pages) with the contents of guest RAM at `gpa`.
-    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, ImageFileError>;
+    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, RamImageError>;
 }
 
 /// Every page starts as zeroes.
@@ -30,27 +30,27 @@ pub trait PageSource: Send + Sync {
 pub struct ZeroSource;
 
 impl PageSource for ZeroSource {
-    fn fill(&self, _gpa: u64, _buf: &mut [u8]) -> Result<Fill, ImageFileError> {
+    fn fill(&self, _gpa: u64, _buf: &mut [u8]) -> Result<Fill, RamImageError> {
         Ok(Fill::Zero)
     }
 }
 
 /// Pages come from a memory image.
 #[derive(Debug)]
-pub struct ImageSource {
-    image: Arc<ImageFile>,
+pub struct RamImageSource {
+    image: Arc<RamImage>,
 }
 
-impl ImageSource {
+impl RamImageSource {
     /// A source reading from `image`.
-    pub fn new(image: Arc<ImageFile>) -> Self {
-        ImageSource { image }
+    pub fn new(image: Arc<RamImage>) -> Self {
+        RamImageSource { image }
     }
 }
 
-impl PageSource for ImageSource {
-    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, ImageFileError> {
-        fail::fail_point!("source-read", |_| Err(ImageFileError::Io {
+impl PageSource for RamImageSource {
+    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, RamImageError> {
+        fail::fail_point!("source-read", |_| Err(RamImageError::Io {
             path: self.image.path().into(),
             source: std::io::Error::from_raw_os_error(libc::EIO),
         }));

@@ -21,9 +21,9 @@ use guest_abi::layout::EXTENT_SIZE;
 use super::ledger::{ChargeError, Ledger};
 use super::page::{AllocError, HugePage, HugePageAllocator, PageKind};
 use crate::memory::extent::{ExtentIndex, ExtentTable};
-use crate::memory::fault::uffd::Uffd;
 use crate::memory::host_view;
 use crate::memory::ram::GuestRam;
+use crate::memory::uffd::Uffd;
 
 /// Everything an install needs.
 pub struct Installer {
@@ -102,7 +102,7 @@ pub struct InstallFailed {
     /// Whether the failed move had unmapped the extent, which was mapped again with what it
     /// held.
     pub refilled: bool,
-    /// Why.
+    /// What the system said.
     #[source]
     pub source: std::io::Error,
 }
@@ -113,7 +113,7 @@ pub struct InstallFailed {
 pub struct ExtentLost {
     /// The extent.
     pub extent: usize,
-    /// Why.
+    /// What the system said.
     #[source]
     pub source: std::io::Error,
 }

@@ -118,7 +118,7 @@ impl HugePage {
 pub struct MoveFailed {
     /// The page, still the caller's.
     pub page: HugePage,
-    /// Why.
+    /// What the system said.
     pub source: io::Error,
     /// Whether the destination was unmapped all the same (it must be mapped again).
     pub hole: bool,

@@ -15,7 +15,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::page::{AllocError, HugePage, HugePageAllocator, PageKind, alloc_hugetlb, alloc_thp};
 use crate::metrics::Counter;
 use crate::seccomp::{Seccomp, ThreadKind};
-use crate::worker::{Stop, Worker, lock};
+use crate::sync::{lock, wait, wait_timeout};
+use crate::worker::{Stop, Worker};
 
 /// Huge pages kept ready by default: enough that a 2 MiB fault or a collapse rarely waits for
 /// an allocation, few enough to cost little memory the ledger does not charge.
@@ -24,7 +25,7 @@ pub const POOL_AHEAD: usize = 2;
 /// Where huge pages come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum HugeSource {
+pub enum PoolKind {
     /// hugetlb while the pool has free pages, else THP.
     #[default]
     Auto,
@@ -52,7 +53,7 @@ pub struct PoolStats {
 }
 
 struct PoolInner {
-    source: HugeSource,
+    source: PoolKind,
     ahead: usize,
     ready: Mutex<VecDeque<HugePage>>,
     wanted: Condvar,
@@ -66,9 +67,9 @@ impl PoolInner {
             "injected allocation failure".into()
         )));
         let result = match self.source {
-            HugeSource::Hugetlb => alloc_hugetlb(),
-            HugeSource::Thp => alloc_thp(),
-            HugeSource::Auto => alloc_hugetlb().or_else(|_| alloc_thp()),
+            PoolKind::Hugetlb => alloc_hugetlb(),
+            PoolKind::Thp => alloc_thp(),
+            PoolKind::Auto => alloc_hugetlb().or_else(|_| alloc_thp()),
         };
         match &result {
             Ok(p) if p.kind() == PageKind::Hugetlb => self.stats.hugetlb.inc(),
@@ -94,7 +95,7 @@ impl PoolInner {
             }
             if ready.len() >= self.ahead {
                 fail::fail_point!("pool-refill-wait");
-                ready = self.wanted.wait(ready).unwrap_or_else(|p| p.into_inner());
+                ready = wait(&self.wanted, ready);
                 continue;
             }
             drop(ready);
@@ -104,10 +105,8 @@ impl PoolInner {
                 Ok(page) => ready.push_back(page),
                 // Nothing to be had now: wait for the next request instead of spinning.
                 Err(_) => {
-                    let (guard, _) = self
-                        .wanted
-                        .wait_timeout(ready, std::time::Duration::from_millis(100))
-                        .unwrap_or_else(|p| p.into_inner());
+                    let (guard, _) =
+                        wait_timeout(&self.wanted, ready, std::time::Duration::from_millis(100));
                     ready = guard;
                 }
             }
@@ -125,7 +124,7 @@ impl HugePagePool {
     /// A pool of pages from `source` that keeps `ahead` pages ready (0: allocate on demand).
     /// If the refill thread fails (it panics), `on_fatal` is told.
     pub fn new(
-        source: HugeSource,
+        source: PoolKind,
         ahead: usize,
         seccomp: Seccomp,
         on_fatal: impl FnOnce(String) + Send + 'static,
@@ -221,7 +220,7 @@ mod tests {
     #[test]
     fn pool_keeps_pages_ready_and_frees_them() {
         let mut pool =
-            HugePagePool::new(HugeSource::Thp, 2, Seccomp::Off, |what| panic!("{what}")).unwrap();
+            HugePagePool::new(PoolKind::Thp, 2, Seccomp::Off, |what| panic!("{what}")).unwrap();
         for _ in 0..200 {
             if pool.ready() == 2 {
                 break;
@@ -243,7 +242,7 @@ mod tests {
         let scenario = fail::FailScenario::setup();
         fail::cfg("pool-refill-wait", "sleep(300)").unwrap();
         let mut pool =
-            HugePagePool::new(HugeSource::Thp, 1, Seccomp::Off, |what| panic!("{what}")).unwrap();
+            HugePagePool::new(PoolKind::Thp, 1, Seccomp::Off, |what| panic!("{what}")).unwrap();
         // Watched through the counters: `ready()` would take the lock the thread holds.
         let start = std::time::Instant::now();
         while pool.stats().thp.get() < 1 {
