@@ -379,18 +379,8 @@ fn floors() -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
         Ok(t.elapsed())
     })?;
     let mremap = time_n(100, || {
-        let page = thp()?;
-        let dst = crate::memory::GuestRam::new(EXTENT_SIZE, crate::memory::Backing::Small)
-            .map_err(|e| BenchError::Setup(e.to_string()))?;
-        dst.populate()
-            .map_err(|e| BenchError::Setup(e.to_string()))?;
-        let t = Instant::now();
-        // SAFETY: `dst` is our own 2 MiB-aligned mapping, populated only to be replaced; it
-        // unmaps the moved page when dropped.
-        let moved = unsafe { page.move_to(dst.host_base().0 as u64) };
-        let elapsed = t.elapsed();
-        moved.map_err(|f| BenchError::Setup(format!("mremap failed: {}", f.source)))?;
-        Ok(elapsed)
+        crate::memory::huge::page::time_bare_move()
+            .map_err(|e| BenchError::Setup(format!("the mremap floor: {e}")))
     })?;
     Ok((memcpy, mremap))
 }
