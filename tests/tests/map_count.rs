@@ -44,6 +44,8 @@ fn collapse_stops_before_the_mappings_run_out_and_a_tiny_limit_is_refused() {
     require_kvm!();
     let dir = TempDir::new("map-count");
     let metrics = dir.path("m.json");
+    // The kernel page source registers for write-protection only, so installs use `mremap`
+    // (one mapping split per extent); `--install mremap` says so for the zero source too.
     let line = format!(
         "run --guest verify --vcpus 2 --memory 256M --arg mode=stress --arg passes=2 \
          --huge-source thp --metrics {metrics}"
@@ -73,6 +75,19 @@ fn collapse_stops_before_the_mappings_run_out_and_a_tiny_limit_is_refused() {
         assert!(collapsed > 0 && collapsed < 128, "{collapsed}");
         assert_eq!(json["ledger"]["after_teardown_bytes"], 0);
     }
+    {
+        let Some(_limit) = MaxMapCount::set(300) else {
+            return;
+        };
+        let line = format!(
+            "run --guest verify --vcpus 2 --memory 256M --arg mode=stress --arg passes=2 \
+             --huge-source thp --page-source zero --install mremap --metrics {metrics}"
+        );
+        let run = vmm(&words(&line));
+        assert_eq!(run.code, Some(0), "{run}");
+        let json = read_json(&metrics);
+        assert_eq!(json["collapse"]["stopped_for_mappings"], true, "{json}");
+    }
     let Some(_limit) = MaxMapCount::set(60) else {
         return;
     };
@@ -83,4 +98,35 @@ fn collapse_stops_before_the_mappings_run_out_and_a_tiny_limit_is_refused() {
         !run.stderr.contains("panicked") && !run.stderr.contains("memory allocation"),
         "{run}"
     );
+}
+
+/// Installs by `UFFDIO_MOVE` split no mapping: with the same low limit, 512 MiB collapse to
+/// THPs whole, and guest RAM is covered by as many mappings at the end as at the start.
+#[test]
+fn moves_collapse_512m_under_a_low_map_count_without_a_mapping_each() {
+    require_kvm!();
+    let dir = TempDir::new("map-count-move");
+    let metrics = dir.path("m.json");
+    let Some(_limit) = MaxMapCount::set(300) else {
+        return;
+    };
+    let line = format!(
+        "run --guest verify --vcpus 2 --memory 512M --arg mode=stress --arg passes=1 \
+         --huge-source thp --page-source zero --install move --metrics {metrics}"
+    );
+    let run = vmm(&words(&line));
+    assert_eq!(run.code, Some(0), "{run}");
+    assert_eq!(report_sum(&run.stdout, "mismatches"), 0, "{run}");
+    let json = read_json(&metrics);
+    let ext = &json["memory"]["extents"];
+    assert_eq!(ext["total"], 256, "{json}");
+    assert_eq!(ext["huge"], 256, "every extent huge: {json}");
+    assert_eq!(json["kernel"]["anon_huge_kb"], 512 * 1024, "{json}");
+    let kernel = &json["kernel"];
+    assert_eq!(
+        kernel["ram_mappings"], kernel["ram_mappings_at_start"],
+        "a move split a mapping: {kernel}"
+    );
+    assert_eq!(json["collapse"]["stopped_for_mappings"], false, "{json}");
+    assert!(!run.stderr.contains("no more 2 MiB pages"), "{run}");
 }

@@ -15,6 +15,7 @@ use crate::memory::collapse::config::{
     ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS,
 };
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
+use crate::memory::huge::install::InstallMethod;
 use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
 use crate::memory::{Backing, PageSourceKind};
 use crate::seccomp::Seccomp;
@@ -264,6 +265,14 @@ pub struct RunArgs {
     /// seccomp filters on every VMM thread, one list per kind of thread (see the README).
     #[arg(long, value_enum, default_value_t)]
     pub seccomp: Seccomp,
+    /// Fault handler threads, each with a userfaultfd over its share of guest RAM (default:
+    /// one per vCPU, up to the host's CPUs).
+    #[arg(long, value_name = "N")]
+    pub fault_threads: Option<usize>,
+    /// How huge pages go into guest RAM: move (UFFDIO_MOVE where the kernel has it and the
+    /// page is a THP, else mremap) or mremap.
+    #[arg(long, value_enum, default_value_t)]
+    pub install: InstallMethod,
 }
 
 /// Longest `--timeout` or `--metrics-interval`, in seconds: far beyond any run, and far from
@@ -317,6 +326,8 @@ impl RunArgs {
             pool_ahead: self.huge_pool_ahead,
             populate: true,
             seccomp: self.seccomp,
+            fault_threads: self.fault_threads,
+            install: self.install,
         })
     }
 }

@@ -9,6 +9,7 @@ use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS
 
 use crate::memory::collapse::CollapseConfig;
 use crate::memory::collapse::config::MAX_PTES_NONE;
+use crate::memory::huge::install::InstallMethod;
 use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
 use crate::memory::{Backing, MemoryConfig, PageSourceKind};
 use crate::seccomp::Seccomp;
@@ -40,6 +41,9 @@ impl FromStr for GuestArg {
         })
     }
 }
+
+/// Most fault handler threads: one per CPU of a large host, and a uffd each.
+pub const MAX_FAULT_THREADS: usize = 256;
 
 /// Most huge pages the pool keeps ready (128 MiB): pages kept ready are memory the ledger
 /// does not charge, so they are bounded by this and by the guest's extents.
@@ -109,6 +113,10 @@ pub struct VmConfig {
     pub populate: bool,
     /// seccomp filters on every thread.
     pub seccomp: Seccomp,
+    /// Fault handler threads (`None`: one per vCPU, up to the host's CPUs).
+    pub fault_threads: Option<usize>,
+    /// How huge pages go in.
+    pub install: InstallMethod,
 }
 
 impl Default for VmConfig {
@@ -132,6 +140,8 @@ impl Default for VmConfig {
             pool_ahead: POOL_AHEAD,
             populate: true,
             seccomp: Seccomp::On,
+            fault_threads: None,
+            install: InstallMethod::default(),
         }
     }
 }
@@ -204,6 +214,12 @@ pub enum ConfigError {
          default with --backing small) or --fault-granularity 2M"
     )]
     HugeLimitUnused,
+    /// A fault handler count out of range.
+    #[error("--fault-threads {0} is out of range: allowed 1 to {MAX_FAULT_THREADS}")]
+    FaultThreads(usize),
+    /// Fault threads where the VMM serves no faults.
+    #[error("--fault-threads applies to --page-source zero or image with --backing small")]
+    FaultThreadsNeedUffd,
     /// More huge pages kept ready than make sense.
     #[error(
         "--huge-pool-ahead {value} is out of range: allowed 0 to {max} (one per extent of guest \
@@ -327,6 +343,14 @@ impl VmConfig {
                 return Err(ConfigError::HugeLimitUnused);
             }
         }
+        if let Some(n) = self.fault_threads {
+            if n == 0 || n > MAX_FAULT_THREADS {
+                return Err(ConfigError::FaultThreads(n));
+            }
+            if !self.page_source.uses_uffd() || self.backing != Backing::Small {
+                return Err(ConfigError::FaultThreadsNeedUffd);
+            }
+        }
         let max = MAX_POOL_AHEAD.min((mem / EXTENT_SIZE) as usize);
         if self.pool_ahead > max {
             return Err(ConfigError::PoolAhead {
@@ -373,7 +397,19 @@ impl VmConfig {
             map_reserve: crate::memory::MAP_RESERVE
                 + crate::memory::MAPS_PER_THREAD * u64::from(self.vcpus),
             seccomp: self.seccomp,
+            fault_threads: self.fault_threads(),
+            install: self.install,
         }
+    }
+
+    /// Fault handler threads: as asked, or one per vCPU up to the host's CPUs, never more than
+    /// one per extent.
+    pub fn fault_threads(&self) -> usize {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let extents = (self.memory.0 / EXTENT_SIZE).max(1) as usize;
+        self.fault_threads
+            .unwrap_or_else(|| (self.vcpus as usize).min(cpus))
+            .clamp(1, extents)
     }
 }
 

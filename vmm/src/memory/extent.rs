@@ -59,6 +59,9 @@ pub struct Extent {
     /// Set while a collapse copies the extent outside the write lock; while it is set, the
     /// fault handler records in `dirty` every page the guest writes or populates.
     tracking: AtomicBool,
+    /// Held by whoever installs a huge page over the extent with only the read side of the
+    /// memory map (see [`ExtentClaim`]).
+    claimed: AtomicBool,
     dirty: [AtomicU64; WORDS],
 }
 
@@ -161,14 +164,51 @@ impl Extent {
     /// Marks the extent as backed by one huge page. Needs `&mut`, which only the memory map's
     /// write side hands out: no fault can be looking at the extent while its backing is
     /// replaced (only [`crate::memory::huge::install`] calls it, and the huge backings at
-    /// start).
+    /// start). An [`ExtentClaim`] does the same with the read side held.
     pub fn set_huge(&mut self) {
+        self.make_huge();
+    }
+
+    fn make_huge(&self) {
         for w in &self.pages {
             w.store(u64::MAX, Ordering::SeqCst);
         }
         self.kind.store(KIND_HUGE, Ordering::SeqCst);
         self.tracking.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether someone holds the extent's claim.
+    pub fn is_claimed(&self) -> bool {
+        self.claimed.load(Ordering::SeqCst)
+    }
+}
+
+/// The exclusive right to replace one extent's backing while only the read side of the memory
+/// map is held: what a 2 MiB fault needs to move a huge page into an unpopulated extent. Every
+/// other reader that would act on the extent (the fault handler, for a fault in it) finds it
+/// claimed and leaves it to the claimant, who wakes the extent's waiters once it lets go; the
+/// write side (which a collapse commit takes) cannot be had while the claimant reads. Released
+/// on drop.
+pub struct ExtentClaim<'a> {
+    extent: &'a Extent,
+}
+
+impl ExtentClaim<'_> {
+    /// The extent.
+    pub fn extent(&self) -> &Extent {
+        self.extent
+    }
+
+    /// Marks the extent as backed by one huge page.
+    pub fn set_huge(&self) {
+        self.extent.make_huge();
+    }
+}
+
+impl Drop for ExtentClaim<'_> {
+    fn drop(&mut self) {
+        self.extent.claimed.store(false, Ordering::SeqCst);
     }
 }
 
@@ -218,6 +258,16 @@ impl ExtentTable {
     /// The extent at `index` for a state change (write lock held).
     pub fn get_mut(&mut self, index: ExtentIndex) -> Option<&mut Extent> {
         self.extents.get_mut(index.0)
+    }
+
+    /// Claims extent `index` (see [`ExtentClaim`]); `None` if someone else holds it.
+    pub fn claim(&self, index: ExtentIndex) -> Option<ExtentClaim<'_>> {
+        let extent = self.get(index)?;
+        extent
+            .claimed
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| ExtentClaim { extent })
     }
 
     /// Records that the page holding `gpa` is populated; false if it already was or `gpa` is
@@ -352,6 +402,23 @@ mod tests {
             }
             prop_assert_eq!(table.counts(), counts);
         }
+    }
+
+    #[test]
+    fn a_claim_is_exclusive_and_let_go_on_drop() {
+        let table = ExtentTable::new(2 * EXTENT_SIZE);
+        let claim = table.claim(ExtentIndex(1)).unwrap();
+        assert!(table.claim(ExtentIndex(1)).is_none());
+        assert!(table.claim(ExtentIndex(0)).is_some());
+        claim.set_huge();
+        drop(claim);
+        assert!(!table.get(ExtentIndex(1)).unwrap().is_claimed());
+        assert_eq!(
+            table.get(ExtentIndex(1)).unwrap().state(),
+            ExtentState::Huge
+        );
+        assert!(table.claim(ExtentIndex(1)).is_some());
+        assert!(table.claim(ExtentIndex(2)).is_none());
     }
 
     #[test]

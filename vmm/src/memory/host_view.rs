@@ -113,6 +113,20 @@ pub fn scan(start: u64, end: u64, mask: u64) -> io::Result<Option<Vec<Range<u64>
     Ok(Some(out))
 }
 
+/// Whether the 2 MiB at `start` are mapped by one huge (PMD-level) entry.
+pub fn is_mapped_huge(start: u64) -> bool {
+    use guest_abi::layout::EXTENT_SIZE;
+    match scan(start, start + EXTENT_SIZE, PAGE_IS_HUGE) {
+        Ok(Some(ranges)) => ranges
+            .iter()
+            .any(|r| r.start <= start && start + EXTENT_SIZE <= r.end),
+        // Without PAGEMAP_SCAN, the mapping's own smaps entry says (exact where the 2 MiB are
+        // a mapping of their own, as a pool page is; a lower bound inside guest RAM).
+        _ => smaps_totals(start, start + EXTENT_SIZE)
+            .is_ok_and(|t| t.anon_huge_kb == EXTENT_SIZE >> 10),
+    }
+}
+
 /// Which 4 KiB pages of `[start, start + len)` are present, one bool per page.
 pub fn present_pages(start: u64, len: u64) -> io::Result<Vec<bool>> {
     let pages = (len / PAGE_SIZE) as usize;
@@ -264,6 +278,23 @@ pub fn max_map_count() -> io::Result<u64> {
         .trim()
         .parse()
         .map_err(io::Error::other)
+}
+
+/// The mappings that cover any of `[start, end)` now (guest RAM starts as one; every
+/// `mremap`ed extent splits it).
+pub fn mappings_in(start: u64, end: u64) -> io::Result<u64> {
+    let text = MAPS.read()?;
+    Ok(String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .filter(|&(a, b)| a < end && start < b)
+        .count() as u64)
 }
 
 /// The mappings this process has now (lines of `/proc/self/maps`).

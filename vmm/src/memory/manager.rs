@@ -18,14 +18,16 @@ use super::extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, PAGES_P
 use super::fault::source::{PageSource, RamImageSource, ZeroSource};
 use super::fault::{FaultHandler, FaultStats, Resolver};
 use super::host_view::{self, SmapsTotals};
-use super::huge::install::{Installer, MapBudget};
+use super::huge::install::{InstallMethod, Installer, MapBudget};
 use super::huge::ledger::Ledger;
 use super::huge::pool::{HugePagePool, PoolKind};
 use super::map::MemoryMap;
 use super::ram::GuestRam;
 use super::ram_image::{Page, RamImage, SaveStats};
-use super::report::{CollapseSection, FaultsSection, LedgerSection, MemoryReport, MemorySection};
-use super::uffd::{self, Uffd};
+use super::report::{
+    CollapseSection, FaultsSection, KernelSection, LedgerSection, MemoryReport, MemorySection,
+};
+use super::uffd::{self, Uffd, UffdSet};
 use super::{MemoryError, ram_image};
 use crate::seccomp::Seccomp;
 
@@ -87,6 +89,10 @@ pub struct MemoryConfig {
     pub map_reserve: u64,
     /// seccomp filters for the memory threads.
     pub seccomp: Seccomp,
+    /// Fault handler threads, each with a uffd over its share of RAM.
+    pub fault_threads: usize,
+    /// How huge pages go in.
+    pub install: InstallMethod,
 }
 
 impl MemoryConfig {
@@ -104,6 +110,8 @@ impl MemoryConfig {
             populate: false,
             map_reserve: MAP_RESERVE,
             seccomp: Seccomp::Off,
+            fault_threads: 1,
+            install: InstallMethod::default(),
         }
     }
 }
@@ -112,15 +120,17 @@ impl MemoryConfig {
 pub struct Memory {
     // Stopped in this order: the collapse thread, the fault handler, the pool.
     collapser: Option<CollapseThread>,
-    handler: Option<FaultHandler>,
+    handlers: Vec<FaultHandler>,
     pool: Option<Arc<HugePagePool>>,
-    uffd: Option<Arc<Uffd>>,
+    uffds: Option<Arc<UffdSet>>,
     maps: Arc<MapBudget>,
     collapse_stats: Arc<CollapseStats>,
     fault_stats: Arc<FaultStats>,
     ledger: Arc<Ledger>,
     image: Option<Arc<RamImage>>,
     config: MemoryConfig,
+    /// Mappings covering guest RAM once it was registered (one per uffd shard).
+    ram_mappings_at_start: u64,
     // Unmapped when the last reference (this one, once the threads are gone) drops.
     map: Arc<MemoryMap>,
 }
@@ -160,17 +170,21 @@ impl Memory {
             mark_huge_extents(&ram, &mut table, config.backing)?;
         }
         let maps = MapBudget::new(config.map_reserve).map_err(MemoryError::KernelView)?;
+        let base = ram.host_base().0 as u64;
+        let ram_mappings_at_start =
+            host_view::mappings_in(base, base + config.size).map_err(MemoryError::KernelView)?;
         Ok(Memory {
             collapser: None,
-            handler: None,
+            handlers: Vec::new(),
             pool: None,
-            uffd: None,
+            uffds: None,
             maps: Arc::new(maps),
             collapse_stats: Arc::new(CollapseStats::default()),
             fault_stats: Arc::new(FaultStats::default()),
             ledger: Arc::new(Ledger::new(config.huge_limit)),
             image,
             config,
+            ram_mappings_at_start,
             map: Arc::new(MemoryMap::new(table, Arc::new(ram))),
         })
     }
@@ -205,9 +219,9 @@ impl Memory {
         &self.ledger
     }
 
-    /// The userfaultfd guest RAM is registered with, when the VMM serves faults.
-    pub fn uffd(&self) -> Option<&Arc<Uffd>> {
-        self.uffd.as_ref()
+    /// The userfaultfds guest RAM is registered with, when the VMM serves faults.
+    pub fn uffds(&self) -> Option<&Arc<UffdSet>> {
+        self.uffds.as_ref()
     }
 
     /// Call once the VMM has written its boot data: records what the kernel populated so far
@@ -229,7 +243,8 @@ impl Memory {
         if !missing && collapse.is_none() {
             return Ok(());
         }
-        let uffd = Arc::new(self.register(missing, collapse.is_some())?);
+        let uffds = Arc::new(self.register(missing, collapse.is_some())?);
+        self.ram_mappings_at_start = self.ram_mappings()?;
         let source: Option<Arc<dyn PageSource>> = match &self.image {
             Some(image) => Some(Arc::new(RamImageSource::new(image.clone()))),
             None => None,
@@ -248,28 +263,35 @@ impl Memory {
             pool.wait_ready(self.config.pool_ahead, std::time::Duration::from_secs(2));
             self.pool = Some(Arc::new(pool));
         }
-        let fatal = on_fatal.clone();
-        let handler = FaultHandler::start(
-            Resolver {
-                uffd: uffd.clone(),
-                map: self.map.clone(),
-                source: source.clone().unwrap_or_else(|| Arc::new(ZeroSource)),
-                granularity: self.config.fault_granularity,
-                stats: self.fault_stats.clone(),
-                huge: extent_faults.then(|| self.installer(&uffd)),
-            },
-            self.config.seccomp,
-            move |what| fatal(what),
-        )
-        .map_err(MemoryError::Thread)?;
-        self.uffd = Some(uffd.clone());
-        self.handler = Some(handler);
+        // One handler thread per shard of RAM, each on its own uffd.
+        let source = source.clone().unwrap_or_else(|| Arc::new(ZeroSource));
+        for (uffd, _) in uffds.shards() {
+            let fatal = on_fatal.clone();
+            let handler = FaultHandler::start(
+                Resolver {
+                    uffd: uffd.clone(),
+                    map: self.map.clone(),
+                    source: source.clone(),
+                    granularity: self.config.fault_granularity,
+                    stats: self.fault_stats.clone(),
+                    huge: extent_faults.then(|| self.installer(&uffds)),
+                },
+                self.config.seccomp,
+                move |what| fatal(what),
+            )
+            .map_err(MemoryError::Thread)?;
+            self.handlers.push(handler);
+        }
+        self.uffds = Some(uffds.clone());
         if let Some(config) = collapse {
             let collapser = Collapser {
                 map: self.map.clone(),
-                uffd: uffd.clone(),
-                source,
-                installer: self.installer(&uffd),
+                uffds: uffds.clone(),
+                source: self
+                    .image
+                    .clone()
+                    .map(|i| Arc::new(RamImageSource::new(i)) as Arc<dyn PageSource>),
+                installer: self.installer(&uffds),
                 config,
                 stats: self.collapse_stats.clone(),
                 stopping: Arc::new(AtomicBool::new(false)),
@@ -294,15 +316,16 @@ impl Memory {
         Ok(())
     }
 
-    /// Opens the userfaultfd and registers all of guest RAM with it: for missing faults where
-    /// the VMM serves them, for write-protect faults where the collapse thread runs.
-    fn register(&self, missing: bool, write_protect: bool) -> Result<Uffd, MemoryError> {
+    /// Opens the userfaultfds (one per shard, `fault_threads` of them where the VMM serves
+    /// missing faults) and registers all of guest RAM with them: for missing faults where the
+    /// VMM serves them, for write-protect faults where the collapse thread runs.
+    fn register(&self, missing: bool, write_protect: bool) -> Result<UffdSet, MemoryError> {
         let needed_by = if missing {
             format!("--page-source {}", self.config.source.name())
         } else {
             "the collapse thread".to_string()
         };
-        let mut features = uffd::FEATURE_THREAD_ID;
+        let mut features = uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
         let mut mode = 0;
         if missing {
             mode |= uffd::REGISTER_MODE_MISSING;
@@ -311,21 +334,30 @@ impl Memory {
             features |= uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
             mode |= uffd::REGISTER_MODE_WP;
         }
-        let uffd = Uffd::new(features).map_err(|source| MemoryError::UffdUnavailable {
-            needed_by: needed_by.clone(),
-            alternative: if missing {
-                ""
-            } else {
-                ", or run with --collapse off"
-            },
-            source,
+        let extents = (self.config.size / EXTENT_SIZE) as usize;
+        let shards = if missing {
+            self.config.fault_threads
+        } else {
+            1
+        };
+        let uffds = UffdSet::new(extents, shards, || Uffd::new(features)).map_err(|source| {
+            MemoryError::UffdUnavailable {
+                needed_by: needed_by.clone(),
+                alternative: if missing {
+                    ""
+                } else {
+                    ", or run with --collapse off"
+                },
+                source,
+            }
         })?;
         let failed = |what, source| MemoryError::Uffd {
             needed_by: needed_by.clone(),
             what,
             source,
         };
-        if uffd.features() & features != features {
+        let required = features & !uffd::FEATURE_MOVE;
+        if uffds.features() & required != required {
             return Err(failed(
                 "checking its features",
                 std::io::Error::other(
@@ -334,14 +366,22 @@ impl Memory {
                 ),
             ));
         }
+        if self.config.install == InstallMethod::Move && uffds.features() & uffd::FEATURE_MOVE == 0
+        {
+            log::info!("the kernel has no UFFDIO_MOVE (Linux 6.8+): huge pages go in by mremap");
+        }
         let base = self.ram().host_base().0 as u64;
-        uffd.register(base, self.config.size, mode)
-            .map_err(|e| failed("registering guest RAM", e))?;
-        Ok(uffd)
+        for (uffd, range) in uffds.shards() {
+            let end = range.end.min(extents) as u64 * EXTENT_SIZE;
+            let start = range.start as u64 * EXTENT_SIZE;
+            uffd.register(base + start, end - start, mode)
+                .map_err(|e| failed("registering guest RAM", e))?;
+        }
+        Ok(uffds)
     }
 
     /// The install path over this memory's pool, ledger and mapping budget.
-    fn installer(&self, uffd: &Arc<Uffd>) -> Installer {
+    fn installer(&self, uffds: &Arc<UffdSet>) -> Installer {
         Installer {
             pool: self
                 .pool
@@ -350,7 +390,8 @@ impl Memory {
             ledger: self.ledger.clone(),
             maps: self.maps.clone(),
             ram: self.ram().clone(),
-            uffd: uffd.clone(),
+            uffds: uffds.clone(),
+            method: self.config.install,
         }
     }
 
@@ -358,10 +399,15 @@ impl Memory {
     /// in it; the kernel resolves later faults itself (with zeroes). Only for a VM that is
     /// stopping and whose vCPUs would not stop: its guest never runs again.
     pub fn release_faults(&self) {
-        if let Some(uffd) = &self.uffd {
+        if let Some(uffds) = &self.uffds {
             let base = self.ram().host_base().0 as u64;
-            if let Err(e) = uffd.unregister(base, self.config.size) {
-                log::warn!("unregistering guest RAM from userfaultfd: {e}");
+            let extents = (self.config.size / EXTENT_SIZE) as usize;
+            for (uffd, range) in uffds.shards() {
+                let start = range.start as u64 * EXTENT_SIZE;
+                let end = range.end.min(extents) as u64 * EXTENT_SIZE;
+                if let Err(e) = uffd.unregister(base + start, end - start) {
+                    log::warn!("unregistering guest RAM from userfaultfd: {e}");
+                }
             }
         }
     }
@@ -377,7 +423,7 @@ impl Memory {
     /// be waiting on a fault).
     pub fn stop(&mut self) {
         self.stop_collapse();
-        if let Some(mut handler) = self.handler.take() {
+        for mut handler in self.handlers.drain(..) {
             handler.stop();
         }
     }
@@ -484,6 +530,12 @@ impl Memory {
         Ok(stats)
     }
 
+    /// How many mappings cover guest RAM now.
+    fn ram_mappings(&self) -> Result<u64, MemoryError> {
+        let base = self.ram().host_base().0 as u64;
+        host_view::mappings_in(base, base + self.config.size).map_err(MemoryError::KernelView)
+    }
+
     /// What memory reports now: the `memory`, `faults`, `kernel`, `collapse` and `ledger`
     /// sections of the metrics.
     pub fn report(&self) -> Result<MemoryReport, MemoryError> {
@@ -494,7 +546,11 @@ impl Memory {
                 stats: self.fault_stats.clone(),
                 granularity_bytes: self.config.fault_granularity,
             },
-            kernel: self.smaps()?.into(),
+            kernel: KernelSection::new(
+                self.smaps()?,
+                self.ram_mappings_at_start,
+                self.ram_mappings()?,
+            ),
             collapse: CollapseSection {
                 stats: self.collapse_stats.clone(),
                 enabled: self.config.collapse.is_some(),

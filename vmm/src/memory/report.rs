@@ -87,6 +87,12 @@ pub struct KernelSection {
     pub smaps: SmapsTotals,
     /// KVM's `pages_2m` statistic (`null` where KVM has none).
     pub kvm_pages_2m: Option<u64>,
+    /// Mappings that covered guest RAM when it was registered: one per userfaultfd shard
+    /// (the kernel keeps one mapping per uffd context).
+    pub ram_mappings_at_start: u64,
+    /// Mappings that cover guest RAM now: as at the start, plus two for each extent moved in
+    /// by `mremap` (installs by `UFFDIO_MOVE` split none).
+    pub ram_mappings: u64,
     /// Free hugetlb pages before the VM was built (summary only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hugetlb_free_before: Option<u64>,
@@ -95,10 +101,13 @@ pub struct KernelSection {
     pub hugetlb_free_after_teardown: Option<u64>,
 }
 
-impl From<SmapsTotals> for KernelSection {
-    fn from(smaps: SmapsTotals) -> Self {
+impl KernelSection {
+    /// The section with the smaps totals and the mapping counts of guest RAM.
+    pub fn new(smaps: SmapsTotals, ram_mappings_at_start: u64, ram_mappings: u64) -> Self {
         KernelSection {
             smaps,
+            ram_mappings_at_start,
+            ram_mappings,
             ..KernelSection::default()
         }
     }

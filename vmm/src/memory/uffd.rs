@@ -6,11 +6,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use crate::sys::uffd::*;
 pub use crate::sys::uffd::{
-    FEATURE_PAGEFAULT_FLAG_WP, FEATURE_THREAD_ID, FEATURE_WP_UNPOPULATED, REGISTER_MODE_MISSING,
-    REGISTER_MODE_WP,
+    FEATURE_MOVE, FEATURE_PAGEFAULT_FLAG_WP, FEATURE_THREAD_ID, FEATURE_WP_UNPOPULATED,
+    REGISTER_MODE_MISSING, REGISTER_MODE_WP,
 };
 
 /// A page fault read from the uffd.
@@ -153,6 +154,38 @@ impl Uffd {
         Self::resolved(ret)
     }
 
+    /// Moves the pages at `src..src+len` (anonymous memory of this process, mapped by nobody
+    /// else) to the empty range `dst..dst+len`, without waking waiters; a PMD-mapped THP moves
+    /// whole. Returns how many bytes moved, which may be fewer than `len` (the kernel split a
+    /// page on the way, or met a populated entry); the rest stays at `src`.
+    ///
+    /// # Safety
+    /// `dst..dst+len` must be memory registered with this uffd that the caller owns and may
+    /// replace (guest RAM whose entries there are empty), and `src..src+len` the caller's own
+    /// anonymous mapping, whose pages it gives up.
+    pub unsafe fn move_pages(&self, dst: u64, src: u64, len: u64) -> io::Result<u64> {
+        fail::fail_point!("uffd-move", |_| Err(io::Error::from_raw_os_error(
+            libc::EAGAIN
+        )));
+        let mut mv = UffdioMove {
+            dst,
+            src,
+            len,
+            mode: MOVE_MODE_DONTWAKE,
+            moved: 0,
+        };
+        // SAFETY: per the caller's contract; UFFDIO_MOVE reads and writes one `UffdioMove`.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_MOVE() as _, &mut mv) };
+        if ret >= 0 {
+            return Ok(len);
+        }
+        let err = io::Error::last_os_error();
+        match (mv.moved, err.raw_os_error()) {
+            (moved, Some(libc::EAGAIN)) if moved > 0 => Ok(moved as u64),
+            _ => Err(err),
+        }
+    }
+
     /// Maps zeroed pages at `dst..dst+len` and wakes the waiters.
     ///
     /// # Safety
@@ -232,6 +265,73 @@ impl Uffd {
             count += 1;
         }
         Ok(count)
+    }
+}
+
+/// Guest RAM's userfaultfds: one per shard of consecutive extents, each served by a handler
+/// thread of its own. Several readers on one uffd are slower than one (measured: 151 k pages/s
+/// with 16 readers against 304 k with one), while one uffd per shard scales (1.53 M), so RAM
+/// is split and every fault, protection and install of an extent goes to its shard's uffd.
+#[derive(Debug)]
+pub struct UffdSet {
+    shards: Vec<Arc<Uffd>>,
+    extents_per_shard: usize,
+}
+
+impl UffdSet {
+    /// `shards` uffds over `extents` extents, split into runs of equal length (the last may be
+    /// shorter); `open` makes each uffd.
+    pub fn new(
+        extents: usize,
+        shards: usize,
+        mut open: impl FnMut() -> io::Result<Uffd>,
+    ) -> io::Result<Self> {
+        let shards = shards.clamp(1, extents.max(1));
+        let extents_per_shard = extents.div_ceil(shards);
+        let count = extents.div_ceil(extents_per_shard);
+        Ok(UffdSet {
+            shards: (0..count)
+                .map(|_| open().map(Arc::new))
+                .collect::<io::Result<_>>()?,
+            extents_per_shard,
+        })
+    }
+
+    /// One uffd for all `extents` extents.
+    pub fn single(uffd: Arc<Uffd>, extents: usize) -> Self {
+        UffdSet {
+            shards: vec![uffd],
+            extents_per_shard: extents.max(1),
+        }
+    }
+
+    /// The uffd that extent `index` is registered with.
+    pub fn for_extent(&self, index: usize) -> &Arc<Uffd> {
+        &self.shards[(index / self.extents_per_shard).min(self.shards.len() - 1)]
+    }
+
+    /// Each shard: its uffd and the extents it covers, `first..end` (`end` capped by the
+    /// caller at the table's length).
+    pub fn shards(&self) -> impl Iterator<Item = (&Arc<Uffd>, std::ops::Range<usize>)> {
+        self.shards.iter().enumerate().map(|(i, u)| {
+            let first = i * self.extents_per_shard;
+            (u, first..first + self.extents_per_shard)
+        })
+    }
+
+    /// How many shards.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether there is none (never: a set has at least one shard).
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// The features the kernel granted (every shard asked for the same).
+    pub fn features(&self) -> u64 {
+        self.shards[0].features()
     }
 }
 

@@ -10,6 +10,8 @@ const UFFDIO: u32 = 0xAA;
 pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// Report the faulting thread's id.
 pub const FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFDIO_MOVE` (Linux 6.8+).
+pub const FEATURE_MOVE: u64 = 1 << 10;
 /// Write-protect unpopulated pages too.
 pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 
@@ -90,6 +92,21 @@ pub struct UffdioWriteprotect {
     pub mode: u64,
 }
 
+/// `struct uffdio_move`.
+#[repr(C)]
+#[derive(Debug, Default)]
+#[allow(missing_docs)]
+pub struct UffdioMove {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub moved: i64,
+}
+
+/// `UFFDIO_MOVE_MODE_DONTWAKE`.
+pub const MOVE_MODE_DONTWAKE: u64 = 1 << 0;
+
 /// `struct uffd_msg`'s page-fault arm: `flags`, `address`, and the thread id.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -146,6 +163,7 @@ mod nr {
     vmm_sys_util::ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_MOVE, UFFDIO, 0x05, UffdioMove);
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
     vmm_sys_util::ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 }
@@ -153,10 +171,11 @@ pub use nr::*;
 
 /// The requests that resolve or protect faults, or (re)register ranges: those of the threads
 /// that serve faults and collapse extents (their seccomp filters allow these only).
-pub fn resolve_ioctls() -> [u64; 6] {
+pub fn resolve_ioctls() -> [u64; 7] {
     [
         UFFDIO_COPY(),
         UFFDIO_ZEROPAGE(),
+        UFFDIO_MOVE(),
         UFFDIO_WAKE(),
         UFFDIO_WRITEPROTECT(),
         UFFDIO_REGISTER(),

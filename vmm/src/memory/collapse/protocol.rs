@@ -29,16 +29,18 @@ use super::stats::{CollapseStats, ScanResult};
 use crate::memory::extent::{Extent, ExtentIndex, ExtentState, PAGES_PER_EXTENT};
 use crate::memory::fault::source::{Fill, PageSource};
 use crate::memory::host_view;
-use crate::memory::huge::install::{Contents, Installer, PrepareFailed, Prepared};
+use crate::memory::huge::install::{
+    Contents, Exclusive, Installed, Installer, PrepareFailed, Prepared,
+};
 use crate::memory::map::{MapRead, MapWrite, MemoryMap};
-use crate::memory::uffd::Uffd;
+use crate::memory::uffd::{Uffd, UffdSet};
 
 /// Everything a collapse touches.
 pub struct Collapser {
     /// The memory map lock (and through it guest RAM).
     pub map: Arc<MemoryMap>,
-    /// The userfaultfd guest RAM is registered with in write-protect mode.
-    pub uffd: Arc<Uffd>,
+    /// The userfaultfds guest RAM is registered with in write-protect mode.
+    pub uffds: Arc<UffdSet>,
     /// Where the contents of never-populated pages come from (`None`: zeroes).
     pub source: Option<Arc<dyn PageSource>>,
     /// Where pages come from and how they go in.
@@ -75,6 +77,11 @@ impl Collapser {
         self.map.ram().host_base().0 as u64 + index.gpa()
     }
 
+    /// The uffd extent `index` is registered with.
+    fn uffd(&self, index: ExtentIndex) -> &Uffd {
+        self.uffds.for_extent(index.0)
+    }
+
     fn error(
         index: ExtentIndex,
         what: &'static str,
@@ -103,7 +110,7 @@ impl Collapser {
     /// A page from the pool, charged, with the time it took and the outcome counted.
     fn prepare(&self) -> Result<Prepared<'_>, ScanResult> {
         let start = Instant::now();
-        let page = self.installer.prepare();
+        let page = self.installer.prepare(Contents::Copy);
         self.stats.alloc_ns.record(start.elapsed());
         match page {
             Ok(page) => {
@@ -128,7 +135,7 @@ impl Collapser {
     /// Write-protects the extent and starts recording the guest's writes to it.
     fn protect_and_track(&self, index: ExtentIndex, extent: &Extent) -> std::io::Result<()> {
         extent.start_tracking();
-        self.uffd
+        self.uffd(index)
             .write_protect(self.host(index), EXTENT_SIZE, true, false)
             .inspect_err(|_| extent.stop_tracking())
     }
@@ -142,7 +149,7 @@ impl Collapser {
                 j += 1;
             }
             let start = self.host(index) + pages[i] as u64 * PAGE_SIZE;
-            self.uffd
+            self.uffd(index)
                 .write_protect(start, (j - i) as u64 * PAGE_SIZE, true, false)?;
             i = j;
         }
@@ -152,7 +159,7 @@ impl Collapser {
     /// Stops tracking and lifts the protection, waking any writer.
     fn unprotect(&self, index: ExtentIndex, extent: &Extent) -> Result<(), CollapseError> {
         extent.stop_tracking();
-        self.uffd
+        self.uffd(index)
             .write_protect(self.host(index), EXTENT_SIZE, false, true)
             .map_err(Self::error(index, "lifting write protection"))
     }
@@ -441,10 +448,21 @@ impl Collapser {
         index: ExtentIndex,
         page: Prepared<'_>,
     ) -> Result<ScanResult, CollapseError> {
-        match self.installer.install(table, index, page, Contents::Copy) {
-            Ok(_) => {
+        match self
+            .installer
+            .install(Exclusive::Table(table), index, page, Contents::Copy)
+        {
+            Ok(Installed::Huge(_)) => {
                 self.stats.pages_collapsed.inc();
                 Ok(ScanResult::Succeed)
+            }
+            Ok(Installed::Small) => {
+                // The copy is in, as 4 KiB pages: the extent is whole, just not huge.
+                let extent = table.get(index).expect("index inside the table");
+                self.unprotect(index, extent)?;
+                self.stats.failed.inc();
+                self.stats.split_moves.inc();
+                Ok(ScanResult::Fail)
             }
             Err(Ok(failed)) => {
                 let extent = table.get(index).expect("index inside the table");
@@ -463,6 +481,6 @@ impl Collapser {
 
     /// Wakes writers that faulted on the extent's old mapping; they retry on the new one.
     fn wake(&self, index: ExtentIndex) {
-        let _ = self.uffd.wake(self.host(index), EXTENT_SIZE);
+        let _ = self.uffd(index).wake(self.host(index), EXTENT_SIZE);
     }
 }

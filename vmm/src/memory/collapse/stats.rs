@@ -50,6 +50,9 @@ pub struct CollapseStats {
     pub exceed_none_pte: Counter,
     /// Write-protect, copy or move failures.
     pub failed: Counter,
+    /// Moves that landed as 4 KiB pages (an access between the zap and the move made a page
+    /// table there): the extent is whole, not huge, and is tried again later. Also in `failed`.
+    pub split_moves: Counter,
     /// How long the write side was held per attempt that took it.
     pub write_lock_ns: Latencies,
     /// How long the part before the write side took per attempt (allocate, charge, pre-copy).

@@ -14,12 +14,12 @@ use crate::memory::extent::{ExtentIndex, ExtentState, ExtentTable, PAGES_PER_EXT
 use crate::memory::fault::source::ZeroSource;
 use crate::memory::fault::{FaultHandler, FaultStats, Resolver};
 use crate::memory::host_view;
-use crate::memory::huge::install::{Installer, MapBudget};
+use crate::memory::huge::install::{InstallMethod, Installer, MapBudget};
 use crate::memory::huge::ledger::Ledger;
 use crate::memory::huge::page::{AllocError, HugePage, HugePageAllocator, alloc_thp};
 use crate::memory::map::{Held, MemoryMap};
 use crate::memory::ram::GuestRam;
-use crate::memory::uffd::{self, Uffd};
+use crate::memory::uffd::{self, Uffd, UffdSet};
 use crate::seccomp::Seccomp;
 
 const EXTENTS: u64 = 4;
@@ -37,10 +37,25 @@ fn value(gpa: u64, round: u64) -> u64 {
     gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ round
 }
 
+/// RAM registered for write-protection (as with the kernel page source).
 fn rig() -> Option<Rig> {
-    let features = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
+    rig_with(uffd::REGISTER_MODE_WP)
+}
+
+/// RAM registered for missing faults too (the zero and image sources), where installs move.
+fn rig_missing() -> Option<Rig> {
+    rig_with(uffd::REGISTER_MODE_WP | uffd::REGISTER_MODE_MISSING)
+}
+
+fn rig_with(mode: u64) -> Option<Rig> {
+    let features =
+        uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED | uffd::FEATURE_MOVE;
     let uffd = match Uffd::new(features) {
         Ok(u) if u.features() & features == features => Arc::new(u),
+        Ok(_) if mode & uffd::REGISTER_MODE_MISSING != 0 => {
+            eprintln!("SKIP: UFFDIO_MOVE is not available here");
+            return None;
+        }
         _ => {
             eprintln!("SKIP: userfaultfd write-protection is not available here");
             return None;
@@ -63,8 +78,7 @@ fn rig() -> Option<Rig> {
         extent.add_present(|p| present[i.0 * PAGES_PER_EXTENT + p]);
     }
     let map = Arc::new(MemoryMap::new(table, ram.clone()));
-    uffd.register(base, ram.size(), uffd::REGISTER_MODE_WP)
-        .unwrap();
+    uffd.register(base, ram.size(), mode).unwrap();
     let handler = FaultHandler::start(
         Resolver {
             uffd: uffd.clone(),
@@ -146,6 +160,16 @@ struct Setup {
 }
 
 fn setup(rig: &Rig, order: CollapseOrder, fail: bool, limit: u64) -> Setup {
+    setup_with(rig, order, fail, limit, InstallMethod::Mremap)
+}
+
+fn setup_with(
+    rig: &Rig,
+    order: CollapseOrder,
+    fail: bool,
+    limit: u64,
+    method: InstallMethod,
+) -> Setup {
     let alloc_seen = Arc::new(Seen::default());
     let charge_seen = Arc::new(Seen::default());
     let probe = Arc::new(Probe {
@@ -161,14 +185,15 @@ fn setup(rig: &Rig, order: CollapseOrder, fail: bool, limit: u64) -> Setup {
     ));
     let collapser = Collapser {
         map: rig.map.clone(),
-        uffd: rig.uffd.clone(),
+        uffds: Arc::new(UffdSet::single(rig.uffd.clone(), EXTENTS as usize)),
         source: None,
         installer: Installer {
             pool: probe.clone(),
             ledger,
             maps: Arc::new(MapBudget::new(0).unwrap()),
             ram: rig.ram.clone(),
-            uffd: rig.uffd.clone(),
+            uffds: Arc::new(UffdSet::single(rig.uffd.clone(), EXTENTS as usize)),
+            method,
         },
         config: CollapseConfig {
             order,
@@ -176,7 +201,7 @@ fn setup(rig: &Rig, order: CollapseOrder, fail: bool, limit: u64) -> Setup {
         },
         stats: Arc::new(CollapseStats::default()),
         stopping: Arc::new(AtomicBool::new(false)),
-        kernel_populates: true,
+        kernel_populates: method == InstallMethod::Mremap,
         before_commit: None,
     };
     Setup {
@@ -404,6 +429,28 @@ fn allocation_and_charge_failures_leave_nothing_behind() {
 #[test]
 fn writes_during_a_collapse_are_never_lost() {
     let Some(rig) = rig() else { return };
+    writers_race_every_order(&rig, InstallMethod::Mremap);
+}
+
+/// The same with the zap-and-move commit: the writer also reads and writes the extent while
+/// its pages are gone (between the zap and the move), which must wait for the move.
+#[test]
+fn writes_during_a_zap_and_move_commit_are_never_lost() {
+    let Some(rig) = rig_missing() else { return };
+    writers_race_every_order(&rig, InstallMethod::Move);
+    // Moves split no mapping: guest RAM is still one mapping, three extents of it huge.
+    let base = rig.ram.host_base().0 as u64;
+    let end = base + rig.ram.size();
+    assert_eq!(host_view::mappings_in(base, end).unwrap(), 1);
+    let totals = host_view::smaps_totals(base, end).unwrap();
+    assert_eq!(
+        totals.anon_huge_kb,
+        3 * 2048,
+        "three extents moved in whole"
+    );
+}
+
+fn writers_race_every_order(rig: &Rig, method: InstallMethod) {
     for (index, order) in [
         (1, CollapseOrder::Prealloc),
         (2, CollapseOrder::Unlocked),
@@ -431,10 +478,36 @@ fn writes_during_a_collapse_are_never_lost() {
                 round - 1
             })
         };
-        while rounds.load(Ordering::SeqCst) < 2 {
+        // Wait until the writer has been round twice and, where the handler populates pages,
+        // it has recorded every one (on 2 CPUs it may record the last one late, which would
+        // fail the revalidation, rightly). With the kernel populating, the collapse itself
+        // brings the table up to date.
+        let full = || {
+            method == InstallMethod::Mremap
+                || rig.map.read().get(ExtentIndex(index)).unwrap().state()
+                    == ExtentState::Small {
+                        populated: PAGES_PER_EXTENT as u32,
+                    }
+        };
+        while rounds.load(Ordering::SeqCst) < 2 || !full() {
             std::thread::yield_now();
         }
-        let mut s = setup(&rig, order, false, EXTENT_SIZE);
+        // A reader that keeps reading every page: every page has been written by now, so a
+        // zero means a read was served the kernel's zero page (as in the gap between a zap
+        // and a move when missing faults are not registered).
+        let reader = {
+            let (ram, stop) = (rig.ram.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut zeroes = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    for p in 0..PAGES_PER_EXTENT as u64 {
+                        zeroes += u64::from(read(&ram, base + p * PAGE_SIZE) == 0);
+                    }
+                }
+                zeroes
+            })
+        };
+        let mut s = setup_with(rig, order, false, EXTENT_SIZE, method);
         // Give the writer time to write between the copy and the commit.
         s.collapser.before_commit =
             Some(Arc::new(|_| std::thread::sleep(Duration::from_millis(30))));
@@ -449,6 +522,11 @@ fn writes_during_a_collapse_are_never_lost() {
         }
         stop.store(true, Ordering::SeqCst);
         let last = writer.join().unwrap();
+        assert_eq!(
+            reader.join().unwrap(),
+            0,
+            "{order:?}: a read saw a zero page"
+        );
         for p in 0..PAGES_PER_EXTENT as u64 {
             let gpa = base + p * PAGE_SIZE;
             assert_eq!(
@@ -540,4 +618,98 @@ fn orders_have_their_command_line_names() {
         Ok(CollapseOrder::Legacy)
     );
     assert!(CollapseOrder::from_str("eager", false).is_err());
+}
+
+/// Hands out THPs, and records whether the memory map was write-locked when asked.
+struct Thp {
+    map: Arc<MemoryMap>,
+    seen: Arc<Seen>,
+}
+
+impl HugePageAllocator for Thp {
+    fn alloc(&self) -> Result<HugePage, AllocError> {
+        self.seen.look(&self.map);
+        alloc_thp()
+    }
+}
+
+/// The 2 MiB fault path moves a whole page into an empty extent under the extent's claim:
+/// a vCPU's first touch of an extent is served while another thread holds the memory map's
+/// read side from before the touch until after it (a write lock anywhere on that path would
+/// wait for the read side forever, and the touch would not complete).
+#[test]
+fn a_2m_fault_completes_while_the_read_side_is_held_throughout() {
+    let features =
+        uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED | uffd::FEATURE_MOVE;
+    let uffd = match Uffd::new(features) {
+        Ok(u) if u.features() & features == features => Arc::new(u),
+        _ => {
+            eprintln!("SKIP: UFFDIO_MOVE is not available here");
+            return;
+        }
+    };
+    let ram = Arc::new(GuestRam::new(EXTENTS * EXTENT_SIZE, Backing::Small).unwrap());
+    let map = Arc::new(MemoryMap::new(ExtentTable::new(ram.size()), ram.clone()));
+    let base = ram.host_base().0 as u64;
+    uffd.register(
+        base,
+        ram.size(),
+        uffd::REGISTER_MODE_MISSING | uffd::REGISTER_MODE_WP,
+    )
+    .unwrap();
+    let seen = Arc::new(Seen::default());
+    let uffds = Arc::new(UffdSet::single(uffd.clone(), EXTENTS as usize));
+    let _handler = FaultHandler::start(
+        Resolver {
+            uffd: uffd.clone(),
+            map: map.clone(),
+            source: Arc::new(ZeroSource),
+            granularity: EXTENT_SIZE,
+            stats: Arc::new(FaultStats::default()),
+            huge: Some(Installer {
+                pool: Arc::new(Thp {
+                    map: map.clone(),
+                    seen: seen.clone(),
+                }),
+                ledger: Arc::new(Ledger::new(EXTENTS * EXTENT_SIZE)),
+                maps: Arc::new(MapBudget::new(0).unwrap()),
+                ram: ram.clone(),
+                uffds,
+                method: InstallMethod::Move,
+            }),
+        },
+        Seccomp::Off,
+        |what| panic!("fault handler failed: {what}"),
+    )
+    .unwrap();
+
+    let held = map.read();
+    let (tx, rx) = mpsc::channel();
+    let touch = {
+        let ram = ram.clone();
+        std::thread::spawn(move || {
+            write(&ram, EXTENT_SIZE + 8 * PAGE_SIZE, 0xab);
+            let _ = tx.send(read(&ram, EXTENT_SIZE + 9 * PAGE_SIZE));
+        })
+    };
+    let untouched = rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| {
+        panic!("the 2 MiB fault did not complete while the read side was held")
+    });
+    assert_eq!(untouched, 0, "the rest of the extent reads as zeroes");
+    assert_eq!(
+        held.get(ExtentIndex(1)).unwrap().state(),
+        ExtentState::Huge,
+        "the fault was served with a whole huge page"
+    );
+    drop(held);
+    touch.join().unwrap();
+    assert_eq!(read(&ram, EXTENT_SIZE + 8 * PAGE_SIZE), 0xab);
+    assert!(host_view::is_mapped_huge(base + EXTENT_SIZE));
+    assert!(!seen.write_locked.load(Ordering::SeqCst));
+    assert!(
+        seen.any_locked.load(Ordering::SeqCst),
+        "allocated under the read side"
+    );
+    // The other extents are as they were: nothing was moved or split there.
+    assert_eq!(host_view::mappings_in(base, base + ram.size()).unwrap(), 1);
 }

@@ -6,7 +6,7 @@ use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 use super::Resolver;
 use super::source::Fill;
 use crate::memory::extent::{ExtentIndex, ExtentState};
-use crate::memory::huge::install::{Contents, Installer};
+use crate::memory::huge::install::{Contents, Exclusive, Installer};
 use crate::memory::map::MapRead;
 use crate::memory::uffd::{Fault, Resolved};
 
@@ -51,6 +51,10 @@ pub fn serve_missing(
     let extent = map
         .get(ExtentIndex::containing(gpa))
         .expect("gpa is inside RAM");
+    if extent.is_claimed() {
+        // Someone is replacing the extent's backing; it wakes the extent's waiters when done.
+        return Ok(());
+    }
     if extent.state() == ExtentState::Huge {
         // A collapse committed while this fault waited for the lock: the page is there now,
         // in the huge page that replaced the extent. Let the thread retry its access.
@@ -126,12 +130,19 @@ fn map_whole_extent(
     index: ExtentIndex,
     guard: MapRead<'_>,
 ) -> Result<bool, String> {
-    let extent = guard.get(index).expect("the fault is inside RAM");
-    if extent.state() != ExtentState::Unpopulated {
+    if guard.get(index).expect("the fault is inside RAM").state() != ExtentState::Unpopulated {
         return Ok(false);
     }
-    let generation = extent.generation();
-    let Ok(mut page) = installer.prepare() else {
+    // The extent is empty and every vCPU touching it waits for this fault: its claim, with
+    // the read side held, is all the exclusion the install needs (no write side: a 2 MiB
+    // fault stalls no other extent's faults, nor anyone reading the table).
+    let Some(claim) = guard.claim(index) else {
+        return Ok(false);
+    };
+    if claim.extent().state() != ExtentState::Unpopulated {
+        return Ok(false);
+    }
+    let Ok(mut page) = installer.prepare(Contents::Unpopulated) else {
         return Ok(false);
     };
     r.source.fill(index.gpa(), page.bytes_mut()).map_err(|e| {
@@ -140,13 +151,8 @@ fn map_whole_extent(
             index.gpa()
         )
     })?;
-    drop(guard);
-    let mut table = r.map.write();
-    let extent = table.get(index).expect("the fault is inside RAM");
-    if extent.generation() != generation || extent.state() != ExtentState::Unpopulated {
-        return Ok(false);
-    }
-    match installer.install(&mut table, index, page, Contents::Unpopulated) {
+    fail::fail_point!("before-2m-install");
+    match installer.install(Exclusive::Claim(&claim), index, page, Contents::Unpopulated) {
         Ok(_) => {}
         Err(Ok(failed)) => {
             log::warn!("{failed}: {}", failed.source);
@@ -154,7 +160,8 @@ fn map_whole_extent(
         }
         Err(Err(lost)) => return Err(crate::error::chain(&lost)),
     }
-    drop(table);
+    drop(claim);
+    drop(guard);
     r.stats.served.inc();
     r.stats.extents_mapped.inc();
     // Every thread waiting on a fault in the extent retries on the huge page.
@@ -175,6 +182,10 @@ pub fn answer_wp(r: &Resolver, gpa: u64) -> Result<(), String> {
         .get(ExtentIndex::containing(gpa))
         .expect("gpa is inside RAM");
     let page = r.map.ram().host_base().0 as u64 + gpa;
+    if extent.is_claimed() {
+        // As for a missing fault: the claimant wakes the extent.
+        return Ok(());
+    }
     let result = if extent.is_tracking() {
         extent.mark_dirty(page_in_extent(gpa));
         r.uffd.write_protect(page, PAGE_SIZE, false, true)

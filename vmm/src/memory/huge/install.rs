@@ -5,9 +5,21 @@
 //!    no lock: the caller holds the memory map's read side (or nothing), so a slow allocation
 //!    stalls no fault and no I/O.
 //! 2. The caller fills the page (a copy of the extent, or the page source's contents).
-//! 3. [`Installer::install`] moves the page over its extent. It takes `&mut ExtentTable`, which
-//!    only the write side of the memory map hands out, so no reader of extent state can see
-//!    the switch half done; this is the only place guest RAM's pages are replaced.
+//! 3. [`Installer::install`] puts the page in place of the extent's backing, with the extent
+//!    held exclusively ([`Exclusive`]): by the memory map's write side (a collapse commit,
+//!    whose readers the handler's write-protect answers must not interleave with), or by the
+//!    extent's claim with only the read side held (a 2 MiB fault into an unpopulated extent,
+//!    whose faulting vCPUs all wait). This is the only place guest RAM's pages are replaced.
+//!
+//! Two ways to put a page in ([`InstallMethod`]): `UFFDIO_MOVE` (Linux 6.8+), which moves a
+//! THP's page-table entry into the extent in microseconds, takes the kernel's `mmap_lock` only
+//! for reading and splits no mapping; and `mremap`, which hugetlb pages need (the move is for
+//! anonymous memory only), which takes `mmap_lock` for writing and costs a mapping per extent.
+//! A move needs the extent's entries empty: a collapse first zaps the old 4 KiB pages, and an
+//! access in the gap must then fault to our handler (guest RAM registered for missing faults)
+//! so it waits for the move; where RAM is registered for write-protection only (the kernel
+//! page source), a read in the gap would get the kernel's zero page, so those installs keep
+//! `mremap`.
 //!
 //! A page that is not installed gives itself back when dropped: uncharged, then unmapped (or
 //! returned to the hugetlb pool), so no failure path can leak a page or a charge.
@@ -20,10 +32,10 @@ use guest_abi::layout::EXTENT_SIZE;
 
 use super::ledger::{ChargeError, Ledger};
 use super::page::{AllocError, HugePage, HugePageAllocator, PageKind};
-use crate::memory::extent::{ExtentIndex, ExtentTable};
+use crate::memory::extent::{ExtentClaim, ExtentIndex, ExtentTable};
 use crate::memory::host_view;
 use crate::memory::ram::GuestRam;
-use crate::memory::uffd::Uffd;
+use crate::memory::uffd::{REGISTER_MODE_MISSING, Resolved, UffdSet};
 
 /// Everything an install needs.
 pub struct Installer {
@@ -35,9 +47,48 @@ pub struct Installer {
     pub maps: Arc<MapBudget>,
     /// Guest RAM, the mapping pages are moved into.
     pub ram: Arc<GuestRam>,
-    /// The userfaultfd guest RAM is registered with (an extent mapped again after a failed
-    /// move must be registered again).
-    pub uffd: Arc<Uffd>,
+    /// The userfaultfds guest RAM is registered with (moves go through the extent's, and an
+    /// extent mapped again after a failed `mremap` must be registered again).
+    pub uffds: Arc<UffdSet>,
+    /// How pages go in where both ways are open (see [`InstallMethod`]).
+    pub method: InstallMethod,
+}
+
+/// How a huge page is put in place of an extent's backing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InstallMethod {
+    /// `UFFDIO_MOVE` for THPs where every access to a zapped extent reaches our handler;
+    /// `mremap` otherwise (hugetlb pages, write-protect-only registration).
+    #[default]
+    Move,
+    /// `mremap` always.
+    Mremap,
+}
+
+/// What keeps everyone else off the extent while its backing is replaced.
+pub enum Exclusive<'a, 'b> {
+    /// The memory map's write side (its table).
+    Table(&'a mut ExtentTable),
+    /// The extent's claim, the read side held.
+    Claim(&'a ExtentClaim<'b>),
+}
+
+impl Exclusive<'_, '_> {
+    fn set_huge(&mut self, index: ExtentIndex) {
+        match self {
+            Exclusive::Table(t) => t.get_mut(index).expect("index inside the table").set_huge(),
+            Exclusive::Claim(c) => c.set_huge(),
+        }
+    }
+
+    fn all_present(&self, index: ExtentIndex) {
+        let extent = match self {
+            Exclusive::Table(t) => t.get(index).expect("index inside the table"),
+            Exclusive::Claim(c) => c.extent(),
+        };
+        extent.add_present(|_| true);
+    }
 }
 
 /// Why no page could be prepared. Nothing is left allocated or charged.
@@ -72,6 +123,11 @@ impl Prepared<'_> {
     /// The page's host address.
     pub fn addr(&self) -> u64 {
         self.page.as_ref().expect("a prepared page").addr()
+    }
+
+    /// The page's kind.
+    pub fn kind(&self) -> PageKind {
+        self.page.as_ref().expect("a prepared page").kind()
     }
 }
 
@@ -118,13 +174,44 @@ pub struct ExtentLost {
     pub source: std::io::Error,
 }
 
+/// How an install went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Installed {
+    /// The extent is one huge page now.
+    Huge(PageKind),
+    /// The page's contents are in the extent, as 4 KiB pages: the move came part-way (the
+    /// kernel split the page) or put the page under an existing page table. The extent is
+    /// fully populated and may be collapsed again later; nothing is charged for it.
+    Small,
+}
+
 impl Installer {
-    /// Step 1: a page from the pool, charged. Holds no lock of its own.
-    pub fn prepare(&self) -> Result<Prepared<'_>, PrepareFailed> {
-        if !self.maps.allows_install() {
+    /// The way a page of `kind` holding `contents` goes in.
+    fn method_for(&self, kind: PageKind, contents: Contents) -> InstallMethod {
+        let move_open = self.method == InstallMethod::Move
+            && kind == PageKind::Thp
+            && self.uffds.features() & crate::memory::uffd::FEATURE_MOVE != 0;
+        // A zapped extent's accesses must reach the handler (registered for missing faults).
+        let gap_held = contents == Contents::Unpopulated
+            || self.uffds.for_extent(0).registered_mode() & REGISTER_MODE_MISSING != 0;
+        if move_open && gap_held {
+            InstallMethod::Move
+        } else {
+            InstallMethod::Mremap
+        }
+    }
+
+    /// Step 1: a page from the pool, charged, for an install of `contents`. Holds no lock of
+    /// its own. A page that would go in by `mremap` needs a mapping to spare.
+    pub fn prepare(&self, contents: Contents) -> Result<Prepared<'_>, PrepareFailed> {
+        let by_mremap = |kind| self.method_for(kind, contents) == InstallMethod::Mremap;
+        if by_mremap(PageKind::Hugetlb) && by_mremap(PageKind::Thp) && !self.maps.allows_install() {
             return Err(PrepareFailed::NoMapping);
         }
         let page = self.pool.alloc()?;
+        if by_mremap(page.kind()) && !self.maps.allows_install() {
+            return Err(PrepareFailed::NoMapping);
+        }
         self.ledger.charge(EXTENT_SIZE)?;
         Ok(Prepared {
             page: Some(page),
@@ -132,63 +219,150 @@ impl Installer {
         })
     }
 
-    /// Step 3: moves the page over extent `index` and marks it huge. `table` is the extent
-    /// table under the memory map's write lock. On failure the page is given back and the
-    /// extent is as it was (if the move had unmapped it, it is mapped again with `contents`);
-    /// `Err(Err(..))` only when even that failed.
+    /// Step 3: puts the page in place of extent `index`'s backing and marks the extent huge,
+    /// with the extent held exclusively (`excl`). `contents` says what the page holds: for a
+    /// [`Contents::Copy`] the extent's old pages are redundant (the copy was made while the
+    /// extent was write-protected) and are dropped. On failure the page is given back and the
+    /// extent holds what it held (if an `mremap` unmapped it, it is mapped again); `Err(Err)`
+    /// only when even that failed.
     pub fn install(
         &self,
-        table: &mut ExtentTable,
+        mut excl: Exclusive<'_, '_>,
         index: ExtentIndex,
         mut page: Prepared<'_>,
         contents: Contents,
-    ) -> Result<PageKind, Result<InstallFailed, ExtentLost>> {
+    ) -> Result<Installed, Result<InstallFailed, ExtentLost>> {
         let huge = page.page.take().expect("a prepared page");
         let dst = self.ram.host_base().0 as u64 + index.gpa();
+        let uffd = self.uffds.for_extent(index.0);
+        let method = self.method_for(huge.kind(), contents);
         // SAFETY: `dst` is a 2 MiB-aligned extent of guest RAM, which stays mapped for the VM's
         // life (the page becomes part of that mapping, and is unmapped with it) and whose
-        // memslot KVM keeps in sync through its MMU notifier. `&mut ExtentTable` is the write
-        // side of the memory map lock, so no reader of extent state sees the switch half done,
-        // and every caller made the old pages redundant first: a collapse copied the extent
-        // while it was write-protected (no guest write can land in the old pages and be lost),
-        // and a 2 MiB fault found the extent unpopulated (there is nothing to lose).
-        match unsafe { huge.move_to(dst) } {
+        // memslot KVM keeps in sync through its MMU notifier. `excl` keeps every reader of the
+        // extent's state off it, and every caller made the old pages redundant first: a
+        // collapse copied the extent while it was write-protected (no guest write can land in
+        // the old pages and be lost), and a 2 MiB fault found the extent unpopulated (there is
+        // nothing to lose). For a move, the old pages are zapped first (the move needs empty
+        // entries); an access in the gap faults to the handler, which leaves a claimed or
+        // write-locked extent to us, and we wake it below.
+        let result = unsafe {
+            match method {
+                InstallMethod::Mremap => huge.move_to(dst).map_err(|f| (f.page, f.source, f.hole)),
+                InstallMethod::Move => {
+                    // Empty the extent's entries: the old 4 KiB pages of a collapse, and the
+                    // page table a fault into an unpopulated extent leaves (the kernel frees an
+                    // empty one on the zap), without which the page could not move whole. Then
+                    // once more: guest RAM is not THP-eligible (the kernel must not make huge
+                    // pages itself), so an access in the gap allocates a page table before it
+                    // reaches the handler, and blocks there until we wake it; the second zap
+                    // frees that table (it finds no pages, and costs a few µs). Only an access
+                    // between the second zap and the move can still split the page; then it
+                    // lands as 4 KiB pages, whole and correct, and counts as a split move.
+                    for _ in 0..2 {
+                        libc::madvise(
+                            dst as *mut libc::c_void,
+                            EXTENT_SIZE as usize,
+                            libc::MADV_DONTNEED,
+                        );
+                    }
+                    match uffd.move_pages(dst, huge.addr(), EXTENT_SIZE) {
+                        Ok(moved) if moved == EXTENT_SIZE => {
+                            // The page lives at `dst` now; what is left here is an empty
+                            // mapping, unmapped by the drop.
+                            let kind = huge.kind();
+                            drop(huge);
+                            Ok(kind)
+                        }
+                        Ok(moved) => Err((huge, moved_part(moved), false)),
+                        Err(e) => Err((huge, e, false)),
+                    }
+                }
+            }
+        };
+        match result {
             Ok(kind) => {
+                if method == InstallMethod::Move && !host_view::is_mapped_huge(dst) {
+                    // Moved whole, but under a page table that was still there: 4 KiB entries.
+                    excl.all_present(index);
+                    self.ledger.uncharge(EXTENT_SIZE);
+                    return Ok(Installed::Small);
+                }
                 // The extent owns the charge now: it is uncharged at teardown.
                 std::mem::forget(page);
-                table
-                    .get_mut(index)
-                    .expect("index inside the table")
-                    .set_huge();
-                self.maps.installed();
-                Ok(kind)
+                excl.set_huge(index);
+                if method == InstallMethod::Mremap {
+                    self.maps.installed();
+                }
+                Ok(Installed::Huge(kind))
             }
-            Err(failed) => {
-                let refilled = failed.hole;
-                if refilled {
-                    let copy = (contents == Contents::Copy).then_some(&failed.page);
+            Err((huge, source, hole)) if method == InstallMethod::Move => {
+                // The page moved part of the way, or not at all: what did not move is copied in
+                // (the entries there are empty), so the extent holds the whole page either way.
+                match self.copy_rest(uffd, dst, &huge) {
+                    Ok(()) => {
+                        log::debug!(
+                            "extent {}: the move came part-way ({source}); copied the rest",
+                            index.0
+                        );
+                        excl.all_present(index);
+                        page.page = Some(huge);
+                        Ok(Installed::Small)
+                    }
+                    Err(e) => {
+                        page.page = Some(huge);
+                        let _ = hole;
+                        Err(Err(ExtentLost {
+                            extent: index.0,
+                            source: e,
+                        }))
+                    }
+                }
+            }
+            Err((huge, source, hole)) => {
+                if hole {
+                    let copy = (contents == Contents::Copy).then_some(&huge);
                     if let Err(source) = self.refill_hole(index, copy) {
-                        page.page = Some(failed.page);
+                        page.page = Some(huge);
                         return Err(Err(ExtentLost {
                             extent: index.0,
                             source,
                         }));
                     }
                     if contents == Contents::Copy {
-                        table
-                            .get(index)
-                            .expect("index inside the table")
-                            .add_present(|_| true);
+                        excl.all_present(index);
                     }
                 }
-                page.page = Some(failed.page);
+                page.page = Some(huge);
                 Err(Ok(InstallFailed {
                     extent: index.0,
-                    refilled,
-                    source: failed.source,
+                    refilled: hole,
+                    source,
                 }))
             }
         }
+    }
+
+    /// After a move that came part-way: copies every page of `huge` whose destination entry is
+    /// still empty into `dst` (`UFFDIO_COPY` says so for the ones that moved).
+    fn copy_rest(
+        &self,
+        uffd: &crate::memory::uffd::Uffd,
+        dst: u64,
+        huge: &HugePage,
+    ) -> std::io::Result<()> {
+        use guest_abi::layout::PAGE_SIZE;
+        for off in (0..EXTENT_SIZE).step_by(PAGE_SIZE as usize) {
+            // SAFETY: `dst + off` is a page of the extent held exclusively by the caller, whose
+            // entry is empty or holds a page that moved (then the copy fails with EEXIST and
+            // changes nothing); the source is our own page, readable where it did not move.
+            // Pages that moved are holes at the source, which read as zeroes but are not
+            // copied (their destination is present).
+            match unsafe { uffd.copy(dst + off, (huge.addr() + off) as *const u8, PAGE_SIZE) }? {
+                Resolved::Filled | Resolved::AlreadyPresent => {}
+                Resolved::Retry => return Err(std::io::Error::from_raw_os_error(libc::EAGAIN)),
+            }
+        }
+        Ok(())
     }
 
     /// Maps the extent again after a failed move unmapped it: fresh memory, `copy`'s contents
@@ -208,14 +382,19 @@ impl Installer {
             };
         }
         // Registered after the copy: the copy's own writes must not fault to the handler.
-        self.uffd
-            .register(dst, EXTENT_SIZE, self.uffd.registered_mode())?;
+        let uffd = self.uffds.for_extent(index.0);
+        uffd.register(dst, EXTENT_SIZE, uffd.registered_mode())?;
         log::warn!(
             "a failed mremap unmapped extent {}; it was mapped again",
             index.0
         );
         Ok(())
     }
+}
+
+/// The error for a move that came part of the way.
+fn moved_part(moved: u64) -> std::io::Error {
+    std::io::Error::other(format!("UFFDIO_MOVE moved {moved} of {EXTENT_SIZE} bytes"))
 }
 
 /// The process's budget of memory mappings (`vm.max_map_count`). Every huge page moved into

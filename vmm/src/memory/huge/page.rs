@@ -252,15 +252,7 @@ pub fn alloc_thp() -> Result<HugePage, AllocError> {
 }
 
 fn is_mapped_huge(page: &HugePage) -> bool {
-    let start = page.addr();
-    match host_view::scan(start, start + EXTENT_SIZE, host_view::PAGE_IS_HUGE) {
-        Ok(Some(ranges)) => ranges
-            .iter()
-            .any(|r| r.start <= start && start + EXTENT_SIZE <= r.end),
-        // Without PAGEMAP_SCAN, the VMA's own smaps line says.
-        _ => host_view::smaps_totals(start, start + EXTENT_SIZE)
-            .is_ok_and(|t| t.anon_huge_kb == EXTENT_SIZE >> 10),
-    }
+    host_view::is_mapped_huge(page.addr())
 }
 
 #[cfg(test)]
