@@ -20,7 +20,10 @@ fn bench_faults_reports_every_mode_consistently() {
         "bench faults --mem-per-vcpu 4M --vcpus 1 --repeat 2 --json {json_path} --plot {plot}"
     )));
     let json = read_json(&json_path);
-    let modes = json["modes"].as_array().unwrap();
+    let counts = json["counts"].as_array().unwrap();
+    assert_eq!(counts.len(), 1);
+    assert_eq!(counts[0]["vcpus"], 1);
+    let modes = counts[0]["modes"].as_array().unwrap();
     let skipped = json["skipped"].as_array().unwrap();
     let all = [
         "kernel-4k",
@@ -29,11 +32,15 @@ fn bench_faults_reports_every_mode_consistently() {
         "uffd-zero",
         "uffd-image",
         "uffd-zero-2m",
+        "uffd-zero-2m/mremap",
         "uffd-image-2m",
+        "uffd-image-2m/mremap",
     ];
     for name in all {
         let ran = modes.iter().find(|m| m["mode"] == name);
-        let skip = skipped.iter().find(|m| m["mode"] == name);
+        let skip = skipped
+            .iter()
+            .find(|m| m["mode"] == name.split('/').next().unwrap());
         assert!(
             ran.is_some() != skip.is_some(),
             "{name}: neither run nor skipped (or both)"
@@ -64,8 +71,68 @@ fn bench_faults_reports_every_mode_consistently() {
             assert!(ordered(&m["service_ns"]), "{name}: {}", m["service_ns"]);
             assert!(m["faults_served"].as_u64().unwrap() > 0);
         }
+        // The guest timed every access in a run of its own: one access per page touched.
+        let stalls = &m["guest_stalls"][0];
+        let pages = (4u64 << 20) / 4096;
+        assert_eq!(stalls["accesses"], pages, "{name}: {stalls}");
+        let (p99, max) = (
+            stalls["p99_ns"].as_u64().unwrap(),
+            stalls["max_ns"].as_u64().unwrap(),
+        );
+        assert!(0 < p99 && p99 <= max, "{name}: {stalls}");
+        // The reported max is the median over the rounds of each round's max.
+        let maxes: Vec<f64> = m["guest_stalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["max_ns"].as_f64().unwrap())
+            .collect();
+        assert_eq!(maxes.len(), 2, "a timed run per round");
+        let median = m["guest_stall_ns"]["max"].as_f64().unwrap();
+        assert!(
+            (median - (maxes[0] + maxes[1]) / 2.0).abs() < 1e-6,
+            "{name}: {median} {maxes:?}"
+        );
     }
     assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+}
+
+/// A sweep over vCPU counts: one table per count (more vCPUs and handler threads than this
+/// host's CPUs is fine), and the plot draws rates against vCPUs.
+#[test]
+fn bench_faults_sweeps_vcpu_counts_in_one_run() {
+    require_kvm!();
+    let dir = TempDir::new("bench-faults-sweep");
+    let (json_path, plot) = (dir.path("f.json"), dir.path("f.svg"));
+    let run = vmm_ok(&words(&format!(
+        "bench faults --mem-per-vcpu 2M --vcpus 1,3 --modes kernel-4k,uffd-zero-2m \
+         --install move --guest-timing off --json {json_path} --plot {plot}"
+    )));
+    let json = read_json(&json_path);
+    let counts = json["counts"].as_array().unwrap();
+    assert_eq!(counts.len(), 2);
+    for (count, vcpus) in counts.iter().zip([1, 3]) {
+        assert_eq!(count["vcpus"], vcpus);
+        let modes = count["modes"].as_array().unwrap();
+        assert_eq!(modes.len(), 2, "{count}");
+        for m in modes {
+            assert_eq!(
+                m["per_vcpu_pages_per_sec"].as_array().unwrap().len(),
+                vcpus as usize
+            );
+            assert!(m["guest_stall_ns"].is_null(), "--guest-timing off");
+        }
+        assert!(
+            run.stdout
+                .contains(&format!("vmm bench faults: {vcpus} vCPU(s) x 2M each")),
+            "{run}"
+        );
+    }
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.contains("vCPUs") && svg.contains("uffd-zero-2m"),
+        "{svg}"
+    );
 }
 
 #[test]
@@ -76,7 +143,7 @@ fn bench_collapse_reports_every_variant_and_restores_khugepaged() {
     let dir = TempDir::new("bench-collapse");
     let (json_path, plot) = (dir.path("c.json"), dir.path("c.svg"));
     let run = vmm_ok(&words(&format!(
-        "bench collapse --memory 16M --passes 3 --json {json_path} --plot {plot}"
+        "bench collapse --memory 16M --passes 3 --install move --json {json_path} --plot {plot}"
     )));
     assert_eq!(
         std::fs::read_to_string(knob).ok(),
@@ -84,7 +151,7 @@ fn bench_collapse_reports_every_variant_and_restores_khugepaged() {
         "khugepaged's settings were not restored"
     );
     let json = read_json(&json_path);
-    let variants = json["variants"].as_array().unwrap();
+    let variants = json["tables"][0]["variants"].as_array().unwrap();
     for name in [
         "prealloc",
         "legacy",
@@ -97,6 +164,8 @@ fn bench_collapse_reports_every_variant_and_restores_khugepaged() {
             .find(|v| v["variant"] == name)
             .unwrap_or_else(|| panic!("{name} missing"));
         assert_eq!(v["lost_writes"], 0, "{name} lost a guest write");
+        let guest = &v["guest_stall_ns"];
+        assert!(ordered(guest), "{name}: the guest timed its accesses: {v}");
         if ["prealloc", "legacy", "unlocked"].contains(&name) {
             assert!(
                 ordered(&v["write_lock_ns"]),
@@ -104,7 +173,14 @@ fn bench_collapse_reports_every_variant_and_restores_khugepaged() {
                 v["write_lock_ns"]
             );
             assert!(ordered(&v["alloc_ns"]), "{name}: {}", v["alloc_ns"]);
+            assert!(ordered(&v["commit_ns"]), "{name}: {}", v["commit_ns"]);
             assert_eq!(v["alloc_outside_write_lock"], name != "legacy");
+            assert_eq!(v["install"], "move");
+            // Each commit holds the extent at least as long as the write side.
+            assert!(
+                v["commit_ns"]["max"].as_f64() >= v["write_lock_ns"]["max"].as_f64(),
+                "{name}: {v}"
+            );
         } else {
             assert!(
                 v["write_lock_ns"].is_null(),
@@ -120,11 +196,12 @@ fn bench_collapse_reports_every_variant_and_restores_khugepaged() {
             .as_f64()
             .unwrap()
     };
-    let ratio = json["ratios"]["prealloc_over_legacy_write_lock_p99"]
+    let ratios = &json["tables"][0]["ratios"];
+    let ratio = ratios["prealloc_over_legacy_write_lock_p99"]
         .as_f64()
         .unwrap();
     assert!((ratio - p99("prealloc") / p99("legacy")).abs() < 1e-9);
-    let over_mremap = json["ratios"]["prealloc"]["write_lock_p99_over_mremap_p99"]
+    let over_mremap = ratios["prealloc"]["write_lock_p99_over_mremap_p99"]
         .as_f64()
         .unwrap();
     let mremap = json["floor"]["mremap_2m_ns"]["p99"].as_f64().unwrap();
@@ -135,4 +212,55 @@ fn bench_collapse_reports_every_variant_and_restores_khugepaged() {
         "{run}"
     );
     assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+}
+
+/// `--alloc-latency` gives one table per value, and the sweep summary compares each order's
+/// write-lock p99 across them; `--vcpus` sweeps counts in the same run.
+#[test]
+fn bench_collapse_sweeps_alloc_latency_and_vcpus() {
+    require_kvm!();
+    let dir = TempDir::new("bench-collapse-sweep");
+    let json_path = dir.path("c.json");
+    let run = vmm_ok(&words(&format!(
+        "bench collapse --memory 8M --passes 3 --variants prealloc,legacy --install mremap \
+         --alloc-latency 0,2 --vcpus 1,2 --json {json_path}"
+    )));
+    let json = read_json(&json_path);
+    let tables = json["tables"].as_array().unwrap();
+    let points: Vec<(u64, f64)> = tables
+        .iter()
+        .map(|t| {
+            (
+                t["vcpus"].as_u64().unwrap(),
+                t["alloc_latency_ms"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(points, [(1, 0.0), (1, 2.0), (2, 0.0), (2, 2.0)]);
+    for t in tables {
+        for v in t["variants"].as_array().unwrap() {
+            assert_eq!(v["lost_writes"], 0, "{v}");
+            assert!(v["variant"].as_str().unwrap().ends_with("/mremap"));
+        }
+    }
+    // With 2 ms added to every allocation, legacy (allocating under the write side) holds it
+    // at least 2 ms at its longest; prealloc's allocation is outside it.
+    let legacy_slow = &tables[1]["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["variant"] == "legacy/mremap")
+        .unwrap()["write_lock_ns"];
+    assert!(legacy_slow["max"].as_f64().unwrap() >= 2e6, "{legacy_slow}");
+    let sweep = json["by_alloc_latency"].as_array().unwrap();
+    assert_eq!(
+        sweep.len(),
+        4,
+        "two rows at each of two vCPU counts: {sweep:?}"
+    );
+    assert!(
+        run.stdout
+            .contains("legacy/mremap x1: write-lock p99 by alloc latency: 0 ms:"),
+        "{run}"
+    );
 }

@@ -118,9 +118,19 @@ fn the_2m_fault_path_falls_back_or_ends_cleanly_on_each_failure() {
         let json = inject(source, failpoints, Expect::Correct);
         assert_eq!(json["faults"]["extents_mapped"], 0, "{failpoints}: {json}");
     }
-    // The move fails (and takes the extent with it): the extent is mapped again and served
-    // 4 KiB at a time; later ones move as usual.
-    let json = inject(source, "mremap-hole=2*return", Expect::Correct);
+    // An `mremap` install fails (and takes the extent with it): the extent is mapped again
+    // and served 4 KiB at a time; later ones go in as usual.
+    let by_mremap = format!("{source} --install mremap");
+    let json = inject(&by_mremap, "mremap-hole=2*return", Expect::Correct);
+    assert!(
+        json["faults"]["extents_mapped"].as_u64().unwrap() > 0,
+        "{json}"
+    );
+    // A move fails: the page's contents are copied in 4 KiB at a time instead (the extent is
+    // whole, not huge); later ones move as usual.
+    let json = inject(source, "uffd-move=2*return", Expect::Correct);
+    let ext = &json["memory"]["extents"];
+    assert!(ext["small"].as_u64().unwrap() >= 2, "{json}");
     assert!(
         json["faults"]["extents_mapped"].as_u64().unwrap() > 0,
         "{json}"
@@ -154,12 +164,19 @@ fn every_collapse_order_survives_each_failure() {
             // that leaves a hole until the extent is mapped again (its copy put back). A
             // vCPU that touches the extent in that window fails, and the VMM says why.
             let json = inject(
-                &args,
+                &format!("{args} --install mremap"),
                 "mremap-hole=2*return",
                 Expect::CorrectOrEnds(exit_code::GUEST_FAILED, "a failed mremap unmapped extent"),
             );
             assert!(json["collapse"]["failed"].as_u64().unwrap() >= 1, "{json}");
         }
+        // A move that fails after the zap: the copy goes in 4 KiB at a time, that collapse
+        // counts as failed, the extent stays whole and is collapsed again later.
+        let args = format!("--page-source zero --collapse-order {order} --huge-pool-ahead 0");
+        let json = inject(&args, "uffd-move=2*return", Expect::Correct);
+        let c = &json["collapse"];
+        assert!(c["failed"].as_u64().unwrap() >= 1, "{json}");
+        assert!(c["split_moves"].as_u64().unwrap() >= 1, "{json}");
         // The first protect fails: that collapse gives up; the rest go on.
         let args = format!("--page-source zero --collapse-order {order}");
         let json = inject(&args, "uffd-writeprotect=1*return", Expect::Correct);

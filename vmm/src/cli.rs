@@ -65,9 +65,11 @@ pub struct BenchOutput {
 /// `vmm bench faults`.
 #[derive(Debug, clap::Args)]
 pub struct FaultsArgs {
-    /// vCPUs, each touching its own memory.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
+    /// vCPU counts, each vCPU touching its own memory: one table per count, swept in one
+    /// run (such as `1,2,4,8,16`).
+    #[arg(long, default_value = "1", value_delimiter = ',', value_name = "N,...",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: Vec<u32>,
     /// Memory each vCPU touches (a multiple of 2 MiB).
     #[arg(long, default_value = "64M", value_name = "SIZE")]
     pub mem_per_vcpu: ByteSize,
@@ -88,6 +90,22 @@ pub struct FaultsArgs {
     /// core, which on nested hosts is most of a userfaultfd round trip.
     #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
     pub pin_cpus: Vec<usize>,
+    /// Install methods the 2 MiB modes run with, each a row of its own.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        value_name = "METHOD,...",
+        default_value = "move,mremap"
+    )]
+    pub install: Vec<InstallMethod>,
+    /// Fault handler threads, each with its own userfaultfd (default: one per vCPU, up to
+    /// the host's CPUs).
+    #[arg(long, value_name = "N")]
+    pub fault_threads: Option<usize>,
+    /// Also run each mode with the guest timing every access, for the stall it saw.
+    #[arg(long, value_enum, default_value_t = Switch::On, value_name = "on|off")]
+    pub guest_timing: Switch,
     /// Outputs.
     #[command(flatten)]
     pub output: BenchOutput,
@@ -97,7 +115,7 @@ impl FaultsArgs {
     /// The benchmark these arguments describe.
     pub fn to_config(&self) -> FaultsConfig {
         FaultsConfig {
-            vcpus: self.vcpus,
+            vcpus: self.vcpus.clone(),
             mem_per_vcpu: self.mem_per_vcpu,
             access: self.access,
             pattern: self.pattern,
@@ -105,6 +123,9 @@ impl FaultsArgs {
             repeat: self.repeat.max(1),
             scratch: std::env::temp_dir(),
             pinned: self.pin_cpus.clone(),
+            installs: self.install.clone(),
+            fault_threads: self.fault_threads,
+            guest_timing: self.guest_timing == Switch::On,
         }
     }
 }
@@ -112,9 +133,10 @@ impl FaultsArgs {
 /// `vmm bench collapse`.
 #[derive(Debug, clap::Args)]
 pub struct CollapseArgs {
-    /// vCPUs writing their memory.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
+    /// vCPU counts writing their memory: one table per count, swept in one run.
+    #[arg(long, default_value = "1", value_delimiter = ',', value_name = "N,...",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: Vec<u32>,
     /// Guest RAM.
     #[arg(long, default_value = "64M", value_name = "SIZE")]
     pub memory: ByteSize,
@@ -131,21 +153,53 @@ pub struct CollapseArgs {
     /// Rounds, variants interleaved; medians are reported.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub repeat: u32,
+    /// Milliseconds added to every huge page allocation (modelling reclaim, compaction or a
+    /// userland backend), one table per value.
+    #[arg(long, value_delimiter = ',', value_name = "MS,...", default_value = "0",
+          value_parser = parse_latency_ms)]
+    pub alloc_latency: Vec<f64>,
+    /// Install methods this VMM's orders run with, each a row of its own.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        value_name = "METHOD,...",
+        default_value = "move,mremap"
+    )]
+    pub install: Vec<InstallMethod>,
+    /// Where never-touched pages come from. `zero` (the default here) registers guest RAM
+    /// for missing faults, which a commit by `UFFDIO_MOVE` needs; with `kernel` every commit
+    /// uses `mremap`.
+    #[arg(long, default_value = "zero", value_name = "kernel|zero")]
+    pub page_source: PageSourceKind,
     /// Outputs.
     #[command(flatten)]
     pub output: BenchOutput,
+}
+
+/// A latency in milliseconds: finite, from 0 to 10 s.
+fn parse_latency_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(ms) if (0.0..=10_000.0).contains(&ms) => Ok(ms),
+        _ => Err(format!(
+            "{s:?} is not a latency in milliseconds from 0 to 10000"
+        )),
+    }
 }
 
 impl CollapseArgs {
     /// The benchmark these arguments describe.
     pub fn to_config(&self) -> CollapseBenchConfig {
         CollapseBenchConfig {
-            vcpus: self.vcpus,
+            vcpus: self.vcpus.clone(),
             memory: self.memory,
             passes: self.passes,
             variants: self.variants.clone(),
             pool_ahead: self.huge_pool_ahead,
             repeat: self.repeat,
+            alloc_latency_ms: self.alloc_latency.clone(),
+            installs: self.install.clone(),
+            page_source: self.page_source.clone(),
         }
     }
 }
@@ -328,6 +382,7 @@ impl RunArgs {
             seccomp: self.seccomp,
             fault_threads: self.fault_threads,
             install: self.install,
+            alloc_latency: std::time::Duration::ZERO,
         })
     }
 }

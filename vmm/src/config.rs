@@ -117,6 +117,9 @@ pub struct VmConfig {
     pub fault_threads: Option<usize>,
     /// How huge pages go in.
     pub install: InstallMethod,
+    /// Added to every huge page allocation (benchmarks: model reclaim, compaction or a slow
+    /// userland backend; not a `vmm run` option).
+    pub alloc_latency: std::time::Duration,
 }
 
 impl Default for VmConfig {
@@ -142,6 +145,7 @@ impl Default for VmConfig {
             seccomp: Seccomp::On,
             fault_threads: None,
             install: InstallMethod::default(),
+            alloc_latency: std::time::Duration::ZERO,
         }
     }
 }
@@ -399,6 +403,7 @@ impl VmConfig {
             seccomp: self.seccomp,
             fault_threads: self.fault_threads(),
             install: self.install,
+            alloc_latency: self.alloc_latency,
         }
     }
 

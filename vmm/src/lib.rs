@@ -22,6 +22,7 @@ pub mod memory;
 pub mod metrics;
 pub mod ratelimit;
 pub mod seccomp;
+pub mod stalls;
 pub mod sync;
 pub mod sys;
 pub mod ucall;

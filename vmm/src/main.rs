@@ -95,15 +95,18 @@ fn print_summary(summary: &RunSummary) {
         let extents = &memory.memory.extents;
         let stats = &memory.collapse.stats;
         let write_lock = stats.write_lock_ns.percentiles();
+        let commit = stats.commit_ns.percentiles();
         eprintln!(
             "vmm: memory: {} of {} extents are 2 MiB pages ({} collapsed, {} MiB charged); write \
-             lock held p50 {} us, p99 {} us",
+             lock held p50 {} us, p99 {} us; an extent held per commit p50 {} us, p99 {} us",
             extents.counts.huge,
             extents.total,
             stats.pages_collapsed.get(),
             memory.ledger.charged_bytes >> 20,
             write_lock.p50 / 1000,
             write_lock.p99 / 1000,
+            commit.p50 / 1000,
+            commit.p99 / 1000,
         );
     }
     if summary.outcome.exit_code() != 0 {
@@ -137,6 +140,38 @@ fn install_panic_hook() {
     }));
 }
 
+/// One vCPU count: bars per mode; a sweep: pages/s against vCPUs, a line per mode.
+fn plot_faults(path: &std::path::Path, json: &serde_json::Value) -> Result<(), BenchError> {
+    let counts = json["counts"].as_array().cloned().unwrap_or_default();
+    let rows = |count: &serde_json::Value| -> Vec<(String, f64)> {
+        count["modes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m["mode"].as_str().unwrap_or("?").to_string(),
+                    m["pages_per_sec"].as_f64().unwrap_or(0.0),
+                )
+            })
+            .collect()
+    };
+    if counts.len() == 1 {
+        return plot::paging_rates(path, &rows(&counts[0]));
+    }
+    let mut series: Vec<(String, Vec<(u32, f64)>)> = Vec::new();
+    for count in &counts {
+        let vcpus = count["vcpus"].as_u64().unwrap_or(0) as u32;
+        for (mode, rate) in rows(count) {
+            match series.iter_mut().find(|(m, _)| *m == mode) {
+                Some((_, points)) => points.push((vcpus, rate)),
+                None => series.push((mode, vec![(vcpus, rate)])),
+            }
+        }
+    }
+    plot::rates_by_vcpus(path, &series)
+}
+
 fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
     let (json, output) = match bench {
         BenchCommand::Faults(a) => {
@@ -145,25 +180,15 @@ fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
             }
             let json = faults::run(&a.to_config())?;
             if let Some(path) = &a.output.plot {
-                let rates: Vec<(String, f64)> = json["modes"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|m| {
-                        (
-                            m["mode"].as_str().unwrap_or("?").to_string(),
-                            m["pages_per_sec"].as_f64().unwrap_or(0.0),
-                        )
-                    })
-                    .collect();
-                plot::paging_rates(path, &rates)?;
+                plot_faults(path, &json)?;
             }
             (json, a.output)
         }
         BenchCommand::Collapse(a) => {
             let json = collapse::run(&a.to_config())?;
             if let Some(path) = &a.output.plot {
-                let series: Vec<(String, serde_json::Value)> = json["variants"]
+                // The first table's (the first vCPU count and latency).
+                let series: Vec<(String, serde_json::Value)> = json["tables"][0]["variants"]
                     .as_array()
                     .into_iter()
                     .flatten()

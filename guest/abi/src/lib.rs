@@ -152,6 +152,45 @@ pub fn parse_size(s: &[u8]) -> Option<u64> {
     value.checked_mul(1 << shift)
 }
 
+/// How a guest reports the stalls it measured on its own clock: each timed memory access
+/// falls in one bucket of a log2 histogram with four buckets per power of two ([`bucket`]),
+/// reported as one [`Command::Report`] per non-empty bucket (key [`STALL_BUCKET_PREFIX`] then
+/// the bucket number in decimal, value the count), and the longest as [`STALL_MAX_KEY`].
+pub mod stalls {
+    /// Buckets: four per bit of a cycle count.
+    pub const BUCKETS: usize = 256;
+    /// Key of the longest access, in TSC cycles.
+    pub const STALL_MAX_KEY: &str = "stall_max_cycles";
+    /// Key prefix of a histogram bucket: `stall_log2_48` counts accesses of 4096 to 5119
+    /// cycles.
+    pub const STALL_BUCKET_PREFIX: &str = "stall_log2_";
+
+    /// The bucket of an access of `cycles`: `4 * floor(log2)` plus the two bits below the
+    /// leading one (25% wide). A few instructions: the guest pays them per access.
+    #[inline(always)]
+    pub const fn bucket(cycles: u64) -> usize {
+        let log = 63 - (cycles | 1).leading_zeros() as u64;
+        let quarter = if log >= 2 {
+            (cycles >> (log - 2)) & 3
+        } else {
+            0
+        };
+        (log * 4 + quarter) as usize
+    }
+
+    /// The largest cycle count in bucket `b`.
+    pub const fn upper_edge(b: usize) -> u64 {
+        let (log, quarter) = ((b / 4) as u32, (b % 4) as u64);
+        if log < 2 {
+            (1u64 << (log + 1)) - 1
+        } else if log >= 63 && quarter == 3 {
+            u64::MAX
+        } else {
+            ((4 + quarter + 1) << (log - 2)) - 1
+        }
+    }
+}
+
 /// Bytes of text a ucall can carry.
 pub const UCALL_BUF_LEN: usize = 256;
 

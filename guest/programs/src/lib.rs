@@ -49,6 +49,55 @@ pub fn report(key: &str, value: u64) {
     ucall(&Ucall::report(key.as_bytes(), value));
 }
 
+/// The stalls one vCPU's memory accesses took, on its own clock: the longest and a log2
+/// histogram (the convention is [`guest_abi::stalls`]). Recording costs a `rdtsc` and a dozen
+/// instructions per access, so timed loops pay it only when asked (`timing=on`).
+pub struct Stalls {
+    max: u64,
+    buckets: [u64; guest_abi::stalls::BUCKETS],
+    last: u64,
+}
+
+impl Stalls {
+    /// Starts the clock: the first access is timed from here.
+    pub fn start() -> Self {
+        Stalls {
+            max: 0,
+            buckets: [0; guest_abi::stalls::BUCKETS],
+            last: rdtsc(),
+        }
+    }
+
+    /// Records the time since the previous call (or [`Stalls::start`]): one access, with
+    /// the few instructions of loop around it.
+    #[inline(always)]
+    pub fn lap(&mut self) {
+        let now = rdtsc();
+        let cycles = now.wrapping_sub(self.last);
+        self.last = now;
+        self.max = self.max.max(cycles);
+        self.buckets[guest_abi::stalls::bucket(cycles)] += 1;
+    }
+
+    /// Sends the longest access and every non-empty bucket to the host.
+    pub fn report(&self) {
+        use guest_abi::stalls::{STALL_BUCKET_PREFIX, STALL_MAX_KEY};
+        report(STALL_MAX_KEY, self.max);
+        for (bucket, &count) in self.buckets.iter().enumerate() {
+            if count > 0 {
+                let key = Text::new().s(STALL_BUCKET_PREFIX).dec(bucket as u64);
+                ucall(&Ucall::report(key.as_bytes(), count));
+            }
+        }
+    }
+}
+
+/// Whether the workload arguments ask for every access to be timed (`timing=on`).
+#[track_caller]
+pub fn timing(args: &Args) -> bool {
+    args.choice("timing", &["off", "on"]) == "on"
+}
+
 /// Tells the host this vCPU reached `stage`.
 pub fn sync(stage: u64) {
     ucall(&Ucall::sync(stage));

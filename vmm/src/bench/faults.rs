@@ -6,6 +6,11 @@
 //! at a time, or this VMM's userfaultfd handler serving zeroes or a memory image, 4 KiB per
 //! fault or a whole 2 MiB extent per fault. Rates come from the guest's own clock (rdtsc from a
 //! vCPU's first touch to its last), so VM set-up and teardown are not counted.
+//!
+//! `--vcpus 1,2,4` sweeps vCPU counts in one invocation (modes interleaved within each count);
+//! the 2 MiB modes run once per `--install` method. Each mode also runs once more with the
+//! guest timing every access (`timing=on`, which slows the guest's loop), for the stall the
+//! guest itself saw: its p99 and max, beside the handler's service time.
 
 use std::path::PathBuf;
 
@@ -15,8 +20,10 @@ use serde_json::{Value, json};
 use super::{BenchError, median, progress, run_vm, us};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::memory::host_view;
+use crate::memory::huge::install::InstallMethod;
 use crate::memory::ram_image;
 use crate::memory::{Backing, PageSourceKind};
+use crate::stalls::GuestStalls;
 use crate::units::ByteSize;
 
 /// One way of resolving guest faults.
@@ -66,6 +73,28 @@ impl Mode {
     fn uses_image(self) -> bool {
         matches!(self, Mode::UffdImage | Mode::UffdImage2m)
     }
+
+    /// Whether faults put whole huge pages in (and so the install method matters).
+    fn installs(self) -> bool {
+        matches!(self, Mode::UffdZero2m | Mode::UffdImage2m)
+    }
+}
+
+/// One row of a table: a mode, and for the 2 MiB modes the install method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Row {
+    mode: Mode,
+    install: Option<InstallMethod>,
+}
+
+impl Row {
+    /// `uffd-zero-2m` (moves, the default) or `uffd-zero-2m/mremap`.
+    fn label(self) -> String {
+        match self.install {
+            Some(InstallMethod::Mremap) => format!("{}/mremap", self.mode.name()),
+            _ => self.mode.name().to_string(),
+        }
+    }
 }
 
 impl clap::ValueEnum for Mode {
@@ -111,8 +140,8 @@ fn name(v: impl clap::ValueEnum) -> String {
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct FaultsConfig {
-    /// vCPUs.
-    pub vcpus: u32,
+    /// vCPU counts, swept in this order.
+    pub vcpus: Vec<u32>,
     /// Memory each vCPU touches.
     pub mem_per_vcpu: ByteSize,
     /// How each page is touched.
@@ -127,6 +156,12 @@ pub struct FaultsConfig {
     pub scratch: PathBuf,
     /// Host CPUs the benchmark is pinned to (empty: not pinned), for the report.
     pub pinned: Vec<usize>,
+    /// Install methods the 2 MiB modes run with.
+    pub installs: Vec<InstallMethod>,
+    /// Fault handler threads (`None`: the VMM's default, one per vCPU up to the CPUs).
+    pub fault_threads: Option<usize>,
+    /// Also run each mode with the guest timing its accesses.
+    pub guest_timing: bool,
 }
 
 /// One mode's run.
@@ -136,18 +171,42 @@ struct Sample {
     wall_ns: f64,
     service: Value,
     served: u64,
+    /// From the timed run, if there was one.
+    stalls: Option<GuestStalls>,
 }
 
 impl FaultsConfig {
-    fn ram(&self) -> u64 {
-        LOAD_BASE + EXTENT_SIZE + self.touched()
+    fn ram(&self, vcpus: u32) -> u64 {
+        LOAD_BASE + EXTENT_SIZE + self.touched(vcpus)
     }
 
-    fn touched(&self) -> u64 {
-        self.mem_per_vcpu.0 * u64::from(self.vcpus)
+    fn touched(&self, vcpus: u32) -> u64 {
+        self.mem_per_vcpu.0 * u64::from(vcpus)
     }
 
-    fn vm_config(&self, mode: Mode, image: &std::path::Path) -> VmConfig {
+    fn largest(&self) -> u32 {
+        self.vcpus.iter().copied().max().unwrap_or(1)
+    }
+
+    /// The rows: every mode, the 2 MiB ones once per install method.
+    fn rows(&self, modes: &[Mode]) -> Vec<Row> {
+        modes
+            .iter()
+            .flat_map(|&mode| {
+                let installs: Vec<Option<InstallMethod>> = if mode.installs() {
+                    self.installs.iter().copied().map(Some).collect()
+                } else {
+                    vec![None]
+                };
+                installs
+                    .into_iter()
+                    .map(move |install| Row { mode, install })
+            })
+            .collect()
+    }
+
+    fn vm_config(&self, row: Row, vcpus: u32, timed: bool, image: &std::path::Path) -> VmConfig {
+        let mode = row.mode;
         let (backing, source, granularity) = match mode {
             Mode::Kernel4k => (Backing::Small, PageSourceKind::Kernel, PAGE_SIZE),
             Mode::KernelThp => (Backing::Thp, PageSourceKind::Kernel, PAGE_SIZE),
@@ -169,14 +228,16 @@ impl FaultsConfig {
             key: k.into(),
             value: v.into(),
         };
+        let ram = self.ram(vcpus);
         VmConfig {
             guest: "touch".into(),
-            memory: ByteSize(self.ram()),
-            vcpus: self.vcpus,
+            memory: ByteSize(ram),
+            vcpus,
             args: vec![
                 arg("pattern", &name(self.pattern)),
                 arg("access", &name(self.access)),
-                arg("size", &self.touched().to_string()),
+                arg("size", &self.touched(vcpus).to_string()),
+                arg("timing", if timed { "on" } else { "off" }),
             ],
             backing,
             page_source: source,
@@ -186,9 +247,11 @@ impl FaultsConfig {
             populate: false,
             // Extent-granular resolution takes pre-zeroed pages from the pool; keep enough
             // ready that the refill thread (on another CPU) stays ahead of a fast guest.
-            pool_ahead: 8.min((self.ram() / EXTENT_SIZE) as usize),
+            pool_ahead: 8.min((ram / EXTENT_SIZE) as usize),
             // A filter can never be lifted, and this process goes on to run more VMs.
             seccomp: crate::seccomp::Seccomp::Off,
+            fault_threads: self.fault_threads,
+            install: row.install.unwrap_or_default(),
             ..VmConfig::default()
         }
     }
@@ -196,7 +259,7 @@ impl FaultsConfig {
     /// Why `mode` cannot run on this host, if it cannot.
     fn unsupported(&self, mode: Mode) -> Option<String> {
         if mode == Mode::Hugetlb {
-            let need = self.ram() / EXTENT_SIZE;
+            let need = self.ram(self.largest()) / EXTENT_SIZE;
             let pool = host_view::hugetlb_pool();
             if pool.free < need {
                 return Some(format!(
@@ -211,10 +274,17 @@ impl FaultsConfig {
 
 fn sample(
     config: &FaultsConfig,
-    mode: Mode,
+    row: Row,
+    vcpus: u32,
     image: &std::path::Path,
 ) -> Result<Sample, BenchError> {
-    let summary = run_vm(mode.name(), config.vm_config(mode, image))?;
+    let stalls = if config.guest_timing {
+        let timed = run_vm(&row.label(), config.vm_config(row, vcpus, true, image))?;
+        timed.guest_stalls()
+    } else {
+        None
+    };
+    let summary = run_vm(&row.label(), config.vm_config(row, vcpus, false, image))?;
     let tsc_hz = summary.tsc_khz as f64 * 1000.0;
     if tsc_hz == 0.0 {
         return Err(BenchError::Setup(
@@ -244,10 +314,11 @@ fn sample(
         wall_ns: summary.wall.as_nanos() as f64,
         service: json["faults"]["service_ns"].clone(),
         served: json["faults"]["served"].as_u64().unwrap_or(0),
+        stalls,
     })
 }
 
-/// Runs the benchmark, prints the table, and returns every figure as JSON.
+/// Runs the benchmark, prints a table per vCPU count, and returns every figure as JSON.
 pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
     let modes = if config.modes.is_empty() {
         Mode::ALL.to_vec()
@@ -266,12 +337,13 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
             None => true,
         })
         .collect();
+    let rows = config.rows(&runnable);
     let image_path = config.scratch.join("bench-faults.img");
     if runnable.iter().any(|m| m.uses_image()) {
         // Every page holds data, so the handler really copies (no zero-page shortcut).
         ram_image::save(
             &image_path,
-            config.ram(),
+            config.ram(config.largest()),
             |gpa, buf| {
                 buf.fill((gpa >> 12) as u8 | 1);
                 Ok(ram_image::Page::Read)
@@ -282,96 +354,138 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
             BenchError::Setup(format!("cannot write the benchmark's memory image: {e}"))
         })?;
     }
-
-    let bar = progress(u64::from(config.repeat) * runnable.len() as u64, "faults");
-    let mut samples: Vec<Vec<Sample>> = runnable.iter().map(|_| Vec::new()).collect();
-    for _ in 0..config.repeat {
-        for (i, &mode) in runnable.iter().enumerate() {
-            bar.set_message(mode.name());
-            samples[i].push(sample(config, mode, &image_path)?);
-            bar.inc(1);
+    let steps = config.vcpus.len() as u64 * u64::from(config.repeat) * rows.len() as u64;
+    let bar = progress(steps, "faults");
+    let mut counts = Vec::new();
+    for &vcpus in &config.vcpus {
+        let mut samples: Vec<Vec<Sample>> = rows.iter().map(|_| Vec::new()).collect();
+        for _ in 0..config.repeat {
+            for (i, &row) in rows.iter().enumerate() {
+                bar.set_message(format!("{} x{vcpus}", row.label()));
+                samples[i].push(sample(config, row, vcpus, &image_path)?);
+                bar.inc(1);
+            }
         }
+        bar.suspend(|| counts.push(report_count(config, vcpus, &rows, &mut samples)));
     }
     bar.finish_and_clear();
     let _ = std::fs::remove_file(&image_path);
-
-    let rate = |i: usize| median(&mut samples[i].iter().map(|s| s.rate).collect::<Vec<_>>());
-    let baseline = runnable.iter().position(|&m| m == Mode::Kernel4k).map(rate);
-    let pinning = if config.pinned.is_empty() {
-        "not pinned".to_string()
-    } else {
-        format!("pinned to CPUs {:?}", config.pinned)
-    };
-    println!(
-        "vmm bench faults: {} vCPU(s) x {} each, access={}, pattern={}, {} round(s), medians, {pinning}",
-        config.vcpus,
-        config.mem_per_vcpu,
-        name(config.access),
-        name(config.pattern),
-        config.repeat
-    );
-    println!(
-        "{:<14} {:>14} {:>10} {:>12} {:>10} {:>10} {:>10}",
-        "mode", "pages/s", "vs 4k", "wall ms", "svc p50us", "svc p99us", "served"
-    );
-    let mut modes_json = Vec::new();
-    for (i, &mode) in runnable.iter().enumerate() {
-        let r = rate(i);
-        let ratio = baseline.filter(|b| *b > 0.0).map(|b| r / b);
-        let wall = median(&mut samples[i].iter().map(|s| s.wall_ns).collect::<Vec<_>>());
-        let pct = |key: &str| {
-            median(
-                &mut samples[i]
-                    .iter()
-                    .map(|s| s.service[key].as_f64().unwrap_or(0.0))
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let served = samples[i].last().map_or(0, |s| s.served);
-        let vcpus = samples[i][0].per_vcpu.len();
-        let per_vcpu: Vec<f64> = (0..vcpus)
-            .map(|v| median(&mut samples[i].iter().map(|s| s.per_vcpu[v]).collect::<Vec<_>>()))
-            .collect();
-        println!(
-            "{:<14} {:>14.0} {:>10} {:>12.1} {:>10} {:>10} {:>10}",
-            mode.name(),
-            r,
-            ratio.map_or("-".into(), |x| format!("{x:.2}x")),
-            wall / 1e6,
-            us(pct("p50")),
-            us(pct("p99")),
-            served
-        );
-        modes_json.push(json!({
-            "mode": mode.name(),
-            "pages_per_sec": r,
-            "per_vcpu_pages_per_sec": per_vcpu,
-            "ratio_to_kernel_4k": ratio,
-            "wall_ns": wall,
-            "service_ns": { "p50": pct("p50"), "p99": pct("p99"), "max": pct("max") },
-            "faults_served": served,
-            "rounds": samples[i].iter().map(|s| s.rate).collect::<Vec<_>>(),
-        }));
-    }
-    for (i, &mode) in runnable.iter().enumerate() {
-        println!(
-            "{}: Overall demand paging rate: {:.0} pgs/sec",
-            mode.name(),
-            rate(i)
-        );
-    }
     for (mode, why) in &skipped {
-        println!("{:<14} skipped: {why}", mode.name());
+        println!("{:<20} skipped: {why}", mode.name());
     }
     Ok(json!({
         "benchmark": "faults",
+        "host_cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "vcpus": config.vcpus,
         "mem_per_vcpu_bytes": config.mem_per_vcpu.0,
         "access": config.access,
         "pattern": config.pattern,
         "repeat": config.repeat,
         "pinned_cpus": config.pinned,
-        "modes": modes_json,
+        "fault_threads": config.fault_threads,
+        "guest_timing": config.guest_timing,
+        "counts": counts,
         "skipped": skipped.iter().map(|(m, why)| json!({"mode": m.name(), "reason": why})).collect::<Vec<_>>(),
     }))
+}
+
+/// Prints one vCPU count's table and returns its JSON.
+fn report_count(
+    config: &FaultsConfig,
+    vcpus: u32,
+    rows: &[Row],
+    samples: &mut [Vec<Sample>],
+) -> Value {
+    let rate = |s: &[Sample]| median(&mut s.iter().map(|s| s.rate).collect::<Vec<_>>());
+    let baseline = rows
+        .iter()
+        .position(|r| r.mode == Mode::Kernel4k)
+        .map(|i| rate(&samples[i]));
+    let pinning = if config.pinned.is_empty() {
+        "not pinned".to_string()
+    } else {
+        format!("pinned to CPUs {:?}", config.pinned)
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "vmm bench faults: {vcpus} vCPU(s) x {} each on a {cpus}-CPU host, access={}, pattern={}, {} round(s), medians, {pinning}",
+        config.mem_per_vcpu,
+        name(config.access),
+        name(config.pattern),
+        config.repeat
+    );
+    println!(
+        "{:<20} {:>12} {:>8} {:>10} {:>10} {:>10} {:>11} {:>11} {:>9}",
+        "mode",
+        "pages/s",
+        "vs 4k",
+        "wall ms",
+        "svc p50us",
+        "svc p99us",
+        "guest p99us",
+        "guest maxus",
+        "served"
+    );
+    let mut modes_json = Vec::new();
+    for (i, &row) in rows.iter().enumerate() {
+        let s = &samples[i];
+        let r = rate(s);
+        let ratio = baseline.filter(|b| *b > 0.0).map(|b| r / b);
+        let wall = median(&mut s.iter().map(|s| s.wall_ns).collect::<Vec<_>>());
+        let pct = |key: &str| {
+            median(
+                &mut s
+                    .iter()
+                    .map(|s| s.service[key].as_f64().unwrap_or(0.0))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let stall = |f: fn(&GuestStalls) -> u64| {
+            let mut v: Vec<f64> = s
+                .iter()
+                .filter_map(|s| s.stalls.as_ref().map(|g| f(g) as f64))
+                .collect();
+            (!v.is_empty()).then(|| median(&mut v))
+        };
+        let (g99, gmax) = (stall(|g| g.p99_ns), stall(|g| g.max_ns));
+        let served = s.last().map_or(0, |s| s.served);
+        let per_vcpu: Vec<f64> = (0..s[0].per_vcpu.len())
+            .map(|v| median(&mut s.iter().map(|s| s.per_vcpu[v]).collect::<Vec<_>>()))
+            .collect();
+        let opt_us = |v: Option<f64>| v.map_or("-".into(), us);
+        println!(
+            "{:<20} {:>12.0} {:>8} {:>10.1} {:>10} {:>10} {:>11} {:>11} {:>9}",
+            row.label(),
+            r,
+            ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+            wall / 1e6,
+            us(pct("p50")),
+            us(pct("p99")),
+            opt_us(g99),
+            opt_us(gmax),
+            served
+        );
+        modes_json.push(json!({
+            "mode": row.label(),
+            "install": row.install,
+            "pages_per_sec": r,
+            "per_vcpu_pages_per_sec": per_vcpu,
+            "ratio_to_kernel_4k": ratio,
+            "wall_ns": wall,
+            "service_ns": { "p50": pct("p50"), "p99": pct("p99"), "max": pct("max") },
+            "guest_stall_ns": g99.map(|p99| json!({ "p99": p99, "max": gmax })),
+            "guest_stalls": s.iter().map(|s| s.stalls.clone()).collect::<Vec<_>>(),
+            "faults_served": served,
+            "rounds": s.iter().map(|s| s.rate).collect::<Vec<_>>(),
+        }));
+    }
+    for (i, &row) in rows.iter().enumerate() {
+        println!(
+            "{}: Overall demand paging rate: {:.0} pgs/sec",
+            row.label(),
+            rate(&samples[i])
+        );
+    }
+    println!();
+    json!({ "vcpus": vcpus, "modes": modes_json })
 }

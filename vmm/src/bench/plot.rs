@@ -118,3 +118,58 @@ pub fn latency_cdfs(
         .map_err(|e| draw_err(path, e))?;
     root.present().map_err(|e| draw_err(path, e))
 }
+
+/// Paging rate against vCPU count, one line per mode: `(mode, [(vcpus, pages/s)])`.
+pub fn rates_by_vcpus(path: &Path, series: &[(String, Vec<(u32, f64)>)]) -> Result<(), BenchError> {
+    let max_vcpus = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(v, _)| *v))
+        .max()
+        .unwrap_or(1);
+    let max_rate = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, r)| *r))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Demand paging rate by vCPUs (pages/s, higher is better)",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0u32..max_vcpus + 1, 0.0..max_rate)
+        .map_err(|e| draw_err(path, e))?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.15))
+        .x_desc("vCPUs")
+        .y_desc("pages/s")
+        .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| draw_err(path, e))?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(|e| draw_err(path, e))?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    root.present().map_err(|e| draw_err(path, e))
+}

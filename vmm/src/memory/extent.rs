@@ -212,6 +212,25 @@ impl Drop for ExtentClaim<'_> {
     }
 }
 
+/// A claim taken with the write side held, to be used once the write side is let go: taking
+/// it under the write side means no fault handler is inside the extent (each one after sees
+/// the claim). Redeem it with [`ExtentTable::redeem`] under the read side; it must not be
+/// dropped otherwise (the extent would stay claimed, and its faults held, for good).
+#[must_use = "a claim ticket must be redeemed, or the extent stays claimed"]
+pub struct ClaimTicket {
+    index: ExtentIndex,
+}
+
+impl Drop for ClaimTicket {
+    fn drop(&mut self) {
+        debug_assert!(
+            std::thread::panicking(),
+            "the claim ticket for extent {} was dropped unredeemed",
+            self.index.0
+        );
+    }
+}
+
 /// Counts of extents by state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ExtentCounts {
@@ -268,6 +287,23 @@ impl ExtentTable {
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .ok()
             .map(|_| ExtentClaim { extent })
+    }
+
+    /// Claims extent `index` with the write side held (`&mut`), for use after it is let go
+    /// (see [`ClaimTicket`]); `None` if someone else holds the claim.
+    pub fn claim_for_later(&mut self, index: ExtentIndex) -> Option<ClaimTicket> {
+        std::mem::forget(self.claim(index)?);
+        Some(ClaimTicket { index })
+    }
+
+    /// The claim a ticket stands for.
+    pub fn redeem(&self, ticket: ClaimTicket) -> ExtentClaim<'_> {
+        let extent = self
+            .get(ticket.index)
+            .expect("a ticket's extent is in the table");
+        debug_assert!(extent.is_claimed());
+        std::mem::forget(ticket);
+        ExtentClaim { extent }
     }
 
     /// Records that the page holding `gpa` is populated; false if it already was or `gpa` is
@@ -419,6 +455,13 @@ mod tests {
         );
         assert!(table.claim(ExtentIndex(1)).is_some());
         assert!(table.claim(ExtentIndex(2)).is_none());
+        // A claim taken for later holds until it is redeemed and dropped.
+        let mut table = ExtentTable::new(4 * EXTENT_SIZE);
+        let ticket = table.claim_for_later(ExtentIndex(3)).unwrap();
+        assert!(table.claim(ExtentIndex(3)).is_none());
+        assert!(table.claim_for_later(ExtentIndex(3)).is_none());
+        drop(table.redeem(ticket));
+        assert!(table.claim(ExtentIndex(3)).is_some());
     }
 
     #[test]

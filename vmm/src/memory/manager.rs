@@ -13,14 +13,15 @@ use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::backing::{Backing, PageSourceKind};
-use super::collapse::{CollapseConfig, CollapseStats, CollapseThread, Collapser};
+use super::collapse::{CollapseStats, CollapseThread, Collapser};
+use super::config::MemoryConfig;
 use super::extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, PAGES_PER_EXTENT};
 use super::fault::source::{PageSource, RamImageSource, ZeroSource};
 use super::fault::{FaultHandler, FaultStats, Resolver};
 use super::host_view::{self, SmapsTotals};
 use super::huge::install::{InstallMethod, Installer, MapBudget};
 use super::huge::ledger::Ledger;
-use super::huge::pool::{HugePagePool, PoolKind};
+use super::huge::pool::HugePagePool;
 use super::map::MemoryMap;
 use super::ram::GuestRam;
 use super::ram_image::{Page, RamImage, SaveStats};
@@ -29,29 +30,6 @@ use super::report::{
 };
 use super::uffd::{self, Uffd, UffdSet};
 use super::{MemoryError, ram_image};
-use crate::seccomp::Seccomp;
-
-/// Mappings kept free for the VMM itself, besides its vCPU threads.
-pub const MAP_RESERVE: u64 = 128;
-/// Mappings a thread costs (its stack and guard, its signal stack and guard).
-pub const MAPS_PER_THREAD: u64 = 4;
-
-/// Why the collapse thread cannot run on this host for this user, if it cannot: it needs a
-/// userfaultfd with write-protection of unpopulated pages.
-pub fn collapse_unavailable() -> Option<String> {
-    let features = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
-    match Uffd::new(features) {
-        Err(e) => Some(format!(
-            "this user may not open a userfaultfd ({e}; it needs root, \
-             vm.unprivileged_userfaultfd=1, or read and write access to /dev/userfaultfd)"
-        )),
-        Ok(u) if u.features() & features != features => Some(
-            "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux 6.4+)"
-                .into(),
-        ),
-        Ok(_) => None,
-    }
-}
 
 /// What teardown left behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -60,60 +38,6 @@ pub struct Teardown {
     pub ledger_charged_bytes: u64,
     /// Free hugetlb pages after guest RAM and the pool were unmapped.
     pub hugetlb_free_pages: u64,
-}
-
-/// How to set up guest memory.
-#[derive(Clone, Debug)]
-pub struct MemoryConfig {
-    /// RAM size (a multiple of 2 MiB).
-    pub size: u64,
-    /// What backs RAM from the start.
-    pub backing: Backing,
-    /// Where first-touch contents come from.
-    pub source: PageSourceKind,
-    /// Bytes the fault handler resolves per fault (4 KiB, or up to 2 MiB to fault around).
-    pub fault_granularity: u64,
-    /// The collapse thread, if on (4 KiB backing only).
-    pub collapse: Option<CollapseConfig>,
-    /// Where huge pages come from.
-    pub huge_source: PoolKind,
-    /// Most huge-page memory that may be charged.
-    pub huge_limit: u64,
-    /// Huge pages the pool keeps ready ahead of demand.
-    pub pool_ahead: usize,
-    /// Populate all of RAM when it is mapped (the huge backings do unless told not to; the
-    /// fault benchmark measures them faulting on demand).
-    pub populate: bool,
-    /// Memory mappings kept free for the rest of the VMM (its threads, large allocations):
-    /// huge pages stop being moved into guest RAM before they would eat into them.
-    pub map_reserve: u64,
-    /// seccomp filters for the memory threads.
-    pub seccomp: Seccomp,
-    /// Fault handler threads, each with a uffd over its share of RAM.
-    pub fault_threads: usize,
-    /// How huge pages go in.
-    pub install: InstallMethod,
-}
-
-impl MemoryConfig {
-    /// 4 KiB pages populated by the host kernel, no collapse: the simplest memory.
-    pub fn small(size: u64) -> Self {
-        MemoryConfig {
-            size,
-            backing: Backing::Small,
-            source: PageSourceKind::Kernel,
-            fault_granularity: PAGE_SIZE,
-            collapse: None,
-            huge_source: PoolKind::Auto,
-            huge_limit: size,
-            pool_ahead: super::huge::pool::POOL_AHEAD,
-            populate: false,
-            map_reserve: MAP_RESERVE,
-            seccomp: Seccomp::Off,
-            fault_threads: 1,
-            install: InstallMethod::default(),
-        }
-    }
 }
 
 /// Guest memory and everything that manages it.
@@ -259,7 +183,8 @@ impl Memory {
                 self.config.seccomp,
                 move |what| fatal(what),
             )
-            .map_err(MemoryError::Thread)?;
+            .map_err(MemoryError::Thread)?
+            .with_latency(self.config.alloc_latency);
             pool.wait_ready(self.config.pool_ahead, std::time::Duration::from_secs(2));
             self.pool = Some(Arc::new(pool));
         }
@@ -650,6 +575,8 @@ fn mark_huge_extents(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::collapse::CollapseConfig;
+    use crate::memory::huge::pool::PoolKind;
     use std::time::{Duration, Instant};
 
     /// Runs the collapse thread over 8 MiB of written memory (no VM) until every extent is

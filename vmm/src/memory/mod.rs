@@ -16,6 +16,7 @@
 
 pub mod backing;
 pub mod collapse;
+pub mod config;
 pub mod extent;
 pub mod fault;
 pub mod host_view;
@@ -28,10 +29,9 @@ pub mod report;
 pub mod uffd;
 
 pub use backing::{Backing, PageSourceKind};
+pub use config::{MAP_RESERVE, MAPS_PER_THREAD, MemoryConfig, collapse_unavailable};
 pub use extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable};
-pub use manager::{
-    MAP_RESERVE, MAPS_PER_THREAD, Memory, MemoryConfig, Teardown, collapse_unavailable,
-};
+pub use manager::{Memory, Teardown};
 pub use map::MemoryMap;
 pub use ram::{GuestRam, HostAddr, RamError};
 

@@ -9,11 +9,11 @@ use serde::Serialize;
 
 use super::backing::Backing;
 use super::collapse::{CollapseOrder, CollapseStats};
+use super::config::MemoryConfig;
 use super::extent::ExtentCounts;
 use super::fault::FaultStats;
 use super::host_view::SmapsTotals;
 use super::huge::pool::{PoolKind, PoolStats};
-use super::manager::MemoryConfig;
 
 /// Every memory section of the metrics.
 #[derive(Debug, Serialize)]

@@ -10,6 +10,7 @@ use crate::error::exit_code;
 use crate::memory::ram_image::SaveStats;
 use crate::memory::report::MemoryReport;
 use crate::metrics::VcpuStats;
+use crate::stalls::GuestStalls;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,11 +130,19 @@ struct SummaryJson<'a> {
     vcpus: &'a [VcpuStats],
     console: ConsoleSection,
     saved_image: &'a Option<SavedImage>,
+    /// What the guest measured itself, where it timed its accesses (`timing=on`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest_stalls: Option<GuestStalls>,
     #[serde(flatten)]
     memory: &'a MemoryReport,
 }
 
 impl RunSummary {
+    /// The stalls the guest measured, merged over vCPUs (`None` unless it timed them).
+    pub fn guest_stalls(&self) -> Option<GuestStalls> {
+        GuestStalls::from_vcpus(&self.vcpus, self.tsc_khz)
+    }
+
     /// The JSON summary written by `--metrics`.
     pub fn to_json(&self) -> Value {
         serde_json::to_value(SummaryJson {
@@ -143,6 +152,7 @@ impl RunSummary {
             vcpus: &self.vcpus,
             console: self.console,
             saved_image: &self.saved,
+            guest_stalls: self.guest_stalls(),
             memory: &self.memory,
         })
         .expect("the summary is plain data")

@@ -2,11 +2,14 @@
 //! reports the pages it touched and the guest cycles it took.
 //!
 //! Arguments: `pattern=seq|random`, `access=write|read`, `passes=N` (1), `size=SIZE` (all free
-//! RAM), `seed=N` (random order seed).
+//! RAM), `seed=N` (random order seed), `timing=off|on` (on: time every access and report the
+//! longest and a log2 histogram, see `guest_abi::stalls`).
 #![no_std]
 #![no_main]
 
-use guest_rt::{Args, BootInfo, Shuffle, Text, fail, layout::PAGE_SIZE, my_share, rdtsc, report};
+use guest_rt::{
+    Args, BootInfo, Shuffle, Stalls, Text, fail, layout::PAGE_SIZE, my_share, rdtsc, report, timing,
+};
 
 guest_rt::entry!(main);
 
@@ -31,6 +34,34 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
 
     let start = rdtsc();
     let mut sum = 0u64;
+    if timing(args) {
+        let mut stalls = Stalls::start();
+        for pass in 0..passes {
+            let mut visit = |page: u64| {
+                let p = (base + page * PAGE_SIZE) as *mut u64;
+                // SAFETY: `p` lies in this vCPU's share of free, identity-mapped guest RAM.
+                unsafe {
+                    if write {
+                        p.write_volatile(pass);
+                    } else {
+                        sum = sum.wrapping_add(p.read_volatile());
+                    }
+                }
+                stalls.lap();
+            };
+            if random {
+                Shuffle::new(pages, seed ^ boot.vcpu_index ^ pass).for_each(&mut visit);
+            } else {
+                (0..pages).for_each(&mut visit);
+            }
+        }
+        let cycles = rdtsc() - start;
+        core::hint::black_box(sum);
+        report("pages", pages * passes);
+        report("cycles", cycles);
+        stalls.report();
+        return 0;
+    }
     for pass in 0..passes {
         if random {
             for page in Shuffle::new(pages, seed ^ boot.vcpu_index ^ pass) {

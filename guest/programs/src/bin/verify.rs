@@ -2,7 +2,9 @@
 //! checks it, so that a lost or misplaced write is caught.
 //!
 //! Arguments: `mode=fill-check|fill|check|stress`, `seed=N` (1), `passes=N` (stress, 4),
-//! `pass=N` (the pass whose pattern `check` expects, 0), `size=SIZE` (all free RAM).
+//! `pass=N` (the pass whose pattern `check` expects, 0), `size=SIZE` (all free RAM),
+//! `timing=off|on` (on: time every page's check and write, and report the longest and a log2
+//! histogram, see `guest_abi::stalls`).
 //! Each vCPU works on its own share. Three words per page (first, middle, last) carry the
 //! pattern. In `stress`, every pass checks what the previous pass wrote before writing anew.
 //! Mismatches are printed with their guest address (the first few), counted, and make the
@@ -10,7 +12,7 @@
 #![no_std]
 #![no_main]
 
-use guest_rt::{Args, BootInfo, Text, fail, layout::PAGE_SIZE, my_share, report};
+use guest_rt::{Args, BootInfo, Stalls, Text, fail, layout::PAGE_SIZE, my_share, report, timing};
 
 guest_rt::entry!(main);
 
@@ -91,29 +93,58 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
         seed: args.size("seed", 1),
         mismatches: 0,
     };
+    let mut stalls = timing(args).then(Stalls::start);
+    // Times the page just visited, when timing.
+    let mut lap = || {
+        if let Some(s) = stalls.as_mut() {
+            s.lap();
+        }
+    };
 
     match mode {
-        "fill" => pages_iter().for_each(|gpa| c.write(gpa, 0)),
+        "fill" => pages_iter().for_each(|gpa| {
+            c.write(gpa, 0);
+            lap();
+        }),
         "check" => {
             let pass = args.size("pass", 0);
-            pages_iter().for_each(|gpa| c.check(gpa, pass));
+            pages_iter().for_each(|gpa| {
+                c.check(gpa, pass);
+                lap();
+            });
         }
         "fill-check" => {
-            pages_iter().for_each(|gpa| c.write(gpa, 0));
-            pages_iter().for_each(|gpa| c.check(gpa, 0));
+            pages_iter().for_each(|gpa| {
+                c.write(gpa, 0);
+                lap();
+            });
+            pages_iter().for_each(|gpa| {
+                c.check(gpa, 0);
+                lap();
+            });
         }
         _ => {
             let passes = args.size("passes", 4);
-            pages_iter().for_each(|gpa| c.write(gpa, 0));
+            pages_iter().for_each(|gpa| {
+                c.write(gpa, 0);
+                lap();
+            });
             for pass in 1..passes {
                 pages_iter().for_each(|gpa| {
                     c.check(gpa, pass - 1);
                     c.write(gpa, pass);
+                    lap();
                 });
             }
-            pages_iter().for_each(|gpa| c.check(gpa, passes.max(1) - 1));
+            pages_iter().for_each(|gpa| {
+                c.check(gpa, passes.max(1) - 1);
+                lap();
+            });
             report("passes", passes);
         }
+    }
+    if let Some(s) = &stalls {
+        s.report();
     }
     report("pages", pages);
     report("mismatches", c.mismatches);

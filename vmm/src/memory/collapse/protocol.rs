@@ -30,7 +30,7 @@ use crate::memory::extent::{Extent, ExtentIndex, ExtentState, PAGES_PER_EXTENT};
 use crate::memory::fault::source::{Fill, PageSource};
 use crate::memory::host_view;
 use crate::memory::huge::install::{
-    Contents, Exclusive, Installed, Installer, PrepareFailed, Prepared,
+    Contents, Exclusive, ExtentLost, InstallFailed, Installed, Installer, PrepareFailed, Prepared,
 };
 use crate::memory::map::{MapRead, MapWrite, MemoryMap};
 use crate::memory::uffd::{Uffd, UffdSet};
@@ -376,6 +376,7 @@ impl Collapser {
         })();
         drop(table);
         self.stats.write_lock_ns.record(locked.elapsed());
+        self.stats.commit_ns.record(locked.elapsed());
         self.wake(index);
         result
     }
@@ -405,8 +406,79 @@ impl Collapser {
     }
 
     /// The write phase of `prealloc` and `unlocked`: revalidate, protect again, copy what the
-    /// guest wrote since the pre-copy, move the page in.
+    /// guest wrote since the pre-copy, put the page in.
     fn commit(
+        &self,
+        index: ExtentIndex,
+        page: Prepared<'_>,
+        generation: u64,
+    ) -> Result<ScanResult, CollapseError> {
+        if self.installer.moves(&page, Contents::Copy) {
+            self.commit_by_move(index, page, generation)
+        } else {
+            self.commit_by_mremap(index, page, generation)
+        }
+    }
+
+    /// A commit whose page goes in by `UFFDIO_MOVE`. The memory map's write side is held only
+    /// for what needs it: revalidating the extent and claiming it. Holding the write side is
+    /// what makes the claim exclusive: no fault handler is inside the extent then (each holds
+    /// the read side while it acts on one), and every one after finds the claim and holds its
+    /// fault for us. The rest (protect the dirty pages again, copy them, zap the old pages,
+    /// move the page in) runs under the claim with the read side: faults on other extents,
+    /// and kernel-served ones, go on meanwhile; accesses to this extent wait, as they must.
+    fn commit_by_move(
+        &self,
+        index: ExtentIndex,
+        mut page: Prepared<'_>,
+        generation: u64,
+    ) -> Result<ScanResult, CollapseError> {
+        let mut table = self.map.write();
+        let locked = Instant::now();
+        let extent = table.get(index).expect("index inside the table");
+        if let Err(r) = self.revalidate(extent, generation) {
+            let result = self.unprotect(index, extent).map(|()| r);
+            drop(table);
+            self.stats.write_lock_ns.record(locked.elapsed());
+            self.stats.commit_ns.record(locked.elapsed());
+            self.wake(index);
+            return result;
+        }
+        // Only 2 MiB faults claim extents, and only unpopulated ones; this one is populated.
+        let ticket = table
+            .claim_for_later(index)
+            .expect("nobody else claims a populated extent");
+        drop(table);
+        self.stats.write_lock_ns.record(locked.elapsed());
+
+        let guard = self.map.read();
+        let claim = guard.redeem(ticket);
+        let extent = claim.extent();
+        let dirty: Vec<usize> = extent.dirty_pages().collect();
+        let result = match self.protect_pages(index, &dirty) {
+            Err(source) => {
+                self.unprotect(index, extent)?;
+                Err(Self::error(index, "protecting it again")(source))
+            }
+            Ok(()) => {
+                Self::copy_pages(guard.view(), index, &mut page, dirty.into_iter());
+                let installed =
+                    self.installer
+                        .install(Exclusive::Claim(&claim), index, page, Contents::Copy);
+                self.settle(installed, extent, index)
+            }
+        };
+        drop(claim);
+        drop(guard);
+        self.stats.commit_ns.record(locked.elapsed());
+        self.wake(index);
+        result
+    }
+
+    /// A commit whose page goes in by `mremap`, all of it under the write side: the `mremap`
+    /// takes the kernel's `mmap_lock` for write and splits guest RAM's mapping, and if it
+    /// fails part-way the hole it leaves must be refilled before anyone touches the extent.
+    fn commit_by_mremap(
         &self,
         index: ExtentIndex,
         mut page: Prepared<'_>,
@@ -437,6 +509,7 @@ impl Collapser {
         };
         drop(table);
         self.stats.write_lock_ns.record(locked.elapsed());
+        self.stats.commit_ns.record(locked.elapsed());
         self.wake(index);
         result
     }
@@ -448,24 +521,36 @@ impl Collapser {
         index: ExtentIndex,
         page: Prepared<'_>,
     ) -> Result<ScanResult, CollapseError> {
-        match self
-            .installer
-            .install(Exclusive::Table(table), index, page, Contents::Copy)
-        {
+        let installed =
+            self.installer
+                .install(Exclusive::Table(table), index, page, Contents::Copy);
+        self.settle(
+            installed,
+            table.get(index).expect("index inside the table"),
+            index,
+        )
+    }
+
+    /// Counts how an install ended, and puts the extent back in service where it stayed small.
+    fn settle(
+        &self,
+        installed: Result<Installed, Result<InstallFailed, ExtentLost>>,
+        extent: &Extent,
+        index: ExtentIndex,
+    ) -> Result<ScanResult, CollapseError> {
+        match installed {
             Ok(Installed::Huge(_)) => {
                 self.stats.pages_collapsed.inc();
                 Ok(ScanResult::Succeed)
             }
             Ok(Installed::Small) => {
                 // The copy is in, as 4 KiB pages: the extent is whole, just not huge.
-                let extent = table.get(index).expect("index inside the table");
                 self.unprotect(index, extent)?;
                 self.stats.failed.inc();
                 self.stats.split_moves.inc();
                 Ok(ScanResult::Fail)
             }
             Err(Ok(failed)) => {
-                let extent = table.get(index).expect("index inside the table");
                 self.unprotect(index, extent)?;
                 log::warn!("collapse: {failed}: {}", failed.source);
                 self.stats.failed.inc();

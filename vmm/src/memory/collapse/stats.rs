@@ -55,6 +55,9 @@ pub struct CollapseStats {
     pub split_moves: Counter,
     /// How long the write side was held per attempt that took it.
     pub write_lock_ns: Latencies,
+    /// How long the extent was held exclusively per commit: the write side, then (for a
+    /// commit by `UFFDIO_MOVE`) the extent's claim. Accesses to the extent wait this long.
+    pub commit_ns: Latencies,
     /// How long the part before the write side took per attempt (allocate, charge, pre-copy).
     pub read_phase_ns: Latencies,
     /// How long getting one page took (allocate and charge), wherever the order puts it.

@@ -6,7 +6,7 @@ use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 use super::Resolver;
 use super::source::Fill;
 use crate::memory::extent::{ExtentIndex, ExtentState};
-use crate::memory::huge::install::{Contents, Exclusive, Installer};
+use crate::memory::huge::install::{Contents, Exclusive, Installed, Installer};
 use crate::memory::map::MapRead;
 use crate::memory::uffd::{Fault, Resolved};
 
@@ -152,18 +152,22 @@ fn map_whole_extent(
         )
     })?;
     fail::fail_point!("before-2m-install");
-    match installer.install(Exclusive::Claim(&claim), index, page, Contents::Unpopulated) {
-        Ok(_) => {}
-        Err(Ok(failed)) => {
-            log::warn!("{failed}: {}", failed.source);
-            return Ok(false);
-        }
-        Err(Err(lost)) => return Err(crate::error::chain(&lost)),
-    }
+    let whole =
+        match installer.install(Exclusive::Claim(&claim), index, page, Contents::Unpopulated) {
+            // The extent is whole either way; only a huge one counts as mapped whole.
+            Ok(installed) => matches!(installed, Installed::Huge(_)),
+            Err(Ok(failed)) => {
+                log::warn!("{failed}: {}", failed.source);
+                return Ok(false);
+            }
+            Err(Err(lost)) => return Err(crate::error::chain(&lost)),
+        };
     drop(claim);
     drop(guard);
     r.stats.served.inc();
-    r.stats.extents_mapped.inc();
+    if whole {
+        r.stats.extents_mapped.inc();
+    }
     // Every thread waiting on a fault in the extent retries on the huge page.
     let _ = r
         .uffd

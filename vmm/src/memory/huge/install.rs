@@ -201,6 +201,12 @@ impl Installer {
         }
     }
 
+    /// Whether `page` would go in by `UFFDIO_MOVE` (else `mremap`).
+    pub fn moves(&self, page: &Prepared<'_>, contents: Contents) -> bool {
+        let kind = page.page.as_ref().expect("a prepared page").kind();
+        self.method_for(kind, contents) == InstallMethod::Move
+    }
+
     /// Step 1: a page from the pool, charged, for an install of `contents`. Holds no lock of
     /// its own. A page that would go in by `mremap` needs a mapping to spare.
     pub fn prepare(&self, contents: Contents) -> Result<Prepared<'_>, PrepareFailed> {

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::page::{AllocError, HugePage, HugePageAllocator, PageKind, alloc_hugetlb, alloc_thp};
@@ -59,10 +60,16 @@ struct PoolInner {
     wanted: Condvar,
     stop: Arc<Stop>,
     stats: Arc<PoolStats>,
+    /// Nanoseconds added to every allocation (benchmarks).
+    latency_ns: AtomicU64,
 }
 
 impl PoolInner {
     fn allocate(&self) -> Result<HugePage, AllocError> {
+        let latency = self.latency_ns.load(Ordering::Relaxed);
+        if latency > 0 {
+            std::thread::sleep(std::time::Duration::from_nanos(latency));
+        }
         fail::fail_point!("pool-alloc", |_| Err(AllocError::GaveUp(
             "injected allocation failure".into()
         )));
@@ -137,6 +144,7 @@ impl HugePagePool {
             wanted: Condvar::new(),
             stop,
             stats: Arc::default(),
+            latency_ns: AtomicU64::new(0),
         });
         let refill = if ahead > 0 {
             let pool = inner.clone();
@@ -151,6 +159,15 @@ impl HugePagePool {
             None
         };
         Ok(HugePagePool { inner, refill })
+    }
+
+    /// Makes every allocation from now on take `latency` longer (benchmarks: the cost of
+    /// reclaim, compaction, or a userland backend, as a variable).
+    pub fn with_latency(self, latency: std::time::Duration) -> Self {
+        self.inner
+            .latency_ns
+            .store(latency.as_nanos() as u64, Ordering::Relaxed);
+        self
     }
 
     /// The pool's counters.

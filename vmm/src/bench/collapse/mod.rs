@@ -3,6 +3,12 @@
 //! no one here wrote: the kernel's own khugepaged (its scan settings made fast for the run and
 //! restored afterwards) and `MADV_COLLAPSE` on each extent. The same run measures a bare 2 MiB
 //! `memcpy` and a bare 2 MiB `mremap`, the physical floor of a collapse's write window.
+//!
+//! The guest times every page it checks and writes (`timing=on`), so each variant also reports
+//! the stall the guest itself saw. `--vcpus 1,4` sweeps vCPU counts, `--alloc-latency 0,5`
+//! adds that many milliseconds to every huge page allocation (the seed's point is that the
+//! write window must not grow with it), and this VMM's orders run once per `--install` method:
+//! one table per (vCPU count, latency), all in one run.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,13 +21,18 @@ use serde_json::{Value, json};
 
 use super::{BenchError, finish, progress, quiet_devices};
 use crate::config::{Collapse, GuestArg, VmConfig};
+use crate::memory::PageSourceKind;
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
 use crate::memory::host_view;
+use crate::memory::huge::install::InstallMethod;
 use crate::memory::huge::page::alloc_thp;
 use crate::memory::huge::pool::PoolKind;
 use crate::metrics::{latency_histogram, percentiles};
 use crate::units::ByteSize;
 use crate::vm::Vm;
+
+mod report;
+use report::{Floor, median_of_rounds, report_latency_sweep, report_table};
 
 /// Who collapses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,8 +93,8 @@ impl clap::ValueEnum for Variant {
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct CollapseBenchConfig {
-    /// vCPUs writing.
-    pub vcpus: u32,
+    /// vCPU counts writing, swept in this order.
+    pub vcpus: Vec<u32>,
     /// Guest RAM.
     pub memory: ByteSize,
     /// Stress passes each guest makes (the run must outlast the collapse).
@@ -95,6 +106,37 @@ pub struct CollapseBenchConfig {
     pub pool_ahead: usize,
     /// Rounds; variants run interleaved within each, medians are reported.
     pub repeat: u32,
+    /// Milliseconds added to every huge page allocation, one table each.
+    pub alloc_latency_ms: Vec<f64>,
+    /// Install methods this VMM's orders run with.
+    pub installs: Vec<InstallMethod>,
+    /// Where never-touched pages come from, for this VMM's orders (the kernel's peers need
+    /// the kernel to populate).
+    pub page_source: PageSourceKind,
+}
+
+/// One row of a table: a variant, and for this VMM's orders the install method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Row {
+    variant: Variant,
+    install: Option<InstallMethod>,
+}
+
+impl Row {
+    /// `prealloc` (moves, the default), `prealloc/mremap`, `khugepaged`.
+    fn label(self) -> String {
+        match self.install {
+            Some(InstallMethod::Mremap) => format!("{}/mremap", self.variant.name()),
+            _ => self.variant.name().to_string(),
+        }
+    }
+}
+
+/// One table's conditions.
+#[derive(Clone, Copy, Debug)]
+struct Point {
+    vcpus: u32,
+    alloc_latency: Duration,
 }
 
 /// khugepaged's sysfs knobs, set fast for the run and restored on drop.
@@ -149,7 +191,8 @@ struct Outcome {
     json: Value,
 }
 
-fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome, BenchError> {
+fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outcome, BenchError> {
+    let variant = row.variant;
     let arg = |k: &str, v: String| GuestArg {
         key: k.into(),
         value: v,
@@ -160,10 +203,11 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
     let vm_config = VmConfig {
         guest: "verify".into(),
         memory: config.memory,
-        vcpus: config.vcpus,
+        vcpus: at.vcpus,
         args: vec![
             arg("mode", "stress".into()),
             arg("passes", config.passes.to_string()),
+            arg("timing", "on".into()),
         ],
         collapse: match variant.order() {
             Some(order) => Collapse::On(CollapseConfig {
@@ -179,6 +223,12 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         pool_ahead: config.pool_ahead,
         // A filter can never be lifted, and this process goes on to run more VMs.
         seccomp: crate::seccomp::Seccomp::Off,
+        install: row.install.unwrap_or_default(),
+        alloc_latency: at.alloc_latency,
+        page_source: match variant.order() {
+            Some(_) => config.page_source.clone(),
+            None => PageSourceKind::Kernel,
+        },
         ..VmConfig::default()
     };
     let _khugepaged = if variant == Variant::Khugepaged {
@@ -287,13 +337,19 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
     };
     let gib_per_s = time_to_huge.map(|t| total as f64 / (1u64 << 30) as f64 / t.as_secs_f64());
     let c = &j["collapse"];
+    let guest = summary.guest_stalls();
     let json = json!({
-        "variant": variant.name(),
+        "variant": row.label(),
+        "install": row.install,
         "all_huge": time_to_huge.is_some(),
         "time_to_all_huge_ns": time_to_huge.map(|t| t.as_nanos() as u64),
         "throughput_gib_per_s": gib_per_s,
         "write_lock_ns": variant.order().map(|_| c["write_lock_ns"].clone()),
+        "commit_ns": variant.order().map(|_| c["commit_ns"].clone()),
         "vcpu_stall_ns": stall,
+        "guest_stall_ns": guest.as_ref().map(|g| json!({ "p50": g.p50_ns, "p99": g.p99_ns, "max": g.max_ns })),
+        "guest_stalls": guest,
+        "split_moves": c["split_moves"],
         "alloc_ns": variant.order().map(|_| c["alloc_ns"].clone()),
         "alloc_outside_write_lock": variant.order().map(|o| o != CollapseOrder::Legacy),
         "read_phase_ns": variant.order().map(|_| c["read_phase_ns"].clone()),
@@ -310,44 +366,6 @@ fn run_variant(config: &CollapseBenchConfig, variant: Variant) -> Result<Outcome
         "guest_wall_ns": summary.wall.as_nanos() as u64,
     });
     Ok(Outcome { json })
-}
-
-/// One variant's figures over several rounds: the median of every number (a latency
-/// percentile, a time, a rate), the sum of lost writes, and every round kept as it was.
-fn median_of_rounds(rounds: &[Value]) -> Value {
-    fn merge(values: &[&Value]) -> Value {
-        match values[0] {
-            Value::Object(first) => Value::Object(
-                first
-                    .keys()
-                    .map(|k| {
-                        (
-                            k.clone(),
-                            merge(&values.iter().map(|v| &v[k.as_str()]).collect::<Vec<_>>()),
-                        )
-                    })
-                    .collect(),
-            ),
-            Value::Number(_) => {
-                let mut nums: Vec<f64> = values.iter().filter_map(|v| v.as_f64()).collect();
-                if nums.len() < values.len() {
-                    return Value::Null;
-                }
-                json!(super::median(&mut nums))
-            }
-            other => other.clone(),
-        }
-    }
-    let mut merged = merge(&rounds.iter().collect::<Vec<_>>());
-    merged["lost_writes"] = json!(
-        rounds
-            .iter()
-            .filter_map(|r| r["lost_writes"].as_u64())
-            .sum::<u64>()
-    );
-    merged["all_huge"] = json!(rounds.iter().all(|r| r["all_huge"] == true));
-    merged["rounds"] = json!(rounds);
-    merged
 }
 
 /// Times `f` `n` times into a histogram.
@@ -385,133 +403,93 @@ fn floors() -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
     Ok((memcpy, mremap))
 }
 
-/// Runs the benchmark, prints the table, and returns every figure as JSON.
+/// Runs the benchmark, prints a table per (vCPU count, allocation latency), and returns every
+/// figure as JSON.
 pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
     let variants = if config.variants.is_empty() {
         Variant::ALL.to_vec()
     } else {
         config.variants.clone()
     };
+    let latencies: Vec<f64> = if config.alloc_latency_ms.is_empty() {
+        vec![0.0]
+    } else {
+        config.alloc_latency_ms.clone()
+    };
     let rounds = config.repeat.max(1);
-    let bar = progress(variants.len() as u64 * u64::from(rounds) + 1, "collapse");
+    // The kernel's peers do not allocate through our pool: they run at the first latency only.
+    let rows_at = |first: bool| -> Vec<Row> {
+        variants
+            .iter()
+            .flat_map(|&variant| match variant.order() {
+                Some(_) => config
+                    .installs
+                    .iter()
+                    .map(|&i| Row {
+                        variant,
+                        install: Some(i),
+                    })
+                    .collect::<Vec<_>>(),
+                None if first => vec![Row {
+                    variant,
+                    install: None,
+                }],
+                None => vec![],
+            })
+            .collect()
+    };
+    let points: Vec<(Point, Vec<Row>)> = config
+        .vcpus
+        .iter()
+        .flat_map(|&vcpus| {
+            latencies.iter().enumerate().map(move |(k, &ms)| {
+                (
+                    Point {
+                        vcpus,
+                        alloc_latency: Duration::from_secs_f64(ms / 1e3),
+                    },
+                    k == 0,
+                )
+            })
+        })
+        .map(|(p, first)| (p, rows_at(first)))
+        .collect();
+    let steps: u64 = points.iter().map(|(_, r)| r.len() as u64).sum::<u64>() * u64::from(rounds);
+    let bar = progress(steps + 1, "collapse");
     bar.set_message("floors");
     let (memcpy, mremap) = floors()?;
     bar.inc(1);
-    // Variants interleaved round by round (A B C A B C ...), so that none of them always meets
-    // the machine in the same state (cold memory for the first allocations of a run, say).
-    let mut per_variant: Vec<Vec<Value>> = variants.iter().map(|_| Vec::new()).collect();
-    for _ in 0..rounds {
-        for (i, &v) in variants.iter().enumerate() {
-            bar.set_message(v.name());
-            per_variant[i].push(run_variant(config, v)?.json);
-            bar.inc(1);
+    let floor = Floor::of(&memcpy, &mremap);
+    let mut tables = Vec::new();
+    for (at, rows) in &points {
+        // Variants interleaved round by round (A B C A B C ...), so that none of them always
+        // meets the machine in the same state (cold memory for a run's first allocations).
+        let mut per_row: Vec<Vec<Value>> = rows.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (i, &row) in rows.iter().enumerate() {
+                bar.set_message(format!("{} x{}", row.label(), at.vcpus));
+                per_row[i].push(run_variant(config, row, *at)?.json);
+                bar.inc(1);
+            }
         }
+        let results: Vec<Value> = per_row.iter().map(|r| median_of_rounds(r)).collect();
+        bar.suspend(|| tables.push(report_table(config, *at, &results, &floor)));
     }
     bar.finish_and_clear();
-    let results: Vec<Outcome> = per_variant
-        .iter()
-        .map(|r| Outcome {
-            json: median_of_rounds(r),
-        })
-        .collect();
-
-    let p = |v: &Value, k: &str| v[k].as_f64();
-    let floor_json =
-        json!({ "memcpy_2m_ns": percentiles(&memcpy), "mremap_2m_ns": percentiles(&mremap) });
-    println!(
-        "vmm bench collapse: {} vCPU(s) writing {} of guest RAM ({} stress passes), pool ahead {}, {} round(s), medians",
-        config.vcpus, config.memory, config.passes, config.pool_ahead, rounds
-    );
-    println!(
-        "{:<14} {:>10} {:>8} {:>22} {:>22} {:>14} {:>6} {:>5}",
-        "variant",
-        "all huge",
-        "GiB/s",
-        "write lock p50/p99/max",
-        "vCPU stall p50/p99/max",
-        "alloc p50/p99",
-        "fails",
-        "lost"
-    );
-    let triple = |v: &Value| match (p(v, "p50"), p(v, "p99"), p(v, "max")) {
-        (Some(a), Some(b), Some(c)) => format!("{:.0}/{:.0}/{:.0}us", a / 1e3, b / 1e3, c / 1e3),
-        _ => "n/a".into(),
-    };
-    for r in &results {
-        let j = &r.json;
-        let f = &j["failures"];
-        let fails: u64 = ["alloc", "charge", "revalidate", "other", "madv_collapse"]
-            .iter()
-            .filter_map(|k| f[k].as_u64())
-            .sum();
-        println!(
-            "{:<14} {:>10} {:>8} {:>22} {:>22} {:>14} {:>6} {:>5}",
-            j["variant"].as_str().unwrap_or("?"),
-            j["time_to_all_huge_ns"]
-                .as_f64()
-                .map_or("not all".into(), |n| format!("{:.0}ms", n / 1e6)),
-            j["throughput_gib_per_s"]
-                .as_f64()
-                .map_or("-".into(), |g| format!("{g:.2}")),
-            triple(&j["write_lock_ns"]),
-            triple(&j["vcpu_stall_ns"]),
-            match (p(&j["alloc_ns"], "p50"), p(&j["alloc_ns"], "p99")) {
-                (Some(a), Some(b)) => format!("{:.0}/{:.0}us", a / 1e3, b / 1e3),
-                _ => "n/a".into(),
-            },
-            fails,
-            j["lost_writes"],
-        );
-    }
-    let (cp50, cp99) = (
-        memcpy.value_at_quantile(0.5) as f64,
-        memcpy.value_at_quantile(0.99) as f64,
-    );
-    let (mp50, mp99) = (
-        mremap.value_at_quantile(0.5) as f64,
-        mremap.value_at_quantile(0.99) as f64,
-    );
-    println!(
-        "floor: bare 2 MiB memcpy p50 {:.0}us p99 {:.0}us; bare 2 MiB mremap p50 {:.0}us p99 {:.0}us",
-        cp50 / 1e3,
-        cp99 / 1e3,
-        mp50 / 1e3,
-        mp99 / 1e3
-    );
-    let wl99 = |name: &str| {
-        results
-            .iter()
-            .find(|r| r.json["variant"] == name)
-            .and_then(|r| p(&r.json["write_lock_ns"], "p99"))
-    };
-    let mut ratios = json!({});
-    for name in ["prealloc", "legacy", "unlocked"] {
-        if let Some(w) = wl99(name) {
-            println!(
-                "{name}: write-lock p99 = {:.1}x bare mremap p99, {:.1}x bare memcpy p99",
-                w / mp99.max(1.0),
-                w / cp99.max(1.0)
-            );
-            ratios[name] = json!({ "write_lock_p99_over_mremap_p99": w / mp99.max(1.0), "write_lock_p99_over_memcpy_p99": w / cp99.max(1.0) });
-        }
-    }
-    if let (Some(pre), Some(leg)) = (wl99("prealloc"), wl99("legacy")) {
-        println!(
-            "prealloc write-lock p99 / legacy write-lock p99 = {:.3} (1/{:.1})",
-            pre / leg,
-            leg / pre
-        );
-        ratios["prealloc_over_legacy_write_lock_p99"] = json!(pre / leg);
-    }
+    floor.print();
+    let by_latency = report_latency_sweep(&tables);
     Ok(json!({
         "benchmark": "collapse",
+        "host_cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "vcpus": config.vcpus,
         "memory_bytes": config.memory.0,
         "passes": config.passes,
         "pool_ahead": config.pool_ahead,
+        "page_source": config.page_source.name(),
         "repeat": rounds,
-        "floor": floor_json,
-        "variants": results.iter().map(|r| r.json.clone()).collect::<Vec<_>>(),
-        "ratios": ratios,
+        "alloc_latency_ms": latencies,
+        "floor": floor.json,
+        "tables": tables,
+        "by_alloc_latency": by_latency,
     }))
 }

@@ -1,0 +1,90 @@
+//! [`MemoryConfig`]: how guest memory is set up, and what the host must allow for it (the
+//! mappings kept in reserve, whether the collapse thread can run here).
+
+use guest_abi::layout::PAGE_SIZE;
+
+use super::backing::{Backing, PageSourceKind};
+use super::collapse::CollapseConfig;
+use super::huge::install::InstallMethod;
+use super::huge::pool::PoolKind;
+use super::uffd::{self, Uffd};
+use crate::seccomp::Seccomp;
+
+/// Mappings kept free for the VMM itself, besides its vCPU threads.
+pub const MAP_RESERVE: u64 = 128;
+/// Mappings a thread costs (its stack and guard, its signal stack and guard).
+pub const MAPS_PER_THREAD: u64 = 4;
+
+/// Why the collapse thread cannot run on this host for this user, if it cannot: it needs a
+/// userfaultfd with write-protection of unpopulated pages.
+pub fn collapse_unavailable() -> Option<String> {
+    let features = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED;
+    match Uffd::new(features) {
+        Err(e) => Some(format!(
+            "this user may not open a userfaultfd ({e}; it needs root, \
+             vm.unprivileged_userfaultfd=1, or read and write access to /dev/userfaultfd)"
+        )),
+        Ok(u) if u.features() & features != features => Some(
+            "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux 6.4+)"
+                .into(),
+        ),
+        Ok(_) => None,
+    }
+}
+
+/// How to set up guest memory.
+#[derive(Clone, Debug)]
+pub struct MemoryConfig {
+    /// RAM size (a multiple of 2 MiB).
+    pub size: u64,
+    /// What backs RAM from the start.
+    pub backing: Backing,
+    /// Where first-touch contents come from.
+    pub source: PageSourceKind,
+    /// Bytes the fault handler resolves per fault (4 KiB, or up to 2 MiB to fault around).
+    pub fault_granularity: u64,
+    /// The collapse thread, if on (4 KiB backing only).
+    pub collapse: Option<CollapseConfig>,
+    /// Where huge pages come from.
+    pub huge_source: PoolKind,
+    /// Most huge-page memory that may be charged.
+    pub huge_limit: u64,
+    /// Huge pages the pool keeps ready ahead of demand.
+    pub pool_ahead: usize,
+    /// Populate all of RAM when it is mapped (the huge backings do unless told not to; the
+    /// fault benchmark measures them faulting on demand).
+    pub populate: bool,
+    /// Memory mappings kept free for the rest of the VMM (its threads, large allocations):
+    /// huge pages stop being moved into guest RAM before they would eat into them.
+    pub map_reserve: u64,
+    /// seccomp filters for the memory threads.
+    pub seccomp: Seccomp,
+    /// Fault handler threads, each with a uffd over its share of RAM.
+    pub fault_threads: usize,
+    /// How huge pages go in.
+    pub install: InstallMethod,
+    /// Added to every huge page allocation (benchmarks).
+    pub alloc_latency: std::time::Duration,
+}
+
+impl MemoryConfig {
+    /// 4 KiB pages populated by the host kernel, no collapse: the simplest memory.
+    pub fn small(size: u64) -> Self {
+        MemoryConfig {
+            size,
+            backing: Backing::Small,
+            source: PageSourceKind::Kernel,
+            fault_granularity: PAGE_SIZE,
+            collapse: None,
+            huge_source: PoolKind::Auto,
+            huge_limit: size,
+            pool_ahead: super::huge::pool::POOL_AHEAD,
+            populate: false,
+            map_reserve: MAP_RESERVE,
+            seccomp: Seccomp::Off,
+            fault_threads: 1,
+            install: InstallMethod::default(),
+            alloc_latency: std::time::Duration::ZERO,
+        }
+    }
+}
