@@ -29,16 +29,18 @@ test:
 	$(CARGO) build --bins $(TEST_FEATURES)
 	$(CARGO) test --workspace $(TEST_FEATURES)
 
-# The default benchmark set, sized to finish in a few minutes on a nested KVM host.
+# The default benchmark set, sized to finish in about 20 minutes on a nested 2-CPU KVM host.
+# SWEEP_VCPUS: the vCPU counts to sweep (as far as the host's CPUs go).
+SWEEP_VCPUS ?= 1,2
 bench: build
 	mkdir -p target/bench
-	$(VMM) bench faults --vcpus 1 --mem-per-vcpu 64M --repeat 3 \
+	$(VMM) bench faults --vcpus $(SWEEP_VCPUS) --mem-per-vcpu 32M --repeat 3 \
 		--json target/bench/faults.json --plot target/bench/faults.svg
 	$(VMM) bench faults --vcpus 1 --mem-per-vcpu 64M --repeat 3 --pin-cpus 0 \
 		--modes kernel-4k,uffd-zero,uffd-image --json target/bench/faults-pinned.json
-	$(VMM) bench faults --vcpus 2 --mem-per-vcpu 32M --repeat 3 --json target/bench/faults-2vcpu.json
-	$(VMM) bench collapse --vcpus 1 --memory 64M --passes 6 --repeat 3 \
-		--json target/bench/collapse.json --plot target/bench/collapse.svg
+	$(VMM) bench collapse --vcpus $(SWEEP_VCPUS) --alloc-latency 0,5 --memory 64M --passes 6 \
+		--repeat 3 --json target/bench/collapse.json --plot target/bench/collapse.svg
+	$(CARGO) run --release -p vmm --example map_lock_readers 1
 
 # Fuzzing (nightly and cargo-fuzz: `cargo install cargo-fuzz`): each target for FUZZ_SECONDS, then
 # its corpus minimised. `make test` replays fuzz/corpus and fuzz/artifacts on stable.

@@ -404,6 +404,19 @@ impl VmConfig {
             fault_threads: self.fault_threads(),
             install: self.install,
             alloc_latency: self.alloc_latency,
+            fault_spin: self.fault_spin(),
+        }
+    }
+
+    /// How long each fault handler looks for the next fault before it sleeps: a while, where
+    /// the handlers and the vCPUs each have a host CPU of their own; else not at all (a
+    /// spinning handler would take the CPU a vCPU needs to make the next fault).
+    pub fn fault_spin(&self) -> std::time::Duration {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.vcpus as usize + self.fault_threads() <= cpus {
+            crate::memory::fault::SPIN_AFTER_FAULT
+        } else {
+            std::time::Duration::ZERO
         }
     }
 

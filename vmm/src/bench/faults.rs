@@ -229,6 +229,7 @@ impl FaultsConfig {
             value: v.into(),
         };
         let ram = self.ram(vcpus);
+        let uses_uffd = source.uses_uffd();
         VmConfig {
             guest: "touch".into(),
             memory: ByteSize(ram),
@@ -250,7 +251,8 @@ impl FaultsConfig {
             pool_ahead: 8.min((ram / EXTENT_SIZE) as usize),
             // A filter can never be lifted, and this process goes on to run more VMs.
             seccomp: crate::seccomp::Seccomp::Off,
-            fault_threads: self.fault_threads,
+            // Only the VMM's own handler has threads to set.
+            fault_threads: self.fault_threads.filter(|_| uses_uffd),
             install: row.install.unwrap_or_default(),
             ..VmConfig::default()
         }
@@ -339,25 +341,29 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
         .collect();
     let rows = config.rows(&runnable);
     let image_path = config.scratch.join("bench-faults.img");
-    if runnable.iter().any(|m| m.uses_image()) {
-        // Every page holds data, so the handler really copies (no zero-page shortcut).
+    // An image of exactly the RAM of `vcpus` vCPUs' VM. Every page holds data, so the handler
+    // really copies (no zero-page shortcut).
+    let write_image = |vcpus: u32| -> Result<(), BenchError> {
+        if !runnable.iter().any(|m| m.uses_image()) {
+            return Ok(());
+        }
         ram_image::save(
             &image_path,
-            config.ram(config.largest()),
+            config.ram(vcpus),
             |gpa, buf| {
                 buf.fill((gpa >> 12) as u8 | 1);
                 Ok(ram_image::Page::Read)
             },
             &|| false,
         )
-        .map_err(|e| {
-            BenchError::Setup(format!("cannot write the benchmark's memory image: {e}"))
-        })?;
-    }
+        .map(|_| ())
+        .map_err(|e| BenchError::Setup(format!("cannot write the benchmark's memory image: {e}")))
+    };
     let steps = config.vcpus.len() as u64 * u64::from(config.repeat) * rows.len() as u64;
     let bar = progress(steps, "faults");
     let mut counts = Vec::new();
     for &vcpus in &config.vcpus {
+        write_image(vcpus)?;
         let mut samples: Vec<Vec<Sample>> = rows.iter().map(|_| Vec::new()).collect();
         for _ in 0..config.repeat {
             for (i, &row) in rows.iter().enumerate() {

@@ -65,6 +65,8 @@ pub struct MemoryConfig {
     pub install: InstallMethod,
     /// Added to every huge page allocation (benchmarks).
     pub alloc_latency: std::time::Duration,
+    /// How long a fault handler looks for the next fault before it sleeps.
+    pub fault_spin: std::time::Duration,
 }
 
 impl MemoryConfig {
@@ -85,6 +87,7 @@ impl MemoryConfig {
             fault_threads: 1,
             install: InstallMethod::default(),
             alloc_latency: std::time::Duration::ZERO,
+            fault_spin: std::time::Duration::ZERO,
         }
     }
 }

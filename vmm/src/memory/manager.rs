@@ -200,6 +200,7 @@ impl Memory {
                     granularity: self.config.fault_granularity,
                     stats: self.fault_stats.clone(),
                     huge: extent_faults.then(|| self.installer(&uffds)),
+                    spin: self.config.fault_spin,
                 },
                 self.config.seccomp,
                 move |what| fatal(what),
