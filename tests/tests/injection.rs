@@ -128,7 +128,9 @@ fn the_2m_fault_path_falls_back_or_ends_cleanly_on_each_failure() {
     );
     // A move fails: the page's contents are copied in 4 KiB at a time instead (the extent is
     // whole, not huge); later ones move as usual.
-    let json = inject(source, "uffd-move=2*return", Expect::Correct);
+    // (THPs: hugetlb pages never move.)
+    let by_move = format!("{source} --huge-source thp");
+    let json = inject(&by_move, "uffd-move=2*return", Expect::Correct);
     let ext = &json["memory"]["extents"];
     assert!(ext["small"].as_u64().unwrap() >= 2, "{json}");
     assert!(
@@ -172,7 +174,9 @@ fn every_collapse_order_survives_each_failure() {
         }
         // A move that fails after the zap: the copy goes in 4 KiB at a time, that collapse
         // counts as failed, the extent stays whole and is collapsed again later.
-        let args = format!("--page-source zero --collapse-order {order} --huge-pool-ahead 0");
+        let args = format!(
+            "--page-source zero --collapse-order {order} --huge-pool-ahead 0 --huge-source thp"
+        );
         let json = inject(&args, "uffd-move=2*return", Expect::Correct);
         let c = &json["collapse"];
         assert!(c["failed"].as_u64().unwrap() >= 1, "{json}");

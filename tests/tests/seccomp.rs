@@ -61,3 +61,24 @@ fn a_system_call_outside_a_threads_list_stops_the_vmm() {
         assert_eq!(run.code, Some(0), "{point} with --seccomp off\n{run}");
     }
 }
+
+/// Every way a huge page goes in runs under the filters: `UFFDIO_MOVE` from the fault handler
+/// (2 MiB faults) and from the collapse thread, and `mremap` from both.
+#[test]
+fn every_install_path_runs_under_its_filters() {
+    require_kvm!();
+    for install in ["move", "mremap"] {
+        for line in [
+            "run --guest verify --memory 16M --page-source zero --fault-granularity 2M \
+             --collapse off --huge-source thp",
+            "run --guest verify --arg mode=stress --memory 16M --page-source zero \
+             --huge-source thp --huge-pool-ahead 0",
+        ] {
+            let mut args = words(line);
+            args.extend(["--install", install]);
+            let (run, _) = vmm_within(&args, &[], Duration::from_secs(60));
+            assert_eq!(run.code, Some(0), "{install}: {line}\n{run}");
+            assert!(!run.stderr.contains("seccomp"), "{run}");
+        }
+    }
+}
