@@ -91,7 +91,7 @@ const HANDLER_FAILED: u8 = exit_code::VMM_FAILED;
 #[test]
 fn the_4k_fault_path_ends_the_vm_cleanly_on_each_failure() {
     require_kvm!();
-    let source = "--page-source image:IMAGE --collapse off";
+    let source = "--page-source image:IMAGE --collapse off --prefetch off";
     inject(
         source,
         "source-read=1*return",
@@ -112,7 +112,7 @@ fn the_4k_fault_path_ends_the_vm_cleanly_on_each_failure() {
 #[test]
 fn the_2m_fault_path_falls_back_or_ends_cleanly_on_each_failure() {
     require_kvm!();
-    let source = "--page-source image:IMAGE --fault-granularity 2M --collapse off";
+    let source = "--page-source image:IMAGE --fault-granularity 2M --collapse off --prefetch off";
     // No page or no charge: the fault is served 4 KiB at a time instead.
     for failpoints in ["pool-alloc=return", "ledger-charge=return"] {
         let json = inject(source, failpoints, Expect::Correct);
@@ -223,5 +223,53 @@ fn a_panic_in_any_memory_thread_or_vcpu_ends_the_vm_with_its_name() {
         "--page-source zero",
         "vcpu-run=1*panic(injected)",
         Expect::Ends(exit_code::GUEST_FAILED, "the vCPU thread panicked"),
+    );
+}
+
+#[test]
+fn the_prefetcher_stops_cleanly_and_ends_the_vm_on_a_bad_image() {
+    require_kvm!();
+    let source = "--page-source image:IMAGE --collapse off --huge-source thp";
+    // Stopped half-way: a guest that touches nothing ends at once, while the prefetcher
+    // (each extent held up 40 ms) has most of RAM to go; nothing is left charged, and it
+    // never said it was done.
+    let dir = TempDir::new("prefetch-stop");
+    let (image, metrics) = (dir.path("ram.img"), dir.path("m.json"));
+    let save = format!(
+        "run --guest verify --memory 32M --arg mode=fill --collapse off --save-memory {image}"
+    );
+    let (run, _) = vmm_within(
+        &integration_tests::words(&save),
+        &[],
+        Duration::from_secs(120),
+    );
+    assert_eq!(run.code, Some(0), "{run}");
+    let line = format!(
+        "run --guest hello --memory 32M --page-source image:{image} --huge-source thp \
+         --collapse off --metrics {metrics}"
+    );
+    let (run, took) = vmm_within(
+        &integration_tests::words(&line),
+        &[("FAILPOINTS", "prefetch-extent=sleep(40)")],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let json = read_json(&metrics);
+    let p = &json["restore"]["prefetch"];
+    assert_eq!(p["done_ns"], 0, "{p}");
+    assert!(p["extents_huge"].as_u64().unwrap() < 15, "{p}");
+    assert_eq!(json["ledger"]["after_teardown_bytes"], 0, "{json}");
+    // Its read fails: the VM ends, saying where.
+    inject(
+        source,
+        "prefetch-read=return",
+        Expect::Ends(HANDLER_FAILED, "prefetching guest address"),
+    );
+    // A panic in a prefetch thread ends the VM with the thread's name.
+    inject(
+        source,
+        "prefetch-extent=1*panic(injected)",
+        Expect::Ends(HANDLER_FAILED, "prefetch0 panicked: injected"),
     );
 }

@@ -82,7 +82,13 @@ fn stress_with_each_page_source_on_small_pages() {
     let dir = TempDir::new("sources");
     let image = filled_image(&dir, "16M", "3");
     for source in ["kernel", "zero", &format!("image:{image}")] {
-        let json = stress("16M", "small", source, &["--collapse", "off"]);
+        // The fault path alone (the prefetcher has a test of its own).
+        let json = stress(
+            "16M",
+            "small",
+            source,
+            &["--collapse", "off", "--prefetch", "off"],
+        );
         let ext = &json["memory"]["extents"];
         assert_eq!(ext["huge"], 0, "{source}");
         // The whole free area was written: every extent is populated.
@@ -246,6 +252,8 @@ fn save_then_restore_lazily_from_the_image() {
         &metrics,
         "--collapse",
         "off",
+        "--prefetch",
+        "off",
     ]);
     assert_eq!(report_sum(&run.stdout, "mismatches"), 0, "{run}");
     let json = read_json(&metrics);
@@ -382,6 +390,8 @@ fn a_failing_page_source_ends_the_vm_with_a_clear_error() {
         "passes=1000",
         "--collapse",
         "off",
+        "--prefetch",
+        "off",
     ]);
     std::thread::sleep(Duration::from_millis(300));
     std::fs::OpenOptions::new()
@@ -401,6 +411,68 @@ fn a_failing_page_source_ends_the_vm_with_a_clear_error() {
     assert!(
         run.stderr
             .contains("changed while the VM ran (it is 4096 bytes now"),
+        "{run}"
+    );
+}
+
+/// The same with the prefetcher reading a dense image behind the guest: whichever reader
+/// meets the cut-short file first ends the VM, saying why; no SIGBUS, no hang.
+#[test]
+fn an_image_cut_short_under_the_prefetcher_ends_the_vm_with_a_clear_error() {
+    require_kvm!();
+    let dir = TempDir::new("prefetch-cut");
+    let image = dir.path("ram.img");
+    vmm_ok(&[
+        "run",
+        "--guest",
+        "verify",
+        "--memory",
+        "512M",
+        "--arg",
+        "mode=fill",
+        "--collapse",
+        "off",
+        "--save-memory",
+        &image,
+    ]);
+    let child = spawn(&[
+        "run",
+        "--guest",
+        "touch",
+        "--memory",
+        "512M",
+        "--page-source",
+        &format!("image:{image}"),
+        "--arg",
+        "passes=1000",
+        "--collapse",
+        "off",
+        "--huge-source",
+        "thp",
+    ]);
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let run = wait(child);
+    assert_eq!(run.code, Some(i32::from(exit_code::VMM_FAILED)), "{run}");
+    assert!(
+        run.stderr.contains("prefetching guest address")
+            || run
+                .stderr
+                .contains("the page source failed for guest address"),
+        "{run}"
+    );
+    // Why: the image shrank under it (seen before a read, or by the read itself).
+    assert!(
+        run.stderr
+            .contains("changed while the VM ran (it is 4096 bytes now")
+            || run
+                .stderr
+                .contains("reached the end of the file (was it truncated"),
         "{run}"
     );
 }
@@ -483,7 +555,7 @@ fn extent_granular_faults_map_whole_extents_from_the_image() {
     let metrics = dir.path("m.json");
     let line = format!(
         "run --guest verify --vcpus 2 --memory 24M --page-source image:{image} --arg mode=check \
-         --arg seed=21 --fault-granularity 2M --collapse off --metrics {metrics}"
+         --arg seed=21 --fault-granularity 2M --collapse off --prefetch off --metrics {metrics}"
     );
     let run = vmm_ok(&integration_tests::words(&line));
     assert_eq!(report_sum(&run.stdout, "mismatches"), 0, "{run}");

@@ -82,3 +82,32 @@ fn every_install_path_runs_under_its_filters() {
         }
     }
 }
+
+/// The prefetch threads run under their own filter too: a call outside it stops the VMM,
+/// naming the thread.
+#[test]
+fn a_prefetch_thread_outside_its_list_stops_the_vmm() {
+    require_kvm!();
+    let dir = integration_tests::TempDir::new("seccomp-prefetch");
+    let image = dir.path("ram.img");
+    let save = format!(
+        "run --guest verify --memory 16M --arg mode=fill --collapse off --save-memory {image}"
+    );
+    let (run, _) = vmm_within(&words(&save), &[], Duration::from_secs(60));
+    assert_eq!(run.code, Some(0), "{run}");
+    let line = format!(
+        "run --guest verify --arg mode=check --memory 16M --page-source image:{image} \
+         --collapse off"
+    );
+    let env = [("FAILPOINTS", "seccomp-prefetcher=1*return")];
+    let (run, _) = vmm_within(&words(&line), &env, Duration::from_secs(60));
+    assert_eq!(run.code, Some(i32::from(exit_code::VMM_FAILED)), "{run}");
+    let said = format!(
+        "vmm: seccomp: thread 'prefetch0' made system call {}, which its filter does not allow",
+        libc::SYS_getppid
+    );
+    assert!(run.stderr.contains(&said), "{run}");
+    // Without the fault point, the same run is correct under the filters.
+    let (run, _) = vmm_within(&words(&line), &[], Duration::from_secs(60));
+    assert_eq!(run.code, Some(0), "{run}");
+}

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::bench::collapse::{CollapseBenchConfig, Variant};
 use crate::bench::faults::{Access, FaultsConfig, Mode, Pattern};
+use crate::bench::restore::{Density, Mode as RestoreMode, RestoreBenchConfig};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::memory::collapse::config::{
     ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS,
@@ -17,7 +18,7 @@ use crate::memory::collapse::config::{
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
 use crate::memory::huge::install::InstallMethod;
 use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
-use crate::memory::{Backing, PageSourceKind};
+use crate::memory::{Backing, PageSourceKind, Restore};
 use crate::seccomp::Seccomp;
 use crate::units::ByteSize;
 
@@ -49,6 +50,62 @@ pub enum BenchCommand {
     Faults(FaultsArgs),
     /// Collapse of guest memory to 2 MiB pages while guests write, per lock order and peer.
     Collapse(CollapseArgs),
+    /// Restoring a guest from a memory image: eager, lazy 4 KiB, lazy 2 MiB, prefetch.
+    Restore(RestoreArgs),
+}
+
+/// `vmm bench restore`.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_name = "SIZE")]
+    pub memory: ByteSize,
+    /// Images to restore: every page filled, or the first quarter (the rest holes).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "dense,sparse",
+        value_name = "dense|sparse,..."
+    )]
+    pub density: Vec<Density>,
+    /// Comma-separated modes (default: all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "MODE,...")]
+    pub modes: Vec<RestoreMode>,
+    /// Percent of the filled memory the restored guest checks, at random.
+    #[arg(long, default_value_t = 50, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub working_set: u8,
+    /// Drop the image from the page cache before each restore (a cold start; advice on the
+    /// file, no root needed).
+    #[arg(long)]
+    pub drop_caches: bool,
+    /// Microseconds added to every read of the image (slower storage than this host's).
+    #[arg(long, default_value_t = 0, value_name = "US",
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub image_latency: u64,
+    /// Rounds, modes interleaved; medians are reported.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub repeat: u32,
+    /// Outputs.
+    #[command(flatten)]
+    pub output: BenchOutput,
+}
+
+impl RestoreArgs {
+    /// The benchmark these arguments describe.
+    pub fn to_config(&self) -> RestoreBenchConfig {
+        RestoreBenchConfig {
+            memory: self.memory,
+            densities: self.density.clone(),
+            modes: self.modes.clone(),
+            working_set: f64::from(self.working_set) / 100.0,
+            cold: self.drop_caches,
+            image_latency: Duration::from_micros(self.image_latency),
+            repeat: self.repeat,
+            scratch: std::env::temp_dir(),
+        }
+    }
 }
 
 /// Outputs every benchmark takes.
@@ -323,6 +380,17 @@ pub struct RunArgs {
     /// one per vCPU, up to the host's CPUs).
     #[arg(long, value_name = "N")]
     pub fault_threads: Option<usize>,
+    /// How a memory image (`--page-source image:PATH`) is restored: lazily, the guest starting
+    /// at once (default), or eagerly, read whole into RAM before the guest starts.
+    #[arg(long, value_enum, default_value_t)]
+    pub restore: Restore,
+    /// Background threads that fill RAM from the image behind the guest, whole extents at a
+    /// time (default: on for an image restored lazily into 4 KiB backing).
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub prefetch: Option<Switch>,
+    /// Prefetch threads.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub prefetch_threads: usize,
     /// How huge pages go into guest RAM: move (UFFDIO_MOVE where the kernel has it and the
     /// page is a THP, else mremap) or mremap.
     #[arg(long, value_enum, default_value_t)]
@@ -383,6 +451,10 @@ impl RunArgs {
             fault_threads: self.fault_threads,
             install: self.install,
             alloc_latency: std::time::Duration::ZERO,
+            restore: self.restore,
+            prefetch: self.prefetch.map(|s| s == Switch::On),
+            prefetch_threads: self.prefetch_threads,
+            image_read_latency: std::time::Duration::ZERO,
         })
     }
 }

@@ -11,7 +11,8 @@ use crate::memory::collapse::CollapseConfig;
 use crate::memory::collapse::config::MAX_PTES_NONE;
 use crate::memory::huge::install::InstallMethod;
 use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
-use crate::memory::{Backing, MemoryConfig, PageSourceKind};
+use crate::memory::prefetch::MAX_PREFETCH_THREADS;
+use crate::memory::{Backing, MemoryConfig, PageSourceKind, Restore};
 use crate::seccomp::Seccomp;
 pub use crate::units::ByteSize;
 
@@ -120,6 +121,16 @@ pub struct VmConfig {
     /// Added to every huge page allocation (benchmarks: model reclaim, compaction or a slow
     /// userland backend; not a `vmm run` option).
     pub alloc_latency: std::time::Duration,
+    /// How an image source is restored.
+    pub restore: Restore,
+    /// The restore prefetcher (`None`: on where it applies, an image restored lazily into
+    /// 4 KiB backing).
+    pub prefetch: Option<bool>,
+    /// Prefetch threads.
+    pub prefetch_threads: usize,
+    /// Added to every read of a memory image (benchmarks: slower storage; not a `vmm run`
+    /// option).
+    pub image_read_latency: std::time::Duration,
 }
 
 impl Default for VmConfig {
@@ -146,6 +157,10 @@ impl Default for VmConfig {
             fault_threads: None,
             install: InstallMethod::default(),
             alloc_latency: std::time::Duration::ZERO,
+            restore: Restore::Lazy,
+            prefetch: None,
+            prefetch_threads: 1,
+            image_read_latency: std::time::Duration::ZERO,
         }
     }
 }
@@ -215,7 +230,7 @@ pub enum ConfigError {
     /// A huge-page limit where nothing charges huge pages.
     #[error(
         "--huge-limit applies only where huge pages are charged: the collapse thread (on by \
-         default with --backing small) or --fault-granularity 2M"
+         default with --backing small), --fault-granularity 2M, or the restore prefetcher"
     )]
     HugeLimitUnused,
     /// A fault handler count out of range.
@@ -224,6 +239,24 @@ pub enum ConfigError {
     /// Fault threads where the VMM serves no faults.
     #[error("--fault-threads applies to --page-source zero or image with --backing small")]
     FaultThreadsNeedUffd,
+    /// A restore mode without an image.
+    #[error("--restore {0} applies to --page-source image:PATH")]
+    RestoreNeedsImage(&'static str),
+    /// The prefetcher where it cannot run.
+    #[error(
+        "--prefetch on applies to --page-source image:PATH restored lazily (--restore lazy) \
+         with --backing small"
+    )]
+    PrefetchNeedsLazyImage,
+    /// Fault-handler options where an eager restore leaves no fault to serve.
+    #[error(
+        "--fault-granularity and --fault-threads do not apply to --restore eager (after the \
+         copy the kernel serves every fault)"
+    )]
+    EagerServesNoFaults,
+    /// Too few or too many prefetch threads.
+    #[error("--prefetch-threads {0} is out of range: allowed 1 to {max}", max = MAX_PREFETCH_THREADS)]
+    PrefetchThreads(usize),
     /// More huge pages kept ready than make sense.
     #[error(
         "--huge-pool-ahead {value} is out of range: allowed 0 to {max} (one per extent of guest \
@@ -343,7 +376,7 @@ impl VmConfig {
                     ram: self.memory,
                 });
             }
-            if self.collapse_on().is_none() && g != EXTENT_SIZE {
+            if self.collapse_on().is_none() && g != EXTENT_SIZE && !self.prefetch_on() {
                 return Err(ConfigError::HugeLimitUnused);
             }
         }
@@ -354,6 +387,19 @@ impl VmConfig {
             if !self.page_source.uses_uffd() || self.backing != Backing::Small {
                 return Err(ConfigError::FaultThreadsNeedUffd);
             }
+        }
+        let image = matches!(self.page_source, PageSourceKind::Image(_));
+        if self.restore == Restore::Eager && !image {
+            return Err(ConfigError::RestoreNeedsImage("eager"));
+        }
+        if self.prefetch == Some(true) && !self.prefetch_applies() {
+            return Err(ConfigError::PrefetchNeedsLazyImage);
+        }
+        if self.prefetch_threads == 0 || self.prefetch_threads > MAX_PREFETCH_THREADS {
+            return Err(ConfigError::PrefetchThreads(self.prefetch_threads));
+        }
+        if self.restore == Restore::Eager && (g != PAGE_SIZE || self.fault_threads.is_some()) {
+            return Err(ConfigError::EagerServesNoFaults);
         }
         let max = MAX_POOL_AHEAD.min((mem / EXTENT_SIZE) as usize);
         if self.pool_ahead > max {
@@ -405,7 +451,26 @@ impl VmConfig {
             install: self.install,
             alloc_latency: self.alloc_latency,
             fault_spin: self.fault_spin(),
+            restore: self.restore,
+            image_read_latency: self.image_read_latency,
+            prefetch_threads: if self.prefetch_on() {
+                self.prefetch_threads
+            } else {
+                0
+            },
         }
+    }
+
+    /// Whether the prefetcher runs: as asked, or by default wherever it applies (an image
+    /// restored lazily into 4 KiB backing).
+    pub fn prefetch_on(&self) -> bool {
+        self.prefetch.unwrap_or_else(|| self.prefetch_applies())
+    }
+
+    fn prefetch_applies(&self) -> bool {
+        matches!(self.page_source, PageSourceKind::Image(_))
+            && self.restore == Restore::Lazy
+            && self.backing == Backing::Small
     }
 
     /// How long each fault handler looks for the next fault before it sleeps: a while, where

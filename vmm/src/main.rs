@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::bench::{self, BenchError, collapse, faults, plot};
+use vmm::bench::{self, BenchError, collapse, faults, plot, restore};
 use vmm::cli::{BenchCommand, Cli, Command};
 use vmm::devices::Devices;
 use vmm::error::{chain, exit_code};
@@ -172,6 +172,34 @@ fn plot_faults(path: &std::path::Path, json: &serde_json::Value) -> Result<(), B
     plot::rates_by_vcpus(path, &series)
 }
 
+/// Resident RAM over time, a line per mode, for the first image's table.
+fn plot_restore(path: &std::path::Path, json: &serde_json::Value) -> Result<(), BenchError> {
+    let table = &json["tables"][0];
+    let series: Vec<(String, Vec<(f64, f64)>)> = table["modes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let points = m["rounds"][0]["series_ms_mib_huge_mib"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                .collect();
+            (m["mode"].as_str().unwrap_or("?").to_string(), points)
+        })
+        .collect();
+    plot::lines(
+        path,
+        &format!(
+            "Resident guest RAM during a restore ({} image)",
+            table["density"].as_str().unwrap_or("?")
+        ),
+        ("ms since the restore began", "MiB resident"),
+        &series,
+    )
+}
+
 fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
     let (json, output) = match bench {
         BenchCommand::Faults(a) => {
@@ -205,6 +233,13 @@ fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
                     "vCPU stall per write-protect fault during collapse (CDF)",
                     &series,
                 )?;
+            }
+            (json, a.output)
+        }
+        BenchCommand::Restore(a) => {
+            let json = restore::run(&a.to_config())?;
+            if let Some(path) = &a.output.plot {
+                plot_restore(path, &json)?;
             }
             (json, a.output)
         }

@@ -43,6 +43,8 @@ pub enum ThreadKind {
     Collapser,
     /// The huge page pool's refill thread.
     PoolRefill,
+    /// A restore prefetch thread.
+    Prefetcher,
 }
 
 /// Why a filter could not be installed.
@@ -151,7 +153,7 @@ fn ioctls(kind: ThreadKind) -> Option<Vec<u64>> {
         ThreadKind::Vcpu => vec![kvm::KVM_RUN(), kvm::KVM_GET_REGS(), kvm::KVM_GET_SREGS()],
         // Both may allocate a huge page on the spot (the pool had none ready), which is
         // checked to be mapped huge with PAGEMAP_SCAN.
-        ThreadKind::FaultHandler | ThreadKind::Collapser => {
+        ThreadKind::FaultHandler | ThreadKind::Collapser | ThreadKind::Prefetcher => {
             let mut v = uffd::resolve_ioctls().to_vec();
             v.push(pagemap::PAGEMAP_SCAN());
             v
@@ -179,6 +181,8 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::FaultHandler => FAULT_HANDLER.to_vec(),
         ThreadKind::Collapser => COLLAPSER.to_vec(),
         ThreadKind::PoolRefill => POOL_REFILL.to_vec(),
+        // Reads the image and installs pages, as the collapse thread does.
+        ThreadKind::Prefetcher => COLLAPSER.to_vec(),
     };
     let mut all: Vec<i64> = BASE.iter().copied().chain(extra).collect();
     all.sort_unstable();
@@ -329,6 +333,7 @@ mod tests {
             ThreadKind::FaultHandler,
             ThreadKind::Collapser,
             ThreadKind::PoolRefill,
+            ThreadKind::Prefetcher,
         ] {
             assert!(!filter(kind).unwrap().is_empty(), "{kind:?}");
         }

@@ -254,6 +254,8 @@ impl FaultsConfig {
             // Only the VMM's own handler has threads to set.
             fault_threads: self.fault_threads.filter(|_| uses_uffd),
             install: row.install.unwrap_or_default(),
+            // What is measured is the fault path (`vmm bench restore` measures the prefetcher).
+            prefetch: Some(false),
             ..VmConfig::default()
         }
     }

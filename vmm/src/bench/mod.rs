@@ -6,6 +6,7 @@
 pub mod collapse;
 pub mod faults;
 pub mod plot;
+pub mod restore;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

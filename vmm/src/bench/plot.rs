@@ -173,3 +173,54 @@ pub fn rates_by_vcpus(path: &Path, series: &[(String, Vec<(u32, f64)>)]) -> Resu
         .map_err(|e| draw_err(path, e))?;
     root.present().map_err(|e| draw_err(path, e))
 }
+
+/// Lines of `(x, y)` points, one per named series.
+pub fn lines(
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), BenchError> {
+    let max = |f: fn(&(f64, f64)) -> f64| {
+        series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(f))
+            .fold(1.0, f64::max)
+            * 1.05
+    };
+    let (max_x, max_y) = (max(|p| p.0), max(|p| p.1));
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_x, 0.0..max_y)
+        .map_err(|e| draw_err(path, e))?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.15))
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| draw_err(path, e))?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| draw_err(path, e))?;
+    root.present().map_err(|e| draw_err(path, e))
+}

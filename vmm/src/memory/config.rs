@@ -32,6 +32,18 @@ pub fn collapse_unavailable() -> Option<String> {
     }
 }
 
+/// How a memory image is restored (`--restore`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Restore {
+    /// The guest starts at once; its pages come from the image as it touches them (and from
+    /// the prefetcher, behind it).
+    #[default]
+    Lazy,
+    /// The whole image is read into RAM before the guest starts.
+    Eager,
+}
+
 /// How to set up guest memory.
 #[derive(Clone, Debug)]
 pub struct MemoryConfig {
@@ -67,6 +79,12 @@ pub struct MemoryConfig {
     pub alloc_latency: std::time::Duration,
     /// How long a fault handler looks for the next fault before it sleeps.
     pub fault_spin: std::time::Duration,
+    /// How an image source is restored.
+    pub restore: Restore,
+    /// Prefetch threads filling RAM from the image behind the guest (0: none).
+    pub prefetch_threads: usize,
+    /// Added to every read of the image (benchmarks).
+    pub image_read_latency: std::time::Duration,
 }
 
 impl MemoryConfig {
@@ -88,6 +106,15 @@ impl MemoryConfig {
             install: InstallMethod::default(),
             alloc_latency: std::time::Duration::ZERO,
             fault_spin: std::time::Duration::ZERO,
+            restore: Restore::Lazy,
+            prefetch_threads: 0,
+            image_read_latency: std::time::Duration::ZERO,
         }
+    }
+
+    /// Whether this VMM's fault handlers serve guest RAM's first touches (the zero source, or
+    /// an image restored lazily); else the kernel does.
+    pub fn serves_faults(&self) -> bool {
+        self.source.uses_uffd() && self.restore == Restore::Lazy
     }
 }

@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::backing::{Backing, PageSourceKind};
 use super::collapse::{CollapseStats, CollapseThread, Collapser};
-use super::config::MemoryConfig;
+use super::config::{MemoryConfig, Restore};
 use super::extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, PAGES_PER_EXTENT};
 use super::fault::source::{PageSource, RamImageSource, ZeroSource};
 use super::fault::{FaultHandler, FaultStats, Resolver};
@@ -23,10 +23,12 @@ use super::huge::install::{InstallMethod, Installer, MapBudget};
 use super::huge::ledger::Ledger;
 use super::huge::pool::HugePagePool;
 use super::map::MemoryMap;
+use super::prefetch::{FaultHint, PrefetchStats, Prefetcher};
 use super::ram::GuestRam;
 use super::ram_image::{Page, RamImage, SaveStats};
 use super::report::{
     CollapseSection, FaultsSection, KernelSection, LedgerSection, MemoryReport, MemorySection,
+    RestoreSection,
 };
 use super::uffd::{self, Uffd, UffdSet};
 use super::{MemoryError, ram_image};
@@ -55,6 +57,11 @@ pub struct Memory {
     config: MemoryConfig,
     /// Mappings covering guest RAM once it was registered (one per uffd shard).
     ram_mappings_at_start: u64,
+    /// How long an eager restore took to copy the image in (ns; 0 if none).
+    restore_copy_ns: u64,
+    /// The prefetch threads, while they run.
+    prefetcher: Option<Prefetcher>,
+    prefetch_stats: Option<Arc<PrefetchStats>>,
     // Unmapped when the last reference (this one, once the threads are gone) drops.
     map: Arc<MemoryMap>,
 }
@@ -65,7 +72,11 @@ impl Memory {
     /// starts.
     pub fn new(config: MemoryConfig) -> Result<Memory, MemoryError> {
         let image = match &config.source {
-            PageSourceKind::Image(path) => Some(Arc::new(RamImage::open(path, config.size)?)),
+            PageSourceKind::Image(path) => {
+                let image = RamImage::open(path, config.size)?;
+                image.set_read_latency(config.image_read_latency);
+                Some(Arc::new(image))
+            }
             _ => None,
         };
         if config.backing == Backing::Hugetlb {
@@ -93,6 +104,17 @@ impl Memory {
             }
             mark_huge_extents(&ram, &mut table, config.backing)?;
         }
+        // An eager restore into 4 KiB pages: the kernel populates them as the image is copied
+        // in (the table learns of them at start, from the kernel).
+        let mut restore_copy_ns = 0;
+        if let Some(image) = image
+            .as_ref()
+            .filter(|_| config.restore == Restore::Eager && config.backing == Backing::Small)
+        {
+            let started = std::time::Instant::now();
+            copy_image_into(&ram, image)?;
+            restore_copy_ns = started.elapsed().as_nanos() as u64;
+        }
         let maps = MapBudget::new(config.map_reserve).map_err(MemoryError::KernelView)?;
         let base = ram.host_base().0 as u64;
         let ram_mappings_at_start =
@@ -109,6 +131,9 @@ impl Memory {
             image,
             config,
             ram_mappings_at_start,
+            restore_copy_ns,
+            prefetcher: None,
+            prefetch_stats: None,
             map: Arc::new(MemoryMap::new(table, Arc::new(ram))),
         })
     }
@@ -163,7 +188,7 @@ impl Memory {
         }
         self.sync_from_kernel()?;
         let collapse = self.config.collapse.clone();
-        let missing = self.config.source.uses_uffd();
+        let missing = self.config.serves_faults();
         if !missing && collapse.is_none() {
             return Ok(());
         }
@@ -175,7 +200,12 @@ impl Memory {
         };
         // Huge pages for the collapse thread and for 2 MiB faults.
         let extent_faults = missing && self.config.fault_granularity == EXTENT_SIZE;
-        if collapse.is_some() || extent_faults {
+        let prefetch = match &self.image {
+            Some(image) if missing && self.config.prefetch_threads > 0 => Some(image.clone()),
+            _ => None,
+        };
+        let hint = prefetch.as_ref().map(|_| Arc::new(FaultHint::default()));
+        if collapse.is_some() || extent_faults || prefetch.is_some() {
             let fatal = on_fatal.clone();
             let pool = HugePagePool::new(
                 self.config.huge_source,
@@ -201,6 +231,7 @@ impl Memory {
                     stats: self.fault_stats.clone(),
                     huge: extent_faults.then(|| self.installer(&uffds)),
                     spin: self.config.fault_spin,
+                    hint: hint.clone(),
                 },
                 self.config.seccomp,
                 move |what| fatal(what),
@@ -209,6 +240,27 @@ impl Memory {
             self.handlers.push(handler);
         }
         self.uffds = Some(uffds.clone());
+        if let (Some(image), Some(hint)) = (prefetch, hint) {
+            let stats = Arc::new(PrefetchStats::default());
+            self.prefetcher = Some(
+                Prefetcher::start(
+                    self.config.prefetch_threads,
+                    self.map.clone(),
+                    image,
+                    Installer {
+                        pool: self.pool.as_ref().expect("made above").direct(),
+                        ..self.installer(&uffds)
+                    },
+                    uffds.clone(),
+                    hint,
+                    stats.clone(),
+                    self.config.seccomp,
+                    on_fatal.clone(),
+                )
+                .map_err(MemoryError::Thread)?,
+            );
+            self.prefetch_stats = Some(stats);
+        }
         if let Some(config) = collapse {
             let collapser = Collapser {
                 map: self.map.clone(),
@@ -338,8 +390,13 @@ impl Memory {
         }
     }
 
-    /// Stops the collapse thread (a collapse in progress completes or fails cleanly first).
-    pub fn stop_collapse(&mut self) {
+    /// Stops the threads that change guest RAM behind the guest, the prefetcher and the
+    /// collapse thread (an extent being filled or collapsed is finished or given up cleanly
+    /// first), so that a save reads still memory.
+    pub fn stop_background(&mut self) {
+        if let Some(mut p) = self.prefetcher.take() {
+            p.stop();
+        }
         if let Some(mut c) = self.collapser.take() {
             c.stop();
         }
@@ -348,7 +405,7 @@ impl Memory {
     /// Stops the collapse thread and the fault handler (vCPUs must be stopped first: none may
     /// be waiting on a fault).
     pub fn stop(&mut self) {
-        self.stop_collapse();
+        self.stop_background();
         for mut handler in self.handlers.drain(..) {
             handler.stop();
         }
@@ -403,7 +460,7 @@ impl Memory {
 
     /// Extent counts, brought up to date with the kernel first where the kernel populates.
     pub fn counts(&self) -> Result<ExtentCounts, MemoryError> {
-        if !self.config.source.uses_uffd() {
+        if !self.config.serves_faults() {
             self.sync_from_kernel()?;
         }
         Ok(self.map.read().counts())
@@ -491,6 +548,12 @@ impl Memory {
                 limit_bytes: self.ledger.limit(),
                 after_teardown_bytes: None,
             },
+            restore: self.image.as_ref().map(|image| RestoreSection {
+                mode: self.config.restore,
+                copy_ns: self.restore_copy_ns,
+                image_bytes_read: image.bytes_read(),
+                prefetch: self.prefetch_stats.clone(),
+            }),
         })
     }
 }
@@ -607,7 +670,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        memory.stop_collapse();
+        memory.stop_background();
         for gpa in (0..8u64 << 20).step_by(PAGE_SIZE as usize) {
             assert_eq!(
                 memory

@@ -23,13 +23,14 @@ pub mod host_view;
 pub mod huge;
 pub mod manager;
 pub mod map;
+pub mod prefetch;
 pub mod ram;
 pub mod ram_image;
 pub mod report;
 pub mod uffd;
 
 pub use backing::{Backing, PageSourceKind};
-pub use config::{MAP_RESERVE, MAPS_PER_THREAD, MemoryConfig, collapse_unavailable};
+pub use config::{MAP_RESERVE, MAPS_PER_THREAD, MemoryConfig, Restore, collapse_unavailable};
 pub use extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable};
 pub use manager::{Memory, Teardown};
 pub use map::MemoryMap;

@@ -73,7 +73,9 @@ pub enum RamImageError {
     },
     /// A read ended at the end of the file: the image shrank while the VM used it.
     #[error(
-        "memory image {} ended early: reading {len} bytes at file offset {offset} reached the          end of the file (was it truncated while the VM ran?)", path.display()
+        "memory image {} ended early: reading {len} bytes at file offset {offset} reached the \
+         end of the file (was it truncated while the VM ran?)",
+        path.display()
     )]
     ShortRead {
         /// The file named.
@@ -174,6 +176,10 @@ pub struct RamImage {
     opened: (u64, (i64, i64)),
     /// Guest-physical ranges that hold data in the file (the rest are holes, all zeroes).
     data: Vec<Range<u64>>,
+    /// Bytes read from the file for guest RAM so far.
+    bytes_read: crate::metrics::Counter,
+    /// Nanoseconds added to every read (benchmarks: an image on slower storage).
+    read_latency_ns: crate::metrics::Counter,
 }
 
 impl RamImage {
@@ -232,12 +238,19 @@ impl RamImage {
             path: p(),
             opened,
             data,
+            bytes_read: Default::default(),
+            read_latency_ns: Default::default(),
         })
     }
 
     /// Reads the RAM bytes at guest-physical `gpa` into `buf`.
     pub fn read_at(&self, buf: &mut [u8], gpa: u64) -> Result<(), RamImageError> {
         let offset = HEADER_SIZE + gpa;
+        self.bytes_read.add(buf.len() as u64);
+        let latency = self.read_latency_ns.get();
+        if latency > 0 {
+            std::thread::sleep(std::time::Duration::from_nanos(latency));
+        }
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| match source.kind() {
@@ -251,6 +264,17 @@ impl RamImage {
                     source,
                 },
             })
+    }
+
+    /// Makes every read from now on take `latency` longer (benchmarks: an image on slower
+    /// storage than this host's).
+    pub fn set_read_latency(&self, latency: std::time::Duration) {
+        self.read_latency_ns.set(latency.as_nanos() as u64);
+    }
+
+    /// Bytes read for guest RAM so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.get()
     }
 
     /// Fails if the file was truncated, extended or written since it was opened (an image

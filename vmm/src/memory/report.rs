@@ -9,11 +9,12 @@ use serde::Serialize;
 
 use super::backing::Backing;
 use super::collapse::{CollapseOrder, CollapseStats};
-use super::config::MemoryConfig;
+use super::config::{MemoryConfig, Restore};
 use super::extent::ExtentCounts;
 use super::fault::FaultStats;
 use super::host_view::SmapsTotals;
 use super::huge::pool::{PoolKind, PoolStats};
+use super::prefetch::PrefetchStats;
 
 /// Every memory section of the metrics.
 #[derive(Debug, Serialize)]
@@ -28,6 +29,23 @@ pub struct MemoryReport {
     pub collapse: CollapseSection,
     /// Huge-page charges.
     pub ledger: LedgerSection,
+    /// Restoring from a memory image (absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSection>,
+}
+
+/// The `restore` section: how an image was restored and what that read.
+#[derive(Debug, Serialize)]
+pub struct RestoreSection {
+    /// `lazy` or `eager`.
+    pub mode: Restore,
+    /// How long an eager restore took to copy the image in, in ns (0 when lazy).
+    pub copy_ns: u64,
+    /// Bytes read from the image so far, by every reader (faults, prefetch, collapse, copy).
+    pub image_bytes_read: u64,
+    /// The prefetcher's counters, if it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<Arc<PrefetchStats>>,
 }
 
 /// The `memory` section.

@@ -56,6 +56,8 @@ pub struct Vm {
     tsc_khz: u64,
     save_to: Option<ImageTarget>,
     metrics_to: Option<MetricsTarget>,
+    /// When the build began (for the time to the guest's first instruction).
+    built_from: Instant,
     // Last: unmapped after the VM fd (and its memslot) is gone.
     memory: Option<Memory>,
 }
@@ -117,6 +119,7 @@ impl Vm {
         devices: Devices,
         gate: Option<Arc<AtomicBool>>,
     ) -> Result<Vm, VmError> {
+        let built_from = Instant::now();
         let hugetlb_free_before = host_view::hugetlb_pool().free;
         let kvm = open_kvm(&config)?;
         let host_mem = host_memory().map_err(VmError::HostMemory)?;
@@ -232,6 +235,7 @@ impl Vm {
             config,
             events,
             hugetlb_free_before,
+            built_from,
             tsc_khz,
             save_to,
             metrics_to,
@@ -351,6 +355,7 @@ impl Vm {
                 break Outcome::TimedOut(t);
             }
         };
+        let guest_ended = start.elapsed();
         let vcpus = match stop_and_join(&stop, threads, &|| self.memory().release_faults()) {
             Ok(v) => v,
             Err(e) => {
@@ -362,7 +367,7 @@ impl Vm {
         self.memory
             .as_mut()
             .expect("memory lives until teardown")
-            .stop_collapse();
+            .stop_background();
         let mut outcome = outcome;
         let saved = match (&self.save_to, &outcome) {
             (Some(target), &Outcome::Done(code)) => {
@@ -418,6 +423,8 @@ impl Vm {
         let summary = RunSummary {
             outcome,
             wall: start.elapsed(),
+            to_first_instruction: start.duration_since(self.built_from),
+            guest: guest_ended,
             vcpus,
             console: ConsoleSection {
                 written_bytes,

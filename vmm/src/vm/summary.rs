@@ -109,6 +109,12 @@ pub struct RunSummary {
     pub outcome: Outcome,
     /// From the first vCPU start to the end of teardown.
     pub wall: Duration,
+    /// From the start of the build (memory mapped, an eager restore copied in) to the first
+    /// vCPU start.
+    pub to_first_instruction: Duration,
+    /// From the first vCPU start to the end of the guest (every vCPU done, or the run
+    /// stopped).
+    pub guest: Duration,
     /// Per-vCPU counters.
     pub vcpus: Vec<VcpuStats>,
     /// Console output.
@@ -127,6 +133,8 @@ struct SummaryJson<'a> {
     exit_code: u8,
     outcome: String,
     wall_time_ns: u64,
+    to_first_instruction_ns: u64,
+    guest_time_ns: u64,
     vcpus: &'a [VcpuStats],
     console: ConsoleSection,
     saved_image: &'a Option<SavedImage>,
@@ -149,6 +157,8 @@ impl RunSummary {
             exit_code: self.outcome.exit_code(),
             outcome: self.outcome.describe(),
             wall_time_ns: self.wall.as_nanos() as u64,
+            to_first_instruction_ns: self.to_first_instruction.as_nanos() as u64,
+            guest_time_ns: self.guest.as_nanos() as u64,
             vcpus: &self.vcpus,
             console: self.console,
             saved_image: &self.saved,

@@ -4,7 +4,8 @@
 //! Arguments: `mode=fill-check|fill|check|stress`, `seed=N` (1), `passes=N` (stress, 4),
 //! `pass=N` (the pass whose pattern `check` expects, 0), `size=SIZE` (all free RAM),
 //! `timing=off|on` (on: time every page's check and write, and report the longest and a log2
-//! histogram, see `guest_abi::stalls`).
+//! histogram, see `guest_abi::stalls`), `pattern=seq|random` (the order `check` visits pages
+//! in: a restored guest's working set, touched at random).
 //! Each vCPU works on its own share. Three words per page (first, middle, last) carry the
 //! pattern. In `stress`, every pass checks what the previous pass wrote before writing anew.
 //! Mismatches are printed with their guest address (the first few), counted, and make the
@@ -12,7 +13,9 @@
 #![no_std]
 #![no_main]
 
-use guest_rt::{Args, BootInfo, Stalls, Text, fail, layout::PAGE_SIZE, my_share, report, timing};
+use guest_rt::{
+    Args, BootInfo, Shuffle, Stalls, Text, fail, layout::PAGE_SIZE, my_share, report, timing,
+};
 
 guest_rt::entry!(main);
 
@@ -75,6 +78,7 @@ impl Checker {
 
 fn main(boot: &BootInfo, args: &Args) -> u64 {
     let mode = args.choice("mode", &["fill-check", "fill", "check", "stress"]);
+    let random = args.choice("pattern", &["seq", "random"]) == "random";
     let free = boot.free_end - boot.free_start;
     let size = args.size("size", free);
     if size > free {
@@ -108,10 +112,16 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
         }),
         "check" => {
             let pass = args.size("pass", 0);
-            pages_iter().for_each(|gpa| {
+            let order = c.seed ^ boot.vcpu_index;
+            let mut visit = |gpa| {
                 c.check(gpa, pass);
                 lap();
-            });
+            };
+            if random {
+                Shuffle::new(pages, order).for_each(|p| visit(base + p * PAGE_SIZE));
+            } else {
+                pages_iter().for_each(visit);
+            }
         }
         "fill-check" => {
             pages_iter().for_each(|gpa| {

@@ -63,6 +63,8 @@ pub struct Resolver {
     /// How long to keep looking for the next fault before sleeping (see [`SPIN_AFTER_FAULT`]);
     /// zero where the handler would take a CPU a vCPU needs.
     pub spin: std::time::Duration,
+    /// Where the prefetcher learns of the guest's faults, if one runs.
+    pub hint: Option<Arc<crate::memory::prefetch::FaultHint>>,
 }
 
 /// The running handler thread; stopped and joined on drop.

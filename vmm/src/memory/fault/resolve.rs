@@ -38,6 +38,9 @@ pub fn serve_missing(
     gpa: u64,
     buffers: &mut Buffers,
 ) -> Result<(), String> {
+    if let Some(hint) = &r.hint {
+        hint.faulted(ExtentIndex::containing(gpa));
+    }
     let gran = r.granularity;
     let first = gpa & !(gran - 1);
     let host_base = r.map.ram().host_base().0 as u64;

@@ -1,0 +1,457 @@
+//! `vmm bench restore`: a guest fills its RAM (all of it, `dense`, or the first quarter,
+//! `sparse`) and saves it to an image; the image is then restored in each mode and the
+//! restored guest checks a working set (`verify mode=check pattern=random` over a fraction of
+//! what was filled), timing every access. Modes: `eager` (the whole image read into THP-backed
+//! RAM before the guest starts), `lazy-4k` (4 KiB per fault), `lazy-2m` (a whole extent per
+//! fault), `prefetch` (2 MiB per fault, and the prefetcher filling the rest behind the guest).
+//! While each guest runs, the benchmark samples how much of RAM is resident and how much is
+//! mapped huge, for the times until all of it is and the plot.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use guest_abi::layout::{EXTENT_SIZE, LOAD_BASE};
+use serde_json::{Value, json};
+
+use super::{BenchError, finish, median, progress, quiet_devices, run_vm};
+use crate::config::{Collapse, GuestArg, VmConfig};
+use crate::memory::huge::pool::PoolKind;
+use crate::memory::{Backing, PageSourceKind, Restore, host_view};
+use crate::units::ByteSize;
+use crate::vm::Vm;
+
+/// How a restore is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Read it all in before the guest starts.
+    Eager,
+    /// 4 KiB per fault.
+    Lazy4k,
+    /// A whole extent per fault.
+    Lazy2m,
+    /// A whole extent per fault and the prefetcher behind the guest.
+    Prefetch,
+}
+
+impl Mode {
+    /// Every mode.
+    pub const ALL: [Mode; 4] = [Mode::Eager, Mode::Lazy4k, Mode::Lazy2m, Mode::Prefetch];
+
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Eager => "eager",
+            Mode::Lazy4k => "lazy-4k",
+            Mode::Lazy2m => "lazy-2m",
+            Mode::Prefetch => "prefetch",
+        }
+    }
+}
+
+impl clap::ValueEnum for Mode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Mode::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
+/// How much of RAM the saved guest filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Density {
+    /// All of it.
+    Dense,
+    /// The first quarter; the rest are holes in the image.
+    Sparse,
+}
+
+impl Density {
+    fn fraction(self) -> f64 {
+        match self {
+            Density::Dense => 1.0,
+            Density::Sparse => 0.25,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Density::Dense => "dense",
+            Density::Sparse => "sparse",
+        }
+    }
+}
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct RestoreBenchConfig {
+    /// Guest RAM.
+    pub memory: ByteSize,
+    /// Densities of the saved image.
+    pub densities: Vec<Density>,
+    /// Modes (empty: all).
+    pub modes: Vec<Mode>,
+    /// Fraction of the filled memory the restored guest checks.
+    pub working_set: f64,
+    /// Drop the image from the page cache before each restore (cold), else warm.
+    pub cold: bool,
+    /// Added to every read of the image.
+    pub image_latency: Duration,
+    /// Rounds, modes interleaved.
+    pub repeat: u32,
+    /// Where the images go.
+    pub scratch: PathBuf,
+}
+
+impl RestoreBenchConfig {
+    /// Guest-physical bytes the guest programs may use (RAM above the load area).
+    fn free(&self) -> u64 {
+        self.memory.0 - LOAD_BASE - EXTENT_SIZE
+    }
+
+    fn filled(&self, d: Density) -> u64 {
+        ((self.free() as f64 * d.fraction()) as u64) & !(EXTENT_SIZE - 1)
+    }
+
+    fn checked(&self, d: Density) -> u64 {
+        ((self.filled(d) as f64 * self.working_set) as u64) & !(EXTENT_SIZE - 1)
+    }
+
+    fn vm_config(&self, mode: Mode, d: Density, image: &Path) -> VmConfig {
+        let arg = |k: &str, v: String| GuestArg {
+            key: k.into(),
+            value: v,
+        };
+        let (backing, restore, granularity, prefetch) = match mode {
+            Mode::Eager => (Backing::Thp, Restore::Eager, 4096, None),
+            Mode::Lazy4k => (Backing::Small, Restore::Lazy, 4096, Some(false)),
+            Mode::Lazy2m => (Backing::Small, Restore::Lazy, EXTENT_SIZE, Some(false)),
+            Mode::Prefetch => (Backing::Small, Restore::Lazy, EXTENT_SIZE, Some(true)),
+        };
+        VmConfig {
+            guest: "verify".into(),
+            memory: self.memory,
+            args: vec![
+                arg("mode", "check".into()),
+                arg("pattern", "random".into()),
+                arg("size", self.checked(d).to_string()),
+                arg("timing", "on".into()),
+            ],
+            backing,
+            page_source: PageSourceKind::Image(image.into()),
+            restore,
+            prefetch: prefetch.filter(|_| backing == Backing::Small),
+            fault_granularity: ByteSize(granularity),
+            collapse: Collapse::Off,
+            huge_source: PoolKind::Thp,
+            image_read_latency: self.image_latency,
+            seccomp: crate::seccomp::Seccomp::Off,
+            ..VmConfig::default()
+        }
+    }
+}
+
+/// Drops `path`'s pages from the page cache (no root needed: advice on our own file).
+fn drop_from_cache(path: &Path) -> Result<(), BenchError> {
+    let file = File::open(path)
+        .map_err(|e| BenchError::Setup(format!("cannot open {}: {e}", path.display())))?;
+    file.sync_all()
+        .map_err(|e| BenchError::Setup(format!("cannot sync {}: {e}", path.display())))?;
+    // SAFETY: advice on an open descriptor we own; it changes no data.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return Err(BenchError::Setup(format!(
+            "cannot drop {} from the page cache: {}",
+            path.display(),
+            std::io::Error::from_raw_os_error(r)
+        )));
+    }
+    Ok(())
+}
+
+/// A plain sequential read of the whole file (`cat file > /dev/null`), in bytes per second.
+fn read_bandwidth(path: &Path) -> Result<f64, BenchError> {
+    use std::io::Read;
+    let mut file = File::open(path)
+        .map_err(|e| BenchError::Setup(format!("cannot open {}: {e}", path.display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (start, mut total) = (Instant::now(), 0u64);
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| BenchError::Setup(format!("cannot read {}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// One restore: the run's figures, and resident / huge bytes sampled over time.
+fn restore_once(
+    config: &RestoreBenchConfig,
+    mode: Mode,
+    d: Density,
+    image: &Path,
+) -> Result<Value, BenchError> {
+    if config.cold {
+        drop_from_cache(image)?;
+    }
+    let started = Instant::now();
+    let vm = Vm::build(config.vm_config(mode, d, image), quiet_devices()).map_err(|source| {
+        BenchError::Vm {
+            what: mode.name().into(),
+            source,
+        }
+    })?;
+    let range = vm.ram_host_range();
+    let done = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let r = vm.run();
+            done.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    let data = config.filled(d);
+    let (mut series, mut resident_at, mut huge_at) = (Vec::new(), None, None);
+    while !done.load(Ordering::SeqCst) {
+        let t = started.elapsed();
+        let bytes = |mask| match host_view::scan(range.start, range.end, mask) {
+            Ok(Some(r)) => r.iter().map(|r| r.end - r.start).sum(),
+            _ => 0,
+        };
+        let (present, huge) = (
+            bytes(host_view::PAGE_IS_PRESENT),
+            bytes(host_view::PAGE_IS_HUGE),
+        );
+        series.push(json!([t.as_secs_f64() * 1e3, present >> 20, huge >> 20]));
+        if resident_at.is_none() && present >= data {
+            resident_at = Some(t);
+        }
+        if huge_at.is_none() && huge >= data {
+            huge_at = Some(t);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let summary = finish(
+        mode.name(),
+        runner
+            .join()
+            .map_err(|_| BenchError::Setup("the VM thread panicked".into()))?,
+    )?;
+    let j = summary.to_json();
+    let mismatches: u64 = summary
+        .vcpus
+        .iter()
+        .filter_map(|v| v.report("mismatches"))
+        .sum();
+    let stalls = summary.guest_stalls();
+    let first = summary.to_first_instruction;
+    Ok(json!({
+        "mode": mode.name(),
+        "to_first_instruction_ns": first.as_nanos() as u64,
+        "to_guest_end_ns": (first + summary.guest).as_nanos() as u64,
+        "vcpu_faults": j["faults"]["served"],
+        "guest_stall_ns": stalls.as_ref().map(|g| json!({ "p99": g.p99_ns, "max": g.max_ns })),
+        "all_resident_ns": resident_at.map(|t| t.as_nanos() as u64),
+        "all_huge_ns": huge_at.map(|t| t.as_nanos() as u64),
+        "huge_extents_at_end": j["memory"]["extents"]["huge"],
+        "bytes_read": j["restore"]["image_bytes_read"],
+        "prefetch": j["restore"]["prefetch"],
+        "mismatches": mismatches,
+        "series_ms_mib_huge_mib": series,
+    }))
+}
+
+fn ms(v: &Value) -> String {
+    v.as_f64()
+        .map_or("-".into(), |ns| format!("{:.0}", ns / 1e6))
+}
+
+/// Runs the benchmark, prints a table per density, and returns every figure as JSON.
+pub fn run(config: &RestoreBenchConfig) -> Result<Value, BenchError> {
+    let modes = if config.modes.is_empty() {
+        Mode::ALL.to_vec()
+    } else {
+        config.modes.clone()
+    };
+    let steps = config.densities.len() as u64 * (1 + u64::from(config.repeat) * modes.len() as u64);
+    let bar = progress(steps, "restore");
+    let mut tables = Vec::new();
+    for &d in &config.densities {
+        bar.set_message(format!("saving a {} image", d.name()));
+        let image = config
+            .scratch
+            .join(format!("bench-restore-{}.img", d.name()));
+        let save = VmConfig {
+            guest: "verify".into(),
+            memory: config.memory,
+            args: vec![
+                GuestArg {
+                    key: "mode".into(),
+                    value: "fill".into(),
+                },
+                GuestArg {
+                    key: "size".into(),
+                    value: config.filled(d).to_string(),
+                },
+            ],
+            collapse: Collapse::Off,
+            save_memory: Some(image.clone()),
+            seccomp: crate::seccomp::Seccomp::Off,
+            ..VmConfig::default()
+        };
+        run_vm("saving the image", save)?;
+        bar.inc(1);
+        let cat = {
+            if config.cold {
+                drop_from_cache(&image)?;
+            }
+            read_bandwidth(&image)?
+        };
+        let mut rounds: Vec<Vec<Value>> = modes.iter().map(|_| Vec::new()).collect();
+        for _ in 0..config.repeat.max(1) {
+            for (i, &mode) in modes.iter().enumerate() {
+                bar.set_message(format!("{} {}", d.name(), mode.name()));
+                rounds[i].push(restore_once(config, mode, d, &image)?);
+                bar.inc(1);
+            }
+        }
+        let _ = std::fs::remove_file(&image);
+        bar.suspend(|| tables.push(report(config, d, &modes, &rounds, cat)));
+    }
+    bar.finish_and_clear();
+    Ok(json!({
+        "benchmark": "restore",
+        "memory_bytes": config.memory.0,
+        "working_set": config.working_set,
+        "cache": if config.cold { "cold" } else { "warm" },
+        "image_latency_us": config.image_latency.as_secs_f64() * 1e6,
+        "repeat": config.repeat.max(1),
+        "tables": tables,
+    }))
+}
+
+/// The median of `key` over `rounds` (absent if any round lacks it).
+fn med(rounds: &[Value], key: &str) -> Value {
+    let mut v: Vec<f64> = rounds.iter().filter_map(|r| r[key].as_f64()).collect();
+    if v.len() < rounds.len() {
+        return Value::Null;
+    }
+    json!(median(&mut v))
+}
+
+fn report(
+    config: &RestoreBenchConfig,
+    d: Density,
+    modes: &[Mode],
+    rounds: &[Vec<Value>],
+    cat: f64,
+) -> Value {
+    println!(
+        "vmm bench restore: {} image of {} ({} filled), working set {:.0}% checked at random, {} cache, image latency {} us, {} round(s), medians",
+        d.name(),
+        config.memory,
+        ByteSize(config.filled(d)),
+        config.working_set * 100.0,
+        if config.cold { "cold" } else { "warm" },
+        config.image_latency.as_micros(),
+        config.repeat.max(1)
+    );
+    println!(
+        "{:<9} {:>9} {:>9} {:>8} {:>16} {:>10} {:>9} {:>8} {:>9} {:>5}",
+        "mode",
+        "1st ms",
+        "end ms",
+        "faults",
+        "stall p99/max us",
+        "resident",
+        "all huge",
+        "huge end",
+        "read MiB",
+        "bad"
+    );
+    let mut rows = Vec::new();
+    for (i, &mode) in modes.iter().enumerate() {
+        let r = &rounds[i];
+        let stall = |k: &str| {
+            let mut v: Vec<f64> = r
+                .iter()
+                .filter_map(|x| x["guest_stall_ns"][k].as_f64())
+                .collect();
+            (!v.is_empty()).then(|| median(&mut v))
+        };
+        let row = json!({
+            "mode": mode.name(),
+            "to_first_instruction_ns": med(r, "to_first_instruction_ns"),
+            "to_guest_end_ns": med(r, "to_guest_end_ns"),
+            "vcpu_faults": med(r, "vcpu_faults"),
+            "guest_stall_ns": { "p99": stall("p99"), "max": stall("max") },
+            "all_resident_ns": med(r, "all_resident_ns"),
+            "all_huge_ns": med(r, "all_huge_ns"),
+            "huge_extents_at_end": med(r, "huge_extents_at_end"),
+            "bytes_read": med(r, "bytes_read"),
+            "mismatches": r.iter().filter_map(|x| x["mismatches"].as_u64()).sum::<u64>(),
+            "rounds": r,
+        });
+        println!(
+            "{:<9} {:>9} {:>9} {:>8} {:>16} {:>10} {:>9} {:>8} {:>9} {:>5}",
+            mode.name(),
+            ms(&row["to_first_instruction_ns"]),
+            ms(&row["to_guest_end_ns"]),
+            row["vcpu_faults"]
+                .as_f64()
+                .map_or("-".into(), |f| format!("{f:.0}")),
+            match (stall("p99"), stall("max")) {
+                (Some(a), Some(b)) => format!("{:.0}/{:.0}", a / 1e3, b / 1e3),
+                _ => "n/a".into(),
+            },
+            ms(&row["all_resident_ns"]),
+            ms(&row["all_huge_ns"]),
+            row["huge_extents_at_end"]
+                .as_f64()
+                .map_or("-".into(), |f| format!("{f:.0}")),
+            row["bytes_read"]
+                .as_f64()
+                .map_or("-".into(), |b| format!("{:.0}", b / 1048576.0)),
+            row["mismatches"],
+        );
+        rows.push(row);
+    }
+    let prefetch_bw = rounds
+        .iter()
+        .flatten()
+        .filter(|r| r["mode"] == "prefetch")
+        .filter_map(|r| {
+            let p = &r["prefetch"];
+            let (bytes, ns) = (p["bytes_read"].as_f64()?, p["done_ns"].as_f64()?);
+            (ns > 0.0).then_some(bytes / (ns / 1e9))
+        })
+        .collect::<Vec<_>>();
+    let prefetch_bw = (!prefetch_bw.is_empty()).then(|| median(&mut prefetch_bw.clone()));
+    println!(
+        "image reads: a plain sequential read of the file {:.0} MiB/s{}\n",
+        cat / 1048576.0,
+        prefetch_bw.map_or(String::new(), |b| format!(
+            "; the prefetcher {:.0} MiB/s ({:.2}x)",
+            b / 1048576.0,
+            b / cat
+        ))
+    );
+    json!({
+        "density": d.name(),
+        "filled_bytes": config.filled(d),
+        "checked_bytes": config.checked(d),
+        "cat_bytes_per_sec": cat,
+        "prefetch_bytes_per_sec": prefetch_bw,
+        "modes": rows,
+    })
+}
