@@ -264,3 +264,48 @@ fn bench_collapse_sweeps_alloc_latency_and_vcpus() {
         "{run}"
     );
 }
+
+/// `vmm bench restore` runs every mode end to end on a small image, loses nothing, and its
+/// JSON says what each mode cost.
+#[test]
+fn bench_restore_reports_every_mode() {
+    require_kvm!();
+    let dir = TempDir::new("bench-restore");
+    let (json_path, plot) = (dir.path("r.json"), dir.path("r.svg"));
+    let run = vmm_ok(&words(&format!(
+        "bench restore --memory 32M --density sparse --drop-caches --json {json_path} --plot {plot}"
+    )));
+    let json = read_json(&json_path);
+    assert_eq!(json["cache"], "cold");
+    let table = &json["tables"][0];
+    assert_eq!(table["density"], "sparse");
+    let modes = table["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, ["eager", "lazy-4k", "lazy-2m", "prefetch"]);
+    for m in modes {
+        let name = m["mode"].as_str().unwrap();
+        assert_eq!(m["mismatches"], 0, "{name}");
+        assert!(
+            m["to_first_instruction_ns"].as_f64().unwrap() > 0.0,
+            "{name}"
+        );
+        assert!(
+            m["to_guest_end_ns"].as_f64() > m["to_first_instruction_ns"].as_f64(),
+            "{name}"
+        );
+        assert!(m["bytes_read"].as_f64().unwrap() > 0.0, "{name}");
+    }
+    let faults = |name: &str| {
+        modes.iter().find(|m| m["mode"] == name).unwrap()["vcpu_faults"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(faults("eager"), 0.0, "eager takes no fault");
+    assert!(faults("lazy-4k") > faults("lazy-2m"), "{table}");
+    assert!(table["cat_bytes_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(
+        run.stdout.contains("a plain sequential read of the file"),
+        "{run}"
+    );
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+}
