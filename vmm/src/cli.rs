@@ -84,6 +84,9 @@ pub struct RestoreArgs {
     #[arg(long, default_value_t = 0, value_name = "US",
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub image_latency: u64,
+    /// Prefetch threads in the `prefetch` mode.
+    #[arg(long, default_value_t = crate::memory::prefetch::PREFETCH_THREADS, value_name = "N")]
+    pub prefetch_threads: usize,
     /// Rounds, modes interleaved; medians are reported.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub repeat: u32,
@@ -102,6 +105,7 @@ impl RestoreArgs {
             working_set: f64::from(self.working_set) / 100.0,
             cold: self.drop_caches,
             image_latency: Duration::from_micros(self.image_latency),
+            prefetch_threads: self.prefetch_threads,
             repeat: self.repeat,
             scratch: std::env::temp_dir(),
         }
@@ -388,8 +392,9 @@ pub struct RunArgs {
     /// time (default: on for an image restored lazily into 4 KiB backing).
     #[arg(long, value_enum, value_name = "on|off")]
     pub prefetch: Option<Switch>,
-    /// Prefetch threads.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Prefetch threads (two reach the bandwidth of a plain sequential read here, one about
+    /// half of it).
+    #[arg(long, default_value_t = crate::memory::prefetch::PREFETCH_THREADS, value_name = "N")]
     pub prefetch_threads: usize,
     /// How huge pages go into guest RAM: move (UFFDIO_MOVE where the kernel has it and the
     /// page is a THP, else mremap) or mremap.

@@ -159,7 +159,7 @@ impl Default for VmConfig {
             alloc_latency: std::time::Duration::ZERO,
             restore: Restore::Lazy,
             prefetch: None,
-            prefetch_threads: 1,
+            prefetch_threads: crate::memory::prefetch::PREFETCH_THREADS,
             image_read_latency: std::time::Duration::ZERO,
         }
     }

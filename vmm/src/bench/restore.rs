@@ -102,6 +102,8 @@ pub struct RestoreBenchConfig {
     pub cold: bool,
     /// Added to every read of the image.
     pub image_latency: Duration,
+    /// Prefetch threads in the `prefetch` mode.
+    pub prefetch_threads: usize,
     /// Rounds, modes interleaved.
     pub repeat: u32,
     /// Where the images go.
@@ -150,6 +152,7 @@ impl RestoreBenchConfig {
             collapse: Collapse::Off,
             huge_source: PoolKind::Thp,
             image_read_latency: self.image_latency,
+            prefetch_threads: self.prefetch_threads,
             seccomp: crate::seccomp::Seccomp::Off,
             ..VmConfig::default()
         }
@@ -335,6 +338,7 @@ pub fn run(config: &RestoreBenchConfig) -> Result<Value, BenchError> {
         "working_set": config.working_set,
         "cache": if config.cold { "cold" } else { "warm" },
         "image_latency_us": config.image_latency.as_secs_f64() * 1e6,
+        "prefetch_threads": config.prefetch_threads,
         "repeat": config.repeat.max(1),
         "tables": tables,
     }))

@@ -23,6 +23,7 @@ pub mod host_view;
 pub mod huge;
 pub mod manager;
 pub mod map;
+mod populate;
 pub mod prefetch;
 pub mod ram;
 pub mod ram_image;
