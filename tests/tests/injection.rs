@@ -268,7 +268,7 @@ fn the_prefetcher_stops_cleanly_and_ends_the_vm_on_a_bad_image() {
     );
     // A panic in a prefetch thread ends the VM with the thread's name.
     inject(
-        source,
+        &format!("{source} --prefetch-threads 1"),
         "prefetch-extent=1*panic(injected)",
         Expect::Ends(HANDLER_FAILED, "prefetch0 panicked: injected"),
     );
