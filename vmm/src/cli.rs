@@ -12,6 +12,7 @@ use crate::bench::collapse::{CollapseBenchConfig, Variant};
 use crate::bench::faults::{Access, FaultsConfig, Mode, Pattern};
 use crate::bench::restore::{Density, Mode as RestoreMode, RestoreBenchConfig};
 use crate::config::{Collapse, GuestArg, VmConfig};
+use crate::handoff::serve::{Granularity, ServeConfig};
 use crate::memory::collapse::config::{
     ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS,
 };
@@ -41,6 +42,68 @@ pub enum Command {
     /// Benchmarks: guest demand paging, huge-page collapse.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve a VMM's guest RAM from a raw memory file over Firecracker's userfaultfd handoff
+    /// (this VMM with --page-source external:SOCK, or Firecracker).
+    UffdServe(UffdServeArgs),
+    /// Convert memory images: to and from raw RAM files (what Firecracker's page servers read).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+/// `vmm uffd-serve`.
+#[derive(Debug, clap::Args)]
+pub struct UffdServeArgs {
+    /// The socket to listen on (a stale socket there is replaced; nothing else is).
+    pub socket: PathBuf,
+    /// Raw guest RAM: the regions' contents back to back, no header (`vmm image export`).
+    pub file: PathBuf,
+    /// How much of a 4 KiB region one fault resolves: its page, or the 2 MiB around it.
+    #[arg(long, value_enum, default_value_t = Granularity::default())]
+    pub granularity: Granularity,
+    /// Write what was served as JSON here at the end.
+    #[arg(long, value_name = "PATH")]
+    pub metrics: Option<PathBuf>,
+    /// On a fatal error, kill the VMM (SIGKILL; Firecracker would otherwise wait forever on
+    /// its next fault). `off` leaves it to notice the hang-up itself, as this VMM does.
+    #[arg(long, value_enum, default_value_t = Switch::On, value_name = "on|off")]
+    pub kill_peer: Switch,
+    /// Microseconds added to every read of the file (slower storage than this host's).
+    #[arg(long, default_value_t = 0, value_name = "US",
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub image_latency: u64,
+}
+
+impl UffdServeArgs {
+    /// The server these arguments describe.
+    pub fn to_config(&self) -> ServeConfig {
+        ServeConfig {
+            socket: self.socket.clone(),
+            file: self.file.clone(),
+            granularity: self.granularity,
+            metrics: self.metrics.clone(),
+            kill_peer: self.kill_peer == Switch::On,
+            read_latency: Duration::from_micros(self.image_latency),
+        }
+    }
+}
+
+/// `vmm image`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Write a memory image (`--save-memory`) as raw RAM: no header, sparse.
+    Export {
+        /// The memory image.
+        image: PathBuf,
+        /// The raw file to write (replaced atomically).
+        raw: PathBuf,
+    },
+    /// Make a memory image (for `--page-source image:PATH`) of raw RAM.
+    Import {
+        /// The raw file: a whole number of 2 MiB of guest RAM.
+        raw: PathBuf,
+        /// The image to write (replaced atomically).
+        image: PathBuf,
+    },
 }
 
 /// `vmm bench`.

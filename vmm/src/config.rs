@@ -268,6 +268,27 @@ pub enum ConfigError {
         /// Largest allowed.
         max: usize,
     },
+    /// An external page server with a backing it cannot fill.
+    #[error(
+        "--page-source external:SOCKET needs --backing small: the page server fills 4 KiB \
+         pages (with {0:?} backing the VMM populates all of RAM itself)"
+    )]
+    ExternalNeedsSmall(Backing),
+    /// The collapse thread asked for where an external page server owns the faults.
+    #[error(
+        "--collapse on cannot run with --page-source external: its write-protect faults would \
+         reach a page server that does not answer them, and a page it moves out of the way \
+         would be filled again by that server from its file (stale); the collapse is off with \
+         an external page server (drop --collapse on)"
+    )]
+    CollapseWithExternal,
+    /// A save where an external page server holds what the guest never touched.
+    #[error(
+        "--save-memory cannot save a guest served by an external page server: the pages the \
+         guest never touched live in that server's file, not here (save the server's file \
+         instead; `vmm image import RAW IMAGE` makes an image of it)"
+    )]
+    SaveWithExternal,
     /// An output file whose directory does not exist.
     #[error("{flag} {path}: the directory {dir} does not exist")]
     OutputDir {
@@ -341,6 +362,9 @@ impl VmConfig {
         }
         if let Some(path) = &self.save_memory {
             check_output_dir("--save-memory", path)?;
+            if self.external() {
+                return Err(ConfigError::SaveWithExternal);
+            }
         }
         if self.metrics_interval.is_some() && self.metrics.is_none() {
             return Err(ConfigError::IntervalWithoutMetrics);
@@ -353,6 +377,14 @@ impl VmConfig {
         let mem = self.memory.0;
         if matches!(self.collapse, Collapse::On(_)) && self.backing != Backing::Small {
             return Err(ConfigError::CollapseNeedsSmall(self.backing));
+        }
+        if self.external() {
+            if self.backing != Backing::Small {
+                return Err(ConfigError::ExternalNeedsSmall(self.backing));
+            }
+            if matches!(self.collapse, Collapse::On(_)) {
+                return Err(ConfigError::CollapseWithExternal);
+            }
         }
         if let Some(c) = self.collapse.config() {
             if c.max_ptes_none > MAX_PTES_NONE {
@@ -427,7 +459,7 @@ impl VmConfig {
     /// backing.
     pub fn collapse_on(&self) -> Option<&CollapseConfig> {
         match &self.collapse {
-            Collapse::Default(_) if self.backing != Backing::Small => None,
+            Collapse::Default(_) if self.backing != Backing::Small || self.external() => None,
             other => other.config(),
         }
     }
@@ -459,6 +491,11 @@ impl VmConfig {
                 0
             },
         }
+    }
+
+    /// Whether an external page server fills guest RAM.
+    pub fn external(&self) -> bool {
+        matches!(self.page_source, PageSourceKind::External(_))
     }
 
     /// Whether the prefetcher runs: as asked, or by default wherever it applies (an image

@@ -16,6 +16,7 @@ pub mod devices;
 pub mod error;
 pub mod files;
 pub mod fuzz;
+pub mod handoff;
 pub mod inject;
 pub mod loader;
 pub mod memory;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::bench::{self, BenchError, collapse, faults, plot, restore};
-use vmm::cli::{BenchCommand, Cli, Command};
+use vmm::cli::{BenchCommand, Cli, Command, ImageCommand};
 use vmm::devices::Devices;
 use vmm::error::{chain, exit_code};
 use vmm::loader::BUILTINS;
@@ -38,6 +38,56 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {}", chain(&e));
                     ExitCode::from(exit_code::VMM_FAILED)
+                }
+            }
+        }
+        Command::UffdServe(args) => {
+            init_logging("info");
+            match vmm::handoff::serve::serve(&args.to_config()) {
+                Ok(report) => {
+                    eprintln!(
+                        "vmm uffd-serve: the VMM closed its end; served {} faults ({} bytes, \
+                         {} copies, {} zero fills, {} of 2 MiB; {} removes)",
+                        report.faults,
+                        report.bytes_served,
+                        report.copies,
+                        report.zero_fills,
+                        report.extents_2m,
+                        report.removes
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}", chain(&e));
+                    ExitCode::from(if e.is_bad_input() {
+                        exit_code::BAD_INPUT
+                    } else {
+                        exit_code::VMM_FAILED
+                    })
+                }
+            }
+        }
+        Command::Image(command) => {
+            let (from, to, to_raw) = match &command {
+                ImageCommand::Export { image, raw } => (image, raw, true),
+                ImageCommand::Import { raw, image } => (raw, image, false),
+            };
+            match vmm::memory::ram_image::convert(from, to, to_raw) {
+                Ok(stats) => {
+                    eprintln!(
+                        "vmm image: wrote {} ({} data pages, the rest holes)",
+                        to.display(),
+                        stats.data_pages
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}", chain(&e));
+                    ExitCode::from(if e.is_bad_input() {
+                        exit_code::BAD_INPUT
+                    } else {
+                        exit_code::VMM_FAILED
+                    })
                 }
             }
         }

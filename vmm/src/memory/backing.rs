@@ -56,12 +56,16 @@ pub enum PageSourceKind {
     Zero,
     /// The VMM's fault handler fills faults from a memory image file.
     Image(PathBuf),
+    /// A page server listening on this socket fills faults: guest RAM is handed to it over
+    /// Firecracker's userfaultfd handoff ([`crate::handoff`]).
+    External(PathBuf),
 }
 
 impl PageSourceKind {
-    /// Whether the VMM's userfaultfd handler serves faults for this source (with 4 KiB backing).
+    /// Whether the VMM's own userfaultfd handler serves faults for this source (with 4 KiB
+    /// backing).
     pub fn uses_uffd(&self) -> bool {
-        !matches!(self, PageSourceKind::Kernel)
+        matches!(self, PageSourceKind::Zero | PageSourceKind::Image(_))
     }
 
     /// The name used in metrics.
@@ -70,6 +74,7 @@ impl PageSourceKind {
             PageSourceKind::Kernel => "kernel",
             PageSourceKind::Zero => "zero",
             PageSourceKind::Image(_) => "image",
+            PageSourceKind::External(_) => "external",
         }
     }
 }
@@ -80,10 +85,14 @@ impl FromStr for PageSourceKind {
         match s {
             "kernel" => Ok(PageSourceKind::Kernel),
             "zero" => Ok(PageSourceKind::Zero),
-            _ => match s.strip_prefix("image:") {
-                Some(path) if !path.is_empty() => Ok(PageSourceKind::Image(path.into())),
+            _ => match s.split_once(':') {
+                Some(("image", path)) if !path.is_empty() => Ok(PageSourceKind::Image(path.into())),
+                Some(("external", path)) if !path.is_empty() => {
+                    Ok(PageSourceKind::External(path.into()))
+                }
                 _ => Err(format!(
-                    "invalid page source {s:?}: expected kernel, zero or image:PATH"
+                    "invalid page source {s:?}: expected kernel, zero, image:PATH or \
+                     external:SOCKET"
                 )),
             },
         }
@@ -101,7 +110,11 @@ mod tests {
             Ok(PageSourceKind::Image("/a/b".into()))
         );
         assert_eq!("zero".parse(), Ok(PageSourceKind::Zero));
-        for bad in ["image:", "disk", ""] {
+        assert_eq!(
+            "external:/run/s".parse(),
+            Ok(PageSourceKind::External("/run/s".into()))
+        );
+        for bad in ["image:", "external:", "disk", "", "disk:/x"] {
             assert!(
                 bad.parse::<PageSourceKind>()
                     .unwrap_err()

@@ -5,6 +5,7 @@
 //! back every huge page's charge, and unmaps RAM last (after the VM fd, which its owner drops
 //! first).
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -33,6 +34,7 @@ use super::report::{
 };
 use super::uffd::{self, Uffd, UffdSet};
 use super::{MemoryError, ram_image};
+use crate::handoff::{self, Region, Schema};
 
 /// What teardown left behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -63,6 +65,8 @@ pub struct Memory {
     /// The prefetch threads, while they run.
     prefetcher: Option<Prefetcher>,
     prefetch_stats: Option<Arc<PrefetchStats>>,
+    /// The external page server guest RAM was handed to, and our end of its socket.
+    page_server: Option<(std::path::PathBuf, UnixStream)>,
     // Unmapped when the last reference (this one, once the threads are gone) drops.
     map: Arc<MemoryMap>,
 }
@@ -135,6 +139,7 @@ impl Memory {
             restore_copy_ns,
             prefetcher: None,
             prefetch_stats: None,
+            page_server: None,
             map: Arc::new(MemoryMap::new(table, Arc::new(ram))),
         })
     }
@@ -188,6 +193,9 @@ impl Memory {
             return Ok(());
         }
         self.sync_from_kernel()?;
+        if let PageSourceKind::External(socket) = &self.config.source {
+            return self.hand_over(socket.clone());
+        }
         let collapse = self.config.collapse.clone();
         let missing = self.config.serves_faults();
         if !missing && collapse.is_none() {
@@ -357,6 +365,57 @@ impl Memory {
                 .map_err(|e| failed("registering guest RAM", e))?;
         }
         Ok(uffds)
+    }
+
+    /// Hands guest RAM to the page server at `socket` (Firecracker's handoff): a uffd asking
+    /// for remove events, all of RAM registered for missing faults, one handshake. The VMM
+    /// keeps its own reference to the uffd, so a server that dies leaves faults waiting (not
+    /// silently filled with zeroes) until the VM is stopped and RAM unregistered.
+    fn hand_over(&mut self, socket: std::path::PathBuf) -> Result<(), MemoryError> {
+        let needed_by = "--page-source external".to_string();
+        let failed = |what, source| MemoryError::Uffd {
+            needed_by: needed_by.clone(),
+            what,
+            source,
+        };
+        let uffd = Uffd::new(uffd::FEATURE_EVENT_REMOVE).map_err(|source| {
+            MemoryError::UffdUnavailable {
+                needed_by: needed_by.clone(),
+                alternative: "",
+                source,
+            }
+        })?;
+        if uffd.features() & uffd::FEATURE_EVENT_REMOVE == 0 {
+            return Err(failed(
+                "checking its features",
+                std::io::Error::other("the kernel lacks UFFD_FEATURE_EVENT_REMOVE"),
+            ));
+        }
+        let base = self.ram().host_base().0 as u64;
+        let size = self.config.size;
+        uffd.register(base, size, uffd::REGISTER_MODE_MISSING)
+            .map_err(|e| failed("registering guest RAM", e))?;
+        let regions = [Region::new(base, size as usize, 0, PAGE_SIZE as usize, Schema::V1_12)];
+        let stream = handoff::hand_over(&socket, &regions, &uffd).map_err(MemoryError::Handoff)?;
+        log::info!("handed guest RAM to the page server at {}", socket.display());
+        let extents = (size / EXTENT_SIZE) as usize;
+        self.uffds = Some(Arc::new(UffdSet::single(Arc::new(uffd), extents)));
+        self.ram_mappings_at_start = self.ram_mappings()?;
+        self.page_server = Some((socket, stream));
+        Ok(())
+    }
+
+    /// Why the external page server is gone, if it is: it closed its end of the socket
+    /// (exited, crashed, was killed). Its faults will never be answered.
+    pub fn page_server_gone(&self) -> Option<String> {
+        let (socket, stream) = self.page_server.as_ref()?;
+        handoff::hung_up(stream).then(|| {
+            format!(
+                "the page server at {} hung up (it exited or closed its socket): the guest \
+                 pages it has not served can never be read, so the VM stops",
+                socket.display()
+            )
+        })
     }
 
     /// The install path over this memory's pool, ledger and mapping budget.

@@ -107,4 +107,7 @@ pub enum MemoryError {
     /// A memory thread could not be started.
     #[error("cannot start a memory thread")]
     Thread(#[source] std::io::Error),
+    /// Guest RAM could not be handed to the external page server.
+    #[error("cannot hand guest RAM to the page server")]
+    Handoff(#[source] crate::handoff::HandoffError),
 }

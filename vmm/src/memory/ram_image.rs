@@ -22,6 +22,8 @@ const MAGIC: &[u8; 8] = b"VMMIMAGE";
 const VERSION: u32 = 1;
 /// Bytes before the RAM contents.
 pub const HEADER_SIZE: u64 = 4096;
+/// The largest raw RAM file served or converted (1 TiB: any guest this host could run).
+pub const MAX_RAW_LEN: u64 = 1 << 40;
 /// The option that names the file an image is saved to.
 pub const SAVE_FLAG: &str = "--save-memory";
 
@@ -180,11 +182,28 @@ pub struct RamImage {
     bytes_read: crate::metrics::Counter,
     /// Nanoseconds added to every read (benchmarks: an image on slower storage).
     read_latency_ns: crate::metrics::Counter,
+    /// Where guest-physical address 0 lies in the file: after the header, or 0 in a raw file.
+    data_offset: u64,
+    /// Bytes of RAM the file holds.
+    ram_size: u64,
 }
 
 impl RamImage {
     /// Opens `path` and checks it is a complete image of exactly `ram_size` bytes of RAM.
     pub fn open(path: &Path, ram_size: u64) -> Result<RamImage, RamImageError> {
+        let image = Self::open_saved(path)?;
+        if image.ram_size != ram_size {
+            return Err(RamImageError::SizeMismatch {
+                path: path.into(),
+                image_ram: ByteSize(image.ram_size),
+                ram: ByteSize(ram_size),
+            });
+        }
+        Ok(image)
+    }
+
+    /// Opens `path` and checks it is a complete image, of whatever size its header says.
+    pub fn open_saved(path: &Path) -> Result<RamImage, RamImageError> {
         let p = || path.to_path_buf();
         let (file, len) = files::open_regular(path, "memory image", HEADER_SIZE + MAX_RAM)?;
         let mut h = [0u8; 32];
@@ -213,39 +232,56 @@ impl RamImage {
                 ram: image_ram,
             });
         }
-        if image_ram != ram_size {
-            return Err(RamImageError::SizeMismatch {
-                path: p(),
-                image_ram: ByteSize(image_ram),
-                ram: ByteSize(ram_size),
-            });
-        }
+        Self::from_file(file, path, HEADER_SIZE, len)
+    }
+
+    /// Opens a raw file of guest RAM (no header; guest-physical address = file offset), as
+    /// Firecracker's page servers read it. Its length is the caller's to check.
+    pub fn open_raw(path: &Path, what: &'static str) -> Result<RamImage, RamImageError> {
+        let (file, len) = files::open_regular(path, what, MAX_RAW_LEN)?;
+        Self::from_file(file, path, 0, len)
+    }
+
+    fn from_file(
+        file: File,
+        path: &Path,
+        data_offset: u64,
+        len: u64,
+    ) -> Result<RamImage, RamImageError> {
+        let io = |source| RamImageError::Io {
+            path: path.into(),
+            source,
+        };
         let data = data_ranges(&file, len)
-            .map_err(|source| RamImageError::Io { path: p(), source })?
+            .map_err(io)?
             .into_iter()
             .filter_map(|r| {
-                let start = r.start.max(HEADER_SIZE) - HEADER_SIZE;
-                let end = r.end.min(len).saturating_sub(HEADER_SIZE);
+                let start = r.start.max(data_offset) - data_offset;
+                let end = r.end.min(len).saturating_sub(data_offset);
                 (start < end).then_some(start..end)
             })
             .collect();
-        let opened = (
-            len,
-            mtime(&file).map_err(|source| RamImageError::Io { path: p(), source })?,
-        );
+        let opened = (len, mtime(&file).map_err(io)?);
         Ok(RamImage {
             file,
-            path: p(),
+            path: path.into(),
             opened,
             data,
             bytes_read: Default::default(),
             read_latency_ns: Default::default(),
+            data_offset,
+            ram_size: len - data_offset,
         })
+    }
+
+    /// Bytes of guest RAM the file holds.
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
     }
 
     /// Reads the RAM bytes at guest-physical `gpa` into `buf`.
     pub fn read_at(&self, buf: &mut [u8], gpa: u64) -> Result<(), RamImageError> {
-        let offset = HEADER_SIZE + gpa;
+        let offset = self.data_offset + gpa;
         self.bytes_read.add(buf.len() as u64);
         let latency = self.read_latency_ns.get();
         if latency > 0 {
@@ -372,9 +408,23 @@ pub enum Page {
 pub fn save(
     path: &Path,
     ram_size: u64,
+    page: impl FnMut(u64, &mut [u8; PAGE_SIZE as usize]) -> Result<Page, RamImageError>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<SaveStats, RamImageError> {
+    write_pages(path, SAVE_FLAG, true, ram_size, page, interrupted)
+}
+
+/// [`save`], with the header (`with_header`) or without: a raw file of guest RAM, as
+/// Firecracker's page servers read (`vmm image export`). `flag` names the output in errors.
+pub fn write_pages(
+    path: &Path,
+    flag: &'static str,
+    with_header: bool,
+    ram_size: u64,
     mut page: impl FnMut(u64, &mut [u8; PAGE_SIZE as usize]) -> Result<Page, RamImageError>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<SaveStats, RamImageError> {
+    let data_offset = if with_header { HEADER_SIZE } else { 0 };
     let err = |source| RamImageError::Io {
         path: path.to_path_buf(),
         source,
@@ -389,9 +439,11 @@ pub fn save(
             .create_new(true)
             .open(&tmp)
             .map_err(err)?;
-        file.write_all(&header(ram_size)).map_err(err)?;
+        if with_header {
+            file.write_all(&header(ram_size)).map_err(err)?;
+        }
         // Sets the length first: everything not written below stays a hole.
-        file.set_len(HEADER_SIZE + ram_size).map_err(err)?;
+        file.set_len(data_offset + ram_size).map_err(err)?;
         fail::fail_point!("save-start");
         let mut stats = SaveStats::default();
         let mut buf = [0u8; PAGE_SIZE as usize];
@@ -407,7 +459,7 @@ pub fn save(
                 stats.zero_pages += 1;
                 continue;
             }
-            file.write_all_at(&buf, HEADER_SIZE + gpa).map_err(err)?;
+            file.write_all_at(&buf, data_offset + gpa).map_err(err)?;
             stats.data_pages += 1;
         }
         file.sync_all().map_err(err)?;
@@ -415,7 +467,7 @@ pub fn save(
         if interrupted() {
             return Err(RamImageError::Interrupted { path: path.into() });
         }
-        files::replace_with(&tmp, path, SAVE_FLAG)?;
+        files::replace_with(&tmp, path, flag)?;
         File::open(files::parent_dir(path))
             .and_then(|d| d.sync_all())
             .map_err(err)?;
@@ -425,6 +477,45 @@ pub fn save(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Converts between this VMM's memory images and raw RAM files (`vmm image export|import`):
+/// reads `from` (an image if `to_raw`, else raw RAM of a whole number of 2 MiB extents) and
+/// writes `to` atomically and sparsely in the other form.
+pub fn convert(from: &Path, to: &Path, to_raw: bool) -> Result<SaveStats, RamImageError> {
+    let (source, flag) = if to_raw {
+        (RamImage::open_saved(from)?, "the raw file")
+    } else {
+        let raw = RamImage::open_raw(from, "raw memory file")?;
+        let len = raw.ram_size();
+        if len == 0 || !len.is_multiple_of(EXTENT_SIZE) || len > MAX_RAM {
+            return Err(RamImageError::File(FileError::Output {
+                flag: "the raw file",
+                path: from.into(),
+                reason: format!(
+                    "it is {len} bytes; a raw RAM file to import holds a whole number of 2 MiB                      extents, at most {}", ByteSize(MAX_RAM)
+                ),
+            }));
+        }
+        (raw, "the image")
+    };
+    let size = source.ram_size();
+    let need = size + if to_raw { 0 } else { HEADER_SIZE };
+    files::ImageTarget::check(flag, to, need)?;
+    write_pages(
+        to,
+        flag,
+        !to_raw,
+        size,
+        |gpa, buf| {
+            if source.is_hole(gpa, PAGE_SIZE) {
+                return Ok(Page::Hole);
+            }
+            source.read_at(buf, gpa)?;
+            Ok(Page::Read)
+        },
+        &|| false,
+    )
 }
 
 /// What a save wrote.

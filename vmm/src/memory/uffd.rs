@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::sys::uffd::*;
 pub use crate::sys::uffd::{
-    FEATURE_MOVE, FEATURE_PAGEFAULT_FLAG_WP, FEATURE_THREAD_ID, FEATURE_WP_UNPOPULATED,
+    FEATURE_EVENT_REMOVE, FEATURE_MOVE, FEATURE_PAGEFAULT_FLAG_WP, FEATURE_THREAD_ID, FEATURE_WP_UNPOPULATED,
     REGISTER_MODE_MISSING, REGISTER_MODE_WP,
 };
 
@@ -23,6 +23,21 @@ pub struct Fault {
     pub write: bool,
     /// A write-protect fault (the page is present but protected).
     pub wp: bool,
+}
+
+/// One message from a userfaultfd that an external page server must act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A page fault.
+    Fault(Fault),
+    /// The process discarded `[start, end)` (`MADV_DONTNEED`): what was there is gone, and
+    /// it reads as zeroes from now on.
+    Remove {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
 }
 
 /// The result of resolving a fault by copying or zeroing.
@@ -232,6 +247,69 @@ impl Uffd {
         ioctl_result(unsafe {
             libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT() as _, &mut wp)
         })
+    }
+
+    /// A userfaultfd another process created and handed over (Firecracker's handoff), whose
+    /// features are `features` (as the handshake implies: the sender asked for them).
+    pub fn from_owned(fd: OwnedFd, features: u64) -> Uffd {
+        Uffd {
+            fd,
+            features,
+            mode: std::sync::atomic::AtomicU64::new(REGISTER_MODE_MISSING),
+        }
+    }
+
+    /// Reads every pending fault and remove message into `out` without blocking; returns how
+    /// many. While a remove message is queued the kernel fails every resolving ioctl with
+    /// `EAGAIN`, so a caller drains the queue before it resolves anything.
+    pub fn read_events(&self, out: &mut Vec<Event>) -> io::Result<usize> {
+        let mut total = 0;
+        loop {
+            let mut msgs = [UffdMsg::default(); 64];
+            // SAFETY: reads whole messages into our own array of `uffd_msg`s, of the given size.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    msgs.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&msgs),
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                return match err.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(total),
+                    _ => Err(err),
+                };
+            }
+            let read = n as usize / std::mem::size_of::<UffdMsg>();
+            for msg in &msgs[..read] {
+                let event = match msg.event {
+                    EVENT_PAGEFAULT => {
+                        // SAFETY: the kernel wrote a page-fault message: `pagefault` is live.
+                        let f = unsafe { msg.arg.pagefault };
+                        Event::Fault(Fault {
+                            address: f.address,
+                            write: f.flags & PAGEFAULT_FLAG_WRITE != 0,
+                            wp: f.flags & PAGEFAULT_FLAG_WP != 0,
+                        })
+                    }
+                    EVENT_REMOVE => {
+                        // SAFETY: the kernel wrote a remove message: `remove` is live.
+                        let r = unsafe { msg.arg.remove };
+                        Event::Remove {
+                            start: r.start,
+                            end: r.end,
+                        }
+                    }
+                    _ => continue,
+                };
+                out.push(event);
+                total += 1;
+            }
+            if read < msgs.len() {
+                return Ok(total);
+            }
+        }
     }
 
     /// Reads pending fault messages into `out` without blocking; returns how many.

@@ -14,6 +14,8 @@ pub const FEATURE_THREAD_ID: u64 = 1 << 8;
 pub const FEATURE_MOVE: u64 = 1 << 10;
 /// Write-protect unpopulated pages too.
 pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// Report `MADV_DONTNEED`/`MADV_REMOVE` of registered memory (`UFFD_FEATURE_EVENT_REMOVE`).
+pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 
 /// Register for faults on missing pages.
 pub const REGISTER_MODE_MISSING: u64 = 1 << 0;
@@ -27,6 +29,8 @@ pub const WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 
 /// `UFFD_EVENT_PAGEFAULT`.
 pub const EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_EVENT_REMOVE`.
+pub const EVENT_REMOVE: u8 = 0x15;
 /// `UFFD_PAGEFAULT_FLAG_WRITE`.
 pub const PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 /// `UFFD_PAGEFAULT_FLAG_WP`.
@@ -136,7 +140,17 @@ pub struct UffdMsg {
 #[allow(missing_docs)]
 pub union UffdMsgArg {
     pub pagefault: PagefaultArg,
+    pub remove: RemoveArg,
     pub reserved: [u64; 3],
+}
+
+/// The `remove` arm of `uffd_msg`: the range the process discarded.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+#[allow(missing_docs)]
+pub struct RemoveArg {
+    pub start: u64,
+    pub end: u64,
 }
 
 const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);

@@ -119,7 +119,10 @@ impl VmError {
             | VmError::OpenKvm { .. }
             | VmError::NotKvm { .. } => true,
             VmError::Memory(MemoryError::HugetlbPool { .. })
-            | VmError::Memory(MemoryError::UffdUnavailable { .. }) => true,
+            | VmError::Memory(MemoryError::UffdUnavailable { .. })
+            | VmError::Memory(MemoryError::Handoff(crate::handoff::HandoffError::Connect {
+                ..
+            })) => true,
             // An unusable image is bad input; an I/O error while saving one is not.
             VmError::Memory(MemoryError::Image(e)) => e.is_bad_input(),
             _ => false,

@@ -10,7 +10,7 @@ pub mod summary;
 
 pub use crate::error::exit_code;
 pub use error::VmError;
-pub use stop::{STOP_GRACE, STOP_LIMIT};
+pub use stop::{STOP_GRACE, STOP_GRACE_SERVER_GONE, STOP_LIMIT};
 pub use summary::{ConsoleSection, Outcome, RunSummary, SavedImage};
 
 use std::ffi::CString;
@@ -295,7 +295,7 @@ impl Vm {
                 Ok(handle) => threads.push((index as u32, handle)),
                 Err(source) => {
                     let released = || self.memory().release_faults();
-                    if stop_and_join(&stop, threads, &released).is_err() {
+                    if stop_and_join(&stop, threads, STOP_GRACE, &released).is_err() {
                         std::mem::forget(self.memory.take());
                     }
                     return Err(VmError::Thread { name, source });
@@ -311,6 +311,7 @@ impl Vm {
         let deadline = self.config.timeout.map(|t| (start + t, t));
         let mut done = 0;
         let mut max_code = 0;
+        let mut server_gone = false;
 
         let outcome = loop {
             crate::seccomp::forbidden_call_point("seccomp-main");
@@ -345,6 +346,10 @@ impl Vm {
                 *next += *every;
                 self.write_metrics_line(start)?;
             }
+            if let Some(why) = self.memory().page_server_gone() {
+                server_gone = true;
+                break Outcome::VmmFailed(why);
+            }
             let sig = STOP_SIGNAL.load(Ordering::SeqCst);
             if sig != 0 {
                 break Outcome::Interrupted(sig);
@@ -356,7 +361,15 @@ impl Vm {
             }
         };
         let guest_ended = start.elapsed();
-        let vcpus = match stop_and_join(&stop, threads, &|| self.memory().release_faults()) {
+        // A vCPU waiting on a dead page server's fault waits for nothing.
+        let grace = if server_gone {
+            STOP_GRACE_SERVER_GONE
+        } else {
+            STOP_GRACE
+        };
+        let vcpus = match stop_and_join(&stop, threads, grace, &|| {
+            self.memory().release_faults()
+        }) {
             Ok(v) => v,
             Err(e) => {
                 // A thread may still be inside guest RAM: leave it mapped for the exit.

@@ -26,23 +26,32 @@ pub const STOP_GRACE: Duration = Duration::from_secs(1);
 /// without tearing down what that thread may still be using.
 pub const STOP_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long vCPU threads get to stop when the page server is known to be gone: the faults
+/// they wait on will never be served, and a vCPU that is not waiting stops within it.
+pub const STOP_GRACE_SERVER_GONE: Duration = Duration::from_millis(100);
+
 /// Sets the stop flag and kicks every vCPU thread out of `KVM_RUN` until it has exited. A
-/// thread still running after [`STOP_GRACE`] may be blocked in a fault nobody will serve (a
-/// stalled or dead page server): `release` then unregisters guest RAM from userfaultfd, which
-/// wakes every such waiter. After [`STOP_LIMIT`] the stop fails with the threads left behind.
+/// thread still running after `grace` may be blocked in a fault nobody will serve (a stalled
+/// or dead page server): a kick cannot end that wait (the kernel retries a fault taken inside
+/// KVM for any signal but a fatal one), so `release` then unregisters guest RAM from
+/// userfaultfd, and the kernel resolves the fault with a zero page. The access that faulted
+/// completes; the signals the thread has pending then take it out of `KVM_RUN` before the
+/// guest runs another instruction. After [`STOP_LIMIT`] the stop fails with the threads left
+/// behind.
 pub(super) fn stop_and_join(
     stop: &AtomicBool,
     threads: Vec<(u32, JoinHandle<VcpuStats>)>,
+    grace: Duration,
     release: &dyn Fn(),
 ) -> Result<Vec<VcpuStats>, VmError> {
     stop.store(true, Ordering::Release);
     let start = Instant::now();
     let mut released = false;
     while let Some(&(index, _)) = threads.iter().find(|(_, h)| !h.is_finished()) {
-        if !released && start.elapsed() >= STOP_GRACE {
+        if !released && start.elapsed() >= grace {
             log::warn!(
-                "vcpu{index} did not stop within {STOP_GRACE:?}; releasing the faults it may \
-                 be waiting on"
+                "vcpu{index} did not stop within {grace:?}; releasing the faults it may be \
+                 waiting on"
             );
             release();
             released = true;
