@@ -79,7 +79,9 @@ impl Region {
 
     /// The region's page size in bytes: the newest field present, else 4 KiB.
     pub fn page_bytes(&self) -> u64 {
-        self.page_size.or(self.page_size_kib).unwrap_or(PAGE_SIZE as usize) as u64
+        self.page_size
+            .or(self.page_size_kib)
+            .unwrap_or(PAGE_SIZE as usize) as u64
     }
 
     /// The host address one past the region.
@@ -187,7 +189,10 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Region>, HandoffError> {
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| HandoffError::malformed(format!("not JSON ({e})"), bytes))?;
     if !value.is_array() {
-        return Err(HandoffError::malformed("the top level is not an array", bytes));
+        return Err(HandoffError::malformed(
+            "the top level is not an array",
+            bytes,
+        ));
     }
     serde_json::from_value(value).map_err(|e| HandoffError::malformed(e.to_string(), bytes))
 }
@@ -221,10 +226,14 @@ pub fn check(regions: &[Region], file: &Path, file_len: u64) -> Result<(), Hando
             )));
         }
         if r.size == 0 || !(r.size as u64).is_multiple_of(page) {
-            return Err(bad(format!("the size is not a whole number of {page}-byte pages")));
+            return Err(bad(format!(
+                "the size is not a whole number of {page}-byte pages"
+            )));
         }
         if !r.base_host_virt_addr.is_multiple_of(page) {
-            return Err(bad(format!("the base is not aligned to its {page}-byte pages")));
+            return Err(bad(format!(
+                "the base is not aligned to its {page}-byte pages"
+            )));
         }
         if r.offset != offset {
             return Err(bad(format!(
@@ -321,7 +330,9 @@ pub fn receive(stream: &UnixStream) -> Result<(Vec<Region>, std::fs::File), Hand
         match serde_json::from_slice::<serde_json::Value>(&text) {
             Err(e) if e.is_eof() => continue,
             _ => {
-                stream.set_read_timeout(None).map_err(io("clearing a timeout"))?;
+                stream
+                    .set_read_timeout(None)
+                    .map_err(io("clearing a timeout"))?;
                 return Ok((parse(&text)?, fd.ok_or(HandoffError::NoFd)?));
             }
         }
@@ -411,7 +422,9 @@ mod tests {
             page_size_kib: page,
         };
         let refused = |regions: &[Region], len: u64| {
-            check(regions, Path::new("mem"), len).unwrap_err().to_string()
+            check(regions, Path::new("mem"), len)
+                .unwrap_err()
+                .to_string()
         };
         assert!(refused(&[], 0).contains("no regions"));
         assert!(refused(&[region(0, 4096, 0, Some(8192))], 4096).contains("not 4096 or 2097152"));

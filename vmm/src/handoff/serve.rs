@@ -1,7 +1,7 @@
 //! `vmm uffd-serve`: a page server for a VMM that hands its guest RAM over Firecracker's way
 //! (this VMM with `--page-source external:SOCK`, or Firecracker).
 //!
-//! One thread: it listens, accepts one VMM, reads its handshake, then waits on the uffd and
+//! One thread: it listens, accepts one VMM (and removes its socket), reads its handshake, then waits on the uffd and
 //! the socket. Each wake-up drains the uffd's whole queue first (while a remove event is
 //! queued every resolving ioctl fails with `EAGAIN`), records removed ranges (they read as
 //! zeroes from then on), then resolves the faults it holds, keeping any that met `EAGAIN` for
@@ -172,6 +172,9 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
         path: config.socket.clone(),
         why: format!("accept failed: {e}"),
     })?;
+    // One VMM per server: nobody else may connect, and no stale socket is left behind.
+    drop(listener);
+    let _ = std::fs::remove_file(&config.socket);
     let peer = super::peer_pid(&stream).unwrap_or(0);
     let mut report = ServeReport {
         peer_pid: peer,
@@ -422,10 +425,12 @@ impl Server<'_> {
             self.source.fill(offset, buf)? == Fill::Zero
         };
         let hugetlb = region.page_bytes() != PAGE_SIZE;
-        let uffd_err = |what| move |source| ServeError::Uffd {
-            what,
-            addr: start,
-            source,
+        let uffd_err = |what| {
+            move |source| ServeError::Uffd {
+                what,
+                addr: start,
+                source,
+            }
         };
         let resolved = if zero && !hugetlb {
             // SAFETY: `start..start+len` lies in a region the VMM registered with this uffd

@@ -395,9 +395,18 @@ impl Memory {
         let size = self.config.size;
         uffd.register(base, size, uffd::REGISTER_MODE_MISSING)
             .map_err(|e| failed("registering guest RAM", e))?;
-        let regions = [Region::new(base, size as usize, 0, PAGE_SIZE as usize, Schema::V1_12)];
+        let regions = [Region::new(
+            base,
+            size as usize,
+            0,
+            PAGE_SIZE as usize,
+            Schema::V1_12,
+        )];
         let stream = handoff::hand_over(&socket, &regions, &uffd).map_err(MemoryError::Handoff)?;
-        log::info!("handed guest RAM to the page server at {}", socket.display());
+        log::info!(
+            "handed guest RAM to the page server at {}",
+            socket.display()
+        );
         let extents = (size / EXTENT_SIZE) as usize;
         self.uffds = Some(Arc::new(UffdSet::single(Arc::new(uffd), extents)));
         self.ram_mappings_at_start = self.ram_mappings()?;

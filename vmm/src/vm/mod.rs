@@ -367,9 +367,7 @@ impl Vm {
         } else {
             STOP_GRACE
         };
-        let vcpus = match stop_and_join(&stop, threads, grace, &|| {
-            self.memory().release_faults()
-        }) {
+        let vcpus = match stop_and_join(&stop, threads, grace, &|| self.memory().release_faults()) {
             Ok(v) => v,
             Err(e) => {
                 // A thread may still be inside guest RAM: leave it mapped for the exit.
