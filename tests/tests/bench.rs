@@ -281,7 +281,17 @@ fn bench_restore_reports_every_mode() {
     assert_eq!(table["density"], "sparse");
     let modes = table["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
-    assert_eq!(names, ["eager", "lazy-4k", "lazy-2m", "prefetch"]);
+    assert_eq!(
+        names,
+        [
+            "eager",
+            "lazy-4k",
+            "lazy-2m",
+            "prefetch",
+            "external",
+            "external-2m"
+        ]
+    );
     for m in modes {
         let name = m["mode"].as_str().unwrap();
         assert_eq!(m["mismatches"], 0, "{name}");
@@ -302,6 +312,10 @@ fn bench_restore_reports_every_mode() {
     };
     assert_eq!(faults("eager"), 0.0, "eager takes no fault");
     assert!(faults("lazy-4k") > faults("lazy-2m"), "{table}");
+    // Through the socket, the server's faults: about as many as the in-process handler's.
+    assert!(faults("external") > faults("external-2m"), "{table}");
+    let ratio = faults("external") / faults("lazy-4k");
+    assert!((0.9..1.1).contains(&ratio), "{table}");
     assert!(table["cat_bytes_per_sec"].as_f64().unwrap() > 0.0);
     assert!(
         run.stdout.contains("a plain sequential read of the file"),

@@ -3,7 +3,9 @@
 //! restored guest checks a working set (`verify mode=check pattern=random` over a fraction of
 //! what was filled), timing every access. Modes: `eager` (the whole image read into THP-backed
 //! RAM before the guest starts), `lazy-4k` (4 KiB per fault), `lazy-2m` (a whole extent per
-//! fault), `prefetch` (2 MiB per fault, and the prefetcher filling the rest behind the guest).
+//! fault), `prefetch` (2 MiB per fault, and the prefetcher filling the rest behind the guest),
+//! `external` and `external-2m` (guest RAM handed over Firecracker's way to `vmm uffd-serve`,
+//! another process, serving the image exported raw 4 KiB or 2 MiB per fault).
 //! While each guest runs, the benchmark samples how much of RAM is resident and how much is
 //! mapped huge, for the times until all of it is and the plot.
 
@@ -35,11 +37,22 @@ pub enum Mode {
     Lazy2m,
     /// A whole extent per fault and the prefetcher behind the guest.
     Prefetch,
+    /// Handed over Firecracker's way to `vmm uffd-serve` (another process), 4 KiB per fault.
+    External,
+    /// As `External`, the server resolving 2 MiB per fault.
+    External2m,
 }
 
 impl Mode {
     /// Every mode.
-    pub const ALL: [Mode; 4] = [Mode::Eager, Mode::Lazy4k, Mode::Lazy2m, Mode::Prefetch];
+    pub const ALL: [Mode; 6] = [
+        Mode::Eager,
+        Mode::Lazy4k,
+        Mode::Lazy2m,
+        Mode::Prefetch,
+        Mode::External,
+        Mode::External2m,
+    ];
 
     /// The name on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -48,6 +61,17 @@ impl Mode {
             Mode::Lazy4k => "lazy-4k",
             Mode::Lazy2m => "lazy-2m",
             Mode::Prefetch => "prefetch",
+            Mode::External => "external",
+            Mode::External2m => "external-2m",
+        }
+    }
+
+    /// The page server's granularity, for the modes served by `vmm uffd-serve`.
+    fn external(self) -> Option<&'static str> {
+        match self {
+            Mode::External => Some("4K"),
+            Mode::External2m => Some("2M"),
+            _ => None,
         }
     }
 }
@@ -124,6 +148,18 @@ impl RestoreBenchConfig {
         ((self.filled(d) as f64 * self.working_set) as u64) & !(EXTENT_SIZE - 1)
     }
 
+    fn socket(&self, d: Density) -> PathBuf {
+        self.scratch.join(format!(
+            "bench-restore-{}-{}.sock",
+            d.name(),
+            std::process::id()
+        ))
+    }
+
+    fn raw(&self, d: Density) -> PathBuf {
+        self.scratch.join(format!("bench-restore-{}.raw", d.name()))
+    }
+
     fn vm_config(&self, mode: Mode, d: Density, image: &Path) -> VmConfig {
         let arg = |k: &str, v: String| GuestArg {
             key: k.into(),
@@ -134,6 +170,11 @@ impl RestoreBenchConfig {
             Mode::Lazy4k => (Backing::Small, Restore::Lazy, 4096, Some(false)),
             Mode::Lazy2m => (Backing::Small, Restore::Lazy, EXTENT_SIZE, Some(false)),
             Mode::Prefetch => (Backing::Small, Restore::Lazy, EXTENT_SIZE, Some(true)),
+            Mode::External | Mode::External2m => (Backing::Small, Restore::Lazy, 4096, None),
+        };
+        let page_source = match mode.external() {
+            Some(_) => PageSourceKind::External(self.socket(d)),
+            None => PageSourceKind::Image(image.into()),
         };
         VmConfig {
             guest: "verify".into(),
@@ -145,7 +186,7 @@ impl RestoreBenchConfig {
                 arg("timing", "on".into()),
             ],
             backing,
-            page_source: PageSourceKind::Image(image.into()),
+            page_source,
             restore,
             prefetch: prefetch.filter(|_| backing == Backing::Small),
             fault_granularity: ByteSize(granularity),
@@ -203,9 +244,15 @@ fn restore_once(
     d: Density,
     image: &Path,
 ) -> Result<Value, BenchError> {
-    if config.cold {
-        drop_from_cache(image)?;
-    }
+    let server = match mode.external() {
+        Some(granularity) => Some(PageServer::start(config, d, granularity)?),
+        None => {
+            if config.cold {
+                drop_from_cache(image)?;
+            }
+            None
+        }
+    };
     let started = Instant::now();
     let vm = Vm::build(config.vm_config(mode, d, image), quiet_devices()).map_err(|source| {
         BenchError::Vm {
@@ -258,20 +305,107 @@ fn restore_once(
         .sum();
     let stalls = summary.guest_stalls();
     let first = summary.to_first_instruction;
+    let (faults, bytes_read, served) = match server {
+        Some(server) => {
+            let served = server.finish()?;
+            (
+                served["faults"].clone(),
+                served["file_bytes_read"].clone(),
+                served,
+            )
+        }
+        None => (
+            j["faults"]["served"].clone(),
+            j["restore"]["image_bytes_read"].clone(),
+            Value::Null,
+        ),
+    };
     Ok(json!({
         "mode": mode.name(),
         "to_first_instruction_ns": first.as_nanos() as u64,
         "to_guest_end_ns": (first + summary.guest).as_nanos() as u64,
-        "vcpu_faults": j["faults"]["served"],
+        "vcpu_faults": faults,
         "guest_stall_ns": stalls.as_ref().map(|g| json!({ "p99": g.p99_ns, "max": g.max_ns })),
         "all_resident_ns": resident_at.map(|t| t.as_nanos() as u64),
         "all_huge_ns": huge_at.map(|t| t.as_nanos() as u64),
         "huge_extents_at_end": j["memory"]["extents"]["huge"],
-        "bytes_read": j["restore"]["image_bytes_read"],
+        "bytes_read": bytes_read,
         "prefetch": j["restore"]["prefetch"],
+        "page_server": served,
         "mismatches": mismatches,
         "series_ms_mib_huge_mib": series,
     }))
+}
+
+/// `vmm uffd-serve` serving the raw image for one external restore.
+struct PageServer {
+    child: std::process::Child,
+    metrics: PathBuf,
+}
+
+impl PageServer {
+    fn start(
+        config: &RestoreBenchConfig,
+        d: Density,
+        granularity: &str,
+    ) -> Result<Self, BenchError> {
+        let (raw, socket) = (config.raw(d), config.socket(d));
+        if config.cold {
+            drop_from_cache(&raw)?;
+        }
+        let metrics = config
+            .scratch
+            .join(format!("bench-restore-served-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let exe = std::env::current_exe()
+            .map_err(|e| BenchError::Setup(format!("cannot find the vmm binary: {e}")))?;
+        let child = std::process::Command::new(exe)
+            .arg("uffd-serve")
+            .arg(&socket)
+            .arg(&raw)
+            .args([
+                "--granularity",
+                granularity,
+                "--kill-peer",
+                "off",
+                "--image-latency",
+            ])
+            .arg(config.image_latency.as_micros().to_string())
+            .arg("--metrics")
+            .arg(&metrics)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| BenchError::Setup(format!("cannot start vmm uffd-serve: {e}")))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&socket).is_err() {
+            if Instant::now() > deadline {
+                return Err(BenchError::Setup(format!(
+                    "vmm uffd-serve never listened on {}",
+                    socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(PageServer { child, metrics })
+    }
+
+    /// Waits for the server to end (the VM is gone) and returns what it served.
+    fn finish(mut self) -> Result<Value, BenchError> {
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| BenchError::Setup(format!("waiting for vmm uffd-serve: {e}")))?;
+        if !status.success() {
+            return Err(BenchError::Setup(format!(
+                "vmm uffd-serve failed: {status}"
+            )));
+        }
+        let text = std::fs::read_to_string(&self.metrics)
+            .map_err(|e| BenchError::Setup(format!("reading what vmm uffd-serve served: {e}")))?;
+        let _ = std::fs::remove_file(&self.metrics);
+        serde_json::from_str(&text)
+            .map_err(|e| BenchError::Setup(format!("vmm uffd-serve's metrics: {e}")))
+    }
 }
 
 fn ms(v: &Value) -> String {
@@ -320,6 +454,10 @@ pub fn run(config: &RestoreBenchConfig) -> Result<Value, BenchError> {
             }
             read_bandwidth(&image)?
         };
+        if modes.iter().any(|m| m.external().is_some()) {
+            crate::memory::ram_image::convert(&image, &config.raw(d), true)
+                .map_err(|e| BenchError::Setup(format!("exporting the image raw: {e}")))?;
+        }
         let mut rounds: Vec<Vec<Value>> = modes.iter().map(|_| Vec::new()).collect();
         for _ in 0..config.repeat.max(1) {
             for (i, &mode) in modes.iter().enumerate() {
@@ -329,6 +467,7 @@ pub fn run(config: &RestoreBenchConfig) -> Result<Value, BenchError> {
             }
         }
         let _ = std::fs::remove_file(&image);
+        let _ = std::fs::remove_file(config.raw(d));
         bar.suspend(|| tables.push(report(config, d, &modes, &rounds, cat)));
     }
     bar.finish_and_clear();
@@ -371,7 +510,7 @@ fn report(
         config.repeat.max(1)
     );
     println!(
-        "{:<9} {:>9} {:>9} {:>8} {:>16} {:>10} {:>9} {:>8} {:>9} {:>5}",
+        "{:<11} {:>9} {:>9} {:>8} {:>16} {:>10} {:>9} {:>8} {:>9} {:>5}",
         "mode",
         "1st ms",
         "end ms",
@@ -407,7 +546,7 @@ fn report(
             "rounds": r,
         });
         println!(
-            "{:<9} {:>9} {:>9} {:>8} {:>16} {:>10} {:>9} {:>8} {:>9} {:>5}",
+            "{:<11} {:>9} {:>9} {:>8} {:>16} {:>10} {:>9} {:>8} {:>9} {:>5}",
             mode.name(),
             ms(&row["to_first_instruction_ns"]),
             ms(&row["to_guest_end_ns"]),
