@@ -24,7 +24,43 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("image", image),
     ("ucall", ucall),
     ("options", options),
+    ("handshake", handshake),
 ];
+
+/// A page server's view of a handoff handshake: whatever passes the checks can be served from
+/// a file of the regions' total size (each region whole pages, aligned, back to back, apart).
+pub fn handshake(data: &[u8]) {
+    use crate::handoff;
+    let Ok(regions) = handoff::parse(data) else {
+        return;
+    };
+    let total = regions
+        .iter()
+        .try_fold(0u64, |t, r| t.checked_add(r.size as u64));
+    for len in [total.unwrap_or(u64::MAX), 0, 4096] {
+        if handoff::check(&regions, std::path::Path::new("mem"), len).is_err() {
+            continue;
+        }
+        assert_eq!(Some(len), total);
+        let mut at = 0;
+        for (i, r) in regions.iter().enumerate() {
+            let page = r.page_bytes();
+            assert!(page == PAGE_SIZE || page == 2 << 20);
+            assert!(r.size > 0 && (r.size as u64).is_multiple_of(page));
+            assert!(r.base_host_virt_addr.is_multiple_of(page));
+            assert_eq!(r.offset, at);
+            at += r.size as u64;
+            for o in &regions[..i] {
+                assert!(o.end() <= r.base_host_virt_addr || r.end() <= o.base_host_virt_addr);
+            }
+        }
+        // A text written back parses to the same regions.
+        assert_eq!(
+            handoff::parse(handoff::encode(&regions).as_bytes()).unwrap(),
+            regions
+        );
+    }
+}
 
 /// The guest ELF loader's checks: whatever it accepts fits the guest.
 pub fn elf(data: &[u8]) {

@@ -230,6 +230,9 @@ pub fn check(regions: &[Region], file: &Path, file_len: u64) -> Result<(), Hando
                 "the size is not a whole number of {page}-byte pages"
             )));
         }
+        if r.base_host_virt_addr.checked_add(r.size as u64).is_none() {
+            return Err(bad("it ends past the top of the address space".into()));
+        }
         if !r.base_host_virt_addr.is_multiple_of(page) {
             return Err(bad(format!(
                 "the base is not aligned to its {page}-byte pages"
@@ -248,7 +251,9 @@ pub fn check(regions: &[Region], file: &Path, file_len: u64) -> Result<(), Hando
         {
             return Err(bad(format!("it overlaps region {other}")));
         }
-        offset += r.size as u64;
+        offset = offset
+            .checked_add(r.size as u64)
+            .ok_or_else(|| bad("the regions' sizes overflow".into()))?;
     }
     if offset != file_len {
         return Err(HandoffError::FileSize {
