@@ -12,7 +12,6 @@ use crate::bench::collapse::{CollapseBenchConfig, Variant};
 use crate::bench::faults::{Access, FaultsConfig, Mode, Pattern};
 use crate::bench::restore::{Density, Mode as RestoreMode, RestoreBenchConfig};
 use crate::config::{Collapse, GuestArg, VmConfig};
-use crate::handoff::serve::{Granularity, ServeConfig};
 use crate::memory::collapse::config::{
     ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS,
 };
@@ -21,6 +20,7 @@ use crate::memory::huge::install::InstallMethod;
 use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
 use crate::memory::{Backing, PageSourceKind, Restore};
 use crate::seccomp::Seccomp;
+use crate::uffd_serve::{Granularity, ServeConfig};
 use crate::units::ByteSize;
 
 /// A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.

@@ -27,6 +27,7 @@ pub mod stalls;
 pub mod sync;
 pub mod sys;
 pub mod ucall;
+pub mod uffd_serve;
 pub mod units;
 pub mod vcpu;
 pub mod vm;

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         }
         Command::UffdServe(args) => {
             init_logging("info");
-            match vmm::handoff::serve::serve(&args.to_config()) {
+            match vmm::uffd_serve::serve(&args.to_config()) {
                 Ok(report) => {
                     eprintln!(
                         "vmm uffd-serve: the VMM closed its end; served {} faults ({} bytes, \

@@ -5,7 +5,6 @@
 //! back every huge page's charge, and unmaps RAM last (after the VM fd, which its owner drops
 //! first).
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -17,6 +16,7 @@ use super::backing::{Backing, PageSourceKind};
 use super::collapse::{CollapseStats, CollapseThread, Collapser};
 use super::config::{MemoryConfig, Restore};
 use super::extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable, PAGES_PER_EXTENT};
+use super::external::PageServer;
 use super::fault::source::{PageSource, RamImageSource, ZeroSource};
 use super::fault::{FaultHandler, FaultStats, Resolver};
 use super::host_view::{self, SmapsTotals};
@@ -34,7 +34,6 @@ use super::report::{
 };
 use super::uffd::{self, Uffd, UffdSet};
 use super::{MemoryError, ram_image};
-use crate::handoff::{self, Region, Schema};
 
 /// What teardown left behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -66,7 +65,7 @@ pub struct Memory {
     prefetcher: Option<Prefetcher>,
     prefetch_stats: Option<Arc<PrefetchStats>>,
     /// The external page server guest RAM was handed to, and our end of its socket.
-    page_server: Option<(std::path::PathBuf, UnixStream)>,
+    page_server: Option<PageServer>,
     // Unmapped when the last reference (this one, once the threads are gone) drops.
     map: Arc<MemoryMap>,
 }
@@ -367,64 +366,20 @@ impl Memory {
         Ok(uffds)
     }
 
-    /// Hands guest RAM to the page server at `socket` (Firecracker's handoff): a uffd asking
-    /// for remove events, all of RAM registered for missing faults, one handshake. The VMM
-    /// keeps its own reference to the uffd, so a server that dies leaves faults waiting (not
-    /// silently filled with zeroes) until the VM is stopped and RAM unregistered.
+    /// Hands guest RAM to the page server at `socket` ([`PageServer::hand_over`]).
     fn hand_over(&mut self, socket: std::path::PathBuf) -> Result<(), MemoryError> {
-        let needed_by = "--page-source external".to_string();
-        let failed = |what, source| MemoryError::Uffd {
-            needed_by: needed_by.clone(),
-            what,
-            source,
-        };
-        let uffd = Uffd::new(uffd::FEATURE_EVENT_REMOVE).map_err(|source| {
-            MemoryError::UffdUnavailable {
-                needed_by: needed_by.clone(),
-                alternative: "",
-                source,
-            }
-        })?;
-        if uffd.features() & uffd::FEATURE_EVENT_REMOVE == 0 {
-            return Err(failed(
-                "checking its features",
-                std::io::Error::other("the kernel lacks UFFD_FEATURE_EVENT_REMOVE"),
-            ));
-        }
-        let base = self.ram().host_base().0 as u64;
-        let size = self.config.size;
-        uffd.register(base, size, uffd::REGISTER_MODE_MISSING)
-            .map_err(|e| failed("registering guest RAM", e))?;
-        let regions = [Region::new(
-            base,
-            size as usize,
-            0,
-            PAGE_SIZE as usize,
-            Schema::V1_12,
-        )];
-        let stream = handoff::hand_over(&socket, &regions, &uffd).map_err(MemoryError::Handoff)?;
-        log::info!(
-            "handed guest RAM to the page server at {}",
-            socket.display()
-        );
-        let extents = (size / EXTENT_SIZE) as usize;
+        let (server, uffd) = PageServer::hand_over(self.ram(), socket)?;
+        let extents = (self.config.size / EXTENT_SIZE) as usize;
         self.uffds = Some(Arc::new(UffdSet::single(Arc::new(uffd), extents)));
         self.ram_mappings_at_start = self.ram_mappings()?;
-        self.page_server = Some((socket, stream));
+        self.page_server = Some(server);
         Ok(())
     }
 
-    /// Why the external page server is gone, if it is: it closed its end of the socket
-    /// (exited, crashed, was killed). Its faults will never be answered.
+    /// Why the external page server is gone, if it is (it hung up): its faults will never be
+    /// answered.
     pub fn page_server_gone(&self) -> Option<String> {
-        let (socket, stream) = self.page_server.as_ref()?;
-        handoff::hung_up(stream).then(|| {
-            format!(
-                "the page server at {} hung up (it exited or closed its socket): the guest \
-                 pages it has not served can never be read, so the VM stops",
-                socket.display()
-            )
-        })
+        self.page_server.as_ref()?.gone()
     }
 
     /// The install path over this memory's pool, ledger and mapping budget.

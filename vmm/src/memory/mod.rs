@@ -4,7 +4,7 @@
 //! - [`extent`]: the table of 2 MiB extents; [`map`]: the memory map lock over it, this VMM's
 //!   `mmap_sem`, and the only way to the table and to the manager's view of guest memory;
 //! - [`uffd`]: the userfaultfd guest RAM is registered with; [`fault`]: the fault handler
-//!   and the page sources;
+//!   and the page sources; [`external`]: guest RAM handed to an external page server;
 //! - [`huge`]: huge pages (the pool, the ledger), and the one path that installs them;
 //! - [`collapse`]: the collapse thread, this VMM's khugepaged;
 //! - [`ram_image`]: memory image files (read as a page source, written by a save);
@@ -18,6 +18,7 @@ pub mod backing;
 pub mod collapse;
 pub mod config;
 pub mod extent;
+pub mod external;
 pub mod fault;
 pub mod host_view;
 pub mod huge;

@@ -14,9 +14,7 @@
 //! know are ignored: the top level is an array so that fields can be added.
 //!
 //! This VMM is the VMM side with `--page-source external:SOCK` ([`hand_over`]) and the server
-//! side with `vmm uffd-serve` ([`serve`]).
-
-pub mod serve;
+//! side with `vmm uffd-serve` ([`crate::uffd_serve`]).
 
 use std::io;
 use std::os::fd::AsRawFd;

@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 
-use super::{HandoffError, Region};
 use crate::files::MetricsTarget;
+use crate::handoff::{self, HandoffError, Region};
 use crate::memory::fault::source::{Fill, PageSource, RamImageSource};
 use crate::memory::ram_image::{RamImage, RamImageError};
 use crate::memory::uffd::{Event, Fault, Resolved, Uffd};
@@ -175,7 +175,7 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
     // One VMM per server: nobody else may connect, and no stale socket is left behind.
     drop(listener);
     let _ = std::fs::remove_file(&config.socket);
-    let peer = super::peer_pid(&stream).unwrap_or(0);
+    let peer = handoff::peer_pid(&stream).unwrap_or(0);
     let mut report = ServeReport {
         peer_pid: peer,
         granularity: config.granularity,
@@ -251,8 +251,8 @@ fn handshake(
     file: &Path,
     file_len: u64,
 ) -> Result<(Vec<Region>, Uffd), ServeError> {
-    let (regions, fd) = super::receive(stream)?;
-    super::check(&regions, file, file_len)?;
+    let (regions, fd) = handoff::receive(stream)?;
+    handoff::check(&regions, file, file_len)?;
     let fd: OwnedFd = fd.into();
     Ok((regions, Uffd::from_owned(fd, 0)))
 }
