@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use guest_abi::layout::PAGE_SIZE;
 
+use vmm_sys_util::signal::register_signal_handler;
+
 use super::MemoryError;
+use super::host_view;
 use super::ram::GuestRam;
 use super::uffd::{self, Uffd};
 use crate::handoff::{self, Region, Schema};
@@ -32,13 +35,14 @@ impl PageServer {
             what,
             source,
         };
-        let uffd = Uffd::new(uffd::FEATURE_EVENT_REMOVE).map_err(|source| {
-            MemoryError::UffdUnavailable {
+        // Poison, to release a dead server's faults without zeroes, where the kernel has it.
+        let uffd = Uffd::new(uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_POISON)
+            .or_else(|_| Uffd::new(uffd::FEATURE_EVENT_REMOVE))
+            .map_err(|source| MemoryError::UffdUnavailable {
                 needed_by: needed_by.clone(),
                 alternative: "",
                 source,
-            }
-        })?;
+            })?;
         if uffd.features() & uffd::FEATURE_EVENT_REMOVE == 0 {
             return Err(failed(
                 "checking its features",
@@ -63,6 +67,51 @@ impl PageServer {
         Ok((PageServer { socket, stream }, uffd))
     }
 
+    /// Releases every thread waiting on a fault the server will never serve, for a VM that is
+    /// stopping (its vCPUs told to stop and kicked): every page of guest RAM still missing is
+    /// poisoned (`UFFDIO_POISON`), which wakes the waiters with an error instead of a page, so
+    /// no vCPU ever reads a zero page where guest data should be. A vCPU whose access then
+    /// fails inside KVM leaves `KVM_RUN`; a thread that touches such a page from user space
+    /// (`SIGBUS`) ends the process at once with exit 204 and a line on stderr. Returns false
+    /// where the kernel cannot poison (before Linux 6.6): the caller then unregisters RAM.
+    pub fn release(&self, ram: &GuestRam, uffd: &Uffd) -> bool {
+        if uffd.features() & uffd::FEATURE_POISON == 0 {
+            return false;
+        }
+        let base = ram.host_base().0 as u64;
+        let present = match host_view::present_pages(base, ram.size()) {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("reading which guest pages are present: {e}");
+                return false;
+            }
+        };
+        if let Err(e) = register_signal_handler(libc::SIGBUS, on_poisoned_access) {
+            log::warn!("installing the SIGBUS handler: {e}");
+            return false;
+        }
+        let mut page = 0;
+        let mut poisoned = 0;
+        while page < present.len() {
+            let run = present[page..].iter().take_while(|&&p| !p).count();
+            if run == 0 {
+                page += 1;
+                continue;
+            }
+            let (at, len) = (base + page as u64 * PAGE_SIZE, run as u64 * PAGE_SIZE);
+            // SAFETY: a range of guest RAM registered with this uffd, in a VM that is
+            // stopping: its contents were never served and never will be.
+            if let Err(e) = unsafe { uffd.poison(at, len) } {
+                log::warn!("poisoning guest RAM at {at:#x}: {e}; unregistering it instead");
+                return false;
+            }
+            poisoned += run;
+            page += run;
+        }
+        log::info!("poisoned the {poisoned} guest pages the page server never served");
+        true
+    }
+
     /// Why the server is gone, if it is: it closed its end of the socket (it exited, crashed or
     /// was killed), so the guest pages it has not served can never be read.
     pub fn gone(&self) -> Option<String> {
@@ -73,5 +122,17 @@ impl PageServer {
                 self.socket.display()
             )
         })
+    }
+}
+
+/// `SIGBUS` once a dead server's pages are poisoned: a user-space access to one of them. The
+/// VM is already stopping with exit 204; this ends the process at once, as it must not run on.
+extern "C" fn on_poisoned_access(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    const SAID: &[u8] = b"vmm: a thread touched guest memory the page server never served \
+        (it is gone); exiting (204)\n";
+    // SAFETY: write and _exit are async-signal-safe; SAID is a static buffer.
+    unsafe {
+        libc::write(2, SAID.as_ptr().cast(), SAID.len());
+        libc::_exit(i32::from(crate::error::exit_code::VMM_FAILED));
     }
 }

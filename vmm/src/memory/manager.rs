@@ -398,9 +398,15 @@ impl Memory {
     }
 
     /// Unregisters guest RAM from the userfaultfd, which wakes every thread waiting on a fault
-    /// in it; the kernel resolves later faults itself (with zeroes). Only for a VM that is
+    /// in it; the kernel resolves later faults itself (with zeroes). With an external page
+    /// server, the pages it never served are poisoned instead ([`PageServer::release`]). Only for a VM that is
     /// stopping and whose vCPUs would not stop: its guest never runs again.
     pub fn release_faults(&self) {
+        if let (Some(server), Some(uffds)) = (&self.page_server, &self.uffds)
+            && server.release(self.ram(), uffds.for_extent(0))
+        {
+            return;
+        }
         if let Some(uffds) = &self.uffds {
             let base = self.ram().host_base().0 as u64;
             let extents = (self.config.size / EXTENT_SIZE) as usize;

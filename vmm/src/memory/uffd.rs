@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use crate::sys::uffd::*;
 pub use crate::sys::uffd::{
-    FEATURE_EVENT_REMOVE, FEATURE_MOVE, FEATURE_PAGEFAULT_FLAG_WP, FEATURE_THREAD_ID,
-    FEATURE_WP_UNPOPULATED, REGISTER_MODE_MISSING, REGISTER_MODE_WP,
+    FEATURE_EVENT_REMOVE, FEATURE_MOVE, FEATURE_PAGEFAULT_FLAG_WP, FEATURE_POISON,
+    FEATURE_THREAD_ID, FEATURE_WP_UNPOPULATED, REGISTER_MODE_MISSING, REGISTER_MODE_WP,
 };
 
 /// A page fault read from the uffd.
@@ -213,6 +213,22 @@ impl Uffd {
         };
         // SAFETY: per the caller's contract; UFFDIO_ZEROPAGE reads and writes one struct.
         let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE() as _, &mut zero) };
+        Self::resolved(ret)
+    }
+
+    /// Marks the missing pages at `dst..dst+len` poisoned and wakes their waiters: an access
+    /// there fails (`SIGBUS`, `EFAULT` inside the kernel) instead of waiting or reading zeroes.
+    ///
+    /// # Safety
+    /// As for [`Uffd::copy`]; the range's contents are lost for good.
+    pub unsafe fn poison(&self, dst: u64, len: u64) -> io::Result<Resolved> {
+        let mut poison = UffdioPoison {
+            range: UffdioRange { start: dst, len },
+            mode: 0,
+            updated: 0,
+        };
+        // SAFETY: per the caller's contract; UFFDIO_POISON reads and writes one struct.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_POISON() as _, &mut poison) };
         Self::resolved(ret)
     }
 

@@ -14,6 +14,8 @@ pub const FEATURE_THREAD_ID: u64 = 1 << 8;
 pub const FEATURE_MOVE: u64 = 1 << 10;
 /// Write-protect unpopulated pages too.
 pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// `UFFDIO_POISON` (Linux 6.6+).
+pub const FEATURE_POISON: u64 = 1 << 14;
 /// Report `MADV_DONTNEED`/`MADV_REMOVE` of registered memory (`UFFD_FEATURE_EVENT_REMOVE`).
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 
@@ -108,6 +110,16 @@ pub struct UffdioMove {
     pub moved: i64,
 }
 
+/// `struct uffdio_poison`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+#[allow(missing_docs)]
+pub struct UffdioPoison {
+    pub range: UffdioRange,
+    pub mode: u64,
+    pub updated: i64,
+}
+
 /// `UFFDIO_MOVE_MODE_DONTWAKE`.
 pub const MOVE_MODE_DONTWAKE: u64 = 1 << 0;
 
@@ -179,6 +191,7 @@ mod nr {
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_MOVE, UFFDIO, 0x05, UffdioMove);
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_POISON, UFFDIO, 0x08, UffdioPoison);
     vmm_sys_util::ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 }
 pub use nr::*;

@@ -33,11 +33,12 @@ pub const STOP_GRACE_SERVER_GONE: Duration = Duration::from_millis(100);
 /// Sets the stop flag and kicks every vCPU thread out of `KVM_RUN` until it has exited. A
 /// thread still running after `grace` may be blocked in a fault nobody will serve (a stalled
 /// or dead page server): a kick cannot end that wait (the kernel retries a fault taken inside
-/// KVM for any signal but a fatal one), so `release` then unregisters guest RAM from
-/// userfaultfd, and the kernel resolves the fault with a zero page. The access that faulted
-/// completes; the signals the thread has pending then take it out of `KVM_RUN` before the
-/// guest runs another instruction. After [`STOP_LIMIT`] the stop fails with the threads left
-/// behind.
+/// KVM for any signal but a fatal one), so `release` then ends it: for an external page
+/// server, by poisoning the pages it never served (the access fails and the vCPU leaves
+/// `KVM_RUN`, no zero page read); else by unregistering guest RAM from userfaultfd, when the
+/// kernel completes that access with a zero page and the kicks pending take the thread out
+/// before the guest runs another instruction. After [`STOP_LIMIT`] the stop fails with the
+/// threads left behind.
 pub(super) fn stop_and_join(
     stop: &AtomicBool,
     threads: Vec<(u32, JoinHandle<VcpuStats>)>,
