@@ -61,8 +61,10 @@ fn this_vmm_hands_its_ram_to_uffd_serve_at_both_granularities() {
             &format!("--granularity {granularity} --metrics {served}"),
         );
         let metrics = dir.path("m.json");
+        // A server that answers is never taken for a stalled one.
         let run = vmm_ok(&words(&format!(
-            "{CHECK} --page-source external:{socket} --metrics {metrics}"
+            "{CHECK} --page-source external:{socket} --metrics {metrics} \
+             --page-server-timeout 2"
         )));
         let mismatches: u64 = reports(&run.stdout, "mismatches").iter().map(|r| r.1).sum();
         assert_eq!(mismatches, 0, "{granularity}: {run}");
@@ -359,6 +361,20 @@ fn a_page_server_that_never_answers_still_lets_timeout_and_sigterm_end_the_vmm()
     assert!(run.stderr.contains("stopped by signal 15"), "{run}");
     assert_ne!(run.code, Some(0), "{run}");
     server.join().unwrap();
+
+    // With a bound on one fault's wait, the VMM ends itself: 204, naming the vCPU.
+    std::fs::remove_file(&socket).unwrap();
+    let server = silent_server(&socket);
+    let started = Instant::now();
+    vmm_fails(
+        &words(&format!(
+            "{CHECK} --page-source external:{socket} --page-server-timeout 1"
+        )),
+        exit_code::VMM_FAILED,
+        &["on one page fault the page server has not answered (--page-server-timeout)"],
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    server.join().unwrap();
 }
 
 #[test]
@@ -469,6 +485,10 @@ fn bad_external_options_are_refused() {
         ),
         ("--fault-granularity 2M", "--fault-granularity applies to"),
         ("--prefetch on", "--prefetch on applies to"),
+        (
+            "--page-server-timeout 0",
+            "--page-server-timeout 0 is out of range",
+        ),
     ] {
         vmm_fails(
             &words(&format!("{CHECK} --page-source external:{missing} {extra}")),

@@ -383,6 +383,10 @@ pub struct RunArgs {
     /// Stop the guest after this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
+    /// With an external page server: end the VM (204) when a vCPU has waited this many seconds
+    /// on one fault the server has not answered (default: wait as long as it takes).
+    #[arg(long, value_name = "SECONDS")]
+    pub page_server_timeout: Option<f64>,
     /// Write a JSON summary here at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics: Option<PathBuf>,
@@ -499,6 +503,7 @@ impl RunArgs {
             vcpus: self.vcpus,
             args: self.args.clone(),
             timeout: seconds("--timeout", self.timeout)?,
+            page_server_timeout: seconds("--page-server-timeout", self.page_server_timeout)?,
             metrics: self.metrics.clone(),
             kvm_device: self.kvm_device.clone(),
             backing: self.backing,

@@ -88,6 +88,9 @@ pub struct VmConfig {
     pub args: Vec<GuestArg>,
     /// End the run after this long.
     pub timeout: Option<Duration>,
+    /// End the run when a vCPU has waited this long on one fault an external page server has
+    /// not answered.
+    pub page_server_timeout: Option<Duration>,
     /// Where to write the JSON summary at exit.
     pub metrics: Option<PathBuf>,
     /// The KVM device node.
@@ -141,6 +144,7 @@ impl Default for VmConfig {
             vcpus: 1,
             args: Vec::new(),
             timeout: None,
+            page_server_timeout: None,
             metrics: None,
             kvm_device: "/dev/kvm".into(),
             backing: Backing::Small,
@@ -282,6 +286,9 @@ pub enum ConfigError {
          an external page server (drop --collapse on)"
     )]
     CollapseWithExternal,
+    /// A fault-wait bound without an external page server.
+    #[error("--page-server-timeout applies to --page-source external:SOCKET")]
+    PageServerTimeoutUnused,
     /// A save where an external page server holds what the guest never touched.
     #[error(
         "--save-memory cannot save a guest served by an external page server: the pages the \
@@ -377,6 +384,9 @@ impl VmConfig {
         let mem = self.memory.0;
         if matches!(self.collapse, Collapse::On(_)) && self.backing != Backing::Small {
             return Err(ConfigError::CollapseNeedsSmall(self.backing));
+        }
+        if self.page_server_timeout.is_some() && !self.external() {
+            return Err(ConfigError::PageServerTimeoutUnused);
         }
         if self.external() {
             if self.backing != Backing::Small {

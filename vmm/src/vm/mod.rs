@@ -7,6 +7,7 @@
 pub mod error;
 mod stop;
 pub mod summary;
+mod watch;
 
 pub use crate::error::exit_code;
 pub use error::VmError;
@@ -312,6 +313,7 @@ impl Vm {
         let mut done = 0;
         let mut max_code = 0;
         let mut server_gone = false;
+        let mut fault_watch = self.config.page_server_timeout.map(watch::FaultWatch::new);
 
         let outcome = loop {
             crate::seccomp::forbidden_call_point("seccomp-main");
@@ -349,6 +351,14 @@ impl Vm {
             if let Some(why) = self.memory().page_server_gone() {
                 server_gone = true;
                 break Outcome::VmmFailed(why);
+            }
+            if let Some((vcpu, waited)) = fault_watch.as_mut().and_then(|w| w.overdue()) {
+                server_gone = true;
+                break Outcome::VmmFailed(format!(
+                    "{vcpu} has waited {:.1} s on one page fault the page server has not \
+                     answered (--page-server-timeout); it is alive but stalled, so the VM stops",
+                    waited.as_secs_f64()
+                ));
             }
             let sig = STOP_SIGNAL.load(Ordering::SeqCst);
             if sig != 0 {
