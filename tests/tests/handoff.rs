@@ -515,3 +515,48 @@ fn bad_external_options_are_refused() {
         &["memory file"],
     );
 }
+
+/// `vmm uffd-serve` runs under its seccomp filter from the handshake on: a call outside it
+/// (the fault point makes one) ends the server at once, naming the call.
+#[test]
+#[cfg(feature = "failpoints")]
+fn the_page_server_runs_under_its_seccomp_filter() {
+    let dir = TempDir::new("handoff-seccomp");
+    let raw = dir.path("mem.raw");
+    std::fs::write(&raw, vec![0u8; 2 * MIB]).unwrap();
+    let Ok(uffd) = Uffd::new(FEATURE_EVENT_REMOVE) else {
+        eprintln!("SKIP: no userfaultfd");
+        return;
+    };
+    let base = map(2 * MIB, false);
+    uffd.register(base, 2 * MIB as u64, REGISTER_MODE_MISSING)
+        .unwrap();
+    let socket = dir.path("sock");
+    let server = std::process::Command::new(integration_tests::vmm_bin())
+        .args(["uffd-serve", &socket, &raw, "--kill-peer", "off"])
+        .env("FAILPOINTS", "seccomp-page-server=1*return")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while std::fs::metadata(&socket).is_err() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stream = UnixStream::connect(&socket).unwrap();
+    let json = format!(
+        r#"[{{"base_host_virt_addr":{base},"size":{},"offset":0}}]"#,
+        2 * MIB
+    );
+    stream
+        .send_with_fd(json.as_bytes(), uffd.as_raw_fd())
+        .unwrap();
+    let run = wait(server);
+    assert_eq!(run.code, Some(i32::from(exit_code::VMM_FAILED)), "{run}");
+    let said = format!(
+        "seccomp: thread 'vmm' made system call {}, which its filter does not allow",
+        libc::SYS_getppid
+    );
+    assert!(run.stderr.contains(&said), "{run}");
+    // SAFETY: unmapping the test's own mapping.
+    unsafe { libc::munmap(base as *mut _, 2 * MIB) };
+}

@@ -71,6 +71,9 @@ pub struct UffdServeArgs {
     #[arg(long, default_value_t = 0, value_name = "US",
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub image_latency: u64,
+    /// A seccomp filter from the handshake on (the README lists what it allows).
+    #[arg(long, value_enum, default_value_t)]
+    pub seccomp: Seccomp,
 }
 
 impl UffdServeArgs {
@@ -83,6 +86,7 @@ impl UffdServeArgs {
             metrics: self.metrics.clone(),
             kill_peer: self.kill_peer == Switch::On,
             read_latency: Duration::from_micros(self.image_latency),
+            seccomp: self.seccomp,
         }
     }
 }

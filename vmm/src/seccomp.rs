@@ -45,6 +45,8 @@ pub enum ThreadKind {
     PoolRefill,
     /// A restore prefetch thread.
     Prefetcher,
+    /// `vmm uffd-serve` once it has a VMM's handshake: serving faults, then reporting.
+    PageServer,
 }
 
 /// Why a filter could not be installed.
@@ -108,6 +110,26 @@ const COLLAPSER: &[i64] = &[
 ];
 /// The refill thread: allocates and checks pages.
 const POOL_REFILL: &[i64] = &[libc::SYS_mincore, libc::SYS_pread64];
+/// `vmm uffd-serve`: waits on the uffd and the socket, reads both and the memory file, kills
+/// its peer on a fatal error, and writes its metrics at the end.
+const PAGE_SERVER: &[i64] = &[
+    libc::SYS_fstat,
+    libc::SYS_getpid,
+    libc::SYS_kill,
+    libc::SYS_newfstatat,
+    libc::SYS_openat,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_pread64,
+    libc::SYS_read,
+    libc::SYS_recvfrom,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_statx,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
 /// The main thread, from the start of the run on: waiting, kicking vCPUs, starting them, and
 /// saving, writing metrics and tearing down at the end.
 const MAIN: &[i64] = &[
@@ -159,6 +181,11 @@ fn ioctls(kind: ThreadKind) -> Option<Vec<u64>> {
             v
         }
         ThreadKind::PoolRefill => vec![pagemap::PAGEMAP_SCAN()],
+        ThreadKind::PageServer => vec![
+            uffd::UFFDIO_COPY(),
+            uffd::UFFDIO_ZEROPAGE(),
+            uffd::UFFDIO_WAKE(),
+        ],
     })
 }
 
@@ -183,6 +210,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::PoolRefill => POOL_REFILL.to_vec(),
         // Reads the image and installs pages, as the collapse thread does.
         ThreadKind::Prefetcher => COLLAPSER.to_vec(),
+        ThreadKind::PageServer => PAGE_SERVER.to_vec(),
     };
     let mut all: Vec<i64> = BASE.iter().copied().chain(extra).collect();
     all.sort_unstable();
@@ -334,6 +362,7 @@ mod tests {
             ThreadKind::Collapser,
             ThreadKind::PoolRefill,
             ThreadKind::Prefetcher,
+            ThreadKind::PageServer,
         ] {
             assert!(!filter(kind).unwrap().is_empty(), "{kind:?}");
         }

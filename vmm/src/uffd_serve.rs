@@ -28,6 +28,7 @@ use crate::memory::fault::source::{Fill, PageSource, RamImageSource};
 use crate::memory::ram_image::{RamImage, RamImageError};
 use crate::memory::uffd::{Event, Fault, Resolved, Uffd};
 use crate::metrics::Latencies;
+use crate::seccomp::{Seccomp, ThreadKind};
 
 /// How much a fault in a 4 KiB region resolves (`--granularity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -58,6 +59,8 @@ pub struct ServeConfig {
     pub kill_peer: bool,
     /// Added to every read of the file (benchmarks: slower storage).
     pub read_latency: std::time::Duration,
+    /// The seccomp filter, from the handshake on.
+    pub seccomp: Seccomp,
 }
 
 /// Why serving failed.
@@ -94,6 +97,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(crate::seccomp::SeccompError),
     /// Writing the metrics failed.
     #[error("writing --metrics {}", path.display())]
     WriteMetrics {
@@ -183,6 +189,11 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
     };
     let result = handshake(&stream, &config.file, image.ram_size()).and_then(|(regions, uffd)| {
         report.regions = regions.clone();
+        // From here on only what serving and reporting need (the `seccomp-page-server` fault
+        // point makes a forbidden call, for the tests).
+        crate::seccomp::install(ThreadKind::PageServer, config.seccomp)
+            .map_err(ServeError::Seccomp)?;
+        crate::seccomp::forbidden_call_point("seccomp-page-server");
         Server {
             regions,
             uffd,
