@@ -320,6 +320,36 @@ fn a_killed_page_server_ends_the_vmm_with_204_within_2s() {
     );
 }
 
+#[test]
+fn sigterm_ends_a_page_server_with_its_metrics_and_the_vmm_with_it() {
+    require_kvm!();
+    let dir = TempDir::new("handoff-sigterm");
+    let raw = saved_raw(&dir);
+    let socket = dir.path("sock");
+    let served = dir.path("served.json");
+    let server = serve_unprobed(
+        &socket,
+        &raw,
+        &format!("--image-latency 300 --metrics {served}"),
+    );
+    let vmm = spawn(&words(&format!("{CHECK} --page-source external:{socket}")));
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let server = wait(server);
+    let run = wait(vmm);
+    assert_eq!(server.code, Some(143), "{server}");
+    let s = read_json(&served);
+    assert_eq!(s["end"], "stopped by signal 15", "{s}");
+    assert!(s["faults"].as_u64().unwrap() > 0, "{s}");
+    // The VMM could not go on: the server killed it (or it saw the hang-up first: 204).
+    assert!(server.stderr.contains("killed the VMM"), "{server}");
+    assert!(
+        run.code.is_none() || run.code == Some(i32::from(exit_code::VMM_FAILED)),
+        "{run}"
+    );
+}
+
 /// A page server that takes the handshake and never answers a fault.
 fn silent_server(socket: &str) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(socket).unwrap();

@@ -57,6 +57,10 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
+                Err(vmm::uffd_serve::ServeError::Signal(sig)) => {
+                    eprintln!("vmm uffd-serve: stopped by signal {sig}");
+                    ExitCode::from(128 + sig as u8)
+                }
                 Err(e) => {
                     eprintln!("error: {}", chain(&e));
                     ExitCode::from(if e.is_bad_input() {

@@ -29,6 +29,15 @@ use crate::memory::ram_image::{RamImage, RamImageError};
 use crate::memory::uffd::{Event, Fault, Resolved, Uffd};
 use crate::metrics::Latencies;
 use crate::seccomp::{Seccomp, ThreadKind};
+use std::sync::atomic::{AtomicI32, Ordering};
+use vmm_sys_util::signal::register_signal_handler;
+
+/// The signal that asked the server to stop (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(num, Ordering::SeqCst);
+}
 
 /// How much a fault in a 4 KiB region resolves (`--granularity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -97,6 +106,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// SIGINT or SIGTERM ended serving.
+    #[error("stopped by signal {0}")]
+    Signal(i32),
     /// The seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(crate::seccomp::SeccompError),
@@ -181,6 +193,14 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
     // One VMM per server: nobody else may connect, and no stale socket is left behind.
     drop(listener);
     let _ = std::fs::remove_file(&config.socket);
+    // SIGINT and SIGTERM end serving cleanly from here on (the metrics are written, the VMM
+    // is dealt with as on any other end that leaves it unserved).
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        register_signal_handler(sig, on_stop_signal).map_err(|e| ServeError::Listen {
+            path: config.socket.clone(),
+            why: format!("installing a signal handler: {e}"),
+        })?;
+    }
     let peer = handoff::peer_pid(&stream).unwrap_or(0);
     let mut report = ServeReport {
         peer_pid: peer,
@@ -309,6 +329,10 @@ impl Server<'_> {
             let wait = if self.pending.is_empty() { -1 } else { 1 };
             // SAFETY: two valid pollfds.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
+            let signal = STOP_SIGNAL.load(Ordering::SeqCst);
+            if signal != 0 {
+                return Err(ServeError::Signal(signal));
+            }
             if ready < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EINTR) {
