@@ -11,6 +11,10 @@
 //! On a fatal error after the VMM connected, the server kills it (`SIGKILL`, the pid from
 //! `SO_PEERCRED`) unless told not to: a Firecracker VMM would otherwise wait on its next fault
 //! forever.
+//!
+//! From the handshake on the server runs under its own seccomp filter
+//! ([`ThreadKind::PageServer`]); SIGINT and SIGTERM end it, with its metrics written, once a
+//! VMM is connected.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -18,9 +22,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
+use vmm_sys_util::signal::register_signal_handler;
 
 use crate::files::MetricsTarget;
 use crate::handoff::{self, HandoffError, Region};
@@ -29,8 +35,6 @@ use crate::memory::ram_image::{RamImage, RamImageError};
 use crate::memory::uffd::{Event, Fault, Resolved, Uffd};
 use crate::metrics::Latencies;
 use crate::seccomp::{Seccomp, ThreadKind};
-use std::sync::atomic::{AtomicI32, Ordering};
-use vmm_sys_util::signal::register_signal_handler;
 
 /// The signal that asked the server to stop (0: none).
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
