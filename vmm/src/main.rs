@@ -61,14 +61,7 @@ fn main() -> ExitCode {
                     eprintln!("vmm uffd-serve: stopped by signal {sig}");
                     ExitCode::from(128 + sig as u8)
                 }
-                Err(e) => {
-                    eprintln!("error: {}", chain(&e));
-                    ExitCode::from(if e.is_bad_input() {
-                        exit_code::BAD_INPUT
-                    } else {
-                        exit_code::VMM_FAILED
-                    })
-                }
+                Err(e) => failed(&e, e.is_bad_input()),
             }
         }
         Command::Image(command) => {
@@ -85,14 +78,7 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {}", chain(&e));
-                    ExitCode::from(if e.is_bad_input() {
-                        exit_code::BAD_INPUT
-                    } else {
-                        exit_code::VMM_FAILED
-                    })
-                }
+                Err(e) => failed(&e, e.is_bad_input()),
             }
         }
         Command::Run(args) => {
@@ -109,17 +95,20 @@ fn main() -> ExitCode {
                     print_summary(&summary);
                     ExitCode::from(summary.outcome.exit_code())
                 }
-                Err(e) => {
-                    eprintln!("error: {}", chain(&e));
-                    ExitCode::from(if e.is_bad_input() {
-                        exit_code::BAD_INPUT
-                    } else {
-                        exit_code::VMM_FAILED
-                    })
-                }
+                Err(e) => failed(&e, e.is_bad_input()),
             }
         }
     }
+}
+
+/// Says what failed and returns the exit code: 203 for bad input, else 204.
+fn failed(e: &dyn std::error::Error, bad_input: bool) -> ExitCode {
+    eprintln!("error: {}", chain(e));
+    ExitCode::from(if bad_input {
+        exit_code::BAD_INPUT
+    } else {
+        exit_code::VMM_FAILED
+    })
 }
 
 fn init_logging(level: &str) {

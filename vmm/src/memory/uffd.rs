@@ -25,6 +25,18 @@ pub struct Fault {
     pub wp: bool,
 }
 
+/// The fault a page-fault message describes.
+fn fault_of(msg: &UffdMsg) -> Fault {
+    debug_assert_eq!(msg.event, EVENT_PAGEFAULT);
+    // SAFETY: the kernel wrote a page-fault message, so `pagefault` is the live arm.
+    let f = unsafe { msg.arg.pagefault };
+    Fault {
+        address: f.address,
+        write: f.flags & PAGEFAULT_FLAG_WRITE != 0,
+        wp: f.flags & PAGEFAULT_FLAG_WP != 0,
+    }
+}
+
 /// One message from a userfaultfd that an external page server must act on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -275,40 +287,38 @@ impl Uffd {
         }
     }
 
+    /// Reads up to 64 pending messages into `msgs` without blocking; returns how many (0 when
+    /// none is pending).
+    fn read_msgs(&self, msgs: &mut [UffdMsg; 64]) -> io::Result<usize> {
+        // SAFETY: reads whole messages into the caller's array of `uffd_msg`s, of its size.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                std::mem::size_of_val(msgs),
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(0),
+                _ => Err(err),
+            };
+        }
+        Ok(n as usize / std::mem::size_of::<UffdMsg>())
+    }
+
     /// Reads every pending fault and remove message into `out` without blocking; returns how
     /// many. While a remove message is queued the kernel fails every resolving ioctl with
     /// `EAGAIN`, so a caller drains the queue before it resolves anything.
     pub fn read_events(&self, out: &mut Vec<Event>) -> io::Result<usize> {
         let mut total = 0;
+        let mut msgs = [UffdMsg::default(); 64];
         loop {
-            let mut msgs = [UffdMsg::default(); 64];
-            // SAFETY: reads whole messages into our own array of `uffd_msg`s, of the given size.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    msgs.as_mut_ptr().cast(),
-                    std::mem::size_of_val(&msgs),
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                return match err.raw_os_error() {
-                    Some(libc::EAGAIN) => Ok(total),
-                    _ => Err(err),
-                };
-            }
-            let read = n as usize / std::mem::size_of::<UffdMsg>();
+            let read = self.read_msgs(&mut msgs)?;
             for msg in &msgs[..read] {
                 let event = match msg.event {
-                    EVENT_PAGEFAULT => {
-                        // SAFETY: the kernel wrote a page-fault message: `pagefault` is live.
-                        let f = unsafe { msg.arg.pagefault };
-                        Event::Fault(Fault {
-                            address: f.address,
-                            write: f.flags & PAGEFAULT_FLAG_WRITE != 0,
-                            wp: f.flags & PAGEFAULT_FLAG_WP != 0,
-                        })
-                    }
+                    EVENT_PAGEFAULT => Event::Fault(fault_of(msg)),
                     EVENT_REMOVE => {
                         // SAFETY: the kernel wrote a remove message: `remove` is live.
                         let r = unsafe { msg.arg.remove };
@@ -331,31 +341,10 @@ impl Uffd {
     /// Reads pending fault messages into `out` without blocking; returns how many.
     pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<usize> {
         let mut msgs = [UffdMsg::default(); 64];
-        // SAFETY: reads whole messages into our own array of `uffd_msg`s, of the given size.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                msgs.as_mut_ptr().cast(),
-                std::mem::size_of_val(&msgs),
-            )
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::EAGAIN) => Ok(0),
-                _ => Err(err),
-            };
-        }
-        let read = n as usize / std::mem::size_of::<UffdMsg>();
+        let read = self.read_msgs(&mut msgs)?;
         let mut count = 0;
         for msg in msgs[..read].iter().filter(|m| m.event == EVENT_PAGEFAULT) {
-            // SAFETY: the kernel wrote a page-fault message, so `pagefault` is the live arm.
-            let fault = unsafe { msg.arg.pagefault };
-            out.push(Fault {
-                address: fault.address,
-                write: fault.flags & PAGEFAULT_FLAG_WRITE != 0,
-                wp: fault.flags & PAGEFAULT_FLAG_WP != 0,
-            });
+            out.push(fault_of(msg));
             count += 1;
         }
         Ok(count)
