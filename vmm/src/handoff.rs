@@ -29,6 +29,8 @@ use crate::units::ByteSize;
 
 /// The largest handshake accepted (a few thousand regions).
 pub const MAX_HANDSHAKE: usize = 1 << 20;
+/// The most regions a handshake may describe (each is checked against every other).
+pub const MAX_REGIONS: usize = 4096;
 /// How long a server waits for the whole handshake once the VMM has connected.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -201,6 +203,15 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Region>, HandoffError> {
 pub fn check(regions: &[Region], file: &Path, file_len: u64) -> Result<(), HandoffError> {
     if regions.is_empty() {
         return Err(HandoffError::malformed("no regions", b"[]"));
+    }
+    if regions.len() > MAX_REGIONS {
+        return Err(HandoffError::malformed(
+            format!(
+                "{} regions, more than the {MAX_REGIONS} allowed",
+                regions.len()
+            ),
+            b"",
+        ));
     }
     let mut offset = 0u64;
     for (index, r) in regions.iter().enumerate() {
@@ -430,6 +441,8 @@ mod tests {
                 .to_string()
         };
         assert!(refused(&[], 0).contains("no regions"));
+        let many = vec![region(0, 4096, 0, None); MAX_REGIONS + 1];
+        assert!(refused(&many, 0).contains("more than the 4096 allowed"));
         assert!(refused(&[region(0, 4096, 0, Some(8192))], 4096).contains("not 4096 or 2097152"));
         assert!(refused(&[region(0, 6000, 0, None)], 6000).contains("whole number"));
         assert!(refused(&[region(4096, 2 << 20, 0, Some(2 << 20))], 2 << 20).contains("aligned"));

@@ -420,7 +420,7 @@ impl Server<'_> {
         let page = region.page_bytes();
         if page == PAGE_SIZE && self.granularity == Granularity::Extent {
             let start = (fault.address & !(EXTENT_SIZE - 1)).max(region.base_host_virt_addr);
-            let len = (start + EXTENT_SIZE).min(region.end()) - start;
+            let len = start.saturating_add(EXTENT_SIZE).min(region.end()) - start;
             if !self.is_removed(start, len) {
                 match self.fill(&region, start, len)? {
                     Resolved::Filled => {

@@ -493,7 +493,8 @@ pub fn convert(from: &Path, to: &Path, to_raw: bool) -> Result<SaveStats, RamIma
                 flag: "the raw file",
                 path: from.into(),
                 reason: format!(
-                    "it is {len} bytes; a raw RAM file to import holds a whole number of 2 MiB                      extents, at most {}",
+                    "it is {len} bytes; a raw RAM file to import holds a whole number of 2 MiB \
+                     extents, at most {}",
                     ByteSize(MAX_RAM)
                 ),
             }));
