@@ -398,3 +398,196 @@ impl Nobody {
         Run::from_output(out)
     }
 }
+
+/// Runs `vmm ARGS...` as a user at a terminal would: standard output and error both on one
+/// pseudo-terminal (standard input from nothing), with extra environment variables, killed
+/// after `limit`. The terminal's output (CR LF turned back into LF) is in both `stdout` and
+/// `stderr` of the result, since a terminal merges them.
+pub fn vmm_on_terminal(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Run, Duration) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, slave) = {
+        let (mut m, mut s) = (-1, -1);
+        // SAFETY: openpty writes two fresh descriptors; the optional arguments are null.
+        let r = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both are fresh descriptors we own.
+        unsafe {
+            (
+                std::fs::File::from(OwnedFd::from_raw_fd(m)),
+                OwnedFd::from_raw_fd(s),
+            )
+        }
+    };
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(slave.try_clone().expect("dup the terminal"))
+        .stderr(slave);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("start vmm");
+    // Our copies of the terminal's side go, so the reader sees the end once the VMM exits.
+    drop(cmd);
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let mut buf = [0u8; 64 << 10];
+        // Reading stops with EIO once no process holds the terminal's side open.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            v.extend_from_slice(&buf[..n]);
+        }
+        v
+    });
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for vmm") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = start.elapsed();
+    let text =
+        String::from_utf8_lossy(&reader.join().expect("terminal reader")).replace("\r\n", "\n");
+    let run = Run {
+        code: if killed { None } else { status.code() },
+        stdout: text.clone(),
+        stderr: text,
+    };
+    (run, took)
+}
+
+/// Asserts that no VMM thread in `run` was stopped by its seccomp filter.
+#[track_caller]
+pub fn assert_no_seccomp_stop(what: &str, run: &Run) {
+    assert!(
+        !run.stderr.contains("vmm: seccomp:"),
+        "{what}: a thread made a system call outside its filter\n{run}"
+    );
+}
+
+/// A system-wide setting (a file under `/proc/sys` or `/sys`) changed for as long as this
+/// lives: the old value is written back on drop, also when the test panics, and from a
+/// signal handler when the test binary gets SIGINT or SIGTERM (then the signal goes on to
+/// end the process as it would have). Only SIGKILL leaves the setting changed. One setting is
+/// changed at a time per test binary: the others wait, so a test never runs beside another
+/// binary's-worth of tests that this setting could break (cargo runs test binaries one at a
+/// time).
+pub struct SystemSetting {
+    path: PathBuf,
+    old: String,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+mod restore_on_signal {
+    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+
+    /// The setting's path and old value, NUL-terminated, readable from a signal handler.
+    static PATH: [AtomicU8; 256] = [const { AtomicU8::new(0) }; 256];
+    static OLD: [AtomicU8; 64] = [const { AtomicU8::new(0) }; 64];
+    static OLD_LEN: AtomicUsize = AtomicUsize::new(0);
+    static ARMED: AtomicBool = AtomicBool::new(false);
+
+    /// Remembers what to write back if a signal comes; false if it does not fit.
+    pub fn arm(path: &[u8], old: &[u8]) -> bool {
+        if path.len() >= PATH.len() || old.len() > OLD.len() {
+            return false;
+        }
+        for (slot, &b) in PATH.iter().zip(path.iter().chain([&0u8])) {
+            slot.store(b, Ordering::Relaxed);
+        }
+        for (slot, &b) in OLD.iter().zip(old) {
+            slot.store(b, Ordering::Relaxed);
+        }
+        OLD_LEN.store(old.len(), Ordering::Relaxed);
+        ARMED.store(true, Ordering::SeqCst);
+        static HANDLERS: std::sync::Once = std::sync::Once::new();
+        HANDLERS.call_once(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM] {
+                // SAFETY: installs a handler that makes only async-signal-safe calls.
+                unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+            }
+        });
+        true
+    }
+
+    pub fn disarm() {
+        ARMED.store(false, Ordering::SeqCst);
+    }
+
+    extern "C" fn on_signal(sig: libc::c_int) {
+        if ARMED.swap(false, Ordering::SeqCst) {
+            let path: [u8; 256] = std::array::from_fn(|i| PATH[i].load(Ordering::Relaxed));
+            let old: [u8; 64] = std::array::from_fn(|i| OLD[i].load(Ordering::Relaxed));
+            let len = OLD_LEN.load(Ordering::Relaxed);
+            // SAFETY: open, write and close are async-signal-safe; both buffers are ours.
+            unsafe {
+                let fd = libc::open(path.as_ptr().cast(), libc::O_WRONLY);
+                if fd >= 0 {
+                    libc::write(fd, old.as_ptr().cast(), len);
+                    libc::close(fd);
+                }
+            }
+        }
+        // SAFETY: back to the default action, then the signal again: the process ends as it
+        // would have without us.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+}
+
+impl SystemSetting {
+    /// Sets `path` to `value`; `None` (with `SKIP`) where the tests do not run as root.
+    pub fn set(path: &str, value: &str) -> Option<SystemSetting> {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        if !is_root() {
+            eprintln!("SKIP: setting {path} needs root");
+            return None;
+        }
+        let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let old = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("read {path}: {e}"))
+            .trim()
+            .to_string();
+        assert!(
+            restore_on_signal::arm(path.as_bytes(), old.as_bytes()),
+            "{path}: too long to restore from a signal handler"
+        );
+        std::fs::write(path, value).unwrap_or_else(|e| panic!("write {value} to {path}: {e}"));
+        Some(SystemSetting {
+            path: path.into(),
+            old,
+            _one_at_a_time: guard,
+        })
+    }
+}
+
+impl Drop for SystemSetting {
+    fn drop(&mut self) {
+        restore_on_signal::disarm();
+        if let Err(e) = std::fs::write(&self.path, &self.old) {
+            eprintln!(
+                "could not restore {} to {}: {e}",
+                self.path.display(),
+                self.old
+            );
+        }
+    }
+}

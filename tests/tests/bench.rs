@@ -4,6 +4,14 @@
 use integration_tests::{TempDir, read_json, require_kvm, vmm_ok, words};
 use serde_json::Value;
 
+/// The collapse benchmark sets khugepaged's sysfs knobs (system-wide) for its `khugepaged`
+/// variant: it runs alone (write), the other benchmarks beside each other (read).
+static SYSTEM_SETTINGS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn beside_others() -> std::sync::RwLockReadGuard<'static, ()> {
+    SYSTEM_SETTINGS.read().unwrap_or_else(|p| p.into_inner())
+}
+
 fn ordered(p: &Value) -> bool {
     match (p["p50"].as_f64(), p["p99"].as_f64(), p["max"].as_f64()) {
         (Some(a), Some(b), Some(c)) => a <= b && b <= c,
@@ -14,6 +22,7 @@ fn ordered(p: &Value) -> bool {
 #[test]
 fn bench_faults_reports_every_mode_consistently() {
     require_kvm!();
+    let _settings = beside_others();
     let dir = TempDir::new("bench-faults");
     let (json_path, plot) = (dir.path("f.json"), dir.path("f.svg"));
     let run = vmm_ok(&words(&format!(
@@ -102,6 +111,7 @@ fn bench_faults_reports_every_mode_consistently() {
 #[test]
 fn bench_faults_sweeps_vcpu_counts_in_one_run() {
     require_kvm!();
+    let _settings = beside_others();
     let dir = TempDir::new("bench-faults-sweep");
     let (json_path, plot) = (dir.path("f.json"), dir.path("f.svg"));
     let run = vmm_ok(&words(&format!(
@@ -138,6 +148,7 @@ fn bench_faults_sweeps_vcpu_counts_in_one_run() {
 #[test]
 fn bench_collapse_reports_every_variant_and_restores_khugepaged() {
     require_kvm!();
+    let _settings = SYSTEM_SETTINGS.write().unwrap_or_else(|p| p.into_inner());
     let knob = "/sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs";
     let before = std::fs::read_to_string(knob).ok();
     let dir = TempDir::new("bench-collapse");
@@ -219,6 +230,7 @@ fn bench_collapse_reports_every_variant_and_restores_khugepaged() {
 #[test]
 fn bench_collapse_sweeps_alloc_latency_and_vcpus() {
     require_kvm!();
+    let _settings = beside_others();
     let dir = TempDir::new("bench-collapse-sweep");
     let json_path = dir.path("c.json");
     let run = vmm_ok(&words(&format!(
@@ -270,6 +282,7 @@ fn bench_collapse_sweeps_alloc_latency_and_vcpus() {
 #[test]
 fn bench_restore_reports_every_mode() {
     require_kvm!();
+    let _settings = beside_others();
     let dir = TempDir::new("bench-restore");
     let (json_path, plot) = (dir.path("r.json"), dir.path("r.svg"));
     let run = vmm_ok(&words(&format!(
@@ -322,4 +335,38 @@ fn bench_restore_reports_every_mode() {
         "{run}"
     );
     assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+}
+
+/// Two benchmarks at once in one `TMPDIR` each keep their scratch files in a directory of
+/// their own, made for the run and removed after it: neither reads the other's image, and a
+/// file planted under the old fixed name is never touched.
+#[test]
+fn benchmarks_at_once_never_share_scratch_files() {
+    require_kvm!();
+    let _settings = beside_others();
+    let dir = TempDir::new("bench-scratch");
+    let planted = dir.path("bench-faults.img");
+    std::fs::write(&planted, "not an image").unwrap();
+    let start = |mem: &str| {
+        std::process::Command::new(integration_tests::vmm_bin())
+            .args(words(&format!(
+                "bench faults --mem-per-vcpu {mem} --vcpus 1 --repeat 1 --modes uffd-image"
+            )))
+            .env("TMPDIR", &dir.0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start("4M"), start("16M"));
+    for run in [integration_tests::wait(a), integration_tests::wait(b)] {
+        assert_eq!(run.code, Some(0), "{run}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, vec!["bench-faults.img"], "scratch files left behind");
+    assert_eq!(std::fs::read_to_string(&planted).unwrap(), "not an image");
 }

@@ -19,15 +19,18 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const MIB: usize = 1 << 20;
 
-/// Starts `vmm uffd-serve SOCKET FILE EXTRA...` and waits for its socket to appear (not by
-/// connecting: a server accepts one VMM).
-fn serve_unprobed(socket: &str, file: &str, extra: &str) -> Child {
+/// Starts `vmm uffd-serve SOCKET FILE EXTRA...` and waits until it listens: a connection
+/// that closes without a handshake is not a VMM, and the server listens on after it.
+fn serve(socket: &str, file: &str, extra: &str) -> Child {
     let mut args = vec!["uffd-serve", socket, file];
     args.extend(words(extra));
     let child = spawn(&args);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(socket).is_err() {
-        assert!(Instant::now() < deadline, "uffd-serve never bound {socket}");
+    while UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "uffd-serve never listened on {socket}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child
@@ -55,7 +58,7 @@ fn this_vmm_hands_its_ram_to_uffd_serve_at_both_granularities() {
     let socket = dir.path("sock");
     for granularity in ["4K", "2M"] {
         let served = dir.path(&format!("served-{granularity}.json"));
-        let server = serve_unprobed(
+        let server = serve(
             &socket,
             &raw,
             &format!("--granularity {granularity} --metrics {served}"),
@@ -74,8 +77,15 @@ fn this_vmm_hands_its_ram_to_uffd_serve_at_both_granularities() {
         assert_eq!(server.code, Some(0), "{server}");
         let s = read_json(&served);
         assert_eq!(s["end"], "vmm-closed", "{s}");
-        assert_eq!(s["regions"][0]["page_size"], 4096, "{s}");
-        assert_eq!(s["regions"][0]["size"], 64 * MIB, "{s}");
+        // Only what the VMM had not populated itself is handed over, at its offset in RAM.
+        let regions = s["regions"].as_array().unwrap();
+        let handed: u64 = regions.iter().map(|r| r["size"].as_u64().unwrap()).sum();
+        assert!(handed > 50 * MIB as u64 && handed < 64 * MIB as u64, "{s}");
+        for r in regions {
+            assert_eq!(r["page_size"], 4096, "{s}");
+            let end = r["offset"].as_u64().unwrap() + r["size"].as_u64().unwrap();
+            assert!(end <= 64 * MIB as u64, "{s}");
+        }
         let faults = s["faults"].as_u64().unwrap();
         let huge = s["extents_2m"].as_u64().unwrap();
         if granularity == "2M" {
@@ -206,7 +216,7 @@ fn the_handshake_byte_for_byte_in_every_schema_version_with_removes() {
 
         let socket = dir.path("sock");
         let served = dir.path("served.json");
-        let server = serve_unprobed(
+        let server = serve(
             &socket,
             &raw,
             &format!("--kill-peer off --granularity {granularity} --metrics {served}"),
@@ -283,7 +293,7 @@ fn a_killed_page_server_ends_the_vmm_with_204_within_2s() {
     let raw = saved_raw(&dir);
     let socket = dir.path("sock");
     // Slow reads keep the guest faulting for seconds.
-    let mut server = serve_unprobed(&socket, &raw, "--image-latency 300");
+    let mut server = serve(&socket, &raw, "--image-latency 300");
     let vmm = spawn(&words(&format!(
         "{CHECK} --page-source external:{socket} --log-level info"
     )));
@@ -327,7 +337,7 @@ fn sigterm_ends_a_page_server_with_its_metrics_and_the_vmm_with_it() {
     let raw = saved_raw(&dir);
     let socket = dir.path("sock");
     let served = dir.path("served.json");
-    let server = serve_unprobed(
+    let server = serve(
         &socket,
         &raw,
         &format!("--image-latency 300 --metrics {served}"),
@@ -355,7 +365,7 @@ fn silent_server(socket: &str) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(socket).unwrap();
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let (_regions, _uffd) = vmm::handoff::receive(&stream).unwrap();
+        let (_regions, _uffd) = vmm::handoff::receive(&stream, &|| false).unwrap();
         // Hold both until the VMM closes its end.
         let mut buf = [0u8; 1];
         let _ = std::io::Read::read(&mut &stream, &mut buf);
@@ -433,7 +443,7 @@ fn malformed_handshakes_are_refused_with_a_message() {
         (
             region(4 * MIB, 4096),
             true,
-            "regions total 4M but the memory file",
+            "regions reach 4M into the memory file",
         ),
         (
             region(2 * MIB, 8192),
@@ -443,7 +453,7 @@ fn malformed_handshakes_are_refused_with_a_message() {
         (region(2 * MIB, 4096), false, "carried no userfaultfd"),
     ];
     for (json, with_fd, needle) in cases {
-        let server = serve_unprobed(&socket, &raw, "--kill-peer off");
+        let server = serve(&socket, &raw, "--kill-peer off");
         let mut stream = UnixStream::connect(&socket).unwrap();
         if with_fd {
             stream
@@ -464,6 +474,255 @@ fn malformed_handshakes_are_refused_with_a_message() {
         );
         drop(stream);
     }
+    // A descriptor that is not a userfaultfd (reading /dev/zero never runs dry) is refused at
+    // once, not served: before the check the server spun on it for ever, deaf to signals.
+    for (path, needle) in [
+        ("/dev/zero", "is /dev/zero, not a userfaultfd"),
+        ("/dev/urandom", "is /dev/urandom, not a userfaultfd"),
+    ] {
+        let fake = std::fs::File::open(path).unwrap();
+        let server = serve(&socket, &raw, "--kill-peer off");
+        let stream = UnixStream::connect(&socket).unwrap();
+        stream
+            .send_with_fd(region(2 * MIB, 4096).as_bytes(), fake.as_raw_fd())
+            .unwrap();
+        let started = Instant::now();
+        let run = wait(server);
+        assert!(started.elapsed() < Duration::from_secs(5), "{run}");
+        assert_eq!(run.code, Some(i32::from(exit_code::BAD_INPUT)), "{run}");
+        assert!(run.stderr.contains(needle), "{path}: {run}");
+    }
+}
+
+/// Firecracker's `fault_all` example handler, as it works: at the first fault it copies every
+/// region whole with `UFFDIO_COPY` (a page already present stops the copy: it fails the
+/// test, as it panics the example), then wakes whatever faults later. Returns how many
+/// regions it filled.
+fn fault_all_server(socket: &str, file: String) -> std::thread::JoinHandle<usize> {
+    let listener = UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let (regions, fd) = vmm::handoff::receive(&stream, &|| false).unwrap();
+        let uffd = Uffd::from_owned(fd.into(), 0);
+        let data = std::fs::read(&file).unwrap();
+        let mut filled = false;
+        let mut faults = Vec::new();
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            assert!(unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } > 0);
+            if fds[1].revents != 0 {
+                return if filled { regions.len() } else { 0 };
+            }
+            faults.clear();
+            uffd.read_faults(&mut faults).unwrap();
+            for fault in &faults {
+                if !filled {
+                    for r in &regions {
+                        let src = data[r.offset as usize..][..r.size].as_ptr();
+                        // SAFETY: the region was handed over to us to fill, and `src` holds
+                        // its `size` bytes.
+                        let done = unsafe { uffd.copy(r.base_host_virt_addr, src, r.size as u64) };
+                        assert_eq!(
+                            done.unwrap(),
+                            vmm::memory::uffd::Resolved::Filled,
+                            "a page of handed-over region {r:?} was already present"
+                        );
+                    }
+                    filled = true;
+                }
+                uffd.wake(fault.address & !4095, 4096).unwrap();
+            }
+        }
+    })
+}
+
+#[test]
+fn firecrackers_fault_all_handler_serves_this_vmm() {
+    require_kvm!();
+    let dir = TempDir::new("handoff-fault-all");
+    let raw = saved_raw(&dir);
+    let socket = dir.path("sock");
+    let server = fault_all_server(&socket, raw);
+    let run = vmm_ok(&words(&format!(
+        "{CHECK} --page-source external:{socket} --page-server-timeout 10"
+    )));
+    assert_eq!(
+        reports(&run.stdout, "mismatches")
+            .iter()
+            .map(|r| r.1)
+            .sum::<u64>(),
+        0,
+        "{run}"
+    );
+    assert!(
+        server.join().unwrap() > 0,
+        "the handler filled nothing\n{run}"
+    );
+}
+
+/// A second `vmm uffd-serve` on the path of a live one is refused and leaves it be: only a
+/// socket nobody listens on is stale.
+#[test]
+fn a_second_server_never_takes_a_live_servers_socket() {
+    require_kvm!();
+    let dir = TempDir::new("handoff-second");
+    let raw = saved_raw(&dir);
+    let socket = dir.path("sock");
+    let first = serve(&socket, &raw, "");
+    vmm_fails(
+        &["uffd-serve", &socket, &raw],
+        exit_code::BAD_INPUT,
+        &["another page server is listening on it"],
+    );
+    let run = vmm_ok(&words(&format!("{CHECK} --page-source external:{socket}")));
+    assert!(
+        reports(&run.stdout, "mismatches").iter().all(|r| r.1 == 0),
+        "{run}"
+    );
+    let first = wait(first);
+    assert_eq!(first.code, Some(0), "{first}");
+    // A socket left by a server that is gone is stale: replaced.
+    let listener = UnixListener::bind(&socket).unwrap();
+    drop(listener);
+    let server = serve(&socket, &raw, "");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait(server).code, Some(143));
+}
+
+/// SIGINT and SIGTERM end a server that has no VMM yet as they end one serving: 130 or 143,
+/// and its socket removed.
+#[test]
+fn a_signal_before_any_vmm_ends_the_server_and_removes_its_socket() {
+    let dir = TempDir::new("handoff-early-signal");
+    let raw = dir.path("mem.raw");
+    std::fs::write(&raw, vec![0u8; 2 * MIB]).unwrap();
+    let socket = dir.path("sock");
+    for (signal, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let server = serve(&socket, &raw, "");
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(server.id() as i32, signal) };
+        let run = wait(server);
+        assert_eq!(run.code, Some(code), "{run}");
+        assert!(run.stderr.contains("stopped by signal"), "{run}");
+        assert!(
+            std::fs::symlink_metadata(&socket).is_err(),
+            "socket left\n{run}"
+        );
+    }
+}
+
+/// A VMM killed with faults in flight is an end, not the server's failure: exit 0, and no
+/// signal sent to whatever now has its pid.
+#[test]
+fn a_vmm_that_dies_while_served_ends_the_server_normally() {
+    require_kvm!();
+    let dir = TempDir::new("handoff-vmm-dies");
+    let raw = saved_raw(&dir);
+    let socket = dir.path("sock");
+    let served = dir.path("served.json");
+    // Slow reads: every vCPU is waiting on a fault when the VMM dies.
+    let server = serve(
+        &socket,
+        &raw,
+        &format!("--image-latency 200 --metrics {served}"),
+    );
+    let mut vmm = spawn(&words(&format!("{CHECK} --page-source external:{socket}")));
+    std::thread::sleep(Duration::from_millis(800));
+    vmm.kill().unwrap();
+    let _ = vmm.wait();
+    let run = wait(server);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(!run.stderr.contains("killed the VMM"), "{run}");
+    assert_eq!(read_json(&served)["end"], "vmm-closed");
+}
+
+/// The memory file cut short while it is served is a failure while serving (204), as the VMM
+/// gives for its own image; the VMM it can no longer serve is killed.
+#[test]
+fn a_memory_file_truncated_while_served_ends_the_server_with_204() {
+    require_kvm!();
+    let dir = TempDir::new("handoff-truncated");
+    let raw = saved_raw(&dir);
+    let socket = dir.path("sock");
+    let server = serve(&socket, &raw, "");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(8 * MIB as u64)
+        .unwrap();
+    let vmm = spawn(&words(&format!("{CHECK} --page-source external:{socket}")));
+    let server = wait(server);
+    let run = wait(vmm);
+    assert_eq!(
+        server.code,
+        Some(i32::from(exit_code::VMM_FAILED)),
+        "{server}"
+    );
+    assert!(
+        server
+            .stderr
+            .contains("reading the memory file while serving"),
+        "{server}"
+    );
+    assert!(
+        run.code.is_none() || run.code == Some(i32::from(exit_code::VMM_FAILED)),
+        "{run}"
+    );
+}
+
+/// The page server on a terminal, logging at `trace`, with every benign probe made: nothing
+/// steps outside its filter, and it says it runs under it.
+#[test]
+#[cfg(feature = "failpoints")]
+fn the_page_server_on_a_terminal_stays_inside_its_filter() {
+    require_kvm!();
+    let dir = TempDir::new("handoff-tty");
+    let raw = saved_raw(&dir);
+    let socket = dir.path("sock");
+    let server = {
+        let (socket, raw) = (socket.clone(), raw.clone());
+        std::thread::spawn(move || {
+            integration_tests::vmm_on_terminal(
+                &["uffd-serve", &socket, &raw, "--log-level", "trace"],
+                &[("FAILPOINTS", "seccomp-probes=return")],
+                Duration::from_secs(120),
+            )
+            .0
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&socket).is_err() {
+        assert!(Instant::now() < deadline, "uffd-serve never bound {socket}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let run = vmm_ok(&words(&format!("{CHECK} --page-source external:{socket}")));
+    assert!(
+        reports(&run.stdout, "mismatches").iter().all(|r| r.1 == 0),
+        "{run}"
+    );
+    let server = server.join().unwrap();
+    integration_tests::assert_no_seccomp_stop("uffd-serve", &server);
+    assert_eq!(server.code, Some(0), "{server}");
+    assert!(
+        server
+            .stdout
+            .contains("under the PageServer seccomp filter"),
+        "{server}"
+    );
 }
 
 #[test]
@@ -475,7 +734,7 @@ fn a_page_server_kills_a_vmm_it_cannot_serve() {
     let raw = dir.path("short.raw");
     std::fs::write(&raw, vec![0u8; 32 * MIB]).unwrap();
     let socket = dir.path("sock");
-    let server = serve_unprobed(&socket, &raw, "");
+    let server = serve(&socket, &raw, "");
     let vmm = spawn(&words(&format!("{CHECK} --page-source external:{socket}")));
     let server = wait(server);
     let run = wait(vmm);
@@ -484,7 +743,7 @@ fn a_page_server_kills_a_vmm_it_cannot_serve() {
         Some(i32::from(exit_code::BAD_INPUT)),
         "{server}"
     );
-    assert!(server.stderr.contains("regions total 64M"), "{server}");
+    assert!(server.stderr.contains("regions reach 64M"), "{server}");
     assert!(server.stderr.contains("killed the VMM (pid"), "{server}");
     // Killed by the server, or (had it seen the hang-up first) ended with 204.
     assert!(

@@ -9,7 +9,10 @@
 
 use std::time::Duration;
 
-use integration_tests::{TempDir, hugetlb_lock, read_json, report_sum, require_kvm, vmm_within};
+use integration_tests::{
+    TempDir, assert_no_seccomp_stop, hugetlb_lock, read_json, report_sum, require_kvm,
+    vmm_on_terminal, vmm_within,
+};
 use serde_json::Value;
 use vmm::vm::exit_code;
 
@@ -25,7 +28,10 @@ enum Expect {
 }
 
 /// Runs `verify mode=stress` on 2 vCPUs with `failpoints`, checks the outcome and the
-/// teardown, and returns the metrics.
+/// teardown, and returns the metrics. It runs as a user at a terminal would, logging at
+/// `trace`, with every thread making the benign probes (`seccomp-probes`): every warning and
+/// failure path an injected failure reaches runs under the seccomp filters, on a terminal,
+/// and none may step outside them.
 fn inject(args: &str, failpoints: &str, expect: Expect) -> Value {
     let _pool = hugetlb_lock();
     let dir = TempDir::new("inject");
@@ -48,15 +54,18 @@ fn inject(args: &str, failpoints: &str, expect: Expect) -> Value {
         "--arg mode=stress --arg passes=3"
     };
     let line = format!(
-        "run --guest verify --vcpus 2 --memory 32M {mode} --metrics {metrics} {}",
+        "run --guest verify --vcpus 2 --memory 32M {mode} --metrics {metrics} --log-level trace \
+         {}",
         args.replace("IMAGE", &image)
     );
-    let (run, took) = vmm_within(
+    let failpoints = format!("{failpoints};seccomp-probes=return");
+    let (run, took) = vmm_on_terminal(
         &integration_tests::words(&line),
-        &[("FAILPOINTS", failpoints)],
+        &[("FAILPOINTS", &failpoints)],
         Duration::from_secs(120),
     );
     let what = format!("{line}\nFAILPOINTS={failpoints}\n{run}");
+    assert_no_seccomp_stop(&what, &run);
     assert!(took < Duration::from_secs(100), "took {took:?}: {what}");
     let expect = match expect {
         Expect::CorrectOrEnds(code, needle) if run.code != Some(0) => Expect::Ends(code, needle),
@@ -107,6 +116,28 @@ fn the_4k_fault_path_ends_the_vm_cleanly_on_each_failure() {
         "fault-serve=1*panic(injected)",
         Expect::Ends(HANDLER_FAILED, "uffd-handler panicked: injected"),
     );
+}
+
+/// A handler that fails releases every vCPU at once, each shard through its own uffd: none
+/// is left for the stop's grace period (before, the failing handler unregistered all of RAM
+/// through its own uffd, which the kernel refuses with EINVAL, and the error was dropped).
+#[test]
+fn a_failed_handler_releases_every_shard_through_its_own_uffd() {
+    require_kvm!();
+    let line = "run --guest verify --vcpus 2 --memory 32M --arg mode=stress --page-source zero \
+                --collapse off --fault-threads 2";
+    let (run, _) = vmm_within(
+        &integration_tests::words(line),
+        &[("FAILPOINTS", "uffd-copy=1*return")],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(i32::from(HANDLER_FAILED)), "{run}");
+    assert!(
+        run.stderr.contains("resolving the fault at guest address"),
+        "{run}"
+    );
+    assert!(!run.stderr.contains("did not stop within"), "{run}");
+    assert!(!run.stderr.contains("from its userfaultfd"), "{run}");
 }
 
 #[test]

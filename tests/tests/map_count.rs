@@ -3,39 +3,20 @@
 //! an abort. These tests change a system-wide setting (restored on drop), so they live in a
 //! test binary of their own: cargo runs test binaries one at a time.
 
-use std::sync::Mutex;
+use std::time::Duration;
 
-use integration_tests::{TempDir, is_root, read_json, report_sum, require_kvm, vmm, words};
+use integration_tests::{
+    SystemSetting, TempDir, assert_no_seccomp_stop, read_json, report_sum, require_kvm, vmm,
+    vmm_on_terminal, words,
+};
 use vmm::vm::exit_code;
 
-const SETTING: &str = "/proc/sys/vm/max_map_count";
-
-/// Sets `vm.max_map_count` for as long as it lives; puts the old value back on drop.
-struct MaxMapCount {
-    old: String,
-    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
-}
+/// `vm.max_map_count`, set to `value` until dropped.
+struct MaxMapCount;
 
 impl MaxMapCount {
-    fn set(value: u64) -> Option<MaxMapCount> {
-        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-        if !is_root() {
-            eprintln!("SKIP: setting vm.max_map_count needs root");
-            return None;
-        }
-        let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let old = std::fs::read_to_string(SETTING).unwrap();
-        std::fs::write(SETTING, value.to_string()).unwrap();
-        Some(MaxMapCount {
-            old,
-            _one_at_a_time: guard,
-        })
-    }
-}
-
-impl Drop for MaxMapCount {
-    fn drop(&mut self) {
-        std::fs::write(SETTING, self.old.trim()).unwrap();
+    fn set(value: u64) -> Option<SystemSetting> {
+        SystemSetting::set("/proc/sys/vm/max_map_count", &value.to_string())
     }
 }
 
@@ -129,4 +110,23 @@ fn moves_collapse_512m_under_a_low_map_count_without_a_mapping_each() {
     );
     assert_eq!(json["collapse"]["stopped_for_mappings"], false, "{json}");
     assert!(!run.stderr.contains("no more 2 MiB pages"), "{run}");
+}
+
+/// The collapse thread's warning that the mappings are running out, logged on a terminal: the
+/// logger's terminal check was made once, up front, so the thread stays inside its seccomp
+/// filter (before, its first warning on a terminal ended the VMM with `ioctl(TCGETS)`).
+#[test]
+fn the_mapping_warning_on_a_terminal_stays_inside_the_filters() {
+    require_kvm!();
+    let Some(_limit) = MaxMapCount::set(175) else {
+        return;
+    };
+    let (run, _) = vmm_on_terminal(
+        &words("run --guest verify --memory 32M --arg mode=fill --timeout 60"),
+        &[],
+        Duration::from_secs(120),
+    );
+    assert_no_seccomp_stop("a warning on a terminal", &run);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(run.stdout.contains("no more 2 MiB pages"), "{run}");
 }

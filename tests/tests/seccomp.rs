@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use integration_tests::{require_kvm, vmm_within, words};
+use integration_tests::{
+    TempDir, assert_no_seccomp_stop, require_kvm, vmm_on_terminal, vmm_within, words,
+};
 use vmm::vm::exit_code;
 
 /// Each kind of thread, the fault point that makes it call `getppid`, and a run in which
@@ -111,4 +113,68 @@ fn a_prefetch_thread_outside_its_list_stops_the_vmm() {
     // Without the fault point, the same run is correct under the filters.
     let (run, _) = vmm_within(&words(&line), &[], Duration::from_secs(60));
     assert_eq!(run.code, Some(0), "{run}");
+}
+
+/// Every kind of thread, on a terminal, logging at `trace`, through the warnings it can reach
+/// (the huge-page limit met, 2 MiB faults falling back, prefetching past the limit), with
+/// every benign probe made by every thread (`seccomp-probes`): none is stopped by its filter.
+/// Before the logger decided its colours up front, the first warning a background thread
+/// logged on a terminal ended the VMM (`ioctl(TCGETS)`), and glibc's allocator could end a
+/// prefetch thread (`openat`).
+#[test]
+fn no_thread_on_a_terminal_steps_outside_its_filter() {
+    require_kvm!();
+    let dir = TempDir::new("seccomp-tty");
+    let image = dir.path("ram.img");
+    let (run, _) = vmm_within(
+        &words(&format!(
+            "run --guest verify --memory 32M --arg mode=fill --save-memory {image}"
+        )),
+        &[],
+        Duration::from_secs(120),
+    );
+    assert_eq!(run.code, Some(0), "{run}");
+    let lines = [
+        "run --guest verify --arg mode=stress --vcpus 2 --memory 16M".to_string(),
+        "run --guest verify --memory 16M --page-source zero --fault-granularity 2M \
+         --huge-limit 2M"
+            .into(),
+        "run --guest verify --arg mode=stress --memory 16M --page-source zero --huge-limit 4M \
+         --huge-pool-ahead 0"
+            .into(),
+        format!(
+            "run --guest verify --memory 32M --arg mode=check --page-source image:{image} \
+             --prefetch-threads 4 --huge-limit 2M"
+        ),
+        format!(
+            "run --guest verify --memory 32M --arg mode=check --page-source image:{image} --restore eager"
+        ),
+    ];
+    let mut said = String::new();
+    for line in &lines {
+        let mut args = words(line);
+        args.extend(["--log-level", "trace"]);
+        let (run, _) = vmm_on_terminal(
+            &args,
+            &[("FAILPOINTS", "seccomp-probes=return")],
+            Duration::from_secs(120),
+        );
+        assert_no_seccomp_stop(line, &run);
+        assert_eq!(run.code, Some(0), "{line}\n{run}");
+        said.push_str(&run.stdout);
+    }
+    for kind in [
+        "Main",
+        "Vcpu",
+        "FaultHandler",
+        "Collapser",
+        "PoolRefill",
+        "Prefetcher",
+    ] {
+        let logged = format!("under the {kind} seccomp filter");
+        assert!(
+            said.contains(&logged),
+            "no {kind} thread logged under its filter"
+        );
+    }
 }

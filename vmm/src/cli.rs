@@ -53,9 +53,10 @@ pub enum Command {
 /// `vmm uffd-serve`.
 #[derive(Debug, clap::Args)]
 pub struct UffdServeArgs {
-    /// The socket to listen on (a stale socket there is replaced; nothing else is).
+    /// The socket to listen on (a stale socket there, one nobody listens on, is replaced;
+    /// nothing else is).
     pub socket: PathBuf,
-    /// Raw guest RAM: the regions' contents back to back, no header (`vmm image export`).
+    /// Raw guest RAM, no header (`vmm image export`): each region's contents at its offset.
     pub file: PathBuf,
     /// How much of a 4 KiB region one fault resolves: its page, or the 2 MiB around it.
     #[arg(long, value_enum, default_value_t = Granularity::default())]
@@ -74,6 +75,9 @@ pub struct UffdServeArgs {
     /// A seccomp filter from the handshake on (the README lists what it allows).
     #[arg(long, value_enum, default_value_t)]
     pub seccomp: Seccomp,
+    /// How much to log (RUST_LOG overrides it).
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
 }
 
 impl UffdServeArgs {

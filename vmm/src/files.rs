@@ -243,6 +243,7 @@ impl ImageTarget {
             });
         }
         check_replaceable(flag, path)?;
+        check_name_fits(flag, path)?;
         let dir = parent_dir(path);
         check_dir_writable(flag, path, &dir)?;
         check_sticky(flag, path, &dir)?;
@@ -299,6 +300,53 @@ pub fn check_replaceable(flag: &'static str, path: &Path) -> Result<(), FileErro
             })
         }
     }
+}
+
+/// The longest file name the system takes (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// The longest name [`temporary_for`] adds to a file's: `.` before it, `.tmp-` and a pid
+/// after (pids have at most 7 digits: `pid_max` is at most 4194304).
+const TEMPORARY_EXTRA: usize = ".".len() + ".tmp-".len() + 7;
+
+/// Fails unless the temporary that an atomic write of `path` goes through has a name the file
+/// system takes, so a long name is refused before anything runs, not when the output is
+/// written.
+pub fn check_name_fits(flag: &'static str, path: &Path) -> Result<(), FileError> {
+    let len = path.file_name().map_or(0, |n| n.len());
+    if len + TEMPORARY_EXTRA > NAME_MAX {
+        return Err(FileError::Output {
+            flag,
+            path: path.into(),
+            reason: format!(
+                "its file name is {len} bytes; it is written as .NAME.tmp-PID first and then \
+                 renamed, so a name may have at most {} bytes",
+                NAME_MAX - TEMPORARY_EXTRA
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Fails if `a` and `b` name the same file (one path, or two names of one file), which an
+/// output written while reading the input would destroy.
+pub fn check_distinct(flag: &'static str, input: &Path, output: &Path) -> Result<(), FileError> {
+    use std::os::unix::fs::MetadataExt;
+    let same = match (std::fs::metadata(input), std::fs::metadata(output)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    if same {
+        return Err(FileError::Output {
+            flag,
+            path: output.into(),
+            reason: format!(
+                "it is the file being read ({}); name a different output",
+                input.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The name of the temporary file an image is written to before it replaces `path`.
@@ -409,12 +457,14 @@ impl MetricsTarget {
                     path: path.into(),
                     source,
                 })?;
+                check_name_fits(flag, &real)?;
                 check_dir_writable(flag, path, &parent_dir(&real))?;
                 check_sticky(flag, &real, &parent_dir(&real))?;
                 Self::check_lines(flag, &real)?;
                 Ok(MetricsTarget::File(real))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                check_name_fits(flag, path)?;
                 check_dir_writable(flag, path, &parent_dir(path))?;
                 Self::check_lines(flag, path)?;
                 Ok(MetricsTarget::File(path.into()))
@@ -427,16 +477,33 @@ impl MetricsTarget {
         }
     }
 
-    /// The interval lines' file must be a regular file (or missing) too.
+    /// The interval lines' file must be a regular file (or missing) too, not a symbolic
+    /// link (it is opened with `O_NOFOLLOW`), with a name the file system takes.
     fn check_lines(flag: &'static str, path: &Path) -> Result<(), FileError> {
         let lines = lines_path(path);
-        match std::fs::metadata(&lines) {
+        let len = lines.file_name().map_or(0, |n| n.len());
+        if len > NAME_MAX {
+            return Err(FileError::Output {
+                flag,
+                path: path.into(),
+                reason: format!(
+                    "interval lines go to NAME.jsonl, whose name would be {len} bytes, more \
+                     than the {NAME_MAX} a file name may have"
+                ),
+            });
+        }
+        match std::fs::symlink_metadata(&lines) {
             Ok(meta) if !meta.file_type().is_file() => Err(FileError::Output {
                 flag,
                 path: lines,
                 reason: format!(
-                    "it is {}; interval lines go to a regular file",
-                    kind_name(meta.file_type())
+                    "it is {}; interval lines go to a regular file{}",
+                    kind_name(meta.file_type()),
+                    if meta.file_type().is_symlink() {
+                        ", never through a symbolic link"
+                    } else {
+                        ""
+                    }
                 ),
             }),
             _ => Ok(()),

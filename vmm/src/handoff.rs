@@ -6,7 +6,9 @@
 //! describing the regions of guest RAM, with the uffd attached as `SCM_RIGHTS`. It sends
 //! nothing else and keeps its end open for its whole life: the server takes EOF as the VMM
 //! gone. The server resolves faults with `UFFDIO_COPY` from a raw memory file (guest RAM with
-//! no header, regions back to back at their `offset`s).
+//! no header; each region's contents at its `offset`). Every page of a region handed over is
+//! missing (Firecracker's own handlers rely on it: its `fault_all` example copies each whole
+//! region at the first fault), so a VMM hands over only memory nobody has populated yet.
 //!
 //! A region is `{"base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"}`; both
 //! page size fields hold bytes. Firecracker before 1.7 sends neither page size (4 KiB pages),
@@ -122,12 +124,18 @@ pub enum HandoffError {
     /// The peer closed the connection before the handshake was whole.
     #[error("the VMM closed the connection after {0} bytes, before a whole handshake")]
     Closed(usize),
+    /// The server was told to stop (a signal) while waiting for the handshake.
+    #[error("stopped while waiting for the handshake")]
+    Interrupted,
     /// The handshake did not come in time.
     #[error("no whole handshake within {HANDSHAKE_TIMEOUT:?} ({0} bytes came)")]
     Timeout(usize),
     /// The handshake carried no file descriptor.
     #[error("the handshake carried no userfaultfd (it must come as SCM_RIGHTS with the JSON)")]
     NoFd,
+    /// The handshake's file descriptor is something else.
+    #[error("the handshake's file descriptor is {0}, not a userfaultfd")]
+    NotUffd(String),
     /// The handshake is too long.
     #[error("the handshake is over {MAX_HANDSHAKE} bytes")]
     TooLong,
@@ -154,13 +162,13 @@ pub enum HandoffError {
         /// What is wrong, and what is allowed.
         why: String,
     },
-    /// The regions do not add up to the memory file.
+    /// The regions reach past the end of the memory file.
     #[error(
-        "the handshake's regions total {} but the memory file {} holds {}: it is not this \
+        "the handshake's regions reach {} into the memory file but {} holds {}: it is not this \
          guest's memory", ByteSize(*total), path.display(), ByteSize(*len)
     )]
     FileSize {
-        /// Sum of the regions' sizes.
+        /// Where the furthest region ends in the file.
         total: u64,
         /// The file.
         path: PathBuf,
@@ -198,8 +206,10 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Region>, HandoffError> {
 }
 
 /// Checks that `regions` can be served from a file of `file_len` bytes: at least one; each a
-/// whole number of 4 KiB or 2 MiB pages (the two page fields agreeing), page aligned; offsets
-/// back to back from 0; no two overlapping; and their sizes adding up to the file.
+/// whole number of 4 KiB or 2 MiB pages (the two page fields agreeing), page aligned, at a
+/// page-aligned offset; no two overlapping, in the address space or in the file; and all of
+/// them inside the file. (The file may hold more: the pages a VMM populated itself before the
+/// handoff are in it but in no region.)
 pub fn check(regions: &[Region], file: &Path, file_len: u64) -> Result<(), HandoffError> {
     if regions.is_empty() {
         return Err(HandoffError::malformed("no regions", b"[]"));
@@ -213,7 +223,7 @@ pub fn check(regions: &[Region], file: &Path, file_len: u64) -> Result<(), Hando
             b"",
         ));
     }
-    let mut offset = 0u64;
+    let mut reach = 0u64;
     for (index, r) in regions.iter().enumerate() {
         let bad = |why: String| HandoffError::BadRegion {
             index,
@@ -247,31 +257,53 @@ pub fn check(regions: &[Region], file: &Path, file_len: u64) -> Result<(), Hando
                 "the base is not aligned to its {page}-byte pages"
             )));
         }
-        if r.offset != offset {
+        if !r.offset.is_multiple_of(page) {
             return Err(bad(format!(
-                "offset {} is not {offset}, where the previous regions end (regions lie back \
-                 to back in the memory file)",
+                "offset {} in the memory file is not aligned to its {page}-byte pages",
                 r.offset
             )));
         }
+        let file_end = r
+            .offset
+            .checked_add(r.size as u64)
+            .ok_or_else(|| bad("it ends past the largest file offset".into()))?;
         if let Some(other) = regions[..index]
             .iter()
             .position(|o| o.base_host_virt_addr < r.end() && r.base_host_virt_addr < o.end())
         {
             return Err(bad(format!("it overlaps region {other}")));
         }
-        offset = offset
-            .checked_add(r.size as u64)
-            .ok_or_else(|| bad("the regions' sizes overflow".into()))?;
+        if let Some(other) = regions[..index]
+            .iter()
+            .position(|o| o.offset < file_end && r.offset < o.offset + o.size as u64)
+        {
+            return Err(bad(format!(
+                "its contents overlap region {other}'s in the memory file"
+            )));
+        }
+        reach = reach.max(file_end);
     }
-    if offset != file_len {
+    if reach > file_len {
         return Err(HandoffError::FileSize {
-            total: offset,
+            total: reach,
             path: file.into(),
             len: file_len,
         });
     }
     Ok(())
+}
+
+/// Whether `fd` is a userfaultfd (its `/proc/self/fd` link names the anonymous inode), or
+/// what it is instead.
+pub fn check_userfaultfd(fd: &impl AsRawFd) -> Result<(), HandoffError> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("a descriptor that cannot be looked at ({e})"));
+    if link == "anon_inode:[userfaultfd]" {
+        Ok(())
+    } else {
+        Err(HandoffError::NotUffd(link))
+    }
 }
 
 /// The VMM side: connects to the page server at `socket` and sends `regions` with `uffd`. The
@@ -302,8 +334,12 @@ pub fn hand_over(
 }
 
 /// The server side: reads one handshake (JSON with a file descriptor) from `stream`, reading on
-/// until the JSON is whole, for at most [`HANDSHAKE_TIMEOUT`].
-pub fn receive(stream: &UnixStream) -> Result<(Vec<Region>, std::fs::File), HandoffError> {
+/// until the JSON is whole, for at most [`HANDSHAKE_TIMEOUT`], or until a signal comes after
+/// which `stopped` says true.
+pub fn receive(
+    stream: &UnixStream,
+    stopped: &dyn Fn() -> bool,
+) -> Result<(Vec<Region>, std::fs::File), HandoffError> {
     let io = |what| move |source| HandoffError::Io { what, source };
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut text = Vec::new();
@@ -319,7 +355,12 @@ pub fn receive(stream: &UnixStream) -> Result<(Vec<Region>, std::fs::File), Hand
             .map_err(io("setting a timeout"))?;
         let (n, file) = match stream.recv_with_fd(&mut buf) {
             Ok(got) => got,
-            Err(e) if matches!(e.errno(), libc::EAGAIN | libc::EINTR) => continue,
+            Err(e) if matches!(e.errno(), libc::EAGAIN | libc::EINTR) => {
+                if stopped() {
+                    return Err(HandoffError::Interrupted);
+                }
+                continue;
+            }
             Err(e) => {
                 return Err(HandoffError::Io {
                     what: "reading the handshake",
@@ -335,7 +376,7 @@ pub fn receive(stream: &UnixStream) -> Result<(Vec<Region>, std::fs::File), Hand
                 return Err(HandoffError::Closed(0));
             }
             // The VMM sent all it will: what came must be whole.
-            return Ok((parse(&text)?, fd.ok_or(HandoffError::NoFd)?));
+            return whole(&text, fd);
         }
         text.extend_from_slice(&buf[..n]);
         if text.len() > MAX_HANDSHAKE {
@@ -347,10 +388,21 @@ pub fn receive(stream: &UnixStream) -> Result<(Vec<Region>, std::fs::File), Hand
                 stream
                     .set_read_timeout(None)
                     .map_err(io("clearing a timeout"))?;
-                return Ok((parse(&text)?, fd.ok_or(HandoffError::NoFd)?));
+                return whole(&text, fd);
             }
         }
     }
+}
+
+/// A whole handshake's regions and its descriptor, which must be a userfaultfd.
+fn whole(
+    text: &[u8],
+    fd: Option<std::fs::File>,
+) -> Result<(Vec<Region>, std::fs::File), HandoffError> {
+    let regions = parse(text)?;
+    let fd = fd.ok_or(HandoffError::NoFd)?;
+    check_userfaultfd(&fd)?;
+    Ok((regions, fd))
 }
 
 /// The process at the other end of `stream` (`SO_PEERCRED`).
@@ -375,6 +427,36 @@ pub fn peer_pid(stream: &UnixStream) -> io::Result<libc::pid_t> {
         return Err(io::Error::last_os_error());
     }
     Ok(cred.pid)
+}
+
+/// A pidfd for the process at the other end of `stream`: `SO_PEERPIDFD` (Linux 6.5+), which
+/// names the very process that connected, else `pidfd_open` of its `SO_PEERCRED` pid (taken
+/// while it is still connected, so while that pid is still its own).
+pub fn peer_pidfd(stream: &UnixStream) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut raw: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_PEERPIDFD writes one int (a new descriptor) into `raw`.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut raw).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 || raw < 0 {
+        let pid = peer_pid(stream)?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: `raw` is a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }
 
 /// Whether the other end of `stream` has closed it (or the socket failed), without waiting.
@@ -446,11 +528,15 @@ mod tests {
         assert!(refused(&[region(0, 4096, 0, Some(8192))], 4096).contains("not 4096 or 2097152"));
         assert!(refused(&[region(0, 6000, 0, None)], 6000).contains("whole number"));
         assert!(refused(&[region(4096, 2 << 20, 0, Some(2 << 20))], 2 << 20).contains("aligned"));
-        let two = [region(0, 4096, 0, None), region(8192, 4096, 8192, None)];
-        assert!(refused(&two, 8192).contains("back to back"));
+        assert!(refused(&[region(0, 4096, 100, None)], 8192).contains("offset 100"));
+        let gap = [region(0, 4096, 0, None), region(8192, 4096, 8192, None)];
+        check(&gap, Path::new("mem"), 12288).unwrap();
         let overlap = [region(0, 8192, 0, None), region(4096, 4096, 8192, None)];
         assert!(refused(&overlap, 12288).contains("overlaps region 0"));
-        assert!(refused(&[region(0, 4096, 0, None)], 8192).contains("holds 8K"));
+        let same_file = [region(0, 8192, 0, None), region(8192, 4096, 4096, None)];
+        assert!(refused(&same_file, 12288).contains("overlap region 0's in the memory file"));
+        assert!(refused(&[region(0, 8192, 0, None)], 4096).contains("reach 8K"));
+        assert!(refused(&[region(0, 4096, 4096, None)], 4096).contains("holds 4K"));
         let mut disagree = region(0, 4096, 0, Some(4096));
         disagree.page_size_kib = Some(4);
         assert!(refused(&[disagree], 4096).contains("disagree"));

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
             }
         }
         Command::UffdServe(args) => {
-            init_logging("info");
+            init_logging(&args.log_level.filter());
             match vmm::uffd_serve::serve(&args.to_config()) {
                 Ok(report) => {
                     eprintln!(
@@ -111,10 +111,21 @@ fn failed(e: &dyn std::error::Error, bad_input: bool) -> ExitCode {
     })
 }
 
+/// The logger, with everything it would otherwise ask per line decided here, once: whether
+/// stderr is a terminal (colours) is asked now, in the main thread, before any seccomp filter
+/// exists, so no thread's logging ever makes a call its filter has not got.
 fn init_logging(level: &str) {
+    use std::io::IsTerminal;
+    let style = match std::env::var("RUST_LOG_STYLE").as_deref() {
+        Ok("never") => env_logger::WriteStyle::Never,
+        Ok("always") => env_logger::WriteStyle::Always,
+        _ if std::io::stderr().is_terminal() => env_logger::WriteStyle::Always,
+        _ => env_logger::WriteStyle::Never,
+    };
     env_logger::Builder::new()
         .parse_filters(level)
-        .parse_env("RUST_LOG")
+        .parse_env(env_logger::Env::new().filter("RUST_LOG"))
+        .write_style(style)
         .init();
 }
 

@@ -9,6 +9,15 @@
 //! vCPUs, which inherit it and add theirs. The lists were taken from `strace` of every path
 //! the tests take (each page source, granularity, backing, collapse order, save, metrics,
 //! signals, every injected failure) and are documented in the README.
+//!
+//! What the libraries under us may do is decided up front where we can: the logger's
+//! terminal check is made once, in the main thread, before any filter exists
+//! (`main::init_logging`). What cannot be decided up front is a [benign probe](PROBES): a
+//! question whose "no" is harmless, asked by code we do not own at a moment we do not choose
+//! (glibc's allocator reads `/proc/sys/vm/overcommit_memory` the first time any thread's
+//! arena shrinks). The `SIGSYS` handler recognises exactly those calls by their arguments and
+//! answers them with the error a "no" gives, so the thread goes on; every other call outside
+//! a list still ends the VMM.
 
 use std::collections::BTreeMap;
 
@@ -110,12 +119,13 @@ const COLLAPSER: &[i64] = &[
 ];
 /// The refill thread: allocates and checks pages.
 const POOL_REFILL: &[i64] = &[libc::SYS_mincore, libc::SYS_pread64];
-/// `vmm uffd-serve`: waits on the uffd and the socket, reads both and the memory file, kills
-/// its peer on a fatal error, and writes its metrics at the end.
+/// `vmm uffd-serve`: waits on the uffd, the socket and its peer's pidfd, reads the uffd, the
+/// socket and the memory file, kills its peer (through the pidfd) on a fatal error, and writes
+/// its metrics at the end.
 const PAGE_SERVER: &[i64] = &[
     libc::SYS_fstat,
     libc::SYS_getpid,
-    libc::SYS_kill,
+    libc::SYS_pidfd_send_signal,
     libc::SYS_newfstatat,
     libc::SYS_openat,
     libc::SYS_poll,
@@ -260,25 +270,129 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, seccompiler::Error> {
 
 /// Installs the filter of `kind` on the calling thread, if `mode` is on. The first filter
 /// installed in the process also installs the `SIGSYS` handler.
+/// Either way the thread then logs (at `debug`) its name, tid and filter: the first thing
+/// every thread logs runs under its filter.
 pub fn install(kind: ThreadKind, mode: Seccomp) -> Result<(), SeccompError> {
-    if mode == Seccomp::Off {
-        return Ok(());
+    if mode == Seccomp::On {
+        install_sigsys_handler();
+        let err = |source| SeccompError { kind, source };
+        let program = filter(kind).map_err(err)?;
+        seccompiler::apply_filter(&program).map_err(err)?;
+        ACTIVE.store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    install_sigsys_handler();
-    let err = |source| SeccompError { kind, source };
-    let program = filter(kind).map_err(err)?;
-    seccompiler::apply_filter(&program).map_err(err)?;
-    ACTIVE.store(true, std::sync::atomic::Ordering::SeqCst);
+    log::debug!(
+        "thread {} is tid {}, {}",
+        std::thread::current().name().unwrap_or("?"),
+        // SAFETY: gettid cannot fail and touches no memory.
+        unsafe { libc::gettid() },
+        match mode {
+            Seccomp::On => format!("under the {kind:?} seccomp filter"),
+            Seccomp::Off => "with no seccomp filter".into(),
+        }
+    );
     Ok(())
 }
 
-/// A fault injection point: when `point` fires, the calling thread makes a system call that
-/// no filter allows (`getppid`), so a test can show the filter is there and what it does.
+/// Fault injection points: when `point` fires, the calling thread makes a system call that
+/// no filter allows (`getppid`), so a test can show the filter is there and what it does; when
+/// `seccomp-probes` fires, it makes every [benign probe](PROBES) and panics unless each was
+/// refused with its errno or allowed outright.
 #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 pub fn forbidden_call_point(point: &str) {
+    if crate::fires!("seccomp-probes") {
+        make_probes();
+    }
     if crate::fires!(point) {
         // SAFETY: getppid takes no arguments and changes nothing.
         unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+}
+
+/// Makes each probe as the library that asks it would.
+fn make_probes() {
+    let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: TCGETS writes one termios into our buffer, or fails.
+    let r = unsafe { libc::ioctl(2, libc::TCGETS, termios.as_mut_ptr()) };
+    let e = std::io::Error::last_os_error().raw_os_error();
+    assert!(
+        r == 0 || e == Some(libc::ENOTTY),
+        "TCGETS probe: {r}, {e:?}"
+    );
+    // SAFETY: a NUL-terminated path; the descriptor, if any, is closed at once.
+    let fd = unsafe {
+        libc::open(
+            OVERCOMMIT_PATH.as_ptr().cast(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    let e = std::io::Error::last_os_error().raw_os_error();
+    assert!(
+        fd >= 0 || e == Some(libc::EACCES),
+        "open probe: {fd}, {e:?}"
+    );
+    if fd >= 0 {
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// A benign probe: a call that code under us (std, glibc, the logger) may make on any thread
+/// to ask a question whose "no" is harmless, and the error that says "no".
+#[derive(Debug)]
+pub struct Probe {
+    /// What asks, and why the answer "no" is harmless.
+    pub what: &'static str,
+    /// The system call.
+    pub nr: i64,
+    /// The error it is answered with.
+    pub errno: i32,
+}
+
+/// The benign probes, answered with their errno instead of ending the VMM. Each is matched on
+/// its arguments, not only its number: any other `ioctl` or `openat` outside a list still ends
+/// the VMM.
+pub const PROBES: &[Probe] = &[
+    Probe {
+        what: "ioctl(fd, TCGETS): is this a terminal? (std's IsTerminal, a logger choosing \
+               colours); \"no\" means plain text",
+        nr: libc::SYS_ioctl,
+        errno: libc::ENOTTY,
+    },
+    Probe {
+        what: "openat(\"/proc/sys/vm/overcommit_memory\"): glibc's malloc, the first time a \
+               thread's arena shrinks; unreadable means it frees with MADV_DONTNEED",
+        nr: libc::SYS_openat,
+        errno: libc::EACCES,
+    },
+];
+
+/// The path glibc's allocator probes.
+const OVERCOMMIT_PATH: &[u8] = b"/proc/sys/vm/overcommit_memory\0";
+
+/// How many benign probes the filters have answered with their errno, process-wide.
+pub fn probes_refused() -> u64 {
+    PROBES_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static PROBES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The errno that answers system call `nr` with arguments `args` (x86_64's `rdi`, `rsi`, ...),
+/// if it is a [benign probe](PROBES). Async-signal-safe: it reads the path argument in place.
+fn probe_errno(nr: i64, args: [u64; 3]) -> Option<i32> {
+    match nr {
+        libc::SYS_ioctl if args[1] as u32 == libc::TCGETS as u32 => Some(libc::ENOTTY),
+        libc::SYS_openat if args[1] != 0 => {
+            let path = args[1] as *const u8;
+            // The comparison stops at the first byte that differs: a shorter string differs
+            // at its NUL at the latest, so no byte past it is read.
+            let same = OVERCOMMIT_PATH.iter().enumerate().all(|(i, &want)| {
+                // SAFETY: the path argument of a trapped `openat` points at a NUL-terminated
+                // string in the caller's memory, and byte `i` is at or before its NUL.
+                unsafe { path.add(i).read() == want }
+            });
+            same.then_some(libc::EACCES)
+        }
+        _ => None,
     }
 }
 
@@ -306,11 +420,23 @@ fn install_sigsys_handler() {
     });
 }
 
-/// Says which thread made which call, then ends the process: async-signal-safe throughout.
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+/// Answers a [benign probe](PROBES) with its errno; for any other call, says which thread made
+/// which call, then ends the process. Async-signal-safe throughout.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // `si_syscall` follows `si_call_addr` at the start of the union (offset 16 on x86_64).
     // SAFETY: the kernel passes a valid siginfo for SIGSYS with SA_SIGINFO.
     let nr = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
+    // SAFETY: with SA_SIGINFO the third argument is the interrupted thread's ucontext, ours to
+    // read and change until the handler returns.
+    let gregs = unsafe { &mut (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    let args = [libc::REG_RDI, libc::REG_RSI, libc::REG_RDX].map(|r| gregs[r as usize] as u64);
+    if let Some(errno) = probe_errno(i64::from(nr), args) {
+        // The trapped call did not run; returning resumes the thread after it with this
+        // result, as the kernel would have returned it.
+        gregs[libc::REG_RAX as usize] = -i64::from(errno);
+        PROBES_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
     let mut name = [0u8; 17];
     // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into the buffer.
     unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };

@@ -96,6 +96,9 @@ pub enum ServeError {
     /// The handshake failed or was refused.
     #[error(transparent)]
     Handshake(#[from] HandoffError),
+    /// Reading the memory file failed while serving (it was truncated or changed under us).
+    #[error("reading the memory file while serving")]
+    Read(#[source] RamImageError),
     /// A fault outside every region.
     #[error("a fault at {0:#x} lies in no region of the handshake")]
     OutsideRegions(u64),
@@ -184,34 +187,33 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
         .as_deref()
         .map(|p| MetricsTarget::open("--metrics", p))
         .transpose()?;
-    let listener = listen(&config.socket)?;
-    eprintln!(
-        "vmm uffd-serve: serving {} on {}",
-        config.file.display(),
-        config.socket.display()
-    );
-    let (stream, _) = listener.accept().map_err(|e| ServeError::Listen {
-        path: config.socket.clone(),
-        why: format!("accept failed: {e}"),
-    })?;
-    // One VMM per server: nobody else may connect, and no stale socket is left behind.
-    drop(listener);
-    let _ = std::fs::remove_file(&config.socket);
-    // SIGINT and SIGTERM end serving cleanly from here on (the metrics are written, the VMM
-    // is dealt with as on any other end that leaves it unserved).
+    // SIGINT and SIGTERM end the server at any moment from here on: before a VMM connects
+    // (the socket is removed), during the handshake, and while serving (the metrics are
+    // written, the VMM dealt with as on any other end that leaves it unserved).
     for sig in [libc::SIGINT, libc::SIGTERM] {
         register_signal_handler(sig, on_stop_signal).map_err(|e| ServeError::Listen {
             path: config.socket.clone(),
             why: format!("installing a signal handler: {e}"),
         })?;
     }
-    let peer = handoff::peer_pid(&stream).unwrap_or(0);
+    let listener = listen(&config.socket)?;
+    eprintln!(
+        "vmm uffd-serve: serving {} on {}",
+        config.file.display(),
+        config.socket.display()
+    );
+    let accepted = accept_vmm(&listener, config, image.ram_size());
+    // One VMM per server: nobody else may connect, and no stale socket is left behind.
+    drop(listener);
+    let _ = std::fs::remove_file(&config.socket);
+    let (stream, handshake) = accepted?;
+    let peer = Peer::of(&stream);
     let mut report = ServeReport {
-        peer_pid: peer,
+        peer_pid: peer.pid,
         granularity: config.granularity,
         ..ServeReport::default()
     };
-    let result = handshake(&stream, &config.file, image.ram_size()).and_then(|(regions, uffd)| {
+    let result = handshake.and_then(|(regions, uffd)| {
         report.regions = regions.clone();
         // From here on only what serving and reporting need (the `seccomp-page-server` fault
         // point makes a forbidden call, for the tests).
@@ -230,6 +232,18 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
         }
         .run(&stream)
     });
+    // A failure because the VMM went away (its memory is gone, so a resolution fails) is the
+    // VMM's end, not ours: the normal end.
+    let result = match result {
+        Err(e) if !matches!(e, ServeError::Signal(_)) && peer.gone_within(&stream, PEER_EXIT) => {
+            log::info!(
+                "the VMM went away while being served ({})",
+                crate::error::chain(&e)
+            );
+            Ok(())
+        }
+        other => other,
+    };
     report.file_bytes_read = image.bytes_read();
     report.end = match &result {
         Ok(()) => "vmm-closed".into(),
@@ -237,15 +251,21 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
     };
     if let Err(e) = &result
         && config.kill_peer
-        && peer > 0
     {
-        // SAFETY: kill sends a signal; it touches no memory of ours.
-        unsafe { libc::kill(peer, libc::SIGKILL) };
-        eprintln!(
-            "vmm uffd-serve: killed the VMM (pid {peer}): it would wait forever on faults \
-             nobody serves after: {}",
-            crate::error::chain(e)
-        );
+        match peer.kill() {
+            Ok(true) => eprintln!(
+                "vmm uffd-serve: killed the VMM (pid {}): it would wait forever on faults \
+                 nobody serves after: {}",
+                peer.pid,
+                crate::error::chain(e)
+            ),
+            Ok(false) => {}
+            Err(why) => eprintln!(
+                "vmm uffd-serve: cannot kill the VMM (pid {}): {why}; it may wait forever on \
+                 faults nobody serves",
+                peer.pid
+            ),
+        }
     }
     if let (Some(target), Some(path)) = (&metrics, &config.metrics) {
         let json = serde_json::to_value(&report).expect("plain data");
@@ -259,7 +279,64 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
     result.map(|()| report)
 }
 
-/// Binds `path`, replacing a stale socket left there (never anything else).
+/// How long a failure waits for the VMM to be seen gone before it counts as the server's own.
+const PEER_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The signal that asked the server to stop, if one did.
+fn stop_signal() -> Option<i32> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(sig),
+    }
+}
+
+/// What the accepted VMM sent: its connection, and its handshake's regions and uffd.
+type Accepted = (UnixStream, Result<(Vec<Region>, Uffd), ServeError>);
+
+/// Waits for a VMM and its handshake. A connection that closes without sending a byte (someone
+/// asking whether this server is alive) is not a VMM: the server goes on listening. SIGINT and
+/// SIGTERM end the wait.
+fn accept_vmm(
+    listener: &UnixListener,
+    config: &ServeConfig,
+    file_len: u64,
+) -> Result<Accepted, ServeError> {
+    let listen_err = |why: String| ServeError::Listen {
+        path: config.socket.clone(),
+        why,
+    };
+    loop {
+        if let Some(sig) = stop_signal() {
+            return Err(ServeError::Signal(sig));
+        }
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the timeout bounds how late a signal is seen.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(listen_err(format!("accept failed: {e}"))),
+        };
+        match handshake(&stream, &config.file, file_len) {
+            Err(ServeError::Handshake(HandoffError::Closed(0))) => {
+                log::info!("a connection closed without a handshake (not a VMM); listening on");
+            }
+            Err(ServeError::Handshake(HandoffError::Interrupted)) => {
+                return Err(ServeError::Signal(stop_signal().unwrap_or(libc::SIGTERM)));
+            }
+            result => return Ok((stream, result)),
+        }
+    }
+}
+
+/// Binds `path`, replacing a stale socket left there: one nobody listens on (connecting to it
+/// is refused). Never anything else, and never a live server's socket.
 fn listen(path: &Path) -> Result<UnixListener, ServeError> {
     let err = |why: String| ServeError::Listen {
         path: path.into(),
@@ -267,6 +344,13 @@ fn listen(path: &Path) -> Result<UnixListener, ServeError> {
     };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            // A live server accepts this and, seeing it close with nothing sent, listens on.
+            if UnixStream::connect(path).is_ok() {
+                return Err(err(
+                    "another page server is listening on it; stop that one or name a new path"
+                        .into(),
+                ));
+            }
             std::fs::remove_file(path).map_err(|e| err(format!("removing the old socket: {e}")))?
         }
         Ok(meta) => {
@@ -286,10 +370,80 @@ fn handshake(
     file: &Path,
     file_len: u64,
 ) -> Result<(Vec<Region>, Uffd), ServeError> {
-    let (regions, fd) = handoff::receive(stream)?;
+    let (regions, fd) = handoff::receive(stream, &|| stop_signal().is_some())?;
     handoff::check(&regions, file, file_len)?;
     let fd: OwnedFd = fd.into();
     Ok((regions, Uffd::from_owned(fd, 0)))
+}
+
+/// The VMM being served, held by a pidfd taken while it was connected: signalling it can never
+/// reach another process that got its pid later.
+struct Peer {
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        let pidfd = handoff::peer_pidfd(stream)
+            .inspect_err(|e| log::warn!("no pidfd for the VMM: {e}; it will not be killed"))
+            .ok();
+        Peer {
+            pid: handoff::peer_pid(stream).unwrap_or(0),
+            pidfd,
+        }
+    }
+
+    /// Whether the VMM has exited or closed its end, waiting up to `limit` for it.
+    fn gone_within(&self, stream: &UnixStream, limit: std::time::Duration) -> bool {
+        let mut fds = vec![libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        }];
+        if let Some(pidfd) = &self.pidfd {
+            fds.push(libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // SAFETY: valid pollfds, a bounded wait.
+            let ready =
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, left.as_millis() as i32) };
+            if ready > 0 {
+                return fds.iter().any(|f| f.revents != 0);
+            }
+            if ready == 0 || left.is_zero() {
+                return false;
+            }
+        }
+    }
+
+    /// Sends the VMM `SIGKILL` through its pidfd; `Ok(false)` if it is already gone.
+    fn kill(&self) -> std::io::Result<bool> {
+        let Some(pidfd) = &self.pidfd else {
+            return Err(std::io::Error::other("no pidfd was taken for it"));
+        };
+        // SAFETY: pidfd_send_signal takes our pidfd, a signal, no siginfo and no flags.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        match ret {
+            0 => Ok(true),
+            _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    }
 }
 
 /// A resolution's outcome.
@@ -333,8 +487,7 @@ impl Server<'_> {
             let wait = if self.pending.is_empty() { -1 } else { 1 };
             // SAFETY: two valid pollfds.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
-            let signal = STOP_SIGNAL.load(Ordering::SeqCst);
-            if signal != 0 {
+            if let Some(signal) = stop_signal() {
                 return Err(ServeError::Signal(signal));
             }
             if ready < 0 {
@@ -461,7 +614,7 @@ impl Server<'_> {
             true
         } else {
             let offset = region.offset + (start - region.base_host_virt_addr);
-            self.source.fill(offset, buf)? == Fill::Zero
+            self.source.fill(offset, buf).map_err(ServeError::Read)? == Fill::Zero
         };
         let hugetlb = region.page_bytes() != PAGE_SIZE;
         let uffd_err = |what| {

@@ -109,8 +109,6 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                // SAFETY: gettid cannot fail and touches no memory.
-                log::debug!("thread {thread_name} is tid {}", unsafe { libc::gettid() });
                 if let Err(e) = crate::seccomp::install(kind, seccomp) {
                     on_failure(crate::error::chain(&e));
                     return;

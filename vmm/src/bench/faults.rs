@@ -342,7 +342,8 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
         })
         .collect();
     let rows = config.rows(&runnable);
-    let image_path = config.scratch.join("bench-faults.img");
+    let scratch = super::ScratchDir::create(&config.scratch)?;
+    let image_path = scratch.path().join("ram.img");
     // An image of exactly the RAM of `vcpus` vCPUs' VM. Every page holds data, so the handler
     // really copies (no zero-page shortcut).
     let write_image = |vcpus: u32| -> Result<(), BenchError> {
@@ -377,7 +378,7 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
         bar.suspend(|| counts.push(report_count(config, vcpus, &rows, &mut samples)));
     }
     bar.finish_and_clear();
-    let _ = std::fs::remove_file(&image_path);
+    drop(scratch);
     for (mode, why) in &skipped {
         println!("{:<20} skipped: {why}", mode.name());
     }

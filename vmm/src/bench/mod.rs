@@ -52,6 +52,46 @@ pub enum BenchError {
     Setup(String),
 }
 
+/// A directory of a benchmark's own for its scratch files (images, sockets), made fresh for
+/// the run (mode 0700, never one that exists already) and removed with all it holds when
+/// dropped, so two benchmarks at once never share a file and nobody else can plant one.
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Makes `vmm-bench-PID-N` in `parent`.
+    pub fn create(parent: &Path) -> Result<Self, BenchError> {
+        use std::os::unix::fs::DirBuilderExt;
+        for n in 0u32.. {
+            let path = parent.join(format!("vmm-bench-{}-{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(ScratchDir(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => {}
+                Err(e) => {
+                    return Err(BenchError::Setup(format!(
+                        "cannot make a scratch directory in {}: {e}",
+                        parent.display()
+                    )));
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            log::warn!("removing the scratch directory {}: {e}", self.0.display());
+        }
+    }
+}
+
 /// Builds and runs one VM with guest output discarded, and checks that the guest finished
 /// with code 0.
 pub fn run_vm(what: &str, config: VmConfig) -> Result<RunSummary, BenchError> {

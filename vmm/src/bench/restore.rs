@@ -415,6 +415,11 @@ fn ms(v: &Value) -> String {
 
 /// Runs the benchmark, prints a table per density, and returns every figure as JSON.
 pub fn run(config: &RestoreBenchConfig) -> Result<Value, BenchError> {
+    let scratch = super::ScratchDir::create(&config.scratch)?;
+    let config = &RestoreBenchConfig {
+        scratch: scratch.path().into(),
+        ..config.clone()
+    };
     let modes = if config.modes.is_empty() {
         Mode::ALL.to_vec()
     } else {

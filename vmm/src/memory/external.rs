@@ -24,8 +24,13 @@ pub struct PageServer {
 
 impl PageServer {
     /// Hands `ram` to the page server listening at `socket`: a uffd asking for remove events,
-    /// all of RAM registered for missing faults, one handshake (Firecracker 1.12's schema, one
-    /// region of 4 KiB pages). Returns the uffd too: the VMM keeps its own reference, so a
+    /// and one handshake (Firecracker 1.12's schema) with a region of 4 KiB pages for every run
+    /// of guest RAM nobody has populated yet, each registered for missing faults. What the VMM
+    /// wrote itself before the handoff (page tables, boot data, the program) stays its own: a
+    /// server is handed only missing pages, as Firecracker's handlers assume (its `fault_all`
+    /// example copies each whole region at the first fault, and a page already there would
+    /// stop that copy). Each region's `offset` is its offset in guest RAM, so the server's file
+    /// is a raw file of all of RAM. Returns the uffd too: the VMM keeps its own reference, so a
     /// server that dies leaves faults waiting (not filled with zeroes by the kernel) until the
     /// VM is stopped and RAM unregistered.
     pub fn hand_over(ram: &GuestRam, socket: PathBuf) -> Result<(PageServer, Uffd), MemoryError> {
@@ -50,18 +55,43 @@ impl PageServer {
             ));
         }
         let (base, size) = (ram.host_base().0 as u64, ram.size());
-        uffd.register(base, size, uffd::REGISTER_MODE_MISSING)
+        let present = host_view::present_pages(base, size)
+            .map_err(|e| failed("reading which guest pages the VMM populated", e))?;
+        let regions = missing_runs(&present)
+            .map(|run| {
+                let (offset, len) = (run.start as u64 * PAGE_SIZE, run.len() as u64 * PAGE_SIZE);
+                Region::new(
+                    base + offset,
+                    len as usize,
+                    offset,
+                    PAGE_SIZE as usize,
+                    Schema::V1_12,
+                )
+            })
+            .collect::<Vec<_>>();
+        if regions.len() > handoff::MAX_REGIONS {
+            return Err(failed(
+                "describing guest RAM",
+                std::io::Error::other(format!(
+                    "its unpopulated ranges number {}, more than the {} a handshake carries",
+                    regions.len(),
+                    handoff::MAX_REGIONS
+                )),
+            ));
+        }
+        for r in &regions {
+            uffd.register(
+                r.base_host_virt_addr,
+                r.size as u64,
+                uffd::REGISTER_MODE_MISSING,
+            )
             .map_err(|e| failed("registering guest RAM", e))?;
-        let regions = [Region::new(
-            base,
-            size as usize,
-            0,
-            PAGE_SIZE as usize,
-            Schema::V1_12,
-        )];
+        }
         let stream = handoff::hand_over(&socket, &regions, &uffd).map_err(MemoryError::Handoff)?;
         log::info!(
-            "handed guest RAM to the page server at {}",
+            "handed {} of guest RAM in {} regions to the page server at {}",
+            crate::units::ByteSize(regions.iter().map(|r| r.size as u64).sum()),
+            regions.len(),
             socket.display()
         );
         Ok((PageServer { socket, stream }, uffd))
@@ -134,5 +164,32 @@ extern "C" fn on_poisoned_access(_: libc::c_int, _: *mut libc::siginfo_t, _: *mu
     unsafe {
         libc::write(2, SAID.as_ptr().cast(), SAID.len());
         libc::_exit(i32::from(crate::error::exit_code::VMM_FAILED));
+    }
+}
+
+/// The runs of pages that are not present, as page index ranges.
+fn missing_runs(present: &[bool]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut page = 0;
+    std::iter::from_fn(move || {
+        let start = page + present[page..].iter().position(|&p| !p)?;
+        let len = present[start..].iter().take_while(|&&p| !p).count();
+        page = start + len;
+        Some(start..page)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_runs;
+
+    #[test]
+    fn missing_runs_are_the_gaps_between_present_pages() {
+        let runs = |p: &[u8]| {
+            missing_runs(&p.iter().map(|&b| b == 1).collect::<Vec<_>>()).collect::<Vec<_>>()
+        };
+        assert_eq!(runs(&[]), vec![]);
+        assert_eq!(runs(&[1, 1]), vec![]);
+        assert_eq!(runs(&[0, 0]), vec![0..2]);
+        assert_eq!(runs(&[1, 0, 0, 1, 0, 1, 1, 0]), vec![1..3, 4..5, 7..8]);
     }
 }

@@ -231,6 +231,7 @@ impl Memory {
         for (uffd, _) in uffds.shards() {
             let fatal = on_fatal.clone();
             let handler = FaultHandler::start(
+                uffds.clone(),
                 Resolver {
                     uffd: uffd.clone(),
                     map: self.map.clone(),
@@ -409,14 +410,7 @@ impl Memory {
         }
         if let Some(uffds) = &self.uffds {
             let base = self.ram().host_base().0 as u64;
-            let extents = (self.config.size / EXTENT_SIZE) as usize;
-            for (uffd, range) in uffds.shards() {
-                let start = range.start as u64 * EXTENT_SIZE;
-                let end = range.end.min(extents) as u64 * EXTENT_SIZE;
-                if let Err(e) = uffd.unregister(base + start, end - start) {
-                    log::warn!("unregistering guest RAM from userfaultfd: {e}");
-                }
-            }
+            uffds.unregister_all(base, (self.config.size / EXTENT_SIZE) as usize);
         }
     }
 

@@ -501,6 +501,7 @@ pub fn convert(from: &Path, to: &Path, to_raw: bool) -> Result<SaveStats, RamIma
         }
         (raw, "the image")
     };
+    files::check_distinct(flag, from, to)?;
     let size = source.ram_size();
     let need = size + if to_raw { 0 } else { HEADER_SIZE };
     files::ImageTarget::check(flag, to, need)?;

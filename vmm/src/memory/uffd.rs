@@ -14,6 +14,13 @@ pub use crate::sys::uffd::{
     FEATURE_THREAD_ID, FEATURE_WP_UNPOPULATED, REGISTER_MODE_MISSING, REGISTER_MODE_WP,
 };
 
+/// Bytes in an extent, the unit shards are made of.
+const EXTENT: u64 = guest_abi::layout::EXTENT_SIZE;
+
+/// The most messages [`Uffd::read_events`] reads in one call, so that a flood (or a descriptor
+/// that is not a uffd at all and never runs dry) cannot keep its caller from everything else.
+pub const MAX_EVENTS_PER_READ: usize = 4096;
+
 /// A page fault read from the uffd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
@@ -308,13 +315,15 @@ impl Uffd {
         Ok(n as usize / std::mem::size_of::<UffdMsg>())
     }
 
-    /// Reads every pending fault and remove message into `out` without blocking; returns how
-    /// many. While a remove message is queued the kernel fails every resolving ioctl with
-    /// `EAGAIN`, so a caller drains the queue before it resolves anything.
+    /// Reads the pending fault and remove messages into `out` without blocking, at most
+    /// [`MAX_EVENTS_PER_READ`] of them; returns how many (what is left stays
+    /// queued and the uffd readable). While a remove message is queued the kernel fails every
+    /// resolving ioctl with `EAGAIN`, so a caller drains the queue before it resolves anything,
+    /// and keeps what met `EAGAIN` for after its next read.
     pub fn read_events(&self, out: &mut Vec<Event>) -> io::Result<usize> {
         let mut total = 0;
         let mut msgs = [UffdMsg::default(); 64];
-        loop {
+        for _ in 0..MAX_EVENTS_PER_READ / msgs.len() {
             let read = self.read_msgs(&mut msgs)?;
             for msg in &msgs[..read] {
                 let event = match msg.event {
@@ -336,6 +345,7 @@ impl Uffd {
                 return Ok(total);
             }
         }
+        Ok(total)
     }
 
     /// Reads pending fault messages into `out` without blocking; returns how many.
@@ -400,6 +410,28 @@ impl UffdSet {
             let first = i * self.extents_per_shard;
             (u, first..first + self.extents_per_shard)
         })
+    }
+
+    /// Unregisters guest RAM (`extents` extents from `base`) from every shard's uffd, each
+    /// shard through its own (a range registered with one uffd cannot be unregistered through
+    /// another), which wakes every thread waiting on a fault there. A failure is logged, and
+    /// the other shards are still unregistered; returns how many failed.
+    pub fn unregister_all(&self, base: u64, extents: usize) -> usize {
+        let mut failed = 0;
+        for (uffd, range) in self.shards() {
+            let (start, end) = (range.start.min(extents), range.end.min(extents));
+            let (at, len) = (base + start as u64 * EXTENT, (end - start) as u64 * EXTENT);
+            if len == 0 {
+                continue;
+            }
+            if let Err(e) = uffd.unregister(at, len) {
+                log::warn!(
+                    "unregistering guest RAM at {at:#x} (+{len:#x}) from its userfaultfd: {e}"
+                );
+                failed += 1;
+            }
+        }
+        failed
     }
 
     /// How many shards.

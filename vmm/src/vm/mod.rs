@@ -273,8 +273,6 @@ impl Vm {
             let spawned = std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
-                    // SAFETY: gettid cannot fail and touches no memory.
-                    log::debug!("thread vcpu{index} is tid {}", unsafe { libc::gettid() });
                     if let Err(e) = seccomp::install(ThreadKind::Vcpu, seccomp_mode) {
                         let end = VcpuEnd::Failed(crate::error::chain(&e));
                         let index = index as u32;

@@ -79,7 +79,12 @@ fn rig_with(mode: u64) -> Option<Rig> {
     }
     let map = Arc::new(MemoryMap::new(table, ram.clone()));
     uffd.register(base, ram.size(), mode).unwrap();
+    let all = Arc::new(UffdSet::single(
+        uffd.clone(),
+        (ram.size() / EXTENT_SIZE) as usize,
+    ));
     let handler = FaultHandler::start(
+        all,
         Resolver {
             uffd: uffd.clone(),
             map: map.clone(),
@@ -662,6 +667,7 @@ fn a_2m_fault_completes_while_the_read_side_is_held_throughout() {
     let seen = Arc::new(Seen::default());
     let uffds = Arc::new(UffdSet::single(uffd.clone(), EXTENTS as usize));
     let _handler = FaultHandler::start(
+        uffds.clone(),
         Resolver {
             uffd: uffd.clone(),
             map: map.clone(),

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use super::huge::install::Installer;
 use super::map::MemoryMap;
-use super::uffd::{Fault, Uffd};
+use super::uffd::{Fault, Uffd, UffdSet};
 use crate::metrics::{Counter, Latencies};
 use crate::seccomp::{Seccomp, ThreadKind};
 use crate::worker::{Stop, Worker};
@@ -73,21 +73,24 @@ pub struct FaultHandler {
 }
 
 impl FaultHandler {
-    /// Starts the handler thread. If it fails, it unregisters guest RAM from the uffd (which
-    /// wakes every thread blocked on a fault it will never serve) and calls `on_fatal` once.
+    /// Starts the handler thread for one shard of `all`. If it fails, it unregisters all of
+    /// guest RAM, every shard through its own uffd (which wakes every thread blocked on a
+    /// fault nobody will serve now), and calls `on_fatal` once.
     pub fn start(
+        all: Arc<UffdSet>,
         resolver: Resolver,
         seccomp: Seccomp,
         on_fatal: impl FnOnce(String) + Send + 'static,
     ) -> std::io::Result<FaultHandler> {
-        let (uffd, ram) = (resolver.uffd.clone(), resolver.map.ram().clone());
+        let ram = resolver.map.ram().clone();
         let worker = Worker::spawn(
             "uffd-handler",
             ThreadKind::FaultHandler,
             seccomp,
             move |stop| serve(&resolver, stop),
             move |what| {
-                let _ = uffd.unregister(ram.host_base().0 as u64, ram.size());
+                let extents = (ram.size() / guest_abi::layout::EXTENT_SIZE) as usize;
+                all.unregister_all(ram.host_base().0 as u64, extents);
                 on_fatal(what);
             },
         )?;
