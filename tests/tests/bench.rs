@@ -370,3 +370,157 @@ fn benchmarks_at_once_never_share_scratch_files() {
     assert_eq!(left, vec!["bench-faults.img"], "scratch files left behind");
     assert_eq!(std::fs::read_to_string(&planted).unwrap(), "not an image");
 }
+
+/// Starts `vmm bench ARGS...` with piped output and returns it once it has said on stderr
+/// that it finished `lines` runs (off a terminal it prints a line per finished run).
+fn bench_after_runs(
+    args: &str,
+    lines: usize,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(integration_tests::vmm_bin())
+        .args(words(args))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut done = 0;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if line.contains("done in") {
+                done += 1;
+                if done == lines {
+                    let _ = tx.send(());
+                }
+            }
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(240))
+        .expect("the benchmark never finished its first runs");
+    (child, reader)
+}
+
+/// SIGINT or SIGTERM in the middle of a benchmark: it ends with 130 or 143 after writing the
+/// JSON and the plot of what it finished, marked partial; khugepaged's settings are back.
+#[test]
+fn a_signal_mid_benchmark_keeps_what_was_measured() {
+    require_kvm!();
+    let _settings = SYSTEM_SETTINGS.write().unwrap_or_else(|p| p.into_inner());
+    let dir = TempDir::new("bench-signal");
+    let knob = "/sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs";
+    let before = std::fs::read_to_string(knob).ok();
+    for (signal, code, line) in [
+        (
+            libc::SIGINT,
+            130,
+            "bench faults --mem-per-vcpu 4M --modes kernel-4k,uffd-zero --repeat 200",
+        ),
+        (
+            libc::SIGTERM,
+            143,
+            "bench collapse --memory 8M --passes 3 --variants khugepaged,prealloc --install move \
+             --repeat 200",
+        ),
+    ] {
+        let (json, plot) = (dir.path("b.json"), dir.path("b.svg"));
+        let (child, reader) = bench_after_runs(&format!("{line} --json {json} --plot {plot}"), 3);
+        // SAFETY: signals our own child, not yet waited for.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let mut child = child;
+        let status = child.wait().unwrap();
+        let said = reader.join().unwrap();
+        assert_eq!(status.code(), Some(code), "{line}\n{said}");
+        assert!(said.contains("stopped by signal"), "{said}");
+        let j = read_json(&json);
+        assert_eq!(j["partial"], true, "{j}");
+        assert_eq!(j["interrupted_by_signal"], signal, "{j}");
+        assert!(std::fs::metadata(&plot).unwrap().len() > 0);
+        let tables = j["counts"].as_array().or(j["tables"].as_array()).unwrap();
+        assert!(!tables.is_empty(), "nothing kept: {j}");
+        assert_eq!(
+            std::fs::read_to_string(knob).ok(),
+            before,
+            "khugepaged left changed"
+        );
+    }
+}
+
+/// A mode that fails is recorded with its reason; the others run and are reported, and the
+/// exit code says a mode failed.
+#[test]
+#[cfg(feature = "failpoints")]
+fn a_failing_mode_is_recorded_and_the_others_still_run() {
+    require_kvm!();
+    let _settings = beside_others();
+    let dir = TempDir::new("bench-failing-mode");
+    let json = dir.path("f.json");
+    let (run, _) = integration_tests::vmm_within(
+        &words(&format!(
+            "bench faults --mem-per-vcpu 4M --modes kernel-4k,uffd-zero,kernel-thp --repeat 2 \
+             --json {json}"
+        )),
+        &[("FAILPOINTS", "uffd-copy=return")],
+        std::time::Duration::from_secs(240),
+    );
+    assert_eq!(run.code, Some(204), "{run}");
+    assert!(run.stderr.contains("uffd-zero (1 vCPU(s)) failed"), "{run}");
+    let j = read_json(&json);
+    assert_eq!(j["partial"], false, "{j}");
+    let failed = j["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{j}");
+    assert_eq!(failed[0]["mode"], "uffd-zero", "{j}");
+    let modes = j["counts"][0]["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, ["kernel-4k", "kernel-thp"], "{j}");
+    assert!(!run.stdout.contains("NaN"), "{run}");
+}
+
+/// Bad benchmark options are refused before anything runs (203), naming the option the user
+/// gave and what is allowed.
+#[test]
+fn bad_benchmark_options_name_the_option_given() {
+    let dir = TempDir::new("bench-bad");
+    for (line, needle) in [
+        (
+            "bench faults --mem-per-vcpu 3M",
+            "--mem-per-vcpu 3M: a multiple of 2 MiB",
+        ),
+        ("bench faults --repeat 0", "--repeat"),
+        ("bench faults --vcpus 0", "--vcpus"),
+        (
+            "bench collapse --memory 6M",
+            "--memory 6M: a multiple of 2 MiB of at least 8M",
+        ),
+        (
+            "bench restore --memory 8M",
+            "--memory 8M: a multiple of 2 MiB of at least 14M",
+        ),
+        ("bench restore --prefetch-threads 0", "--prefetch-threads"),
+        ("bench faults --plot x.png", "plots are drawn as SVG"),
+        (
+            "bench faults --json /proc/x.json",
+            "cannot create files in /proc",
+        ),
+        ("bench collapse --json /tmp", "it is a directory"),
+    ] {
+        let run = integration_tests::vmm(&words(line));
+        assert_eq!(run.code, Some(203), "{line}\n{run}");
+        assert!(
+            run.stderr.contains(needle),
+            "{line}: wanted {needle:?}\n{run}"
+        );
+        assert!(
+            !run.stderr.contains("round 1"),
+            "{line} ran something\n{run}"
+        );
+    }
+    drop(dir);
+}

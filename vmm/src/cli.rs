@@ -6,8 +6,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
+use guest_abi::layout::{EXTENT_SIZE, LOAD_BASE, MAX_RAM};
 
+use crate::bench::BenchError;
 use crate::bench::collapse::{CollapseBenchConfig, Variant};
 use crate::bench::faults::{Access, FaultsConfig, Mode, Pattern};
 use crate::bench::restore::{Density, Mode as RestoreMode, RestoreBenchConfig};
@@ -125,6 +128,17 @@ pub enum BenchCommand {
     Restore(RestoreArgs),
 }
 
+impl BenchCommand {
+    /// Where the benchmark's outputs go.
+    pub fn output(&self) -> &BenchOutput {
+        match self {
+            BenchCommand::Faults(a) => &a.output,
+            BenchCommand::Collapse(a) => &a.output,
+            BenchCommand::Restore(a) => &a.output,
+        }
+    }
+}
+
 /// `vmm bench restore`.
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
@@ -155,11 +169,13 @@ pub struct RestoreArgs {
     #[arg(long, default_value_t = 0, value_name = "US",
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub image_latency: u64,
-    /// Prefetch threads in the `prefetch` mode.
-    #[arg(long, default_value_t = crate::memory::prefetch::PREFETCH_THREADS, value_name = "N")]
+    /// Prefetch threads in the `prefetch` mode (1 to 16).
+    #[arg(long, default_value_t = crate::memory::prefetch::PREFETCH_THREADS, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=16).map(|n| n as usize))]
     pub prefetch_threads: usize,
-    /// Rounds, modes interleaved; medians are reported.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Rounds, modes interleaved; medians are reported (1 to 1000).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub repeat: u32,
     /// Outputs.
     #[command(flatten)]
@@ -167,9 +183,15 @@ pub struct RestoreArgs {
 }
 
 impl RestoreArgs {
-    /// The benchmark these arguments describe.
-    pub fn to_config(&self) -> RestoreBenchConfig {
-        RestoreBenchConfig {
+    /// The benchmark these arguments describe, or why it cannot run.
+    pub fn to_config(&self) -> Result<RestoreBenchConfig, BenchError> {
+        bench_size(
+            "--memory",
+            self.memory,
+            crate::bench::restore::MIN_MEMORY,
+            "a sparse image must fill at least one extent",
+        )?;
+        Ok(RestoreBenchConfig {
             memory: self.memory,
             densities: self.density.clone(),
             modes: self.modes.clone(),
@@ -179,7 +201,7 @@ impl RestoreArgs {
             prefetch_threads: self.prefetch_threads,
             repeat: self.repeat,
             scratch: std::env::temp_dir(),
-        }
+        })
     }
 }
 
@@ -214,8 +236,9 @@ pub struct FaultsArgs {
     /// Comma-separated modes (default: all the host supports).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "MODE,...")]
     pub modes: Vec<Mode>,
-    /// Rounds, modes interleaved (A B C A B C ...); medians are reported.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Rounds, modes interleaved (A B C A B C ...); medians are reported (1 to 1000).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub repeat: u32,
     /// Pin the whole benchmark (vCPU and fault-handler threads) to these host CPUs, such as
     /// `0` (default: no pinning). With one vCPU and one CPU, a fault's wake-ups stay on one
@@ -243,22 +266,54 @@ pub struct FaultsArgs {
     pub output: BenchOutput,
 }
 
+/// Fails unless `size`, given as `flag`, is a multiple of 2 MiB of at least `min`.
+fn bench_size(flag: &str, size: ByteSize, min: u64, why: &str) -> Result<(), BenchError> {
+    if !size.0.is_multiple_of(EXTENT_SIZE) || size.0 < min {
+        return Err(BenchError::BadInput(format!(
+            "{flag} {size}: a multiple of 2 MiB of at least {} is needed ({why})",
+            ByteSize(min)
+        )));
+    }
+    if size.0 > MAX_RAM {
+        return Err(BenchError::BadInput(format!(
+            "{flag} {size}: at most {} of guest RAM",
+            ByteSize(MAX_RAM)
+        )));
+    }
+    Ok(())
+}
+
 impl FaultsArgs {
-    /// The benchmark these arguments describe.
-    pub fn to_config(&self) -> FaultsConfig {
-        FaultsConfig {
+    /// The benchmark these arguments describe, or why it cannot run.
+    pub fn to_config(&self) -> Result<FaultsConfig, BenchError> {
+        bench_size(
+            "--mem-per-vcpu",
+            self.mem_per_vcpu,
+            EXTENT_SIZE,
+            "each vCPU touches whole extents",
+        )?;
+        let most = self.vcpus.iter().copied().max().unwrap_or(1);
+        if self.mem_per_vcpu.0.saturating_mul(u64::from(most)) > MAX_RAM - LOAD_BASE - EXTENT_SIZE {
+            return Err(BenchError::BadInput(format!(
+                "--vcpus {most} x --mem-per-vcpu {} is more than the {} of guest RAM a VM may \
+                 have",
+                self.mem_per_vcpu,
+                ByteSize(MAX_RAM)
+            )));
+        }
+        Ok(FaultsConfig {
             vcpus: self.vcpus.clone(),
             mem_per_vcpu: self.mem_per_vcpu,
             access: self.access,
             pattern: self.pattern,
             modes: self.modes.clone(),
-            repeat: self.repeat.max(1),
+            repeat: self.repeat,
             scratch: std::env::temp_dir(),
             pinned: self.pin_cpus.clone(),
             installs: self.install.clone(),
             fault_threads: self.fault_threads,
             guest_timing: self.guest_timing == Switch::On,
-        }
+        })
     }
 }
 
@@ -272,18 +327,21 @@ pub struct CollapseArgs {
     /// Guest RAM.
     #[arg(long, default_value = "64M", value_name = "SIZE")]
     pub memory: ByteSize,
-    /// Stress passes of the writing guest (the run must outlast the collapse).
-    #[arg(long, default_value_t = 12, value_name = "N")]
+    /// Stress passes of the writing guest (the run must outlast the collapse; 2 to 1000000).
+    #[arg(long, default_value_t = 12, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     pub passes: u64,
     /// Comma-separated variants (default: all).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "VARIANT,...")]
     pub variants: Vec<Variant>,
-    /// Huge pages kept ready ahead of demand for this VMM's variants (0: every collapse
-    /// allocates and zeroes its page, so the lock orders differ where it matters).
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// Huge pages kept ready ahead of demand for this VMM's variants, 0 to 64 (0: every
+    /// collapse allocates and zeroes its page, so the lock orders differ where it matters).
+    #[arg(long, default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(0..=64).map(|n| n as usize))]
     pub huge_pool_ahead: usize,
-    /// Rounds, variants interleaved; medians are reported.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Rounds, variants interleaved; medians are reported (1 to 1000).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub repeat: u32,
     /// Milliseconds added to every huge page allocation (modelling reclaim, compaction or a
     /// userland backend), one table per value.
@@ -320,9 +378,15 @@ fn parse_latency_ms(s: &str) -> Result<f64, String> {
 }
 
 impl CollapseArgs {
-    /// The benchmark these arguments describe.
-    pub fn to_config(&self) -> CollapseBenchConfig {
-        CollapseBenchConfig {
+    /// The benchmark these arguments describe, or why it cannot run.
+    pub fn to_config(&self) -> Result<CollapseBenchConfig, BenchError> {
+        bench_size(
+            "--memory",
+            self.memory,
+            crate::bench::collapse::MIN_MEMORY,
+            "the guest's data must fill at least one extent above the program",
+        )?;
+        Ok(CollapseBenchConfig {
             vcpus: self.vcpus.clone(),
             memory: self.memory,
             passes: self.passes,
@@ -332,7 +396,7 @@ impl CollapseArgs {
             alloc_latency_ms: self.alloc_latency.clone(),
             installs: self.install.clone(),
             page_source: self.page_source.clone(),
-        }
+        })
     }
 }
 

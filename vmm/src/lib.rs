@@ -23,6 +23,7 @@ pub mod memory;
 pub mod metrics;
 pub mod ratelimit;
 pub mod seccomp;
+pub mod signals;
 pub mod stalls;
 pub mod sync;
 pub mod sys;

@@ -10,44 +10,14 @@
 use std::path::{Path, PathBuf};
 
 use guest_abi::layout::LOAD_BASE;
+
+use crate::units::ByteSize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 include!(concat!(env!("OUT_DIR"), "/builtin_images.rs"));
 
-/// A built-in guest: name, what it does, and the arguments it takes.
-pub struct Builtin {
-    /// The name `--guest` takes.
-    pub name: &'static str,
-    /// One line on what it does.
-    pub summary: &'static str,
-    /// Its `--arg` keys, with their values and defaults.
-    pub args: &'static str,
-}
-
-/// Every built-in guest, in the order `vmm guests` lists them.
-pub const BUILTINS: &[Builtin] = &[
-    Builtin {
-        name: "hello",
-        summary: "prints a greeting from every vCPU on the serial console and ends with 0",
-        args: "(none)",
-    },
-    Builtin {
-        name: "touch",
-        summary: "each vCPU touches its share of memory page by page; reports pages and cycles",
-        args: "pattern=seq|random access=write|read passes=N(1) size=SIZE(all free RAM) seed=N",
-    },
-    Builtin {
-        name: "verify",
-        summary: "writes and checks a per-page pattern; a lost write ends the guest with code 1",
-        args: "mode=fill-check|fill|check|stress seed=N(1) passes=N(4) pass=N(0) size=SIZE",
-    },
-    Builtin {
-        name: "misbehave",
-        summary: "does something a VMM must survive, for tests",
-        args: "kind=triple-fault(default)|bad-ucall|unknown-port|serial-flood|untouched-ucall|\
-               print-flood|report-flood|escapes bytes=SIZE(256K) count=N(100000)",
-    },
-];
+pub use guest_abi::guests::{ALL as BUILTINS, Guest as Builtin};
+use guest_abi::guests::{Arg, Default, Kind, Refused};
 
 /// Largest guest file the VMM reads: far more than any program that fits the guest's page
 /// tables needs, small enough that reading it costs nothing to fear.
@@ -76,6 +46,9 @@ pub enum ProgramError {
         #[source]
         source: std::io::Error,
     },
+    /// A `--arg` the built-in guest does not take.
+    #[error(transparent)]
+    Arg(Box<ArgError>),
     /// The file is not a loadable static x86_64 executable.
     #[error("guest file {} is not usable: {reason}", path.display())]
     Invalid {
@@ -97,12 +70,64 @@ pub enum ProgramError {
     },
 }
 
+/// Why a built-in guest refuses a `--arg`.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgError {
+    /// A key the guest does not take.
+    #[error(
+        "--arg {key}={value}: guest {guest} takes no argument {key:?}{hint}; it takes {takes} \
+         (`vmm guests` lists them)"
+    )]
+    Unknown {
+        /// The guest.
+        guest: &'static str,
+        /// The key given.
+        key: String,
+        /// Its value.
+        value: String,
+        /// A suggestion, or nothing.
+        hint: String,
+        /// What it does take.
+        takes: String,
+    },
+    /// A value the key does not take.
+    #[error("--arg {key}={value}: {why}; {key} takes {allowed}")]
+    Bad {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+        /// What the key takes, with its default.
+        allowed: String,
+    },
+    /// The same key twice.
+    #[error("--arg {key}= is given twice ({first} and {second}); give each key once")]
+    Twice {
+        /// The key.
+        key: String,
+        /// The first value.
+        first: String,
+        /// The second value.
+        second: String,
+    },
+}
+
+impl From<ArgError> for ProgramError {
+    fn from(e: ArgError) -> Self {
+        ProgramError::Arg(Box::new(e))
+    }
+}
+
 /// A guest program ready to check and load.
 #[derive(Debug, Clone)]
 pub struct GuestProgram {
     /// The built-in name or the file path, for messages.
     pub origin: PathBuf,
     bytes: std::borrow::Cow<'static, [u8]>,
+    /// The built-in's declaration (its arguments); none for a user's own file.
+    builtin: Option<&'static Builtin>,
 }
 
 /// One `PT_LOAD` segment.
@@ -280,6 +305,7 @@ impl GuestProgram {
             return Ok(GuestProgram {
                 origin: PathBuf::from(name),
                 bytes: std::borrow::Cow::Borrowed(bytes),
+                builtin: BUILTINS.iter().find(|b| b.name == *name),
             });
         }
         let path = Path::new(name_or_path);
@@ -304,7 +330,82 @@ impl GuestProgram {
         Ok(GuestProgram {
             origin: path.into(),
             bytes: bytes.into(),
+            builtin: None,
         })
+    }
+
+    /// Checks `args` against a built-in guest's declaration: every key one it takes, given
+    /// once, with a value it takes (`free_ram`: the bytes above the program, which bound RAM
+    /// sizes). A user's own file takes any `KEY=VALUE`: there is nothing to check it against.
+    pub fn check_args(
+        &self,
+        args: &[crate::config::GuestArg],
+        free_ram: u64,
+    ) -> Result<(), ProgramError> {
+        let Some(guest) = self.builtin else {
+            return Ok(());
+        };
+        for (i, a) in args.iter().enumerate() {
+            if let Some(first) = args[..i].iter().find(|b| b.key == a.key) {
+                return Err(ArgError::Twice {
+                    key: a.key.clone(),
+                    first: first.value.clone(),
+                    second: a.value.clone(),
+                }
+                .into());
+            }
+            let Some(spec) = guest.find(a.key.as_bytes()) else {
+                let names: Vec<&str> = guest.args.iter().map(|g| g.name).collect();
+                return Err(ArgError::Unknown {
+                    guest: guest.name,
+                    key: a.key.clone(),
+                    value: a.value.clone(),
+                    hint: closest(&a.key, &names)
+                        .map(|c| format!(" (did you mean {c}?)"))
+                        .unwrap_or_default(),
+                    takes: if names.is_empty() {
+                        "none".into()
+                    } else {
+                        names.join(", ")
+                    },
+                }
+                .into());
+            };
+            if let Err(refused) = spec.parse(a.value.as_bytes(), free_ram) {
+                let why = match (refused, spec.kind) {
+                    (Refused::Malformed, Kind::Choice(choices)) => format!(
+                        "{:?} is not one of its choices{}",
+                        a.value,
+                        closest(&a.value, choices)
+                            .map(|c| format!(" (did you mean {c}?)"))
+                            .unwrap_or_default()
+                    ),
+                    (Refused::Malformed, Kind::Number { .. }) => {
+                        format!("{:?} is not a whole number", a.value)
+                    }
+                    (Refused::Malformed, _) => format!("{:?} is not a size", a.value),
+                    (Refused::NotPages(n), _) => {
+                        format!("{} is not a whole number of 4 KiB pages", ByteSize(n))
+                    }
+                    (Refused::OutOfRange(n), Kind::Number { .. }) => format!("{n} is out of range"),
+                    (Refused::OutOfRange(n), Kind::RamSize) if n > free_ram => format!(
+                        "{} is more than the {} of RAM free for the guest",
+                        ByteSize(n),
+                        ByteSize(free_ram)
+                    ),
+                    (Refused::OutOfRange(n), _) => format!("{} is out of range", ByteSize(n)),
+                    (Refused::Unknown, _) => unreachable!("the key was found"),
+                };
+                return Err(ArgError::Bad {
+                    key: a.key.clone(),
+                    value: a.value.clone(),
+                    why,
+                    allowed: describe(spec, Some(free_ram)),
+                }
+                .into());
+            }
+        }
+        Ok(())
     }
 
     /// Checks the image for a guest with `ram_size` bytes of RAM.
@@ -329,6 +430,80 @@ impl GuestProgram {
         }
         Ok(())
     }
+}
+
+/// What `spec` takes, with its default, in words (`free_ram`: the bound of RAM sizes, if
+/// known).
+pub fn describe(spec: &Arg, free_ram: Option<u64>) -> String {
+    let values = match spec.kind {
+        Kind::Choice(choices) => format!("one of {}", choices.join(", ")),
+        Kind::Number {
+            min: 0,
+            max: u64::MAX,
+        } => "any whole number".into(),
+        Kind::Number { min, max } if max == u64::MAX => format!("a whole number from {min}"),
+        Kind::Number { min, max } => format!("a whole number from {min} to {max}"),
+        Kind::Size { min, max } => format!("a size from {} to {}", ByteSize(min), ByteSize(max)),
+        Kind::RamSize => match free_ram {
+            Some(free) => format!(
+                "a size in whole 4 KiB pages, at most the {} of RAM free for the guest",
+                ByteSize(free)
+            ),
+            None => "a size in whole 4 KiB pages, at most the RAM free for the guest".into(),
+        },
+    };
+    let default = match (spec.default, spec.kind) {
+        (Default::Value(v), Kind::Size { .. }) => ByteSize(v).to_string(),
+        (Default::Value(v), _) => v.to_string(),
+        (Default::First, Kind::Choice(c)) => c[0].to_string(),
+        (Default::First, _) => "none".into(),
+        (Default::Described(d), _) => d.to_string(),
+    };
+    format!("{values} (default {default})")
+}
+
+/// What a value of `spec` looks like in a usage line: `N`, `SIZE`, or the choices.
+pub fn placeholder(spec: &Arg) -> String {
+    match spec.kind {
+        Kind::Number { .. } => "N".into(),
+        Kind::Size { .. } | Kind::RamSize => "SIZE".into(),
+        Kind::Choice(choices) => choices.join("|"),
+    }
+}
+
+/// The candidates closest to `given` by edit distance, quoted and joined with "or", if they
+/// are close enough to be a typo (at most two edits, and fewer than half the letters).
+pub fn closest(given: &str, candidates: &[&str]) -> Option<String> {
+    let near: Vec<(usize, &str)> = candidates
+        .iter()
+        .map(|c| (edit_distance(given, c), *c))
+        .filter(|&(d, c)| d <= 2 && d * 2 < c.len().max(given.len()))
+        .collect();
+    let best = near.iter().map(|&(d, _)| d).min()?;
+    let quoted: Vec<String> = near
+        .iter()
+        .filter(|&&(d, _)| d == best)
+        .map(|(_, c)| format!("{c:?}"))
+        .collect();
+    Some(quoted.join(" or "))
+}
+
+/// Levenshtein distance, by bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (row[j] + 1)
+                .min(row[j + 1] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// The built-in names, comma-separated.
@@ -386,10 +561,64 @@ mod tests {
             parse_executable(bytes, 8 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(
                 BUILTINS.iter().any(|b| b.name == *name),
-                "{name} lacks a description"
+                "{name} lacks a declaration in guest_abi::guests"
             );
         }
         assert_eq!(BUILTINS.len(), BUILTIN_IMAGES.len());
+    }
+
+    #[test]
+    fn typos_find_the_key_meant() {
+        assert_eq!(closest("mod", &["mode", "pattern"]).unwrap(), "\"mode\"");
+        assert_eq!(
+            closest("pases", &["pass", "passes", "seed"]).unwrap(),
+            "\"pass\" or \"passes\""
+        );
+        assert_eq!(closest("strss", &["fill", "stress"]).unwrap(), "\"stress\"");
+        assert_eq!(closest("x", &["mode", "seed"]), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn arguments_of_a_builtin_are_checked_before_it_runs() {
+        let verify = GuestProgram::find("verify").unwrap();
+        let args = |list: &[&str]| -> Vec<crate::config::GuestArg> {
+            list.iter().map(|a| a.parse().unwrap()).collect()
+        };
+        let refused = |list: &[&str]| {
+            verify
+                .check_args(&args(list), 8 << 20)
+                .unwrap_err()
+                .to_string()
+        };
+        verify
+            .check_args(&args(&["mode=stress", "passes=3", "size=4M"]), 8 << 20)
+            .unwrap();
+        let e = refused(&["mod=stress"]);
+        assert!(
+            e.contains("takes no argument \"mod\" (did you mean \"mode\"?)"),
+            "{e}"
+        );
+        let e = refused(&["mode=strss"]);
+        assert!(
+            e.contains("did you mean \"stress\"") && e.contains("default fill-check"),
+            "{e}"
+        );
+        let e = refused(&["passes=abc"]);
+        assert!(
+            e.contains("not a whole number") && e.contains("from 1 to"),
+            "{e}"
+        );
+        let e = refused(&["size=16M"]);
+        assert!(e.contains("16M is more than the 8M of RAM free"), "{e}");
+        let e = refused(&["seed=1", "seed=2"]);
+        assert!(e.contains("given twice"), "{e}");
+        let own = GuestProgram {
+            origin: "own.elf".into(),
+            bytes: std::borrow::Cow::Borrowed(b""),
+            builtin: None,
+        };
+        own.check_args(&args(&["anything=at all"]), 0).unwrap();
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::bench::{self, BenchError, collapse, faults, plot, restore};
+use vmm::bench::{self, collapse, faults, restore};
 use vmm::cli::{BenchCommand, Cli, Command, ImageCommand};
 use vmm::devices::Devices;
 use vmm::error::{chain, exit_code};
@@ -26,20 +26,12 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Guests => {
-            for b in BUILTINS {
-                println!("{:<10} {}\n{:<10} args: {}", b.name, b.summary, "", b.args);
-            }
+            print!("{}", guests_text());
             ExitCode::SUCCESS
         }
         Command::Bench(bench) => {
             init_logging("warn");
-            match run_bench(bench) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {}", chain(&e));
-                    ExitCode::from(exit_code::VMM_FAILED)
-                }
-            }
+            run_bench(bench)
         }
         Command::UffdServe(args) => {
             init_logging(&args.log_level.filter());
@@ -99,6 +91,29 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `vmm guests`: every built-in and every argument it takes, from their declarations.
+fn guests_text() -> String {
+    let mut text = String::new();
+    for b in BUILTINS {
+        text += &format!("{}: {}\n", b.name, b.summary);
+        if b.args.is_empty() {
+            text += "  (no arguments)\n";
+        }
+        for a in b.args {
+            text += &format!(
+                "  --arg {}={}  {}\n      {}\n",
+                a.name,
+                vmm::loader::placeholder(a),
+                vmm::loader::describe(a, None),
+                a.help,
+            );
+        }
+        text += "\n";
+    }
+    text + "A guest file of your own (--guest PATH) takes any --arg KEY=VALUE: it declares none, so \
+            none are checked.\n"
 }
 
 /// Says what failed and returns the exit code: 203 for bad input, else 204.
@@ -194,112 +209,34 @@ fn install_panic_hook() {
     }));
 }
 
-/// One vCPU count: bars per mode; a sweep: pages/s against vCPUs, a line per mode.
-fn plot_faults(path: &std::path::Path, json: &serde_json::Value) -> Result<(), BenchError> {
-    let counts = json["counts"].as_array().cloned().unwrap_or_default();
-    let rows = |count: &serde_json::Value| -> Vec<(String, f64)> {
-        count["modes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| {
-                (
-                    m["mode"].as_str().unwrap_or("?").to_string(),
-                    m["pages_per_sec"].as_f64().unwrap_or(0.0),
-                )
-            })
-            .collect()
-    };
-    if counts.len() == 1 {
-        return plot::paging_rates(path, &rows(&counts[0]));
+fn run_bench(bench: BenchCommand) -> ExitCode {
+    let output = bench.output();
+    let (json_to, plot_to) = (output.json.as_deref(), output.plot.as_deref());
+    // Every output is checked before the first mode runs, so a bad path never costs a run.
+    if let Err(e) = bench::check_outputs(json_to, plot_to) {
+        return failed(&e, true);
     }
-    let mut series: Vec<(String, Vec<(u32, f64)>)> = Vec::new();
-    for count in &counts {
-        let vcpus = count["vcpus"].as_u64().unwrap_or(0) as u32;
-        for (mode, rate) in rows(count) {
-            match series.iter_mut().find(|(m, _)| *m == mode) {
-                Some((_, points)) => points.push((vcpus, rate)),
-                None => series.push((mode, vec![(vcpus, rate)])),
-            }
-        }
+    // From here a signal ends the benchmark after the run it interrupts, with what was done.
+    if let Err(e) = vmm::signals::install() {
+        eprintln!("error: installing the signal handlers: {e}");
+        return ExitCode::from(exit_code::VMM_FAILED);
     }
-    plot::rates_by_vcpus(path, &series)
-}
-
-/// Resident RAM over time, a line per mode, for the first image's table.
-fn plot_restore(path: &std::path::Path, json: &serde_json::Value) -> Result<(), BenchError> {
-    let table = &json["tables"][0];
-    let series: Vec<(String, Vec<(f64, f64)>)> = table["modes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| {
-            let points = m["rounds"][0]["series_ms_mib_huge_mib"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
-                .collect();
-            (m["mode"].as_str().unwrap_or("?").to_string(), points)
-        })
-        .collect();
-    plot::lines(
-        path,
-        &format!(
-            "Resident guest RAM during a restore ({} image)",
-            table["density"].as_str().unwrap_or("?")
-        ),
-        ("ms since the restore began", "MiB resident"),
-        &series,
-    )
-}
-
-fn run_bench(bench: BenchCommand) -> Result<(), BenchError> {
-    let (json, output) = match bench {
-        BenchCommand::Faults(a) => {
+    let json = match &bench {
+        BenchCommand::Faults(a) => a.to_config().and_then(|config| {
             if !a.pin_cpus.is_empty() {
                 bench::pin_to_cpus(&a.pin_cpus)?;
             }
-            let json = faults::run(&a.to_config())?;
-            if let Some(path) = &a.output.plot {
-                plot_faults(path, &json)?;
-            }
-            (json, a.output)
-        }
-        BenchCommand::Collapse(a) => {
-            let json = collapse::run(&a.to_config())?;
-            if let Some(path) = &a.output.plot {
-                // The first table's (the first vCPU count and latency).
-                let series: Vec<(String, serde_json::Value)> = json["tables"][0]["variants"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|v| v["vcpu_stall_ns"].is_object())
-                    .map(|v| {
-                        (
-                            v["variant"].as_str().unwrap_or("?").to_string(),
-                            v["vcpu_stall_ns"].clone(),
-                        )
-                    })
-                    .collect();
-                plot::latency_cdfs(
-                    path,
-                    "vCPU stall per write-protect fault during collapse (CDF)",
-                    &series,
-                )?;
-            }
-            (json, a.output)
-        }
-        BenchCommand::Restore(a) => {
-            let json = restore::run(&a.to_config())?;
-            if let Some(path) = &a.output.plot {
-                plot_restore(path, &json)?;
-            }
-            (json, a.output)
-        }
+            faults::run(&config)
+        }),
+        BenchCommand::Collapse(a) => a.to_config().and_then(|c| collapse::run(&c)),
+        BenchCommand::Restore(a) => a.to_config().and_then(|c| restore::run(&c)),
     };
-    if let Some(path) = &output.json {
-        bench::write_json(path, &json)?;
+    let json = match json {
+        Ok(json) => json,
+        Err(e) => return failed(&e, e.is_bad_input()),
+    };
+    if let Err(e) = bench::write_outputs(json_to, plot_to, &json) {
+        return failed(&e, false);
     }
-    Ok(())
+    ExitCode::from(bench::exit_code(&json))
 }

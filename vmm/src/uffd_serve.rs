@@ -22,11 +22,9 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
-use vmm_sys_util::signal::register_signal_handler;
 
 use crate::files::MetricsTarget;
 use crate::handoff::{self, HandoffError, Region};
@@ -35,13 +33,6 @@ use crate::memory::ram_image::{RamImage, RamImageError};
 use crate::memory::uffd::{Event, Fault, Resolved, Uffd};
 use crate::metrics::Latencies;
 use crate::seccomp::{Seccomp, ThreadKind};
-
-/// The signal that asked the server to stop (0: none).
-static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    STOP_SIGNAL.store(num, Ordering::SeqCst);
-}
 
 /// How much a fault in a 4 KiB region resolves (`--granularity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -190,12 +181,10 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
     // SIGINT and SIGTERM end the server at any moment from here on: before a VMM connects
     // (the socket is removed), during the handshake, and while serving (the metrics are
     // written, the VMM dealt with as on any other end that leaves it unserved).
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        register_signal_handler(sig, on_stop_signal).map_err(|e| ServeError::Listen {
-            path: config.socket.clone(),
-            why: format!("installing a signal handler: {e}"),
-        })?;
-    }
+    crate::signals::install().map_err(|e| ServeError::Listen {
+        path: config.socket.clone(),
+        why: format!("installing a signal handler: {e}"),
+    })?;
     let listener = listen(&config.socket)?;
     eprintln!(
         "vmm uffd-serve: serving {} on {}",
@@ -282,14 +271,6 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
 /// How long a failure waits for the VMM to be seen gone before it counts as the server's own.
 const PEER_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The signal that asked the server to stop, if one did.
-fn stop_signal() -> Option<i32> {
-    match STOP_SIGNAL.load(Ordering::SeqCst) {
-        0 => None,
-        sig => Some(sig),
-    }
-}
-
 /// What the accepted VMM sent: its connection, and its handshake's regions and uffd.
 type Accepted = (UnixStream, Result<(Vec<Region>, Uffd), ServeError>);
 
@@ -306,7 +287,7 @@ fn accept_vmm(
         why,
     };
     loop {
-        if let Some(sig) = stop_signal() {
+        if let Some(sig) = crate::signals::requested() {
             return Err(ServeError::Signal(sig));
         }
         let mut pfd = libc::pollfd {
@@ -328,7 +309,9 @@ fn accept_vmm(
                 log::info!("a connection closed without a handshake (not a VMM); listening on");
             }
             Err(ServeError::Handshake(HandoffError::Interrupted)) => {
-                return Err(ServeError::Signal(stop_signal().unwrap_or(libc::SIGTERM)));
+                return Err(ServeError::Signal(
+                    crate::signals::requested().unwrap_or(libc::SIGTERM),
+                ));
             }
             result => return Ok((stream, result)),
         }
@@ -370,7 +353,7 @@ fn handshake(
     file: &Path,
     file_len: u64,
 ) -> Result<(Vec<Region>, Uffd), ServeError> {
-    let (regions, fd) = handoff::receive(stream, &|| stop_signal().is_some())?;
+    let (regions, fd) = handoff::receive(stream, &|| crate::signals::requested().is_some())?;
     handoff::check(&regions, file, file_len)?;
     let fd: OwnedFd = fd.into();
     Ok((regions, Uffd::from_owned(fd, 0)))
@@ -487,7 +470,7 @@ impl Server<'_> {
             let wait = if self.pending.is_empty() { -1 } else { 1 };
             // SAFETY: two valid pollfds.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
-            if let Some(signal) = stop_signal() {
+            if let Some(signal) = crate::signals::requested() {
                 return Err(ServeError::Signal(signal));
             }
             if ready < 0 {

@@ -50,6 +50,8 @@ pub mod layout {
     const _: () = assert!(ARGS_ADDR + ARGS_MAX_LEN <= PML4_ADDR);
 }
 
+pub mod guests;
+
 /// Port-I/O ports the VMM decodes.
 pub mod ports {
     /// The ucall port: an `in` from it, with `rdi` holding the guest address of a [`crate::Ucall`].

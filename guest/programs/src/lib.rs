@@ -10,26 +10,33 @@
 
 use core::arch::asm;
 
+pub use guest_abi::guests;
+use guest_abi::guests::{Guest, Kind, Value};
 use guest_abi::{BOOT_MAGIC, ports};
 pub use guest_abi::{BootInfo, Ucall, layout};
 
-/// Defines `_start` to call `$main(&BootInfo, &Args) -> u64`, then report that code as done.
+/// Defines `_start` to call `$main(&BootInfo, &Args) -> u64`, then report that code as done;
+/// `$guest` is the program's declaration in `guest_abi::guests` (its arguments).
 #[macro_export]
 macro_rules! entry {
-    ($main:path) => {
+    ($main:path, $guest:expr) => {
         #[unsafe(no_mangle)]
         pub extern "C" fn _start(boot: &'static $crate::BootInfo) -> ! {
-            $crate::start(boot, $main)
+            $crate::start(boot, &$guest, $main)
         }
     };
 }
 
 /// The body of `_start`: check the boot block, run `main`, report its result.
-pub fn start(boot: &'static BootInfo, main: fn(&BootInfo, &Args) -> u64) -> ! {
+pub fn start(
+    boot: &'static BootInfo,
+    guest: &'static Guest,
+    main: fn(&BootInfo, &Args) -> u64,
+) -> ! {
     if boot.magic != BOOT_MAGIC {
         fail(Text::new().s("bad boot-info magic ").hex(boot.magic));
     }
-    let args = Args::new(boot);
+    let args = Args::new(boot, guest);
     let code = main(boot, &args);
     done(code)
 }
@@ -95,7 +102,7 @@ impl Stalls {
 /// Whether the workload arguments ask for every access to be timed (`timing=on`).
 #[track_caller]
 pub fn timing(args: &Args) -> bool {
-    args.choice("timing", &["off", "on"]) == "on"
+    args.choice("timing") == "on"
 }
 
 /// Tells the host this vCPU reached `stage`.
@@ -276,19 +283,27 @@ fn abort(file: &str, line: u32, message: &[u8]) -> ! {
     }
 }
 
-/// The workload's `key=value` arguments.
+/// The workload's `key=value` arguments, read as the guest's declaration in
+/// `guest_abi::guests` says: its defaults, its choices, its ranges. The VMM checked every value
+/// against the same declaration before the guest started, so a refusal here is a bug.
 pub struct Args {
     block: &'static [u8],
+    guest: &'static Guest,
+    free_ram: u64,
 }
 
 impl Args {
-    fn new(boot: &BootInfo) -> Self {
+    fn new(boot: &BootInfo, guest: &'static Guest) -> Self {
         // SAFETY: the VMM placed `args_len` bytes at `args_addr` inside identity-mapped RAM and
         // never changes them while the guest runs.
         let block = unsafe {
             core::slice::from_raw_parts(boot.args_addr as *const u8, boot.args_len as usize)
         };
-        Args { block }
+        Args {
+            block,
+            guest,
+            free_ram: boot.free_end - boot.free_start,
+        }
     }
 
     /// The raw value of `key`, if given.
@@ -298,41 +313,52 @@ impl Args {
             .map(|(_, v)| v)
     }
 
-    /// `key` as a size (`4K`, `2M`, `0x1000`...), or `default`; aborts on a malformed value.
+    /// The parsed value of `key`, if given.
     #[track_caller]
-    pub fn size(&self, key: &str, default: u64) -> u64 {
+    fn value(&self, key: &str) -> Option<Value> {
         let at = core::panic::Location::caller();
-        match self.get(key) {
-            None => default,
-            Some(v) => guest_abi::parse_size(v).unwrap_or_else(|| {
-                let t = Text::new().s("argument ").s(key).s("=").bytes(v);
-                fail_at(at, t.s(" is not a number or size"))
-            }),
+        let given = self.get(key)?;
+        match self.guest.arg(key).parse(given, self.free_ram) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                let t = Text::new().s("argument ").s(key).s("=").bytes(given);
+                fail_at(at, t.s(" is not allowed (`vmm guests` says what is)"))
+            }
         }
     }
 
-    /// `key` as one of `choices`, or `choices[0]`; aborts on anything else.
+    /// `key`, a number or size, or its declared default.
     #[track_caller]
-    pub fn choice(&self, key: &str, choices: &[&'static str]) -> &'static str {
-        let at = core::panic::Location::caller();
-        match self.get(key) {
-            None => choices[0],
-            Some(v) => choices
-                .iter()
-                .copied()
-                .find(|c| c.as_bytes() == v)
-                .unwrap_or_else(|| {
-                    let mut t = Text::new()
-                        .s("argument ")
-                        .s(key)
-                        .s("=")
-                        .bytes(v)
-                        .s(" is not one of:");
-                    for c in choices {
-                        t = t.s(" ").s(c);
-                    }
-                    fail_at(at, t)
-                }),
+    pub fn number(&self, key: &str) -> u64 {
+        match (self.value(key), self.guest.arg(key).default) {
+            (Some(Value::Number(n)), _) | (None, guests::Default::Value(n)) => n,
+            _ => fail(
+                Text::new()
+                    .s("argument ")
+                    .s(key)
+                    .s(" has no numeric default"),
+            ),
+        }
+    }
+
+    /// `key`, a size, or `computed` where the default is worked out at run time.
+    #[track_caller]
+    pub fn size_or(&self, key: &str, computed: u64) -> u64 {
+        match self.value(key) {
+            Some(Value::Number(n)) => n,
+            _ => computed,
+        }
+    }
+
+    /// `key`, one of its declared choices (the first by default).
+    #[track_caller]
+    pub fn choice(&self, key: &str) -> &'static str {
+        let Kind::Choice(choices) = self.guest.arg(key).kind else {
+            fail(Text::new().s("argument ").s(key).s(" is not a choice"))
+        };
+        match self.value(key) {
+            Some(Value::Choice(i)) => choices[i],
+            _ => choices[0],
         }
     }
 }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use guest_abi::layout::{EXTENT_SIZE, LOAD_BASE, PAGE_SIZE};
 use serde_json::{Value, json};
 
-use super::{BenchError, median, progress, run_vm, us};
+use super::{BenchError, Record, median, run_vm, us};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::memory::host_view;
 use crate::memory::huge::install::InstallMethod;
@@ -363,26 +363,31 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
         .map_err(|e| BenchError::Setup(format!("cannot write the benchmark's memory image: {e}")))
     };
     let steps = config.vcpus.len() as u64 * u64::from(config.repeat) * rows.len() as u64;
-    let bar = progress(steps, "faults");
+    let mut record = Record::new("faults", steps);
     let mut counts = Vec::new();
     for &vcpus in &config.vcpus {
-        write_image(vcpus)?;
-        let mut samples: Vec<Vec<Sample>> = rows.iter().map(|_| Vec::new()).collect();
-        for _ in 0..config.repeat {
-            for (i, &row) in rows.iter().enumerate() {
-                bar.set_message(format!("{} x{vcpus}", row.label()));
-                samples[i].push(sample(config, row, vcpus, &image_path)?);
-                bar.inc(1);
-            }
+        if record.stopped() {
+            break;
         }
-        bar.suspend(|| counts.push(report_count(config, vcpus, &rows, &mut samples)));
+        let at = format!("{vcpus} vCPU(s)");
+        if let Err(e) = write_image(vcpus) {
+            record.fail("the memory image", &at, &e);
+            continue;
+        }
+        let mut samples = record.rounds(
+            &at,
+            config.repeat,
+            &rows,
+            |r| r.label(),
+            |&row| sample(config, row, vcpus, &image_path),
+        );
+        record.print(|| counts.push(report_count(config, vcpus, &rows, &mut samples)));
     }
-    bar.finish_and_clear();
     drop(scratch);
     for (mode, why) in &skipped {
         println!("{:<20} skipped: {why}", mode.name());
     }
-    Ok(json!({
+    Ok(record.finish(json!({
         "benchmark": "faults",
         "host_cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "vcpus": config.vcpus,
@@ -395,7 +400,7 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
         "guest_timing": config.guest_timing,
         "counts": counts,
         "skipped": skipped.iter().map(|(m, why)| json!({"mode": m.name(), "reason": why})).collect::<Vec<_>>(),
-    }))
+    })))
 }
 
 /// Prints one vCPU count's table and returns its JSON.
@@ -405,11 +410,13 @@ fn report_count(
     rows: &[Row],
     samples: &mut [Vec<Sample>],
 ) -> Value {
-    let rate = |s: &[Sample]| median(&mut s.iter().map(|s| s.rate).collect::<Vec<_>>());
+    let rate = |s: &[Sample]| {
+        (!s.is_empty()).then(|| median(&mut s.iter().map(|s| s.rate).collect::<Vec<_>>()))
+    };
     let baseline = rows
         .iter()
         .position(|r| r.mode == Mode::Kernel4k)
-        .map(|i| rate(&samples[i]));
+        .and_then(|i| rate(&samples[i]));
     let pinning = if config.pinned.is_empty() {
         "not pinned".to_string()
     } else {
@@ -423,6 +430,12 @@ fn report_count(
         name(config.pattern),
         config.repeat
     );
+    if vcpus as usize > cpus {
+        println!(
+            "(oversubscribed: {vcpus} vCPUs on {cpus} host CPUs; the vCPUs take turns, and the \
+             figures say more about the scheduler than about faults)"
+        );
+    }
     println!(
         "{:<20} {:>12} {:>8} {:>10} {:>10} {:>10} {:>11} {:>11} {:>9}",
         "mode",
@@ -438,7 +451,13 @@ fn report_count(
     let mut modes_json = Vec::new();
     for (i, &row) in rows.iter().enumerate() {
         let s = &samples[i];
-        let r = rate(s);
+        let Some(r) = rate(s) else {
+            println!(
+                "{:<20} no figures (it failed or was not run; see above)",
+                row.label()
+            );
+            continue;
+        };
         let ratio = baseline.filter(|b| *b > 0.0).map(|b| r / b);
         let wall = median(&mut s.iter().map(|s| s.wall_ns).collect::<Vec<_>>());
         let pct = |key: &str| {
@@ -489,11 +508,12 @@ fn report_count(
         }));
     }
     for (i, &row) in rows.iter().enumerate() {
-        println!(
-            "{}: Overall demand paging rate: {:.0} pgs/sec",
-            row.label(),
-            rate(&samples[i])
-        );
+        if let Some(r) = rate(&samples[i]) {
+            println!(
+                "{}: Overall demand paging rate: {r:.0} pgs/sec",
+                row.label()
+            );
+        }
     }
     println!();
     json!({ "vcpus": vcpus, "modes": modes_json })

@@ -50,6 +50,61 @@ pub enum BenchError {
     /// Preparing the benchmark failed.
     #[error("{0}")]
     Setup(String),
+    /// An option the user gave cannot be measured with.
+    #[error("{0}")]
+    BadInput(String),
+    /// An output path the user gave cannot be written.
+    #[error(transparent)]
+    OutputPath(Box<crate::files::FileError>),
+}
+
+impl From<crate::files::FileError> for BenchError {
+    fn from(e: crate::files::FileError) -> Self {
+        BenchError::OutputPath(Box::new(e))
+    }
+}
+
+impl BenchError {
+    /// Whether it is the user's input that is wrong (exit 203), not a failure while running.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, BenchError::BadInput(_) | BenchError::OutputPath(_))
+    }
+}
+
+/// Checks `--json` and `--plot` before anything runs: each a regular file or missing (never a
+/// link, a device, a directory), in a writable directory, with a name that fits; a plot must
+/// be named `.svg` (plots are drawn as SVG).
+pub fn check_outputs(json: Option<&Path>, plot: Option<&Path>) -> Result<(), BenchError> {
+    if let Some(path) = json {
+        crate::files::ImageTarget::check("--json", path, 0)?;
+    }
+    if let Some(path) = plot {
+        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
+            return Err(BenchError::BadInput(format!(
+                "--plot {}: plots are drawn as SVG; name a .svg file (convert it to PNG with \
+                 any SVG viewer, for example `rsvg-convert -o plot.png {}`)",
+                path.display(),
+                path.display()
+            )));
+        }
+        crate::files::ImageTarget::check("--plot", path, 0)?;
+    }
+    Ok(())
+}
+
+/// Writes a finished benchmark's JSON and plot, where asked for.
+pub fn write_outputs(
+    json_to: Option<&Path>,
+    plot_to: Option<&Path>,
+    json: &Value,
+) -> Result<(), BenchError> {
+    if let Some(path) = json_to {
+        write_json(path, json)?;
+    }
+    if let Some(path) = plot_to {
+        plot::draw(path, json)?;
+    }
+    Ok(())
 }
 
 /// A directory of a benchmark's own for its scratch files (images, sockets), made fresh for
@@ -132,6 +187,197 @@ pub fn progress(steps: u64, what: &str) -> ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
+}
+
+/// A run that did not give figures: what, where in the sweep, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    /// The mode or variant.
+    pub mode: String,
+    /// Where in the sweep (the vCPU count, the allocation latency, the image).
+    pub at: String,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// A benchmark's progress and what became of its runs beyond their figures: which failed
+/// and why, and whether a signal cut it short. A failed mode is run no more at that point of
+/// the sweep and the others go on; a signal (SIGINT, SIGTERM) ends the benchmark after the
+/// run it interrupted, whose figures are dropped, and what was finished is still reported.
+/// On a terminal it draws a progress bar; elsewhere it prints a line per finished run.
+pub struct Record {
+    name: &'static str,
+    bar: ProgressBar,
+    terminal: bool,
+    failed: Vec<Failure>,
+    interrupted: Option<i32>,
+}
+
+impl Record {
+    /// A record for benchmark `name`, which will make `steps` runs.
+    pub fn new(name: &'static str, steps: u64) -> Record {
+        use std::io::IsTerminal;
+        Record {
+            name,
+            bar: progress(steps, name),
+            terminal: std::io::stderr().is_terminal(),
+            failed: Vec::new(),
+            interrupted: None,
+        }
+    }
+
+    /// Whether the benchmark is to stop: a signal came.
+    pub fn stopped(&mut self) -> bool {
+        if self.interrupted.is_none() {
+            self.interrupted = crate::signals::requested();
+        }
+        self.interrupted.is_some()
+    }
+
+    /// Runs one step that is not a mode (a setup, a floor), saying what it is.
+    pub fn step<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, BenchError>,
+    ) -> Result<T, BenchError> {
+        self.bar.set_message(what.to_string());
+        let started = std::time::Instant::now();
+        let result = f();
+        self.bar.inc(1);
+        if !self.terminal && result.is_ok() {
+            eprintln!(
+                "vmm bench {}: {what}: done in {:.1} s",
+                self.name,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        result
+    }
+
+    /// Runs `rounds` rounds of every row (interleaved, A B C A B C ..., so that none always
+    /// meets the machine in the same state), at point `at` of the sweep, and returns each
+    /// row's figures, one per round it finished. A row whose run fails is recorded with the
+    /// reason and runs no more here; a signal stops all of it.
+    pub fn rounds<R, S>(
+        &mut self,
+        at: &str,
+        rounds: u32,
+        rows: &[R],
+        label: impl Fn(&R) -> String,
+        mut sample: impl FnMut(&R) -> Result<S, BenchError>,
+    ) -> Vec<Vec<S>> {
+        let mut samples: Vec<Vec<S>> = rows.iter().map(|_| Vec::new()).collect();
+        let mut failed = vec![false; rows.len()];
+        for round in 1..=rounds {
+            for (i, row) in rows.iter().enumerate() {
+                if failed[i] {
+                    self.bar.inc(1);
+                    continue;
+                }
+                if self.stopped() {
+                    return samples;
+                }
+                let name = label(row);
+                self.bar.set_message(format!("{name} {at}"));
+                let started = std::time::Instant::now();
+                let result = sample(row);
+                self.bar.inc(1);
+                match result {
+                    Ok(s) => {
+                        samples[i].push(s);
+                        if !self.terminal {
+                            eprintln!(
+                                "vmm bench {}: {name} ({at}), round {round} of {rounds}: done in \
+                                 {:.1} s",
+                                self.name,
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                    }
+                    // Interrupted: its figures are not whole, and the benchmark stops.
+                    Err(_) if self.stopped() => return samples,
+                    Err(e) => {
+                        let reason = crate::error::chain(&e);
+                        self.bar.suspend(|| {
+                            eprintln!(
+                                "vmm bench {}: {name} ({at}) failed: {reason}; going on without \
+                                 it",
+                                self.name
+                            )
+                        });
+                        self.failed.push(Failure {
+                            mode: name,
+                            at: at.into(),
+                            reason,
+                        });
+                        failed[i] = true;
+                    }
+                }
+            }
+        }
+        samples
+    }
+
+    /// Records a failure outside [`Record::rounds`] (a setup that a point of the sweep needs).
+    pub fn fail(&mut self, mode: &str, at: &str, e: &BenchError) {
+        let reason = crate::error::chain(e);
+        self.bar
+            .suspend(|| eprintln!("vmm bench {}: {mode} ({at}) failed: {reason}", self.name));
+        self.failed.push(Failure {
+            mode: mode.into(),
+            at: at.into(),
+            reason,
+        });
+    }
+
+    /// Prints (a table) without the progress bar in the way.
+    pub fn print(&self, f: impl FnOnce()) {
+        self.bar.suspend(f);
+    }
+
+    /// Ends the record: the bar goes, and `json` gains `partial`, `interrupted_by_signal` and
+    /// `failed`.
+    pub fn finish(self, mut json: Value) -> Value {
+        self.bar.finish_and_clear();
+        json["partial"] = Value::Bool(self.interrupted.is_some());
+        json["interrupted_by_signal"] = serde_json::json!(self.interrupted);
+        json["failed"] = serde_json::json!(self.failed);
+        if let Some(sig) = self.interrupted {
+            eprintln!(
+                "vmm bench {}: stopped by signal {sig}; what was finished is reported, marked \
+                 partial",
+                self.name
+            );
+        }
+        json
+    }
+}
+
+/// How a finished benchmark ends: 130 or 143 if a signal cut it short, 204 if a mode failed,
+/// else 0.
+pub fn exit_code(json: &Value) -> u8 {
+    if let Some(sig) = json["interrupted_by_signal"].as_i64() {
+        return crate::signals::exit_code(sig as i32);
+    }
+    match json["failed"].as_array() {
+        Some(failed) if !failed.is_empty() => {
+            eprintln!(
+                "vmm bench: {} run(s) failed (the JSON's `failed` says which and why)",
+                failed.len()
+            );
+            crate::error::exit_code::VMM_FAILED
+        }
+        _ => 0,
+    }
+}
+
+/// A figure for a table: `-` where there is none (no run finished, a ratio to nothing), never
+/// `NaN`.
+pub fn figure(value: Option<f64>, decimals: usize) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "-".into(),
+    }
 }
 
 /// Pins the calling thread, and every thread it starts later, to `cpus`.

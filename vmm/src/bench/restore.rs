@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use guest_abi::layout::{EXTENT_SIZE, LOAD_BASE};
 use serde_json::{Value, json};
 
-use super::{BenchError, finish, median, progress, quiet_devices, run_vm};
+use super::{BenchError, Record, finish, median, quiet_devices, run_vm};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::memory::huge::pool::PoolKind;
 use crate::memory::{Backing, PageSourceKind, Restore, host_view};
@@ -305,6 +305,9 @@ fn restore_once(
         .sum();
     let stalls = summary.guest_stalls();
     let first = summary.to_first_instruction;
+    // What was sampled after the guest ended is teardown, not the restore.
+    let end_ms = (first + summary.guest).as_secs_f64() * 1e3;
+    series.retain(|p| p[0].as_f64().is_some_and(|t| t <= end_ms));
     let (faults, bytes_read, served) = match server {
         Some(server) => {
             let served = server.finish()?;
@@ -413,6 +416,10 @@ fn ms(v: &Value) -> String {
         .map_or("-".into(), |ns| format!("{:.0}", ns / 1e6))
 }
 
+/// The smallest guest RAM worth measuring a restore in: a sparse image (a quarter of the
+/// RAM free above the program) fills at least one extent.
+pub const MIN_MEMORY: u64 = LOAD_BASE + EXTENT_SIZE + 4 * EXTENT_SIZE;
+
 /// Runs the benchmark, prints a table per density, and returns every figure as JSON.
 pub fn run(config: &RestoreBenchConfig) -> Result<Value, BenchError> {
     let scratch = super::ScratchDir::create(&config.scratch)?;
@@ -426,57 +433,37 @@ pub fn run(config: &RestoreBenchConfig) -> Result<Value, BenchError> {
         config.modes.clone()
     };
     let steps = config.densities.len() as u64 * (1 + u64::from(config.repeat) * modes.len() as u64);
-    let bar = progress(steps, "restore");
+    let mut record = Record::new("restore", steps);
     let mut tables = Vec::new();
     for &d in &config.densities {
-        bar.set_message(format!("saving a {} image", d.name()));
+        if record.stopped() {
+            break;
+        }
         let image = config
             .scratch
             .join(format!("bench-restore-{}.img", d.name()));
-        let save = VmConfig {
-            guest: "verify".into(),
-            memory: config.memory,
-            args: vec![
-                GuestArg {
-                    key: "mode".into(),
-                    value: "fill".into(),
-                },
-                GuestArg {
-                    key: "size".into(),
-                    value: config.filled(d).to_string(),
-                },
-            ],
-            collapse: Collapse::Off,
-            save_memory: Some(image.clone()),
-            seccomp: crate::seccomp::Seccomp::Off,
-            ..VmConfig::default()
-        };
-        run_vm("saving the image", save)?;
-        bar.inc(1);
-        let cat = {
-            if config.cold {
-                drop_from_cache(&image)?;
+        let at = format!("{} image", d.name());
+        let cat = match record.step(&format!("saving a {} image", d.name()), || {
+            prepare_image(config, d, &image, &modes)
+        }) {
+            Ok(cat) => cat,
+            Err(e) => {
+                record.fail("saving the image", &at, &e);
+                continue;
             }
-            read_bandwidth(&image)?
         };
-        if modes.iter().any(|m| m.external().is_some()) {
-            crate::memory::ram_image::convert(&image, &config.raw(d), true)
-                .map_err(|e| BenchError::Setup(format!("exporting the image raw: {e}")))?;
-        }
-        let mut rounds: Vec<Vec<Value>> = modes.iter().map(|_| Vec::new()).collect();
-        for _ in 0..config.repeat.max(1) {
-            for (i, &mode) in modes.iter().enumerate() {
-                bar.set_message(format!("{} {}", d.name(), mode.name()));
-                rounds[i].push(restore_once(config, mode, d, &image)?);
-                bar.inc(1);
-            }
-        }
+        let rounds = record.rounds(
+            &at,
+            config.repeat.max(1),
+            &modes,
+            |m| m.name().into(),
+            |&mode| restore_once(config, mode, d, &image),
+        );
         let _ = std::fs::remove_file(&image);
         let _ = std::fs::remove_file(config.raw(d));
-        bar.suspend(|| tables.push(report(config, d, &modes, &rounds, cat)));
+        record.print(|| tables.push(report(config, d, &modes, &rounds, cat)));
     }
-    bar.finish_and_clear();
-    Ok(json!({
+    Ok(record.finish(json!({
         "benchmark": "restore",
         "memory_bytes": config.memory.0,
         "working_set": config.working_set,
@@ -485,13 +472,51 @@ pub fn run(config: &RestoreBenchConfig) -> Result<Value, BenchError> {
         "prefetch_threads": config.prefetch_threads,
         "repeat": config.repeat.max(1),
         "tables": tables,
-    }))
+    })))
+}
+
+/// Saves the image a density's restores read (and its raw export, for the external modes),
+/// and returns a plain sequential read's bandwidth of it.
+fn prepare_image(
+    config: &RestoreBenchConfig,
+    d: Density,
+    image: &Path,
+    modes: &[Mode],
+) -> Result<f64, BenchError> {
+    let save = VmConfig {
+        guest: "verify".into(),
+        memory: config.memory,
+        args: vec![
+            GuestArg {
+                key: "mode".into(),
+                value: "fill".into(),
+            },
+            GuestArg {
+                key: "size".into(),
+                value: config.filled(d).to_string(),
+            },
+        ],
+        collapse: Collapse::Off,
+        save_memory: Some(image.into()),
+        seccomp: crate::seccomp::Seccomp::Off,
+        ..VmConfig::default()
+    };
+    run_vm("saving the image", save)?;
+    if config.cold {
+        drop_from_cache(image)?;
+    }
+    let cat = read_bandwidth(image)?;
+    if modes.iter().any(|m| m.external().is_some()) {
+        crate::memory::ram_image::convert(image, &config.raw(d), true)
+            .map_err(|e| BenchError::Setup(format!("exporting the image raw: {e}")))?;
+    }
+    Ok(cat)
 }
 
 /// The median of `key` over `rounds` (absent if any round lacks it).
 fn med(rounds: &[Value], key: &str) -> Value {
     let mut v: Vec<f64> = rounds.iter().filter_map(|r| r[key].as_f64()).collect();
-    if v.len() < rounds.len() {
+    if v.is_empty() || v.len() < rounds.len() {
         return Value::Null;
     }
     json!(median(&mut v))

@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -61,13 +61,6 @@ pub struct Vm {
     built_from: Instant,
     // Last: unmapped after the VM fd (and its memslot) is gone.
     memory: Option<Memory>,
-}
-
-/// The signal that last asked the VMM to stop (0: none).
-static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    STOP_SIGNAL.store(num, Ordering::SeqCst);
 }
 
 fn open_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
@@ -139,6 +132,8 @@ impl Vm {
             .transpose()?;
         let image = GuestProgram::find(&config.guest)?;
         let exe = image.check(config.memory.0)?;
+        let free_start = exe.end().next_multiple_of(EXTENT_SIZE).min(config.memory.0);
+        image.check_args(&config.args, config.memory.0 - free_start)?;
 
         let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
         let mut memory_config = config.memory_config();
@@ -190,7 +185,6 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        let free_start = exe.end().next_multiple_of(EXTENT_SIZE).min(config.memory.0);
         let mut tsc_khz = 0;
         for index in 0..config.vcpus {
             let boot_addr = BOOT_INFO_BASE + u64::from(index) * BOOT_INFO_STRIDE;
@@ -248,10 +242,7 @@ impl Vm {
     pub fn run(mut self) -> Result<RunSummary, VmError> {
         // Both handlers only store to an atomic or do nothing, which is async-signal-safe.
         register_signal_handler(kick_signal(), on_kick).map_err(VmError::Signal)?;
-        for sig in [libc::SIGINT, libc::SIGTERM] {
-            register_signal_handler(sig, on_stop_signal).map_err(VmError::Signal)?;
-        }
-        STOP_SIGNAL.store(0, Ordering::SeqCst);
+        crate::signals::install().map_err(VmError::Signal)?;
         // From here on the main thread only waits, kicks, saves, reports and tears down; the
         // vCPUs it starts next inherit its filter and add their own.
         seccomp::install(ThreadKind::Main, self.config.seccomp)?;
@@ -358,8 +349,7 @@ impl Vm {
                     waited.as_secs_f64()
                 ));
             }
-            let sig = STOP_SIGNAL.load(Ordering::SeqCst);
-            if sig != 0 {
+            if let Some(sig) = crate::signals::requested() {
                 break Outcome::Interrupted(sig);
             }
             if let Some((at, t)) = deadline
@@ -391,7 +381,7 @@ impl Vm {
         let saved = match (&self.save_to, &outcome) {
             (Some(target), &Outcome::Done(code)) => {
                 let path = target.path();
-                let interrupted = || STOP_SIGNAL.load(Ordering::SeqCst) != 0;
+                let interrupted = || crate::signals::requested().is_some();
                 match self.memory().save(path, &interrupted) {
                     Ok(pages) => {
                         log::info!("saved guest memory to {}: {pages:?}", path.display());
@@ -405,7 +395,9 @@ impl Vm {
                             "vmm: a signal stopped the save; {} was left as it was",
                             path.display()
                         );
-                        outcome = Outcome::Interrupted(STOP_SIGNAL.load(Ordering::SeqCst));
+                        outcome = Outcome::Interrupted(
+                            crate::signals::requested().unwrap_or(libc::SIGTERM),
+                        );
                         None
                     }
                     Err(e) => {

@@ -10,7 +10,7 @@ use guest_rt::{Args, BootInfo, Text};
 /// Whose turn it is to print.
 static TURN: AtomicU64 = AtomicU64::new(0);
 
-guest_rt::entry!(main);
+guest_rt::entry!(main, guest_rt::guests::HELLO);
 
 fn main(boot: &BootInfo, _args: &Args) -> u64 {
     while TURN.load(Ordering::Acquire) != boot.vcpu_index {

@@ -25,33 +25,21 @@
 use core::arch::asm;
 use guest_rt::{Args, BootInfo, Text, Ucall, inb, outb, serial_write};
 
-guest_rt::entry!(main);
+guest_rt::entry!(main, guest_rt::guests::MISBEHAVE);
 
 const UNCLAIMED_PORT: u16 = 0x2345;
 
 fn main(boot: &BootInfo, args: &Args) -> u64 {
-    match args.choice(
-        "kind",
-        &[
-            "triple-fault",
-            "bad-ucall",
-            "unknown-port",
-            "serial-flood",
-            "untouched-ucall",
-            "print-flood",
-            "report-flood",
-            "escapes",
-        ],
-    ) {
+    match args.choice("kind") {
         "print-flood" => {
             let line = Ucall::print(b"flooding the host with print ucalls, line after line");
-            for _ in 0..args.size("count", 100_000) {
+            for _ in 0..args.number("count") {
                 guest_rt::ucall(&line);
             }
             0
         }
         "report-flood" => {
-            for i in 0..args.size("count", 100_000) {
+            for i in 0..args.number("count") {
                 let key = Text::new().s("key-").dec(i);
                 guest_rt::ucall(&Ucall::report(key.as_bytes(), i));
             }
@@ -111,7 +99,7 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
             u64::from(port != 0xff || mmio != u32::MAX)
         }
         _ => {
-            let total = args.size("bytes", 256 << 10);
+            let total = args.number("bytes");
             let chunk = [b'#'; 4096];
             let mut sent = 0;
             while sent < total {

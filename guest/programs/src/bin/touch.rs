@@ -11,15 +11,15 @@ use guest_rt::{
     Args, BootInfo, Shuffle, Stalls, Text, fail, layout::PAGE_SIZE, my_share, rdtsc, report, timing,
 };
 
-guest_rt::entry!(main);
+guest_rt::entry!(main, guest_rt::guests::TOUCH);
 
 fn main(boot: &BootInfo, args: &Args) -> u64 {
-    let random = args.choice("pattern", &["seq", "random"]) == "random";
-    let write = args.choice("access", &["write", "read"]) == "write";
-    let passes = args.size("passes", 1);
-    let seed = args.size("seed", 1);
+    let random = args.choice("pattern") == "random";
+    let write = args.choice("access") == "write";
+    let passes = args.number("passes");
+    let seed = args.number("seed");
     let free = boot.free_end - boot.free_start;
-    let size = args.size("size", free);
+    let size = args.size_or("size", free);
     if size > free {
         fail(
             Text::new()

@@ -17,7 +17,7 @@ use guest_rt::{
     Args, BootInfo, Shuffle, Stalls, Text, fail, layout::PAGE_SIZE, my_share, report, timing,
 };
 
-guest_rt::entry!(main);
+guest_rt::entry!(main, guest_rt::guests::VERIFY);
 
 /// Offsets of the words that carry the pattern in each page.
 const WORDS: [u64; 3] = [0, PAGE_SIZE / 2, PAGE_SIZE - 8];
@@ -77,10 +77,10 @@ impl Checker {
 }
 
 fn main(boot: &BootInfo, args: &Args) -> u64 {
-    let mode = args.choice("mode", &["fill-check", "fill", "check", "stress"]);
-    let random = args.choice("pattern", &["seq", "random"]) == "random";
+    let mode = args.choice("mode");
+    let random = args.choice("pattern") == "random";
     let free = boot.free_end - boot.free_start;
-    let size = args.size("size", free);
+    let size = args.size_or("size", free);
     if size > free {
         fail(
             Text::new()
@@ -94,7 +94,7 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
     let (base, pages) = my_share(boot, boot.free_start, size);
     let pages_iter = move || (0..pages).map(move |p| base + p * PAGE_SIZE);
     let mut c = Checker {
-        seed: args.size("seed", 1),
+        seed: args.number("seed"),
         mismatches: 0,
     };
     let mut stalls = timing(args).then(Stalls::start);
@@ -111,7 +111,7 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
             lap();
         }),
         "check" => {
-            let pass = args.size("pass", 0);
+            let pass = args.number("pass");
             let order = c.seed ^ boot.vcpu_index;
             let mut visit = |gpa| {
                 c.check(gpa, pass);
@@ -134,7 +134,7 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
             });
         }
         _ => {
-            let passes = args.size("passes", 4);
+            let passes = args.number("passes");
             pages_iter().for_each(|gpa| {
                 c.write(gpa, 0);
                 lap();

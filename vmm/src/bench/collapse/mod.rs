@@ -19,7 +19,7 @@ use guest_abi::layout::EXTENT_SIZE;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use super::{BenchError, finish, progress, quiet_devices};
+use super::{BenchError, Record, finish, quiet_devices};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::memory::PageSourceKind;
 use crate::memory::collapse::{CollapseConfig, CollapseOrder};
@@ -403,6 +403,10 @@ fn floors() -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
     Ok((memcpy, mremap))
 }
 
+/// The smallest guest RAM worth measuring a collapse in: the reserved area and the program's
+/// extent, and at least one extent of the guest's data.
+pub const MIN_MEMORY: u64 = guest_abi::layout::LOAD_BASE + 2 * EXTENT_SIZE;
+
 /// Runs the benchmark, prints a table per (vCPU count, allocation latency), and returns every
 /// figure as JSON.
 pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
@@ -455,30 +459,42 @@ pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
         .map(|(p, first)| (p, rows_at(first)))
         .collect();
     let steps: u64 = points.iter().map(|(_, r)| r.len() as u64).sum::<u64>() * u64::from(rounds);
-    let bar = progress(steps + 1, "collapse");
-    bar.set_message("floors");
-    let (memcpy, mremap) = floors()?;
-    bar.inc(1);
+    let mut record = Record::new("collapse", steps + 1);
+    let (memcpy, mremap) = record.step("the memcpy and mremap floors", floors)?;
     let floor = Floor::of(&memcpy, &mremap);
     let mut tables = Vec::new();
     for (at, rows) in &points {
-        // Variants interleaved round by round (A B C A B C ...), so that none of them always
-        // meets the machine in the same state (cold memory for a run's first allocations).
-        let mut per_row: Vec<Vec<Value>> = rows.iter().map(|_| Vec::new()).collect();
-        for _ in 0..rounds {
-            for (i, &row) in rows.iter().enumerate() {
-                bar.set_message(format!("{} x{}", row.label(), at.vcpus));
-                per_row[i].push(run_variant(config, row, *at)?.json);
-                bar.inc(1);
-            }
+        if record.stopped() {
+            break;
         }
-        let results: Vec<Value> = per_row.iter().map(|r| median_of_rounds(r)).collect();
-        bar.suspend(|| tables.push(report_table(config, *at, &results, &floor)));
+        let here = format!(
+            "{} vCPU(s), +{} ms allocation",
+            at.vcpus,
+            at.alloc_latency.as_secs_f64() * 1e3
+        );
+        let per_row = record.rounds(
+            &here,
+            rounds,
+            rows,
+            |r| r.label(),
+            |&row| run_variant(config, row, *at).map(|o| o.json),
+        );
+        let results: Vec<Value> = per_row
+            .iter()
+            .zip(rows)
+            .map(|(r, row)| {
+                if r.is_empty() {
+                    json!({ "variant": row.label(), "no_figures": true })
+                } else {
+                    median_of_rounds(r)
+                }
+            })
+            .collect();
+        record.print(|| tables.push(report_table(config, *at, &results, &floor)));
     }
-    bar.finish_and_clear();
-    floor.print();
+    record.print(|| floor.print());
     let by_latency = report_latency_sweep(&tables);
-    Ok(json!({
+    Ok(record.finish(json!({
         "benchmark": "collapse",
         "host_cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "vcpus": config.vcpus,
@@ -491,5 +507,5 @@ pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
         "floor": floor.json,
         "tables": tables,
         "by_alloc_latency": by_latency,
-    }))
+    })))
 }

@@ -117,6 +117,13 @@ pub(super) fn report_table(
         "lost"
     );
     for j in results {
+        if j["no_figures"] == true {
+            println!(
+                "{:<22} no figures (it failed or was not run; see above)",
+                j["variant"].as_str().unwrap_or("?")
+            );
+            continue;
+        }
         let f = &j["failures"];
         let fails: u64 = ["alloc", "charge", "revalidate", "other", "madv_collapse"]
             .iter()
