@@ -42,7 +42,7 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// List the built-in guest programs and their arguments.
     Guests,
-    /// Benchmarks: guest demand paging, huge-page collapse.
+    /// Benchmarks: guest demand paging, huge-page collapse, restoring from an image.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Serve a VMM's guest RAM from a raw memory file over Firecracker's userfaultfd handoff
@@ -62,7 +62,7 @@ pub struct UffdServeArgs {
     /// Raw guest RAM, no header (`vmm image export`): each region's contents at its offset.
     pub file: PathBuf,
     /// How much of a 4 KiB region one fault resolves: its page, or the 2 MiB around it.
-    #[arg(long, value_enum, default_value_t = Granularity::default())]
+    #[arg(long, value_enum, default_value_t = Granularity::default(), value_name = "4K|2M")]
     pub granularity: Granularity,
     /// Write what was served as JSON here at the end.
     #[arg(long, value_name = "PATH")]
@@ -76,10 +76,11 @@ pub struct UffdServeArgs {
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub image_latency: u64,
     /// A seccomp filter from the handshake on (the README lists what it allows).
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, value_name = "on|off")]
     pub seccomp: Seccomp,
     /// How much to log (RUST_LOG overrides it).
-    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    #[arg(long, value_enum, default_value_t = LogLevel::Info,
+          value_name = "error|warn|info|debug|trace|off")]
     pub log_level: LogLevel,
 }
 
@@ -228,10 +229,10 @@ pub struct FaultsArgs {
     #[arg(long, default_value = "64M", value_name = "SIZE")]
     pub mem_per_vcpu: ByteSize,
     /// How each page is touched.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, value_name = "write|read")]
     pub access: Access,
     /// In which order.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, value_name = "seq|random")]
     pub pattern: Pattern,
     /// Comma-separated modes (default: all the host supports).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "MODE,...")]
@@ -441,18 +442,21 @@ impl LogLevel {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// A built-in guest name (see `vmm guests`) or the path of a static x86_64 ELF executable.
-    #[arg(long, default_value = "hello")]
+    #[arg(long, default_value = "hello", value_name = "NAME|PATH")]
     pub guest: String,
-    /// Guest RAM: a multiple of 2 MiB, with a K, M or G suffix.
-    #[arg(long, default_value = "128M")]
+    /// Guest RAM: a multiple of 2 MiB, with a K, M or G suffix, from 6M to the host's RAM or
+    /// 64G.
+    #[arg(long, default_value = "128M", value_name = "SIZE")]
     pub memory: ByteSize,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    /// Number of vCPUs, 1 to what KVM supports (at most 224).
+    #[arg(long, default_value_t = 1, value_name = "N")]
     pub vcpus: u32,
-    /// A guest argument KEY=VALUE (repeatable).
+    /// A guest argument KEY=VALUE (repeatable). A built-in guest's are checked before it
+    /// boots against what it declares (`vmm guests` lists them); a guest file of your own
+    /// takes any KEY=VALUE, unchecked.
     #[arg(long = "arg", value_name = "KEY=VALUE")]
     pub args: Vec<GuestArg>,
-    /// Stop the guest after this many seconds.
+    /// Stop the guest after this many seconds (more than 0, at most 100000000).
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
     /// With an external page server: end the VM (204) when a vCPU has waited this many seconds
@@ -463,19 +467,29 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub metrics: Option<PathBuf>,
     /// How much to log (RUST_LOG overrides it).
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(
+        long,
+        value_enum,
+        default_value_t,
+        value_name = "error|warn|info|debug|trace|off"
+    )]
     pub log_level: LogLevel,
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH")]
     pub kvm_device: PathBuf,
     /// What backs guest RAM: small (4 KiB pages on demand), thp or hugetlb (2 MiB pages for
     /// all RAM, populated up front).
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, value_name = "small|thp|hugetlb")]
     pub backing: Backing,
     /// Where a page's contents come from when first touched: kernel (the host kernel fills
-    /// zeroes), zero (the VMM's userfaultfd handler fills zeroes) or image:PATH (the handler
-    /// serves pages lazily from a memory image).
-    #[arg(long, default_value = "kernel", value_name = "kernel|zero|image:PATH")]
+    /// zeroes), zero (the VMM's userfaultfd handler fills zeroes), image:PATH (the handler
+    /// serves pages lazily from a memory image) or external:SOCKET (a page server listening
+    /// on SOCKET serves them: Firecracker's userfaultfd handoff, `vmm uffd-serve`).
+    #[arg(
+        long,
+        default_value = "kernel",
+        value_name = "kernel|zero|image:PATH|external:SOCKET"
+    )]
     pub page_source: PageSourceKind,
     /// Bytes the fault handler resolves per fault (a power of two, 4K to 2M).
     #[arg(long, default_value = "4K", value_name = "SIZE")]
@@ -483,29 +497,38 @@ pub struct RunArgs {
     /// Save guest RAM to this image file when the guest finishes (atomic, sparse).
     #[arg(long, value_name = "PATH")]
     pub save_memory: Option<PathBuf>,
-    /// Also append a JSON line of metrics to METRICS.jsonl every this many seconds.
+    /// Also append a JSON line of metrics to PATH.jsonl (PATH: the --metrics file) every this
+    /// many seconds (more than 0, at most 100000000).
     #[arg(long, value_name = "SECONDS")]
     pub metrics_interval: Option<f64>,
     /// The collapse thread, which promotes populated extents to 2 MiB pages (default: on with
     /// --backing small, where the host allows it).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, value_name = "on|off")]
     pub collapse: Option<Switch>,
-    /// When the collapse allocates its huge page: prealloc (under the read lock, the seed
-    /// commit's order), legacy (under the write lock) or unlocked (no lock).
-    #[arg(long, value_enum, default_value_t)]
+    /// When a collapse allocates its huge page: prealloc (with only the read lock held,
+    /// before the write lock is taken: the order Linux's khugepaged took in 2011), legacy
+    /// (under the write lock, the order before that) or unlocked (no lock at all, Linux's
+    /// order since 2015).
+    #[arg(
+        long,
+        value_enum,
+        default_value_t,
+        value_name = "prealloc|legacy|unlocked"
+    )]
     pub collapse_order: CollapseOrder,
     /// Where huge pages come from: auto (hugetlb while the pool has pages, else THP), hugetlb
     /// or thp.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, value_name = "auto|hugetlb|thp")]
     pub huge_source: PoolKind,
     /// Most huge-page memory that may be charged (default: the guest's RAM size).
     #[arg(long, value_name = "SIZE")]
     pub huge_limit: Option<ByteSize>,
-    /// Huge pages the pool keeps zeroed and ready ahead of demand (0: allocate on demand).
+    /// Huge pages the pool keeps zeroed and ready ahead of demand, 0 to 64 and at most one
+    /// per extent (0: allocate on demand).
     #[arg(long, default_value_t = POOL_AHEAD, value_name = "N")]
     pub huge_pool_ahead: usize,
     /// 4 KiB pages the collapse thread scans per round (512 per extent).
-    #[arg(long, default_value_t = PAGES_TO_SCAN, value_name = "PAGES")]
+    #[arg(long, default_value_t = PAGES_TO_SCAN, value_name = "N")]
     pub collapse_pages_to_scan: u64,
     /// Milliseconds the collapse thread sleeps between rounds.
     #[arg(long, default_value_t = SCAN_SLEEP_MS, value_name = "MS")]
@@ -517,27 +540,27 @@ pub struct RunArgs {
     #[arg(long, default_value_t = MAX_PTES_NONE, value_name = "N")]
     pub max_ptes_none: u32,
     /// seccomp filters on every VMM thread, one list per kind of thread (see the README).
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, value_name = "on|off")]
     pub seccomp: Seccomp,
-    /// Fault handler threads, each with a userfaultfd over its share of guest RAM (default:
-    /// one per vCPU, up to the host's CPUs).
+    /// Fault handler threads, 1 to 256, each with a userfaultfd over its share of guest RAM
+    /// (default: one per vCPU, up to the host's CPUs).
     #[arg(long, value_name = "N")]
     pub fault_threads: Option<usize>,
     /// How a memory image (`--page-source image:PATH`) is restored: lazily, the guest starting
     /// at once (default), or eagerly, read whole into RAM before the guest starts.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, value_name = "lazy|eager")]
     pub restore: Restore,
     /// Background threads that fill RAM from the image behind the guest, whole extents at a
     /// time (default: on for an image restored lazily into 4 KiB backing).
     #[arg(long, value_enum, value_name = "on|off")]
     pub prefetch: Option<Switch>,
-    /// Prefetch threads (two reach the bandwidth of a plain sequential read here, one about
-    /// half of it).
+    /// Prefetch threads, 1 to 16 (two reach the bandwidth of a plain sequential read here,
+    /// one about half of it).
     #[arg(long, default_value_t = crate::memory::prefetch::PREFETCH_THREADS, value_name = "N")]
     pub prefetch_threads: usize,
     /// How huge pages go into guest RAM: move (UFFDIO_MOVE where the kernel has it and the
     /// page is a THP, else mremap) or mremap.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, value_name = "move|mremap")]
     pub install: InstallMethod,
 }
 

@@ -120,6 +120,23 @@ impl From<ArgError> for ProgramError {
     }
 }
 
+/// What to say when a guest file of the user's own fails in the guest: guests are
+/// bare-metal programs, and the usual mistake is to give one made for Linux.
+pub fn bare_metal_hint(exe: &Executable) -> String {
+    let looks = if exe.has_tls {
+        " This one has thread-local storage, as a C library's programs do: it looks made for \
+         Linux."
+    } else {
+        ""
+    };
+    format!(
+        "hint: a guest is a bare-metal program, entered in 64-bit long mode with no operating \
+         system: no system calls, no Linux ABI, no C library, and no SSE arithmetic (the host's \
+         instruction emulator lacks it); a static Linux executable stops at its first such \
+         instruction.{looks} README, Writing your own guest, says what a guest may do."
+    )
+}
+
 /// A guest program ready to check and load.
 #[derive(Debug, Clone)]
 pub struct GuestProgram {
@@ -150,6 +167,9 @@ pub struct Executable {
     pub entry: u64,
     /// The loadable segments.
     pub segments: Vec<Segment>,
+    /// Whether it carries thread-local storage (`PT_TLS`): a C library's program, made for an
+    /// operating system, not a bare-metal guest.
+    pub has_tls: bool,
 }
 
 impl Executable {
@@ -169,6 +189,7 @@ const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
+const PT_TLS: u32 = 7;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
 
@@ -223,8 +244,13 @@ pub fn parse_executable(bytes: &[u8], ram_size: u64) -> Result<Executable, Strin
         .filter(|&end| end <= bytes.len() as u64)
         .ok_or("program headers lie outside the file (truncated?)")?;
     let mut segments = Vec::new();
+    let mut has_tls = false;
     for ph in bytes[phoff as usize..table_end as usize].chunks_exact(PHDR_SIZE) {
         match u32_at(ph, 0) {
+            PT_TLS => {
+                has_tls = true;
+                continue;
+            }
             PT_INTERP | PT_DYNAMIC => {
                 return Err(
                     "dynamically linked (has an interpreter or a dynamic section); \
@@ -295,7 +321,11 @@ pub fn parse_executable(bytes: &[u8], ram_size: u64) -> Result<Executable, Strin
             "entry point {entry:#x} is outside every loadable segment"
         ));
     }
-    Ok(Executable { entry, segments })
+    Ok(Executable {
+        entry,
+        segments,
+        has_tls,
+    })
 }
 
 impl GuestProgram {
@@ -332,6 +362,11 @@ impl GuestProgram {
             bytes: bytes.into(),
             builtin: None,
         })
+    }
+
+    /// Whether this is one of the built-in guests (else a user's own file).
+    pub fn is_builtin(&self) -> bool {
+        self.builtin.is_some()
     }
 
     /// Checks `args` against a built-in guest's declaration: every key one it takes, given

@@ -159,27 +159,78 @@ fn print_summary(summary: &RunSummary) {
             console.ucall_dropped_bytes
         );
     }
-    let memory = &summary.memory;
-    if memory.collapse.enabled {
-        let extents = &memory.memory.extents;
-        let stats = &memory.collapse.stats;
-        let write_lock = stats.write_lock_ns.percentiles();
-        let commit = stats.commit_ns.percentiles();
-        eprintln!(
-            "vmm: memory: {} of {} extents are 2 MiB pages ({} collapsed, {} MiB charged); write \
-             lock held p50 {} us, p99 {} us; an extent held per commit p50 {} us, p99 {} us",
-            extents.counts.huge,
-            extents.total,
-            stats.pages_collapsed.get(),
-            memory.ledger.charged_bytes >> 20,
-            write_lock.p50 / 1000,
-            write_lock.p99 / 1000,
-            commit.p50 / 1000,
-            commit.p99 / 1000,
-        );
+    for line in memory_summary(summary) {
+        eprintln!("vmm: {line}");
     }
     if summary.outcome.exit_code() != 0 {
         eprintln!("vmm: {}", summary.outcome.describe());
+    }
+}
+
+/// What a run did with guest memory, in a line or two a reader needs no glossary for.
+fn memory_summary(summary: &RunSummary) -> Vec<String> {
+    let memory = &summary.memory;
+    let extents = &memory.memory.extents;
+    let mib = |b: u64| b >> 20;
+    let mut lines = Vec::new();
+    if let Some(restore) = &memory.restore {
+        let mut line = format!(
+            "restore ({}): read {} MiB of the image",
+            format!("{:?}", restore.mode).to_lowercase(),
+            mib(restore.image_bytes_read)
+        );
+        if let Some(p) = &restore.prefetch {
+            line += &format!(
+                ", {} MiB of it by the prefetcher ({} extents filled as 2 MiB pages, {} as 4 KiB \
+                 pages)",
+                mib(p.bytes_read.get()),
+                p.extents_huge.get(),
+                p.extents_small.get()
+            );
+        }
+        line += &format!(
+            "; {} faults served; the guest's first instruction ran {:.1} ms after the start",
+            memory.faults.stats.served.get(),
+            summary.to_first_instruction.as_secs_f64() * 1e3
+        );
+        lines.push(line);
+    }
+    let huge = format!(
+        "{} of {} extents (2 MiB each) of guest RAM are backed by 2 MiB host pages",
+        extents.counts.huge, extents.total
+    );
+    if memory.collapse.enabled {
+        let stats = &memory.collapse.stats;
+        let write_lock = stats.write_lock_ns.percentiles();
+        let commit = stats.commit_ns.percentiles();
+        lines.push(format!(
+            "memory: {huge} ({} promoted by the collapse thread, {} MiB of huge pages charged); \
+             each promotion held the memory map's write lock p50 {}, p99 {} (all other \
+             memory work waits that long), and kept writers of its extent waiting p50 {}, p99 {}",
+            stats.pages_collapsed.get(),
+            mib(memory.ledger.charged_bytes),
+            micros(write_lock.p50),
+            micros(write_lock.p99),
+            micros(commit.p50),
+            micros(commit.p99),
+        ));
+    } else {
+        lines.push(format!(
+            "memory: {huge}; {} MiB resident ({} backing, {} page source, no collapse thread)",
+            memory.kernel.smaps.rss_kb >> 10,
+            format!("{:?}", memory.memory.backing).to_lowercase(),
+            memory.memory.page_source
+        ));
+    }
+    lines
+}
+
+/// Nanoseconds as microseconds, with a decimal below 10 us.
+fn micros(ns: u64) -> String {
+    if ns < 10_000 {
+        format!("{:.1} us", ns as f64 / 1e3)
+    } else {
+        format!("{} us", ns / 1000)
     }
 }
 

@@ -162,6 +162,8 @@ pub struct VcpuShared {
     pub stop: Arc<AtomicBool>,
     /// Where the vCPU's end is reported.
     pub events: Sender<VmEvent>,
+    /// Every vCPU's exits so far, for the live status line.
+    pub exits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Vcpu {
@@ -207,7 +209,9 @@ impl Vcpu {
             }
             fail::fail_point!("vcpu-run");
             crate::seccomp::forbidden_call_point("seccomp-vcpu");
-            let action = match self.fd.run() {
+            let ran = self.fd.run();
+            shared.exits.fetch_add(1, Ordering::Relaxed);
+            let action = match ran {
                 Ok(VcpuExit::InternalError) => {
                     stats.count_exit("internal_error");
                     ExitAction::Fatal(self.internal_error())

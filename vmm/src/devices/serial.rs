@@ -62,6 +62,43 @@ impl TokenBucket {
     }
 }
 
+/// The terminal guest output shares with the live status line (`vm::status`): the status
+/// line is drawn only where guest output ended a line, and guest output erases it first, so
+/// neither runs into the other.
+pub mod terminal {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static STATUS_SHOWN: AtomicBool = AtomicBool::new(false);
+    static AT_LINE_START: AtomicBool = AtomicBool::new(true);
+
+    /// Whether a status line may be drawn now: guest output last ended a line.
+    pub fn at_line_start() -> bool {
+        AT_LINE_START.load(Ordering::Relaxed)
+    }
+
+    /// A status line is on the terminal that guest output goes to.
+    pub fn status_shown() {
+        STATUS_SHOWN.store(true, Ordering::Relaxed);
+    }
+
+    /// Guest output is about to be written: the escape that erases a status line, if one is
+    /// shown.
+    pub(super) fn before_output() -> &'static [u8] {
+        if STATUS_SHOWN.swap(false, Ordering::Relaxed) {
+            b"\r\x1b[2K"
+        } else {
+            b""
+        }
+    }
+
+    /// Guest output was written, ending with `last`.
+    pub(super) fn after_output(last: Option<u8>) {
+        if let Some(b) = last {
+            AT_LINE_START.store(b == b'\n', Ordering::Relaxed);
+        }
+    }
+}
+
 /// Guest console output: rate-limited, copied to a writer (stdout in the VMM).
 pub struct ConsoleOut<W: Write> {
     out: W,
@@ -98,8 +135,10 @@ impl<W: Write> ConsoleOut<W> {
     pub fn write_line(&mut self, line: &[u8]) {
         let len = line.len() as u64 + 1;
         if self.bucket.take_all_at(len, Instant::now()) {
+            let _ = self.out.write_all(terminal::before_output());
             let _ = self.out.write_all(&sanitize(line));
             let _ = self.out.write_all(b"\n");
+            terminal::after_output(Some(b'\n'));
             let _ = self.out.flush();
             self.written += len;
         } else {
@@ -132,7 +171,9 @@ impl<W: Write> Write for ConsoleOut<W> {
         let granted = self.bucket.take_at(buf.len() as u64, Instant::now()) as usize;
         if granted > 0 {
             // A closed stdout must not stop the guest: output is best effort.
+            let _ = self.out.write_all(terminal::before_output());
             let _ = self.out.write_all(&sanitize(&buf[..granted]));
+            terminal::after_output(buf[..granted].last().copied());
             if buf[..granted].contains(&b'\n') {
                 let _ = self.out.flush();
             }

@@ -5,6 +5,7 @@
 //! dropped before guest RAM is unmapped.
 
 pub mod error;
+mod status;
 mod stop;
 pub mod summary;
 mod watch;
@@ -18,7 +19,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,6 +60,8 @@ pub struct Vm {
     metrics_to: Option<MetricsTarget>,
     /// When the build began (for the time to the guest's first instruction).
     built_from: Instant,
+    /// What to add when a guest file of the user's own fails in the guest.
+    failure_hint: Option<String>,
     // Last: unmapped after the VM fd (and its memslot) is gone.
     memory: Option<Memory>,
 }
@@ -134,6 +137,7 @@ impl Vm {
         let exe = image.check(config.memory.0)?;
         let free_start = exe.end().next_multiple_of(EXTENT_SIZE).min(config.memory.0);
         image.check_args(&config.args, config.memory.0 - free_start)?;
+        let failure_hint = (!image.is_builtin()).then(|| crate::loader::bare_metal_hint(&exe));
 
         let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
         let mut memory_config = config.memory_config();
@@ -234,6 +238,7 @@ impl Vm {
             tsc_khz,
             save_to,
             metrics_to,
+            failure_hint,
             memory: Some(memory),
         })
     }
@@ -251,6 +256,7 @@ impl Vm {
         let start = Instant::now();
         let (events_tx, events) = (self.events.0.clone(), &self.events.1);
         let stop = Arc::new(AtomicBool::new(false));
+        let exits = Arc::new(AtomicU64::new(0));
         let vcpu_count = self.vcpus.len();
         let mut threads: Vec<(u32, JoinHandle<VcpuStats>)> = Vec::with_capacity(vcpu_count);
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
@@ -259,6 +265,7 @@ impl Vm {
                 ram: self.memory().ram().clone(),
                 stop: stop.clone(),
                 events: events_tx.clone(),
+                exits: exits.clone(),
             };
             let name = format!("vcpu{index}");
             let spawned = std::thread::Builder::new()
@@ -303,6 +310,7 @@ impl Vm {
         let mut max_code = 0;
         let mut server_gone = false;
         let mut fault_watch = self.config.page_server_timeout.map(watch::FaultWatch::new);
+        let mut live = status::LiveStatus::new();
 
         let outcome = loop {
             crate::seccomp::forbidden_call_point("seccomp-main");
@@ -322,6 +330,10 @@ impl Vm {
                         };
                     }
                     VcpuEnd::Failed(what) => {
+                        let what = match &self.failure_hint {
+                            Some(hint) => format!("{what}\n{hint}"),
+                            None => what,
+                        };
                         break Outcome::Failed {
                             vcpu: event.index,
                             what,
@@ -336,6 +348,9 @@ impl Vm {
             {
                 *next += *every;
                 self.write_metrics_line(start)?;
+            }
+            if live.due() {
+                live.draw(exits.load(Ordering::Relaxed), &self.memory_report()?);
             }
             if let Some(why) = self.memory().page_server_gone() {
                 server_gone = true;
@@ -359,6 +374,7 @@ impl Vm {
             }
         };
         let guest_ended = start.elapsed();
+        live.clear();
         // A vCPU waiting on a dead page server's fault waits for nothing.
         let grace = if server_gone {
             STOP_GRACE_SERVER_GONE
