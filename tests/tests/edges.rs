@@ -383,7 +383,10 @@ fn timeout_and_sigterm_end_a_vm_whose_faults_are_never_served() {
     require_kvm!();
     // The handler stalls on every fault: vCPUs wait in faults nobody serves.
     let stall = [("FAILPOINTS", "fault-serve=sleep(60000)")];
-    for (guest, arg) in [("touch", "pattern=seq"), ("misbehave", "kind=untouched-ucall")] {
+    for (guest, arg) in [
+        ("touch", "pattern=seq"),
+        ("misbehave", "kind=untouched-ucall"),
+    ] {
         let args = [
             "run",
             "--guest",
