@@ -235,24 +235,44 @@ fn bench_collapse_sweeps_alloc_latency_and_vcpus() {
     let json_path = dir.path("c.json");
     let run = vmm_ok(&words(&format!(
         "bench collapse --memory 8M --passes 3 --variants prealloc,legacy --install mremap \
-         --alloc-latency 0,2 --vcpus 1,2 --json {json_path}"
+         --huge-pool-ahead 0 --alloc-latency 0,2 --cold --vcpus 1,2 --json {json_path}"
     )));
     let json = read_json(&json_path);
     let tables = json["tables"].as_array().unwrap();
-    let points: Vec<(u64, f64)> = tables
+    let points: Vec<(u64, f64, bool)> = tables
         .iter()
         .map(|t| {
             (
                 t["vcpus"].as_u64().unwrap(),
                 t["alloc_latency_ms"].as_f64().unwrap(),
+                t["cold"].as_bool().unwrap(),
             )
         })
         .collect();
-    assert_eq!(points, [(1, 0.0), (1, 2.0), (2, 0.0), (2, 2.0)]);
+    assert_eq!(
+        points,
+        [
+            (1, 0.0, false),
+            (1, 2.0, false),
+            (1, 0.0, true),
+            (2, 0.0, false),
+            (2, 2.0, false),
+            (2, 0.0, true)
+        ]
+    );
+    // Every table says what allocation cost in its runs.
+    for t in tables {
+        assert!(t["alloc_ns_p50_seen"].as_f64().unwrap() > 0.0, "{t}");
+    }
+    assert!(run.stdout.contains("allocation cold memory"), "{run}");
     for t in tables {
         for v in t["variants"].as_array().unwrap() {
             assert_eq!(v["lost_writes"], 0, "{v}");
-            assert!(v["variant"].as_str().unwrap().ends_with("/mremap"));
+            // The pool at depth 0, the seed's baseline, is named so.
+            assert!(
+                v["variant"].as_str().unwrap().ends_with("/mremap/ahead0"),
+                "{v}"
+            );
         }
     }
     // With 2 ms added to every allocation, legacy (allocating under the write side) holds it
@@ -261,7 +281,7 @@ fn bench_collapse_sweeps_alloc_latency_and_vcpus() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|v| v["variant"] == "legacy/mremap")
+        .find(|v| v["variant"] == "legacy/mremap/ahead0")
         .unwrap()["write_lock_ns"];
     assert!(legacy_slow["max"].as_f64().unwrap() >= 2e6, "{legacy_slow}");
     let sweep = json["by_alloc_latency"].as_array().unwrap();
@@ -272,7 +292,7 @@ fn bench_collapse_sweeps_alloc_latency_and_vcpus() {
     );
     assert!(
         run.stdout
-            .contains("legacy/mremap x1: write-lock p99 by alloc latency: 0 ms:"),
+            .contains("legacy/mremap/ahead0 x1: write-lock p99 by alloc latency: 0 ms:"),
         "{run}"
     );
 }

@@ -22,7 +22,7 @@ fn guest_arguments_are_checked_before_the_guest_boots() {
         ),
         (
             "passes=0",
-            &["0 is out of range", "from 1 to 1000000 (default 4)"],
+            &["0 is out of range", "from 1 to 4294967295 (default 4)"],
         ),
         (
             "mode=strss",

@@ -580,3 +580,46 @@ fn extent_granular_faults_map_whole_extents_from_the_image() {
         &["--fault-granularity 12K", "power of two from 4K to 2M"],
     );
 }
+
+/// The pool allocates ahead of demand, as deep as demand asks and never past what the ledger
+/// can still charge: with `--huge-limit 6M` no more than three pages are ever ready or aimed
+/// at, however fast 2 MiB faults take them; everything goes back at teardown.
+#[test]
+fn the_pool_pipeline_stays_within_the_huge_limit() {
+    require_kvm!();
+    let _pool = integration_tests::hugetlb_lock();
+    let json = stress(
+        "64M",
+        "small",
+        "zero",
+        &[
+            "--fault-granularity",
+            "2M",
+            "--huge-limit",
+            "6M",
+            "--huge-source",
+            "thp",
+        ],
+    );
+    let pool = &json["collapse"]["pool"];
+    assert!(pool["depth_peak"].as_u64().unwrap() <= 3, "{pool}");
+    assert!(pool["ready_peak"].as_u64().unwrap() <= 3, "{pool}");
+    assert!(pool["refill_threads"].as_u64().unwrap() >= 1, "{pool}");
+    let hit = pool["hit_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&hit), "{pool}");
+    assert!(pool["alloc_ns"]["count"].as_u64().unwrap() >= 1, "{pool}");
+    assert_eq!(json["ledger"]["after_teardown_bytes"], 0, "{json}");
+    assert!(json["ledger"]["peak_charged_bytes"].as_u64().unwrap() <= 6 * MIB);
+    // Without a limit, demand takes the depth above its least (the collapse announces its
+    // batches, the faults take pages fast), still within the documented cap.
+    let json = stress(
+        "64M",
+        "small",
+        "zero",
+        &["--fault-granularity", "2M", "--huge-source", "thp"],
+    );
+    let pool = &json["collapse"]["pool"];
+    let depth = pool["depth_peak"].as_u64().unwrap();
+    assert!(depth <= vmm::memory::huge::pool::MAX_DEPTH as u64, "{pool}");
+    assert_eq!(json["ledger"]["after_teardown_bytes"], 0, "{json}");
+}

@@ -335,11 +335,12 @@ pub struct CollapseArgs {
     /// Comma-separated variants (default: all).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "VARIANT,...")]
     pub variants: Vec<Variant>,
-    /// Huge pages kept ready ahead of demand for this VMM's variants, 0 to 64 (0: every
-    /// collapse allocates and zeroes its page, so the lock orders differ where it matters).
-    #[arg(long, default_value_t = 0, value_name = "N",
+    /// The least pool depths this VMM's orders run with, a row each, 0 to 64: the pipelined
+    /// pool (allocating ahead of demand, the default 2), and 0 (every collapse allocates and
+    /// zeroes its page when it needs it: the baseline where the lock orders differ most).
+    #[arg(long, default_value = "2,0", value_delimiter = ',', value_name = "N,...",
           value_parser = clap::value_parser!(u64).range(0..=64).map(|n| n as usize))]
-    pub huge_pool_ahead: usize,
+    pub huge_pool_ahead: Vec<usize>,
     /// Rounds, variants interleaved; medians are reported (1 to 1000).
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -349,6 +350,11 @@ pub struct CollapseArgs {
     #[arg(long, value_delimiter = ',', value_name = "MS,...", default_value = "0",
           value_parser = parse_latency_ms)]
     pub alloc_latency: Vec<f64>,
+    /// Also a table whose huge pages come from memory the host has not touched recently (a
+    /// buffer of four times the guest's RAM is faulted in 4 KiB pages and freed before each
+    /// run), so that how warm this host's free memory happens to be does not decide the result.
+    #[arg(long)]
+    pub cold: bool,
     /// Install methods this VMM's orders run with, each a row of its own.
     #[arg(
         long,
@@ -392,9 +398,10 @@ impl CollapseArgs {
             memory: self.memory,
             passes: self.passes,
             variants: self.variants.clone(),
-            pool_ahead: self.huge_pool_ahead,
+            pool_ahead: self.huge_pool_ahead.clone(),
             repeat: self.repeat,
             alloc_latency_ms: self.alloc_latency.clone(),
+            cold: self.cold,
             installs: self.install.clone(),
             page_source: self.page_source.clone(),
         })

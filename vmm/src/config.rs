@@ -43,6 +43,16 @@ impl FromStr for GuestArg {
     }
 }
 
+/// Threads allocating huge pages ahead of demand, at least. More than the CPUs spare: a huge
+/// page's allocation is mostly waiting, not computing (on a nested host, for the outer
+/// hypervisor to back memory the guest kernel touches for the first time), and the waits
+/// overlap. Measured here (2 CPUs, fresh 2 MiB pages touched in a loop): one process 6.2 ms a
+/// page, four at once 9.4 ms each (2.6x the pages per second).
+pub const REFILL_THREADS: usize = 4;
+
+/// Most threads allocating huge pages ahead of demand.
+pub const MAX_REFILL_THREADS: usize = 8;
+
 /// Most fault handler threads: one per CPU of a large host, and a uffd each.
 pub const MAX_FAULT_THREADS: usize = 256;
 
@@ -485,6 +495,7 @@ impl VmConfig {
             huge_source: self.huge_source,
             huge_limit: self.huge_limit.map_or(self.memory.0, |l| l.0),
             pool_ahead: self.pool_ahead,
+            pool_refill_threads: self.pool_refill_threads(),
             populate: self.populate,
             map_reserve: crate::memory::MAP_RESERVE
                 + crate::memory::MAPS_PER_THREAD * u64::from(self.vcpus),
@@ -530,6 +541,14 @@ impl VmConfig {
         } else {
             std::time::Duration::ZERO
         }
+    }
+
+    /// Threads allocating huge pages ahead of demand: [`REFILL_THREADS`], or one per host CPU
+    /// the vCPUs leave spare where that is more, at most [`MAX_REFILL_THREADS`].
+    pub fn pool_refill_threads(&self) -> usize {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cpus.saturating_sub(self.vcpus as usize)
+            .clamp(REFILL_THREADS, MAX_REFILL_THREADS)
     }
 
     /// Fault handler threads: as asked, or one per vCPU up to the host's CPUs, never more than

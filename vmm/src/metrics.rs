@@ -200,6 +200,11 @@ impl Counter {
         self.0.store(v, Ordering::Relaxed);
     }
 
+    /// Raises the value to `v` if it is below (a peak).
+    pub fn max(&self, v: u64) {
+        self.0.fetch_max(v, Ordering::Relaxed);
+    }
+
     /// The count.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)

@@ -117,8 +117,8 @@ const COLLAPSER: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_statx,
 ];
-/// The refill thread: allocates and checks pages.
-const POOL_REFILL: &[i64] = &[libc::SYS_mincore, libc::SYS_pread64];
+/// The refill threads: allocate and check pages; each lowers its own priority first.
+const POOL_REFILL: &[i64] = &[libc::SYS_mincore, libc::SYS_pread64, libc::SYS_setpriority];
 /// `vmm uffd-serve`: waits on the uffd, the socket and its peer's pidfd, reads the uffd, the
 /// socket and the memory file, kills its peer (through the pidfd) on a fatal error, and writes
 /// its metrics at the end.

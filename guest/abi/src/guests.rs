@@ -200,7 +200,7 @@ const PATTERN: Arg = Arg {
 };
 
 /// The most passes a guest makes over its memory.
-pub const MAX_PASSES: u64 = 1_000_000;
+pub const MAX_PASSES: u64 = u32::MAX as u64;
 
 /// `hello`.
 pub const HELLO: Guest = Guest {

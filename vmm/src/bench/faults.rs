@@ -246,9 +246,9 @@ impl FaultsConfig {
             collapse: Collapse::Off,
             // Huge backings fault on demand here: that is what is measured.
             populate: false,
-            // Extent-granular resolution takes pre-zeroed pages from the pool; keep enough
-            // ready that the refill thread (on another CPU) stays ahead of a fast guest.
-            pool_ahead: 8.min((ram / EXTENT_SIZE) as usize),
+            // Extent-granular resolution takes pre-zeroed pages from the pool, whose depth
+            // follows the rate 2 MiB faults take them (the pipelined default).
+            pool_ahead: crate::memory::huge::pool::POOL_AHEAD,
             // A filter can never be lifted, and this process goes on to run more VMs.
             seccomp: crate::seccomp::Seccomp::Off,
             // Only the VMM's own handler has threads to set.

@@ -61,8 +61,11 @@ pub struct MemoryConfig {
     pub huge_source: PoolKind,
     /// Most huge-page memory that may be charged.
     pub huge_limit: u64,
-    /// Huge pages the pool keeps ready ahead of demand.
+    /// Huge pages the pool keeps ready ahead of demand, at least (0: none, every page is
+    /// allocated when it is taken); demand raises the depth from there.
     pub pool_ahead: usize,
+    /// Threads allocating the pool's pages ahead of demand (at least one).
+    pub pool_refill_threads: usize,
     /// Populate all of RAM when it is mapped (the huge backings do unless told not to; the
     /// fault benchmark measures them faulting on demand).
     pub populate: bool,
@@ -99,6 +102,7 @@ impl MemoryConfig {
             huge_source: PoolKind::Auto,
             huge_limit: size,
             pool_ahead: super::huge::pool::POOL_AHEAD,
+            pool_refill_threads: 1,
             populate: false,
             map_reserve: MAP_RESERVE,
             seccomp: Seccomp::Off,

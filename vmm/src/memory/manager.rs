@@ -215,13 +215,20 @@ impl Memory {
         let hint = prefetch.as_ref().map(|_| Arc::new(FaultHint::default()));
         if collapse.is_some() || extent_faults || prefetch.is_some() {
             let fatal = on_fatal.clone();
+            // Pages ready beyond what the ledger can still charge would never be used.
+            let ledger = self.ledger.clone();
+            let budget = Arc::new(move || {
+                (ledger.limit().saturating_sub(ledger.charged()) / EXTENT_SIZE) as usize
+            });
             let pool = HugePagePool::new(
                 self.config.huge_source,
                 self.config.pool_ahead,
+                self.config.pool_refill_threads,
                 self.config.seccomp,
                 move |what| fatal(what),
             )
             .map_err(MemoryError::Thread)?
+            .with_budget(budget)
             .with_latency(self.config.alloc_latency);
             pool.wait_ready(self.config.pool_ahead, std::time::Duration::from_secs(2));
             self.pool = Some(Arc::new(pool));
@@ -563,7 +570,10 @@ impl Memory {
                 enabled: self.config.collapse.is_some(),
                 order: self.config.collapse.as_ref().map(|c| c.order),
                 huge_source: self.config.huge_source,
-                pool: self.pool.as_ref().map(|p| p.stats().clone()),
+                pool: self
+                    .pool
+                    .as_ref()
+                    .map(|p| super::report::PoolSection::of(p.stats())),
                 stopped_for_mappings: self.maps.exhausted(),
             },
             ledger: LedgerSection {

@@ -144,7 +144,7 @@ pub struct CollapseSection {
     /// Where huge pages came from.
     pub huge_source: PoolKind,
     /// The pool's counters (when there was a pool).
-    pub pool: Option<Arc<PoolStats>>,
+    pub pool: Option<PoolSection>,
     /// Whether installs stopped for want of mappings (`vm.max_map_count`).
     pub stopped_for_mappings: bool,
 }
@@ -161,4 +161,25 @@ pub struct LedgerSection {
     /// Still charged after teardown, which must be 0 (summary only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after_teardown_bytes: Option<u64>,
+}
+
+/// The `collapse.pool` section: the pool's counters and the share of takes that found a page
+/// ready.
+#[derive(Debug, Serialize)]
+pub struct PoolSection {
+    /// The counters.
+    #[serde(flatten)]
+    pub stats: Arc<PoolStats>,
+    /// Pages taken ready, of all pages taken (1.0: no taker waited for an allocation).
+    pub hit_rate: f64,
+}
+
+impl PoolSection {
+    /// The section for a pool's counters, read now.
+    pub fn of(stats: &Arc<PoolStats>) -> Self {
+        PoolSection {
+            stats: stats.clone(),
+            hit_rate: stats.hit_rate(),
+        }
+    }
 }

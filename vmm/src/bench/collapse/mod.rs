@@ -101,13 +101,16 @@ pub struct CollapseBenchConfig {
     pub passes: u64,
     /// Variants (empty: all).
     pub variants: Vec<Variant>,
-    /// Huge pages the pool keeps ready for this VMM's variants (0: allocate on demand, so
-    /// every order really allocates and zeroes a page per collapse).
-    pub pool_ahead: usize,
+    /// The pool depths this VMM's orders run with, a row each: the least depth of the
+    /// pipelined pool (allocating ahead of demand), and 0 (every collapse allocates and zeroes
+    /// its page when it needs it: the seed's baseline, where the lock orders differ most).
+    pub pool_ahead: Vec<usize>,
     /// Rounds; variants run interleaved within each, medians are reported.
     pub repeat: u32,
     /// Milliseconds added to every huge page allocation, one table each.
     pub alloc_latency_ms: Vec<f64>,
+    /// Also a table whose allocations come from memory the host has not recently touched.
+    pub cold: bool,
     /// Install methods this VMM's orders run with.
     pub installs: Vec<InstallMethod>,
     /// Where never-touched pages come from, for this VMM's orders (the kernel's peers need
@@ -115,20 +118,27 @@ pub struct CollapseBenchConfig {
     pub page_source: PageSourceKind,
 }
 
-/// One row of a table: a variant, and for this VMM's orders the install method.
+/// One row of a table: a variant, and for this VMM's orders the install method and the
+/// pool's depth.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Row {
     variant: Variant,
     install: Option<InstallMethod>,
+    pool_ahead: usize,
 }
 
 impl Row {
-    /// `prealloc` (moves, the default), `prealloc/mremap`, `khugepaged`.
+    /// `prealloc` (moves, the pipelined pool: the default), `prealloc/mremap`,
+    /// `prealloc/ahead0`, `khugepaged`.
     fn label(self) -> String {
-        match self.install {
-            Some(InstallMethod::Mremap) => format!("{}/mremap", self.variant.name()),
-            _ => self.variant.name().to_string(),
+        let mut label = self.variant.name().to_string();
+        if self.install == Some(InstallMethod::Mremap) {
+            label += "/mremap";
         }
+        if self.variant.order().is_some() && self.pool_ahead == 0 {
+            label += "/ahead0";
+        }
+        label
     }
 }
 
@@ -137,6 +147,38 @@ impl Row {
 struct Point {
     vcpus: u32,
     alloc_latency: Duration,
+    /// Allocations from memory the host has not recently touched.
+    cold: bool,
+}
+
+impl Point {
+    /// How the table names its allocation conditions.
+    fn allocation(&self) -> String {
+        if self.cold {
+            "cold memory".into()
+        } else {
+            format!("+{} ms", self.alloc_latency.as_secs_f64() * 1e3)
+        }
+    }
+}
+
+/// Makes the host's free memory cold before a run: a buffer of `bytes` is faulted in page by
+/// page (4 KiB pages, so free memory is broken up) and given back, so the run's huge pages
+/// come from memory no one touched recently, which must be zeroed from DRAM and may need
+/// compaction: allocation as it is on a busy host, not as a quiet one's warm free lists give it.
+fn chill(bytes: usize) -> Result<(), BenchError> {
+    let buf = crate::memory::huge::page::map_anonymous(bytes, 0)
+        .map_err(|e| BenchError::Setup(format!("cannot map {bytes} bytes to chill memory: {e}")))?;
+    let base = buf.as_ptr();
+    // SAFETY: advice on our own fresh mapping.
+    unsafe { libc::madvise(base.cast(), bytes, libc::MADV_NOHUGEPAGE) };
+    for off in (0..bytes).step_by(4096) {
+        // SAFETY: inside our own mapping, written one byte a page.
+        unsafe { base.add(off).write_volatile(1) };
+    }
+    // SAFETY: our own mapping, no longer used.
+    unsafe { libc::munmap(base.cast(), bytes) };
+    Ok(())
 }
 
 /// khugepaged's sysfs knobs, set fast for the run and restored on drop.
@@ -220,7 +262,7 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
         },
         // THP, the kind of page the kernel's peers produce, so all variants build the same.
         huge_source: PoolKind::Thp,
-        pool_ahead: config.pool_ahead,
+        pool_ahead: row.pool_ahead,
         // A filter can never be lifted, and this process goes on to run more VMs.
         seccomp: crate::seccomp::Seccomp::Off,
         install: row.install.unwrap_or_default(),
@@ -236,6 +278,9 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
     } else {
         None
     };
+    if at.cold {
+        chill((4 * config.memory.0 as usize).max(512 << 20))?;
+    }
     let vm = Vm::build_gated(vm_config, quiet_devices(), Some(gate.clone())).map_err(|source| {
         BenchError::Vm {
             what: variant.name().into(),
@@ -351,6 +396,9 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
         "guest_stalls": guest,
         "split_moves": c["split_moves"],
         "alloc_ns": variant.order().map(|_| c["alloc_ns"].clone()),
+        "pool_alloc_ns": variant.order().map(|_| c["pool"]["alloc_ns"].clone()),
+        "pool_hit_rate": variant.order().map(|_| c["pool"]["hit_rate"].clone()),
+        "pool_depth_peak": variant.order().map(|_| c["pool"]["depth_peak"].clone()),
         "alloc_outside_write_lock": variant.order().map(|o| o != CollapseOrder::Legacy),
         "read_phase_ns": variant.order().map(|_| c["read_phase_ns"].clone()),
         "madv_collapse_ns": (variant == Variant::MadvCollapse).then(|| percentiles(&madv)),
@@ -429,32 +477,48 @@ pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
                 Some(_) => config
                     .installs
                     .iter()
-                    .map(|&i| Row {
-                        variant,
-                        install: Some(i),
+                    .flat_map(|&i| {
+                        config.pool_ahead.iter().map(move |&pool_ahead| Row {
+                            variant,
+                            install: Some(i),
+                            pool_ahead,
+                        })
                     })
                     .collect::<Vec<_>>(),
                 None if first => vec![Row {
                     variant,
                     install: None,
+                    pool_ahead: 0,
                 }],
                 None => vec![],
             })
             .collect()
     };
+    let cold = config.cold;
     let points: Vec<(Point, Vec<Row>)> = config
         .vcpus
         .iter()
         .flat_map(|&vcpus| {
-            latencies.iter().enumerate().map(move |(k, &ms)| {
+            let warm = latencies.iter().enumerate().map(move |(k, &ms)| {
                 (
                     Point {
                         vcpus,
                         alloc_latency: Duration::from_secs_f64(ms / 1e3),
+                        cold: false,
                     },
                     k == 0,
                 )
-            })
+            });
+            // Cold: the kernel's peers too, since their allocations are as cold.
+            let cold = cold.then_some((
+                Point {
+                    vcpus,
+                    alloc_latency: Duration::ZERO,
+                    cold: true,
+                },
+                true,
+            ));
+            warm.chain(cold)
         })
         .map(|(p, first)| (p, rows_at(first)))
         .collect();
@@ -467,11 +531,7 @@ pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
         if record.stopped() {
             break;
         }
-        let here = format!(
-            "{} vCPU(s), +{} ms allocation",
-            at.vcpus,
-            at.alloc_latency.as_secs_f64() * 1e3
-        );
+        let here = format!("{} vCPU(s), {} allocation", at.vcpus, at.allocation());
         let per_row = record.rounds(
             &here,
             rounds,
@@ -501,6 +561,7 @@ pub fn run(config: &CollapseBenchConfig) -> Result<Value, BenchError> {
         "memory_bytes": config.memory.0,
         "passes": config.passes,
         "pool_ahead": config.pool_ahead,
+        "cold": config.cold,
         "page_source": config.page_source.name(),
         "repeat": rounds,
         "alloc_latency_ms": latencies,

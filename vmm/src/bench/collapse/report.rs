@@ -95,17 +95,26 @@ pub(super) fn report_table(
     floor: &Floor,
 ) -> Value {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // What allocating a huge page cost in this table's runs, as the pool timed it.
+    let mut seen: Vec<f64> = results
+        .iter()
+        .filter_map(|r| p(&r["pool_alloc_ns"], "p50"))
+        .collect();
+    let seen = (!seen.is_empty()).then(|| crate::bench::median(&mut seen));
     println!(
-        "vmm bench collapse: {} vCPU(s) on a {cpus}-CPU host writing {} of guest RAM ({} stress passes), alloc latency {} ms, pool ahead {}, {} round(s), medians",
+        "vmm bench collapse: {} vCPU(s) on a {cpus}-CPU host writing {} of guest RAM ({} stress passes), allocation {}, {} round(s), medians; a huge page's allocation took p50 {} here",
         at.vcpus,
         config.memory,
         config.passes,
-        at.alloc_latency.as_secs_f64() * 1e3,
-        config.pool_ahead,
-        config.repeat.max(1)
+        at.allocation(),
+        config.repeat.max(1),
+        seen.map_or("-".into(), |ns| format!("{:.0} us", ns / 1e3)),
     );
+    if at.vcpus as usize > cpus {
+        println!("(oversubscribed: {} vCPUs on {cpus} host CPUs)", at.vcpus);
+    }
     println!(
-        "{:<22} {:>9} {:>6} {:>22} {:>22} {:>22} {:>13} {:>5} {:>4}",
+        "{:<22} {:>9} {:>6} {:>22} {:>22} {:>22} {:>13} {:>8} {:>5} {:>4}",
         "variant",
         "all huge",
         "GiB/s",
@@ -113,6 +122,7 @@ pub(super) fn report_table(
         "commit p50/p99/max",
         "guest stall p50/p99/max",
         "alloc p50/p99",
+        "pool hit",
         "fails",
         "lost"
     );
@@ -130,7 +140,7 @@ pub(super) fn report_table(
             .filter_map(|k| f[k].as_u64())
             .sum();
         println!(
-            "{:<22} {:>9} {:>6} {:>22} {:>22} {:>22} {:>13} {:>5} {:>4}",
+            "{:<22} {:>9} {:>6} {:>22} {:>22} {:>22} {:>13} {:>8} {:>5} {:>4}",
             j["variant"].as_str().unwrap_or("?"),
             j["time_to_all_huge_ns"]
                 .as_f64()
@@ -145,6 +155,9 @@ pub(super) fn report_table(
                 (Some(a), Some(b)) => format!("{:.0}/{:.0}us", a / 1e3, b / 1e3),
                 _ => "n/a".into(),
             },
+            j["pool_hit_rate"]
+                .as_f64()
+                .map_or("-".into(), |h| format!("{:.0}%", h * 100.0)),
             fails,
             j["lost_writes"],
         );
@@ -193,6 +206,8 @@ pub(super) fn report_table(
     json!({
         "vcpus": at.vcpus,
         "alloc_latency_ms": at.alloc_latency.as_secs_f64() * 1e3,
+        "cold": at.cold,
+        "alloc_ns_p50_seen": seen,
         "variants": results,
         "ratios": ratios,
     })
@@ -203,13 +218,20 @@ pub(super) fn report_table(
 pub(super) fn report_latency_sweep(tables: &[Value]) -> Value {
     let mut out = Vec::new();
     let mut seen = Vec::new();
-    for t in tables {
+    // The cold tables are not on the latency axis.
+    let tables: Vec<&Value> = tables.iter().filter(|t| t["cold"] != true).collect();
+    let tables = &tables[..];
+    for &t in tables {
         let vcpus = t["vcpus"].as_u64().unwrap_or(0);
         if seen.contains(&vcpus) {
             continue;
         }
         seen.push(vcpus);
-        let same: Vec<&Value> = tables.iter().filter(|u| u["vcpus"] == vcpus).collect();
+        let same: Vec<&Value> = tables
+            .iter()
+            .copied()
+            .filter(|u| u["vcpus"] == vcpus)
+            .collect();
         if same.len() < 2 {
             continue;
         }

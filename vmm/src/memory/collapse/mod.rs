@@ -63,6 +63,24 @@ impl CollapseThread {
     }
 }
 
+/// How many of the `batch` extents from `cursor` on would be collapsed now: small, with few
+/// enough holes. (For the kernel page source the table may lag what the kernel populated; the
+/// estimate is a hint to the pool, never a decision.)
+fn candidates(c: &Collapser, cursor: usize, batch: usize, extents: usize) -> usize {
+    let map = c.map.read();
+    (0..batch.min(extents))
+        .filter(|i| {
+            let index = ExtentIndex((cursor + i) % extents);
+            match map.get(index).map(|e| e.state()) {
+                Some(ExtentState::Small { populated }) => {
+                    PAGES_PER_EXTENT as u32 - populated <= c.config.max_ptes_none
+                }
+                _ => false,
+            }
+        })
+        .count()
+}
+
 /// khugepaged's loop: scan a batch of extents, sleep, back off after a failure.
 fn scan_loop(
     c: &Collapser,
@@ -75,6 +93,11 @@ fn scan_loop(
     let mut cursor = 0;
     if let Some(gate) = gate {
         while !gate.load(Ordering::Acquire) {
+            // Held back from collapsing, the scan still sees what it will collapse first, and
+            // says so: the pool allocates while the guest populates.
+            c.installer
+                .pool
+                .expect(candidates(c, cursor, batch, extents));
             if stop.sleep(Duration::from_millis(1)) {
                 return Ok(());
             }
@@ -82,6 +105,11 @@ fn scan_loop(
     }
     let started = Instant::now();
     loop {
+        // The batch ahead is known: the pool may allocate its pages while this thread is busy
+        // with the first ones (allocation pipelined ahead of the collapses).
+        c.installer
+            .pool
+            .expect(candidates(c, cursor, batch, extents));
         let mut back_off = false;
         for _ in 0..batch {
             if stop.is_set() {

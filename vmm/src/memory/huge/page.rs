@@ -159,6 +159,10 @@ impl Drop for HugePage {
 pub trait HugePageAllocator: Send + Sync {
     /// One zeroed, populated huge page.
     fn alloc(&self) -> Result<HugePage, AllocError>;
+
+    /// `pages` pages will be asked for soon (the collapse thread's next batch): an allocator
+    /// that works ahead of demand may start on them now.
+    fn expect(&self, _pages: usize) {}
 }
 
 /// Maps `len` bytes of private anonymous memory with extra `flags`, at a kernel-chosen address.
