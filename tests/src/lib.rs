@@ -591,3 +591,15 @@ impl Drop for SystemSetting {
         }
     }
 }
+
+/// Writes built-in guest `name`'s executable into `dir` and returns its path: a guest file of
+/// the user's own, which the VMM does not check arguments for.
+pub fn builtin_as_file(dir: &TempDir, name: &str) -> String {
+    let path = dir.path(&format!("{name}.elf"));
+    let (_, bytes) = vmm::loader::BUILTIN_IMAGES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no built-in guest {name}"));
+    std::fs::write(&path, bytes).expect("write the guest file");
+    path
+}

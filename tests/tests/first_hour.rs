@@ -55,13 +55,7 @@ fn guest_arguments_are_checked_before_the_guest_boots() {
     );
     // A guest file of one's own takes any KEY=VALUE: nothing declares what it reads.
     let dir = TempDir::new("own-guest-args");
-    let hello = dir.path("hello.elf");
-    let image = vmm::loader::BUILTIN_IMAGES
-        .iter()
-        .find(|(n, _)| *n == "hello")
-        .unwrap()
-        .1;
-    std::fs::write(&hello, image).unwrap();
+    let hello = integration_tests::builtin_as_file(&dir, "hello");
     vmm_ok(&words(&format!(
         "run --guest {hello} --memory 8M --arg anything=at-all --arg mod=stress"
     )));
@@ -135,13 +129,7 @@ fn every_kind_of_run_summarises_its_memory() {
 fn a_failing_guest_file_gets_a_bare_metal_hint() {
     require_kvm!();
     let dir = TempDir::new("bare-metal-hint");
-    let own = dir.path("misbehave.elf");
-    let image = vmm::loader::BUILTIN_IMAGES
-        .iter()
-        .find(|(n, _)| *n == "misbehave")
-        .unwrap()
-        .1;
-    std::fs::write(&own, image).unwrap();
+    let own = integration_tests::builtin_as_file(&dir, "misbehave");
     let run = vmm(&words(&format!("run --guest {own} --memory 8M")));
     assert_eq!(run.code, Some(201), "{run}");
     assert!(

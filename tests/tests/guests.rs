@@ -255,13 +255,7 @@ fn misbehave_serial_flood_is_rate_limited() {
 fn guest_abort_is_reported_with_location() {
     require_kvm!();
     let dir = integration_tests::TempDir::new("guest-abort");
-    let touch = dir.path("touch.elf");
-    let image = vmm::loader::BUILTIN_IMAGES
-        .iter()
-        .find(|(n, _)| *n == "touch")
-        .unwrap()
-        .1;
-    std::fs::write(&touch, image).unwrap();
+    let touch = integration_tests::builtin_as_file(&dir, "touch");
     vmm_fails(
         &[
             "run",
