@@ -234,7 +234,17 @@ impl GuestRam {
 
     /// Registers the mapping as KVM memslot `slot` at guest-physical 0, without dirty logging
     /// (KVM maps 2 MiB at once only where dirty logging is off).
-    pub fn register(&self, vm: &kvm_ioctls::VmFd, slot: u32) -> Result<(), kvm_ioctls::Error> {
+    ///
+    /// # Safety
+    ///
+    /// KVM keeps using the mapping for as long as the memslot exists: the caller must drop
+    /// `vm` (or delete the slot) before this `GuestRam` is dropped and its mapping unmapped.
+    /// (`Vm` does, by dropping its VM fd before its memory.)
+    pub unsafe fn register(
+        &self,
+        vm: &kvm_ioctls::VmFd,
+        slot: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -243,7 +253,7 @@ impl GuestRam {
             userspace_addr: self.base.as_ptr() as u64,
         };
         // SAFETY: the memslot points at our mapping, which stays mapped until `GuestRam` is
-        // dropped; the owner (`Vm`) drops the VM fd, and with it the memslot, first.
+        // dropped; this function's caller promises the memslot is gone before then.
         unsafe { vm.set_user_memory_region(region) }
     }
 }
@@ -251,8 +261,15 @@ impl GuestRam {
 impl Drop for GuestRam {
     fn drop(&mut self) {
         // SAFETY: we own the mapping; the vm-memory view does not unmap raw regions, and the
-        // memslot is gone because the VM fd was dropped before us.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.size as usize) };
+        // memslot is gone (`register`'s contract).
+        if unsafe { libc::munmap(self.base.as_ptr().cast(), self.size as usize) } != 0 {
+            // The address space keeps the mapping: memory lost until the process ends.
+            log::error!(
+                "unmapping guest RAM ({} bytes) failed: {}",
+                self.size,
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

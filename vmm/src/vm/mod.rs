@@ -139,7 +139,6 @@ impl Vm {
         image.check_args(&config.args, config.memory.0 - free_start)?;
         let failure_hint = (!image.is_builtin()).then(|| crate::loader::bare_metal_hint(&exe));
 
-        let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
         let mut memory_config = config.memory_config();
         // Running out of mappings later would abort the process (a thread's stack, an
         // allocation): refuse now, while it can still say why.
@@ -167,9 +166,13 @@ impl Vm {
         // The memory threads read the kernel's view through these, opened before any filter.
         host_view::open_views().map_err(|e| VmError::Memory(MemoryError::KernelView(e)))?;
         let mut memory = Memory::new(memory_config)?;
-        memory
-            .ram()
-            .register(&vm_fd, 0)
+        // Made after the memory, so that on any failure from here the local `vm_fd` (and its
+        // memslot) is dropped before `memory` unmaps guest RAM.
+        let vm_fd = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM"))?;
+        // SAFETY: the memslot is gone before guest RAM is unmapped: on a failed build by the
+        // locals' order (above); in a built `Vm` by its fields' order (`vm_fd` is dropped
+        // before `memory`, and the run's teardown takes the fd first).
+        unsafe { memory.ram().register(&vm_fd, 0) }
             .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
 
         let mem = memory.ram().view();

@@ -123,8 +123,10 @@ pub fn serve_missing(
 }
 
 /// Resolves a fault in a wholly unpopulated extent with one huge page: prepared (allocated,
-/// charged) and filled from the source under the read lock, the seed's order; moved in under
-/// the write lock. Takes the read guard by value and returns with every lock released.
+/// charged) and filled from the source under the read lock, the seed's order; put in under the
+/// extent's claim with the read side still held (by `UFFDIO_MOVE`, or by `mremap` for a
+/// hugetlb page), never the write side. Takes the read guard by value and returns with every
+/// lock released.
 /// `Ok(false)`: not done, resolve the fault page by page (the extent is partly populated, no
 /// page or charge was to be had, or the extent changed meanwhile); nothing is left behind.
 fn map_whole_extent(

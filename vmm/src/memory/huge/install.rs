@@ -242,46 +242,52 @@ impl Installer {
         let dst = self.ram.host_base().0 as u64 + index.gpa();
         let uffd = self.uffds.for_extent(index.0);
         let method = self.method_for(huge.kind(), contents);
-        // SAFETY: `dst` is a 2 MiB-aligned extent of guest RAM, which stays mapped for the VM's
-        // life (the page becomes part of that mapping, and is unmapped with it) and whose
-        // memslot KVM keeps in sync through its MMU notifier. `excl` keeps every reader of the
-        // extent's state off it, and every caller made the old pages redundant first: a
-        // collapse copied the extent while it was write-protected (no guest write can land in
-        // the old pages and be lost), and a 2 MiB fault found the extent unpopulated (there is
-        // nothing to lose). For a move, the old pages are zapped first (the move needs empty
-        // entries); an access in the gap faults to the handler, which leaves a claimed or
-        // write-locked extent to us, and we wake it below.
-        let result = unsafe {
-            match method {
-                InstallMethod::Mremap => huge.move_to(dst).map_err(|f| (f.page, f.source, f.hole)),
-                InstallMethod::Move => {
-                    // Empty the extent's entries: the old 4 KiB pages of a collapse, and the
-                    // page table a fault into an unpopulated extent leaves (the kernel frees an
-                    // empty one on the zap), without which the page could not move whole. Then
-                    // once more: guest RAM is not THP-eligible (the kernel must not make huge
-                    // pages itself), so an access in the gap allocates a page table before it
-                    // reaches the handler, and blocks there until we wake it; the second zap
-                    // frees that table (it finds no pages, and costs a few µs). Only an access
-                    // between the second zap and the move can still split the page; then it
-                    // lands as 4 KiB pages, whole and correct, and counts as a split move.
-                    for _ in 0..2 {
+        // What every step below relies on: `dst` is a 2 MiB-aligned extent of guest RAM,
+        // which stays mapped for the VM's life (the page becomes part of that mapping, and is
+        // unmapped with it) and whose memslot KVM keeps in sync through its MMU notifier;
+        // `excl` keeps every other thread of ours off the extent; and every caller made the
+        // old pages redundant first: a collapse copied the extent while it was write-protected
+        // (no guest write can land in the old pages and be lost), a 2 MiB fault found the
+        // extent unpopulated (there is nothing to lose).
+        let result = match method {
+            InstallMethod::Mremap => {
+                // SAFETY: `move_to`'s contract is the above.
+                unsafe { huge.move_to(dst) }.map_err(|f| (f.page, f.source, f.hole))
+            }
+            InstallMethod::Move => {
+                // Empty the extent's entries: the old 4 KiB pages of a collapse, and the page
+                // table a fault into an unpopulated extent leaves (the kernel frees an empty
+                // one on the zap), without which the page could not move whole. Then once more:
+                // guest RAM is not THP-eligible (the kernel must not make huge pages itself),
+                // so an access in the gap allocates a page table before it reaches the handler,
+                // and blocks there until we wake it; the second zap frees that table (it finds
+                // no pages, and costs a few µs). Only an access between the second zap and the
+                // move can still split the page; then it lands as 4 KiB pages, whole and
+                // correct, and counts as a split move.
+                for _ in 0..2 {
+                    // SAFETY: discards the extent's old pages, redundant (above); an access in
+                    // the gap is a missing fault the handler holds for us (the extent is
+                    // claimed or write-locked) until we wake it below.
+                    unsafe {
                         libc::madvise(
                             dst as *mut libc::c_void,
                             EXTENT_SIZE as usize,
                             libc::MADV_DONTNEED,
-                        );
+                        )
+                    };
+                }
+                // SAFETY: moves our page into the now empty extent; the page's source range
+                // is ours and left empty, `dst` is guest RAM held exclusively (above).
+                match unsafe { uffd.move_pages(dst, huge.addr(), EXTENT_SIZE) } {
+                    Ok(moved) if moved == EXTENT_SIZE => {
+                        // The page lives at `dst` now; what is left here is an empty mapping,
+                        // unmapped by the drop.
+                        let kind = huge.kind();
+                        drop(huge);
+                        Ok(kind)
                     }
-                    match uffd.move_pages(dst, huge.addr(), EXTENT_SIZE) {
-                        Ok(moved) if moved == EXTENT_SIZE => {
-                            // The page lives at `dst` now; what is left here is an empty
-                            // mapping, unmapped by the drop.
-                            let kind = huge.kind();
-                            drop(huge);
-                            Ok(kind)
-                        }
-                        Ok(moved) => Err((huge, moved_part(moved), false)),
-                        Err(e) => Err((huge, e, false)),
-                    }
+                    Ok(moved) => Err((huge, moved_part(moved), false)),
+                    Err(e) => Err((huge, e, false)),
                 }
             }
         };

@@ -76,8 +76,11 @@ impl HugePage {
     ///
     /// # Safety
     /// `dst` must be 2 MiB aligned and start 2 MiB of a mapping the caller owns, whose old
-    /// pages nothing relies on any more (they are unmapped); for guest RAM that means the
-    /// memory map's write lock is held and the contents were copied first.
+    /// pages nothing relies on any more (they are unmapped). For guest RAM that means the
+    /// extent is held exclusively, so that no other thread of ours reads or replaces it (the
+    /// memory map's write side, or the extent's claim: a 2 MiB fault takes it with the read
+    /// side, since only the extent's shard handler can act on it), and its old pages hold
+    /// nothing to lose: copied into this page while write-protected, or never populated.
     pub(super) unsafe fn move_to(self, dst: u64) -> Result<PageKind, MoveFailed> {
         if crate::fires!("mremap-hole") {
             // As the kernel does on a late failure: the destination is gone, the page is not.
