@@ -32,7 +32,9 @@ test:
 	$(CARGO) build --bins $(TEST_FEATURES)
 	$(CARGO) test --workspace $(TEST_FEATURES)
 
-# The default benchmark set, sized to finish in about 20 minutes on a nested 2-CPU KVM host.
+# The default benchmark set: about half an hour on a nested 2-CPU KVM host (the collapse part
+# runs each lock order twice, with the pipelined pool and with the ahead-0 baseline; estimated
+# from its parts, 14 minutes for the collapse set before the baseline rows were added).
 # SWEEP_VCPUS: the vCPU counts to sweep (as far as the host's CPUs go).
 SWEEP_VCPUS ?= 1,2
 bench: build
