@@ -398,14 +398,14 @@ fn collapse(path: &Path, json: &Value) -> Result<(), BenchError> {
     let rows_of = |key: &str, us: bool| -> Vec<Bar> {
         let mut rows = Vec::new();
         for t in &tables {
-            let at = if several {
-                format!(
+            let at = match (several, t["cold"] == true) {
+                (false, _) => String::new(),
+                (true, true) => format!(" x{} cold", t["vcpus"].as_u64().unwrap_or(0)),
+                (true, false) => format!(
                     " x{} +{}ms",
                     t["vcpus"].as_u64().unwrap_or(0),
                     t["alloc_latency_ms"].as_f64().unwrap_or(0.0)
-                )
-            } else {
-                String::new()
+                ),
             };
             for v in t["variants"].as_array().into_iter().flatten() {
                 let name = v["variant"].as_str().unwrap_or("?");
@@ -422,6 +422,7 @@ fn collapse(path: &Path, json: &Value) -> Result<(), BenchError> {
                 let text = match (us, count) {
                     (true, Some(n)) => format!("{value:.1} us (n={n:.0}, {rounds} round(s))"),
                     (true, None) => format!("{value:.1} us ({rounds} round(s))"),
+                    (false, _) if value < 10.0 => format!("{value:.1} ms ({rounds} round(s))"),
                     (false, _) => format!("{value:.0} ms ({rounds} round(s))"),
                 };
                 rows.push((format!("{name}{at}"), value, None, text));
@@ -443,10 +444,10 @@ fn collapse(path: &Path, json: &Value) -> Result<(), BenchError> {
             true,
         ),
         (
-            "Time until every extent is a 2 MiB page",
+            "Time until every extent is a 2 MiB page (log scale)",
             rows_of("time_to_all_huge_ns", false),
             "milliseconds (lower is better)",
-            false,
+            true,
         ),
         (
             "The guest's own longest-access p99 during the collapse (log scale)",
