@@ -4,8 +4,8 @@
 //! The handler takes only the memory map's **read** side, so it runs beside every other reader,
 //! and it is exactly the "userland backend" a collapse holding the write side while allocating
 //! would block (the seed commit's deadlock). A failure (an unreadable image, an ioctl error, a
-//! panic) is reported through `on_fatal`, after guest RAM is unregistered from the uffd, which
-//! wakes every blocked vCPU so the VM can stop instead of hanging.
+//! panic) is reported through `on_fatal`, and then guest RAM is unregistered from the uffd,
+//! which wakes every blocked vCPU so the VM can stop instead of hanging.
 
 pub mod resolve;
 pub mod source;
@@ -73,9 +73,9 @@ pub struct FaultHandler {
 }
 
 impl FaultHandler {
-    /// Starts the handler thread for one shard of `all`. If it fails, it unregisters all of
-    /// guest RAM, every shard through its own uffd (which wakes every thread blocked on a
-    /// fault nobody will serve now), and calls `on_fatal` once.
+    /// Starts the handler thread for one shard of `all`. If it fails, it calls `on_fatal`
+    /// once and then unregisters all of guest RAM, every shard through its own uffd (which
+    /// wakes every thread blocked on a fault nobody will serve now).
     pub fn start(
         all: Arc<UffdSet>,
         resolver: Resolver,
@@ -89,9 +89,11 @@ impl FaultHandler {
             seccomp,
             move |stop| serve(&resolver, stop),
             move |what| {
+                // The cause is told first: unregistering makes the other shards' faults in
+                // flight fail too (ENOENT), and theirs must not be the failure the VM reports.
+                on_fatal(what);
                 let extents = (ram.size() / guest_abi::layout::EXTENT_SIZE) as usize;
                 all.unregister_all(ram.host_base().0 as u64, extents);
-                on_fatal(what);
             },
         )?;
         Ok(FaultHandler { worker })
