@@ -45,7 +45,7 @@ bench: build
 		--modes kernel-4k,uffd-zero,uffd-image --json target/bench/faults-pinned.json
 	$(VMM) bench collapse --vcpus $(SWEEP_VCPUS) --alloc-latency 0,5 --memory 64M --passes 6 \
 		--repeat 3 --json target/bench/collapse.json --plot target/bench/collapse.svg
-	$(CARGO) run --release -p vmm --example map_lock_readers 1
+	$(CARGO) run --release -p vm-extents --example map_lock_readers 1
 
 # Fuzzing (nightly and cargo-fuzz: `cargo install cargo-fuzz`): each target for FUZZ_SECONDS, then
 # its corpus minimised. `make test` replays fuzz/corpus and fuzz/artifacts on stable.

@@ -13,7 +13,7 @@ use integration_tests::{
     TempDir, hugetlb_available, hugetlb_lock, read_json, reports, require_kvm, spawn, vmm_fails,
     vmm_ok, wait, words,
 };
-use vmm::memory::uffd::{FEATURE_EVENT_REMOVE, FEATURE_POISON, REGISTER_MODE_MISSING, Uffd};
+use vm_extents::uffd::{FEATURE_EVENT_REMOVE, FEATURE_POISON, REGISTER_MODE_MISSING, Uffd};
 use vmm::vm::exit_code;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -365,7 +365,7 @@ fn silent_server(socket: &str) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(socket).unwrap();
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let (_regions, _uffd) = vmm::handoff::receive(&stream, &|| false).unwrap();
+        let (_regions, _uffd) = vm_extents::handoff::receive(&stream, &|| false).unwrap();
         // Hold both until the VMM closes its end.
         let mut buf = [0u8; 1];
         let _ = std::io::Read::read(&mut &stream, &mut buf);
@@ -502,7 +502,7 @@ fn fault_all_server(socket: &str, file: String) -> std::thread::JoinHandle<usize
     let listener = UnixListener::bind(socket).unwrap();
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let (regions, fd) = vmm::handoff::receive(&stream, &|| false).unwrap();
+        let (regions, fd) = vm_extents::handoff::receive(&stream, &|| false).unwrap();
         let uffd = Uffd::from_owned(fd.into(), 0);
         let data = std::fs::read(&file).unwrap();
         let mut filled = false;
@@ -536,7 +536,7 @@ fn fault_all_server(socket: &str, file: String) -> std::thread::JoinHandle<usize
                         let done = unsafe { uffd.copy(r.base_host_virt_addr, src, r.size as u64) };
                         assert_eq!(
                             done.unwrap(),
-                            vmm::memory::uffd::Resolved::Filled,
+                            vm_extents::uffd::Resolved::Filled,
                             "a page of handed-over region {r:?} was already present"
                         );
                     }

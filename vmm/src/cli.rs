@@ -1,30 +1,30 @@
 //! The command line: clap definitions and their conversion into a [`VmConfig`] or a benchmark's
 //! configuration. Configuration flows one way, from here: CLI, validated config, VM, memory.
-//! Every enum option is a `clap::ValueEnum`, and every default is its type's own (or a constant
-//! next to the type), written once.
+//! Every enum option is a `clap::ValueEnum` (the memory manager's are its [`Choice`]s, offered
+//! through [`choice`]), and every default is its type's own (or a constant next to the type),
+//! written once.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::TypedValueParser;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use guest_abi::layout::{EXTENT_SIZE, LOAD_BASE, MAX_RAM};
+use vm_extents::Choice;
 
 use crate::bench::BenchError;
 use crate::bench::collapse::{CollapseBenchConfig, Variant};
 use crate::bench::faults::{Access, FaultsConfig, Mode, Pattern};
 use crate::bench::restore::{Density, Mode as RestoreMode, RestoreBenchConfig};
 use crate::config::{Collapse, GuestArg, VmConfig};
-use crate::memory::collapse::config::{
-    ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS,
-};
-use crate::memory::collapse::{CollapseConfig, CollapseOrder};
-use crate::memory::huge::install::InstallMethod;
-use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
-use crate::memory::{Backing, PageSourceKind, Restore};
 use crate::seccomp::Seccomp;
 use crate::uffd_serve::{Granularity, ServeConfig};
 use crate::units::ByteSize;
+use vm_extents::collapse::config::{ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS};
+use vm_extents::collapse::{CollapseConfig, CollapseOrder};
+use vm_extents::huge::install::InstallMethod;
+use vm_extents::huge::pool::{POOL_AHEAD, PoolKind};
+use vm_extents::{Backing, PageSourceKind, Restore};
 
 /// A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.
 #[derive(Debug, Parser)]
@@ -171,7 +171,7 @@ pub struct RestoreArgs {
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub image_latency: u64,
     /// Prefetch threads in the `prefetch` mode (1 to 16).
-    #[arg(long, default_value_t = crate::memory::prefetch::PREFETCH_THREADS, value_name = "N",
+    #[arg(long, default_value_t = vm_extents::prefetch::PREFETCH_THREADS, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=16).map(|n| n as usize))]
     pub prefetch_threads: usize,
     /// Rounds, modes interleaved; medians are reported (1 to 1000).
@@ -249,7 +249,7 @@ pub struct FaultsArgs {
     /// Install methods the 2 MiB modes run with, each a row of its own.
     #[arg(
         long,
-        value_enum,
+        value_parser = choice::<InstallMethod>(),
         value_delimiter = ',',
         value_name = "METHOD,...",
         default_value = "move,mremap"
@@ -358,7 +358,7 @@ pub struct CollapseArgs {
     /// Install methods this VMM's orders run with, each a row of its own.
     #[arg(
         long,
-        value_enum,
+        value_parser = choice::<InstallMethod>(),
         value_delimiter = ',',
         value_name = "METHOD,...",
         default_value = "move,mremap"
@@ -486,7 +486,7 @@ pub struct RunArgs {
     pub kvm_device: PathBuf,
     /// What backs guest RAM: small (4 KiB pages on demand), thp or hugetlb (2 MiB pages for
     /// all RAM, populated up front).
-    #[arg(long, value_enum, default_value_t, value_name = "small|thp|hugetlb")]
+    #[arg(long, value_parser = choice::<Backing>(), default_value_t, value_name = "small|thp|hugetlb")]
     pub backing: Backing,
     /// Where a page's contents come from when first touched: kernel (the host kernel fills
     /// zeroes), zero (the VMM's userfaultfd handler fills zeroes), image:PATH (the handler
@@ -518,14 +518,14 @@ pub struct RunArgs {
     /// order since 2015).
     #[arg(
         long,
-        value_enum,
+        value_parser = choice::<CollapseOrder>(),
         default_value_t,
         value_name = "prealloc|legacy|unlocked"
     )]
     pub collapse_order: CollapseOrder,
     /// Where huge pages come from: auto (hugetlb while the pool has pages, else THP), hugetlb
     /// or thp.
-    #[arg(long, value_enum, default_value_t, value_name = "auto|hugetlb|thp")]
+    #[arg(long, value_parser = choice::<PoolKind>(), default_value_t, value_name = "auto|hugetlb|thp")]
     pub huge_source: PoolKind,
     /// Most huge-page memory that may be charged (default: the guest's RAM size).
     #[arg(long, value_name = "SIZE")]
@@ -555,7 +555,7 @@ pub struct RunArgs {
     pub fault_threads: Option<usize>,
     /// How a memory image (`--page-source image:PATH`) is restored: lazily, the guest starting
     /// at once (default), or eagerly, read whole into RAM before the guest starts.
-    #[arg(long, value_enum, default_value_t, value_name = "lazy|eager")]
+    #[arg(long, value_parser = choice::<Restore>(), default_value_t, value_name = "lazy|eager")]
     pub restore: Restore,
     /// Background threads that fill RAM from the image behind the guest, whole extents at a
     /// time (default: on for an image restored lazily into 4 KiB backing).
@@ -563,12 +563,21 @@ pub struct RunArgs {
     pub prefetch: Option<Switch>,
     /// Prefetch threads, 1 to 16 (two reach the bandwidth of a plain sequential read here,
     /// one about half of it).
-    #[arg(long, default_value_t = crate::memory::prefetch::PREFETCH_THREADS, value_name = "N")]
+    #[arg(long, default_value_t = vm_extents::prefetch::PREFETCH_THREADS, value_name = "N")]
     pub prefetch_threads: usize,
     /// How huge pages go into guest RAM: move (UFFDIO_MOVE where the kernel has it and the
     /// page is a THP, else mremap) or mremap.
-    #[arg(long, value_enum, default_value_t, value_name = "move|mremap")]
+    #[arg(long, value_parser = choice::<InstallMethod>(), default_value_t, value_name = "move|mremap")]
     pub install: InstallMethod,
+}
+
+/// The value parser of a memory option with named values ([`Choice`]): its names, each with
+/// its line of help, as `clap::ValueEnum` gives this CLI's own options.
+fn choice<T: Choice + Clone + Send + Sync>() -> impl TypedValueParser<Value = T> {
+    let names = T::CHOICES
+        .iter()
+        .map(|&(_, name, help)| PossibleValue::new(name).help(help));
+    PossibleValuesParser::new(names).map(|name| T::from_name(&name).expect("one of its names"))
 }
 
 /// Longest `--timeout` or `--metrics-interval`, in seconds: far beyond any run, and far from

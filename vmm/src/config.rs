@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS, PAGE_SIZE};
 
-use crate::memory::collapse::CollapseConfig;
-use crate::memory::collapse::config::MAX_PTES_NONE;
-use crate::memory::huge::install::InstallMethod;
-use crate::memory::huge::pool::{POOL_AHEAD, PoolKind};
-use crate::memory::prefetch::MAX_PREFETCH_THREADS;
-use crate::memory::{Backing, MemoryConfig, PageSourceKind, Restore};
 use crate::seccomp::Seccomp;
 pub use crate::units::ByteSize;
+use vm_extents::collapse::CollapseConfig;
+use vm_extents::collapse::config::MAX_PTES_NONE;
+use vm_extents::huge::install::InstallMethod;
+use vm_extents::huge::pool::{POOL_AHEAD, PoolKind};
+use vm_extents::prefetch::MAX_PREFETCH_THREADS;
+use vm_extents::{Backing, MemoryConfig, PageSourceKind, Restore};
 
 /// One `--arg KEY=VALUE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,7 +173,7 @@ impl Default for VmConfig {
             alloc_latency: std::time::Duration::ZERO,
             restore: Restore::Lazy,
             prefetch: None,
-            prefetch_threads: crate::memory::prefetch::PREFETCH_THREADS,
+            prefetch_threads: vm_extents::prefetch::PREFETCH_THREADS,
             image_read_latency: std::time::Duration::ZERO,
         }
     }
@@ -497,9 +497,9 @@ impl VmConfig {
             pool_ahead: self.pool_ahead,
             pool_refill_threads: self.pool_refill_threads(),
             populate: self.populate,
-            map_reserve: crate::memory::MAP_RESERVE
-                + crate::memory::MAPS_PER_THREAD * u64::from(self.vcpus),
-            seccomp: self.seccomp,
+            map_reserve: vm_extents::MAP_RESERVE
+                + vm_extents::MAPS_PER_THREAD * u64::from(self.vcpus),
+            thread_hook: crate::seccomp::memory_thread_hook(self.seccomp),
             fault_threads: self.fault_threads(),
             install: self.install,
             alloc_latency: self.alloc_latency,
@@ -537,7 +537,7 @@ impl VmConfig {
     pub fn fault_spin(&self) -> std::time::Duration {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         if self.vcpus as usize + self.fault_threads() <= cpus {
-            crate::memory::fault::SPIN_AFTER_FAULT
+            vm_extents::fault::SPIN_AFTER_FAULT
         } else {
             std::time::Duration::ZERO
         }

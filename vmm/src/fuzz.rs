@@ -11,9 +11,9 @@ use guest_abi::{UCALL_SIZE, Ucall};
 use crate::cli::{Cli, Command};
 use crate::devices::Devices;
 use crate::loader::parse_executable;
-use crate::memory::ram_image::{self, HEADER_SIZE, RamImage};
 use crate::metrics::VcpuStats;
 use crate::ucall::{self, UcallResult};
+use vm_extents::ram_image::{self, HEADER_SIZE, RamImage};
 
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
@@ -31,7 +31,7 @@ pub const TARGETS: &[(&str, Target)] = &[
 /// a file of that length (each region whole pages, aligned, inside the file, apart from every
 /// other region in the address space and in the file).
 pub fn handshake(data: &[u8]) {
-    use crate::handoff;
+    use vm_extents::handoff;
     let Ok(regions) = handoff::parse(data) else {
         return;
     };
@@ -171,7 +171,7 @@ pub fn options(data: &[u8]) {
     };
     let _ = text.parse::<crate::config::ByteSize>();
     let _ = text.parse::<crate::config::GuestArg>();
-    let _ = text.parse::<crate::memory::PageSourceKind>();
+    let _ = text.parse::<vm_extents::PageSourceKind>();
     let args = std::iter::once("vmm").chain(text.split(['\n', ' ']).filter(|a| !a.is_empty()));
     let Ok(cli) = <Cli as clap::Parser>::try_parse_from(args) else {
         return;

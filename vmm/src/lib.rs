@@ -3,8 +3,8 @@
 //! `ARCHITECTURE.md` at the repository root maps the modules, draws the threads and the
 //! locks, and follows a fault and a collapse step by step. In short: [`cli`] turns the command
 //! line into a [`config::VmConfig`], [`vm`] builds and runs the VM, [`vcpu`] runs each vCPU,
-//! [`devices`] and [`ucall`] are what its exits reach, [`memory`] owns guest RAM and everything
-//! that manages it, [`bench`] measures it.
+//! [`devices`] and [`ucall`] are what its exits reach, the `vm-extents` crate owns guest RAM
+//! and everything that manages it (used through its public API), [`bench`] measures it.
 
 #![deny(missing_docs)]
 
@@ -16,12 +16,9 @@ pub mod devices;
 pub mod error;
 pub mod files;
 pub mod fuzz;
-pub mod handoff;
 pub mod inject;
 pub mod loader;
-pub mod memory;
 pub mod metrics;
-pub mod ratelimit;
 pub mod seccomp;
 pub mod signals;
 pub mod stalls;
@@ -32,4 +29,11 @@ pub mod uffd_serve;
 pub mod units;
 pub mod vcpu;
 pub mod vm;
-pub mod worker;
+
+// The guest's layout and the memory manager agree on the page and extent sizes and on the
+// largest RAM an image may hold.
+const _: () = assert!(
+    guest_abi::layout::PAGE_SIZE == vm_extents::PAGE_SIZE
+        && guest_abi::layout::EXTENT_SIZE == vm_extents::EXTENT_SIZE
+        && guest_abi::layout::MAX_RAM == vm_extents::MAX_RAM
+);

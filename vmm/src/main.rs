@@ -61,7 +61,7 @@ fn main() -> ExitCode {
                 ImageCommand::Export { image, raw } => (image, raw, true),
                 ImageCommand::Import { raw, image } => (raw, image, false),
             };
-            match vmm::memory::ram_image::convert(from, to, to_raw) {
+            match vm_extents::ram_image::convert(from, to, to_raw) {
                 Ok(stats) => {
                     eprintln!(
                         "vmm image: wrote {} ({} data pages, the rest holes)",

@@ -26,7 +26,9 @@ use seccompiler::{
     SeccompRule,
 };
 
-use crate::sys::{kvm, pagemap, uffd};
+use crate::sys::kvm;
+use vm_extents::sys::{pagemap, uffd};
+use vm_extents::{ThreadHook, ThreadRole};
 
 /// Whether threads get filters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -291,6 +293,24 @@ pub fn install(kind: ThreadKind, mode: Seccomp) -> Result<(), SeccompError> {
         }
     );
     Ok(())
+}
+
+/// The hook the memory manager runs first on each thread it starts: the filter of the
+/// thread's kind (when `mode` is on), then the fault injection point that tests it. A role
+/// this VMM has no filter for does not run.
+pub fn memory_thread_hook(mode: Seccomp) -> ThreadHook {
+    ThreadHook::new(move |role| {
+        let (kind, point) = match role {
+            ThreadRole::FaultHandler => (ThreadKind::FaultHandler, "seccomp-fault-handler"),
+            ThreadRole::Collapser => (ThreadKind::Collapser, "seccomp-collapser"),
+            ThreadRole::PoolRefill => (ThreadKind::PoolRefill, "seccomp-pool-refill"),
+            ThreadRole::Prefetcher => (ThreadKind::Prefetcher, "seccomp-prefetcher"),
+            other => return Err(format!("no seccomp filter for a {other:?} thread").into()),
+        };
+        install(kind, mode)?;
+        forbidden_call_point(point);
+        Ok(())
+    })
 }
 
 /// Fault injection points: when `point` fires, the calling thread makes a system call that

@@ -27,12 +27,12 @@ use std::time::Instant;
 use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 
 use crate::files::MetricsTarget;
-use crate::handoff::{self, HandoffError, Region};
-use crate::memory::fault::source::{Fill, PageSource, RamImageSource};
-use crate::memory::ram_image::{RamImage, RamImageError};
-use crate::memory::uffd::{Event, Fault, Resolved, Uffd};
 use crate::metrics::Latencies;
 use crate::seccomp::{Seccomp, ThreadKind};
+use vm_extents::fault::source::{Fill, PageSource, RamImageSource};
+use vm_extents::handoff::{self, HandoffError, Region};
+use vm_extents::ram_image::{RamImage, RamImageError};
+use vm_extents::uffd::{Event, Fault, Resolved, Uffd};
 
 /// How much a fault in a 4 KiB region resolves (`--granularity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

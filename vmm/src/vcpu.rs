@@ -14,9 +14,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use crate::arch;
 use crate::devices::{Devices, PioResult};
-use crate::memory::GuestRam;
 use crate::metrics::VcpuStats;
 use crate::ucall::{self, UcallResult};
+use vm_extents::GuestRam;
 
 /// How a vCPU ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

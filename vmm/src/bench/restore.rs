@@ -21,10 +21,10 @@ use serde_json::{Value, json};
 
 use super::{BenchError, Record, finish, median, quiet_devices, run_vm};
 use crate::config::{Collapse, GuestArg, VmConfig};
-use crate::memory::huge::pool::PoolKind;
-use crate::memory::{Backing, PageSourceKind, Restore, host_view};
 use crate::units::ByteSize;
 use crate::vm::Vm;
+use vm_extents::huge::pool::PoolKind;
+use vm_extents::{Backing, PageSourceKind, Restore, host_view};
 
 /// How a restore is done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -507,7 +507,7 @@ fn prepare_image(
     }
     let cat = read_bandwidth(image)?;
     if modes.iter().any(|m| m.external().is_some()) {
-        crate::memory::ram_image::convert(image, &config.raw(d), true)
+        vm_extents::ram_image::convert(image, &config.raw(d), true)
             .map_err(|e| BenchError::Setup(format!("exporting the image raw: {e}")))?;
     }
     Ok(cat)

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 
 use guest_abi::ports;
 
-use crate::log_ratelimited;
 use crate::sync::lock;
 use serial::{ConsoleOut, SerialConsole};
+use vm_extents::log_ratelimited;
 
 /// Where guest output goes (stdout in the VMM, a buffer in tests).
 pub type Output = Box<dyn std::io::Write + Send>;

@@ -1,5 +1,5 @@
-//! KVM ioctl numbers that `kvm-ioctls` issues but does not export, for the seccomp filters,
-//! and `KVM_GET_STATS_FD`, which it does not wrap (`include/uapi/linux/kvm.h`).
+//! KVM ioctl numbers that `kvm-ioctls` issues but does not export, for the seccomp filters
+//! (`include/uapi/linux/kvm.h`); `KVM_GET_STATS_FD` is `vm_extents::sys`'.
 
 use kvm_bindings::{KVMIO, kvm_regs, kvm_sregs};
 
@@ -10,6 +10,6 @@ mod nr {
     vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
-    vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
 }
 pub use nr::*;
+pub use vm_extents::sys::KVM_GET_STATS_FD;

@@ -4,8 +4,8 @@ use super::stop::STOP_LIMIT;
 use crate::config::ConfigError;
 use crate::files::FileError;
 use crate::loader::ProgramError;
-use crate::memory::MemoryError;
 use crate::seccomp;
+use vm_extents::MemoryError;
 
 /// Errors that keep a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +120,7 @@ impl VmError {
             | VmError::NotKvm { .. } => true,
             VmError::Memory(MemoryError::HugetlbPool { .. })
             | VmError::Memory(MemoryError::UffdUnavailable { .. })
-            | VmError::Memory(MemoryError::Handoff(crate::handoff::HandoffError::Connect {
+            | VmError::Memory(MemoryError::Handoff(vm_extents::handoff::HandoffError::Connect {
                 ..
             })) => true,
             // An unusable image is bad input; an I/O error while saving one is not.

@@ -37,14 +37,14 @@ use crate::config::{Collapse, VmConfig, host_memory};
 use crate::devices::Devices;
 use crate::files::{ImageTarget, MetricsTarget};
 use crate::loader::GuestProgram;
-use crate::memory::host_view;
-use crate::memory::ram_image::{HEADER_SIZE, RamImageError, SAVE_FLAG};
-use crate::memory::report::MemoryReport;
-use crate::memory::{Memory, MemoryError};
 use crate::metrics::{self, VcpuStats};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
 use stop::{kick_signal, on_kick, stop_and_join};
+use vm_extents::host_view;
+use vm_extents::ram_image::{HEADER_SIZE, RamImageError, SAVE_FLAG};
+use vm_extents::report::MemoryReport;
+use vm_extents::{Memory, MemoryError};
 
 /// A VM ready to run.
 pub struct Vm {
@@ -155,7 +155,7 @@ impl Vm {
         // allow it, say so once and run without it. Asked for with --collapse on, it must run.
         if memory_config.collapse.is_some()
             && matches!(config.collapse, Collapse::Default(_))
-            && let Some(why) = crate::memory::collapse_unavailable()
+            && let Some(why) = vm_extents::collapse_unavailable()
         {
             eprintln!(
                 "vmm: warning: running without the collapse thread: {why}; pass --collapse \

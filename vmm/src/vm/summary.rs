@@ -7,10 +7,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::exit_code;
-use crate::memory::ram_image::SaveStats;
-use crate::memory::report::MemoryReport;
 use crate::metrics::VcpuStats;
 use crate::stalls::GuestStalls;
+use vm_extents::ram_image::SaveStats;
+use vm_extents::report::MemoryReport;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,15 +21,15 @@ use serde_json::{Value, json};
 
 use super::{BenchError, Record, finish, quiet_devices};
 use crate::config::{Collapse, GuestArg, VmConfig};
-use crate::memory::PageSourceKind;
-use crate::memory::collapse::{CollapseConfig, CollapseOrder};
-use crate::memory::host_view;
-use crate::memory::huge::install::InstallMethod;
-use crate::memory::huge::page::alloc_thp;
-use crate::memory::huge::pool::PoolKind;
 use crate::metrics::{latency_histogram, percentiles};
 use crate::units::ByteSize;
 use crate::vm::Vm;
+use vm_extents::PageSourceKind;
+use vm_extents::collapse::{CollapseConfig, CollapseOrder};
+use vm_extents::host_view;
+use vm_extents::huge::install::InstallMethod;
+use vm_extents::huge::page::alloc_thp;
+use vm_extents::huge::pool::PoolKind;
 
 mod report;
 use report::{Floor, median_of_rounds, report_latency_sweep, report_table};
@@ -167,7 +167,7 @@ impl Point {
 /// come from memory no one touched recently, which must be zeroed from DRAM and may need
 /// compaction: allocation as it is on a busy host, not as a quiet one's warm free lists give it.
 fn chill(bytes: usize) -> Result<(), BenchError> {
-    let buf = crate::memory::huge::page::map_anonymous(bytes, 0)
+    let buf = vm_memory::mmap::MmapRegion::<()>::new(bytes)
         .map_err(|e| BenchError::Setup(format!("cannot map {bytes} bytes to chill memory: {e}")))?;
     let base = buf.as_ptr();
     // SAFETY: advice on our own fresh mapping.
@@ -176,8 +176,7 @@ fn chill(bytes: usize) -> Result<(), BenchError> {
         // SAFETY: inside our own mapping, written one byte a page.
         unsafe { base.add(off).write_volatile(1) };
     }
-    // SAFETY: our own mapping, no longer used.
-    unsafe { libc::munmap(base.cast(), bytes) };
+    // Dropping the region unmaps it.
     Ok(())
 }
 
@@ -445,7 +444,7 @@ fn floors() -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
         Ok(t.elapsed())
     })?;
     let mremap = time_n(100, || {
-        crate::memory::huge::page::time_bare_move()
+        vm_extents::huge::page::time_bare_move()
             .map_err(|e| BenchError::Setup(format!("the mremap floor: {e}")))
     })?;
     Ok((memcpy, mremap))
