@@ -31,6 +31,11 @@ test:
 	cd guest/programs && $(CARGO) clippy --release --target-dir ../../target/guest -- -D warnings
 	$(CARGO) build --bins $(TEST_FEATURES)
 	$(CARGO) test --workspace $(TEST_FEATURES)
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -p vm-extents --no-deps
+	@# The memory manager's example VMM, on its public API only (needs /dev/kvm).
+	@if [ -e /dev/kvm ] || [ -n "$$VMM_REQUIRE_KVM" ]; then \
+		$(CARGO) run -q -p vm-extents --example minimal_vmm; \
+	else echo "no /dev/kvm: the example VMM is not run"; fi
 
 # The default benchmark set: about half an hour on a nested 2-CPU KVM host (the collapse part
 # runs each lock order twice, with the pipelined pool and with the ahead-0 baseline; estimated

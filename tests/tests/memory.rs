@@ -620,6 +620,9 @@ fn the_pool_pipeline_stays_within_the_huge_limit() {
     );
     let pool = &json["collapse"]["pool"];
     let depth = pool["depth_peak"].as_u64().unwrap();
-    assert!(depth <= vm_extents::huge::pool::MAX_DEPTH as u64, "{pool}");
+    assert!(
+        depth <= vm_extents::MemoryConfig::MAX_POOL_AHEAD as u64,
+        "{pool}"
+    );
     assert_eq!(json["ledger"]["after_teardown_bytes"], 0, "{json}");
 }

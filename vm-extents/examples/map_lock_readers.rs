@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_extents::{Backing, EXTENT_SIZE, ExtentIndex, ExtentTable, GuestRam, MemoryMap};
+use vm_extents::{Backing, EXTENT_SIZE, ExtentTable, GuestRam, MemoryMap};
+use vm_memory::GuestAddress;
 
 fn main() {
     let seconds: f64 = std::env::args()
@@ -29,7 +30,8 @@ fn main() {
                 let (map, stop, total) = (map.clone(), stop.clone(), total.clone());
                 std::thread::spawn(move || {
                     let mut n = 0u64;
-                    let index = ExtentIndex(t % 64);
+                    let at = GuestAddress((t % 64) as u64 * EXTENT_SIZE);
+                    let index = map.ram().extent_of(at).expect("inside RAM");
                     while !stop.load(Ordering::Relaxed) {
                         for _ in 0..256 {
                             let guard = map.read();

@@ -85,9 +85,14 @@ impl PageSourceKind {
     }
 }
 
+/// A page source written as none of `kernel`, `zero`, `image:PATH` or `external:SOCKET`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid page source {0:?}: expected kernel, zero, image:PATH or external:SOCKET")]
+pub struct UnknownPageSource(pub String);
+
 impl FromStr for PageSourceKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownPageSource;
+    fn from_str(s: &str) -> Result<Self, UnknownPageSource> {
         match s {
             "kernel" => Ok(PageSourceKind::Kernel),
             "zero" => Ok(PageSourceKind::Zero),
@@ -96,10 +101,7 @@ impl FromStr for PageSourceKind {
                 Some(("external", path)) if !path.is_empty() => {
                     Ok(PageSourceKind::External(path.into()))
                 }
-                _ => Err(format!(
-                    "invalid page source {s:?}: expected kernel, zero, image:PATH or \
-                     external:SOCKET"
-                )),
+                _ => Err(UnknownPageSource(s.into())),
             },
         }
     }
@@ -124,6 +126,7 @@ mod tests {
             assert!(
                 bad.parse::<PageSourceKind>()
                     .unwrap_err()
+                    .to_string()
                     .contains("image:PATH")
             );
         }

@@ -15,18 +15,21 @@ use crate::{EXTENT_SIZE, PAGE_SIZE};
 pub const PAGES_PER_EXTENT: usize = (EXTENT_SIZE / PAGE_SIZE) as usize;
 const WORDS: usize = PAGES_PER_EXTENT / 64;
 
-/// Index of an extent: guest-physical address / 2 MiB.
+/// Which extent of guest RAM: from a guest address
+/// ([`GuestRam::extent_of`](crate::GuestRam::extent_of)), or handed out by the
+/// [`ExtentTable`]'s iterator. Extents are numbered by offset in RAM (the regions laid end
+/// to end), 2 MiB each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ExtentIndex(pub usize);
+pub struct ExtentIndex(pub(crate) usize);
 
 impl ExtentIndex {
-    /// The extent holding guest-physical address `gpa`.
-    pub fn containing(gpa: u64) -> Self {
+    /// The extent holding offset `gpa` in RAM (the manager's addresses are offsets).
+    pub(crate) fn of(gpa: u64) -> Self {
         ExtentIndex((gpa / EXTENT_SIZE) as usize)
     }
 
-    /// Guest-physical address of the extent's first byte.
-    pub fn gpa(self) -> u64 {
+    /// The offset in RAM of the extent's first byte.
+    pub(crate) fn gpa(self) -> u64 {
         self.0 as u64 * EXTENT_SIZE
     }
 }
@@ -163,7 +166,7 @@ impl Extent {
 
     /// Marks the extent as backed by one huge page. Needs `&mut`, which only the memory map's
     /// write side hands out: no fault can be looking at the extent while its backing is
-    /// replaced (only [`crate::huge::install`] calls it, and the huge backings at
+    /// replaced (only the install path calls it, and the huge backings at
     /// start). An [`ExtentClaim`] does the same with the read side held.
     pub fn set_huge(&mut self) {
         self.make_huge();
@@ -310,14 +313,14 @@ impl ExtentTable {
     /// outside RAM.
     pub fn mark_populated(&self, gpa: u64) -> bool {
         let page = ((gpa % EXTENT_SIZE) / PAGE_SIZE) as usize;
-        self.get(ExtentIndex::containing(gpa))
+        self.get(ExtentIndex::of(gpa))
             .is_some_and(|e| e.mark_populated(page))
     }
 
     /// Whether the page holding `gpa` is populated.
     pub fn is_populated(&self, gpa: u64) -> bool {
         let page = ((gpa % EXTENT_SIZE) / PAGE_SIZE) as usize;
-        self.get(ExtentIndex::containing(gpa))
+        self.get(ExtentIndex::of(gpa))
             .is_some_and(|e| e.is_populated(page))
     }
 

@@ -15,8 +15,8 @@
 //! 1.7 to 1.11 only `page_size_kib`, 1.12 on both ([`Schema`]). Fields this code does not
 //! know are ignored: the top level is an array so that fields can be added.
 //!
-//! This VMM is the VMM side with `--page-source external:SOCK` ([`hand_over`]) and the server
-//! side with `vmm uffd-serve` ([`crate::uffd_serve`]).
+//! [`Memory`](crate::Memory) is the VMM side with an external page source ([`hand_over`]);
+//! the `vmm` binary's `vmm uffd-serve` is a server side built on [`receive`].
 
 use std::io;
 use std::os::fd::AsRawFd;

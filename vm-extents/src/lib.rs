@@ -1,28 +1,102 @@
 //! Guest memory for a KVM VMM, managed in 2 MiB extents: guest RAM populated 4 KiB at a time
 //! (by the host kernel, or by userfaultfd handlers serving zeroes or a memory image), and a
-//! collapse thread that promotes populated extents to 2 MiB host huge pages. It allocates and
-//! charges each huge page holding only the read side of the memory map lock, and takes the
-//! write side only briefly to revalidate and remap (the order of Linux's khugepaged since
-//! "mm, thp: do not hold mmap_sem while allocating").
+//! collapse thread, a VMM's own khugepaged, that promotes populated extents to 2 MiB host huge
+//! pages. It allocates and charges each huge page holding only the read side of the memory
+//! map lock, and takes the write side only briefly to revalidate and remap: the order Linux's
+//! khugepaged took in "mm, thp: do not hold mmap_sem while allocating", so a fault handler
+//! that needs the read side to make progress is never stuck behind an allocation.
 //!
-//! By responsibility:
+//! # Walk-through
 //!
-//! - [`ram`]: the host mapping of guest RAM; [`backing`]: how it is backed and populated;
-//! - [`extent`]: the table of 2 MiB extents; [`map`]: the memory map lock over it, this VMM's
-//!   `mmap_sem`, and the only way to the table and to the manager's view of guest memory;
-//! - [`uffd`]: the userfaultfd guest RAM is registered with; [`fault`]: the fault handler
-//!   and the page sources; [`external`]: guest RAM handed to an external page server;
-//! - [`huge`]: huge pages (the pool, the ledger), and the one path that installs them;
-//! - [`collapse`]: the collapse thread, this VMM's khugepaged;
-//! - [`ram_image`]: memory image files (read as a page source, written by a save);
-//! - [`host_view`]: what the host kernel says about all of it;
-//! - [`manager`]: [`Memory`], which owns every piece, starts and stops the threads in order,
-//!   and tears down; [`report`]: what it reports.
+//! A VM from `kvm-ioctls`, its RAM from this crate: two regions (4 MiB at 0 and 4 MiB at
+//! 1 GiB, each its own memslot, nothing between them), served by the crate's userfaultfd
+//! handlers (zero page source), with the collapse thread on. A few real-mode instructions
+//! write a byte and halt; the memory report then says what the manager did.
 //!
-//! - [`worker`]: the threads it starts, each told to the VMM's [`ThreadHook`] first;
-//! - [`handoff`]: guest RAM handed to a page server over a Unix socket (Firecracker's protocol);
-//! - [`files`]: checked reads and atomic writes; [`stats`]: counters and latencies;
-//! - [`sys`]: the kernel ABI it declares itself (what a VMM's seccomp filters name).
+//! ```
+//! use std::sync::Arc;
+//! use kvm_ioctls::{Kvm, VcpuExit};
+//! use vm_extents::{CollapseConfig, Memory, MemoryConfig, PageSourceKind};
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # if !std::path::Path::new("/dev/kvm").exists() && std::env::var_os("VMM_REQUIRE_KVM").is_none() {
+//! #     return Ok(()); // No KVM here: nothing to show.
+//! # }
+//! // Two regions of two extents each. Every rule is checked here, once.
+//! let high = GuestAddress(1 << 30);
+//! let config = MemoryConfig::builder_for_regions(&[(GuestAddress(0), 4 << 20), (high, 4 << 20)])
+//!     .source(PageSourceKind::Zero)
+//!     .collapse(Some(CollapseConfig::default()))
+//!     .build()?;
+//! let mut memory = Memory::new(config)?;
+//!
+//! let kvm = Kvm::new()?;
+//! // Made after the memory, so that it (and its memslot) is dropped first.
+//! let vm = kvm.create_vm()?;
+//! // SAFETY: `vm` is dropped before `memory` (locals drop in reverse order).
+//! unsafe { memory.ram().register(&vm, 0)? };
+//!
+//! // mov byte [0x2000], 0x42; hlt (16-bit real mode, at 0x1000).
+//! let code = [0xc6, 0x06, 0x00, 0x20, 0x42, 0xf4];
+//! memory.ram().view().write_slice(&code, GuestAddress(0x1000))?;
+//! // Boot data written: register RAM with the userfaultfd and start the threads.
+//! memory.start(Arc::new(|what| eprintln!("memory failed: {what}")))?;
+//!
+//! let mut vcpu = vm.create_vcpu(0)?;
+//! let mut sregs = vcpu.get_sregs()?;
+//! (sregs.cs.base, sregs.cs.selector) = (0, 0);
+//! vcpu.set_sregs(&sregs)?;
+//! let mut regs = vcpu.get_regs()?;
+//! (regs.rip, regs.rflags) = (0x1000, 2);
+//! vcpu.set_regs(&regs)?;
+//! loop {
+//!     match vcpu.run()? {
+//!         VcpuExit::Hlt => break,
+//!         exit => return Err(format!("unexpected exit {exit:?}").into()),
+//!     }
+//! }
+//! assert_eq!(memory.ram().view().read_obj::<u8>(GuestAddress(0x2000))?, 0x42);
+//! // The high region is RAM too (its first touch is served like the guest's), the gap is not.
+//! memory.ram().view().write_obj(7u64, high)?;
+//! assert_eq!(memory.ram().view().read_obj::<u64>(high)?, 7);
+//! assert!(memory.ram().view().read_obj::<u8>(GuestAddress(4 << 20)).is_err());
+//!
+//! // The collapse thread promotes the populated extent (one page is enough by default).
+//! let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+//! while memory.counts()?.huge == 0 && std::time::Instant::now() < deadline {
+//!     std::thread::sleep(std::time::Duration::from_millis(10));
+//! }
+//! let report = memory.report()?;
+//! assert!(report.memory.extents.counts.huge >= 1, "{}", serde_json::to_string(&report)?);
+//! println!("{}", serde_json::to_string_pretty(&report)?);
+//! drop(vcpu);
+//! drop(vm);
+//! memory.teardown();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The example `examples/minimal_vmm.rs` is the same as a program: a whole (if small) VMM on
+//! this crate's public API and the rust-vmm crates.
+//!
+//! # What is here
+//!
+//! - [`MemoryConfig`], built and checked by a [`MemoryBuilder`] ([`ConfigError`]), and
+//!   [`Memory`], which owns guest RAM and every thread that manages it, starts them in order
+//!   and tears them down ([`Teardown`]); [`MemoryReport`] is what it reports;
+//! - [`GuestRam`], the host mapping (with a `vm-memory` view), and its [`Backing`]; where a
+//!   page's first contents come from ([`PageSourceKind`], [`PageSource`]);
+//! - [`ExtentTable`] and [`MemoryMap`], the table of extents and the lock over it, with its
+//!   guards ([`MapRead`], [`MapWrite`]) and per-extent claims ([`ExtentClaim`]);
+//! - [`HugePage`]s and where they come from ([`HugePageAllocator`], [`PoolKind`]), and how
+//!   they go in ([`InstallMethod`]); the collapse thread's tunables ([`CollapseConfig`]);
+//! - [`ThreadHook`]: run first on every thread the manager starts, with its [`ThreadRole`]
+//!   (a VMM installs its seccomp filters there; [`sys`] has the numbers they name);
+//! - modules: [`uffd`] (a userfaultfd), [`handoff`] (guest RAM handed to a page server over a
+//!   Unix socket, Firecracker's protocol), [`ram_image`] (memory images), [`host_view`] (what
+//!   the host kernel says), [`files`] (checked reads, atomic writes), [`stats`], [`report`],
+//!   [`ratelimit`].
 //!
 //! `ARCHITECTURE.md` at the repository root draws the threads and the locks.
 
@@ -49,23 +123,23 @@ macro_rules! fires {
 }
 pub(crate) use fires;
 
-pub mod backing;
-pub mod choice;
-pub mod collapse;
-pub mod config;
+mod backing;
+mod choice;
+mod collapse;
+mod config;
 mod error;
-pub mod extent;
-pub mod external;
-pub mod fault;
+mod extent;
+mod external;
+mod fault;
 pub mod files;
 pub mod handoff;
 pub mod host_view;
-pub mod huge;
-pub mod manager;
-pub mod map;
+mod huge;
+mod manager;
+mod map;
 mod populate;
-pub mod prefetch;
-pub mod ram;
+mod prefetch;
+mod ram;
 pub mod ram_image;
 pub mod ratelimit;
 pub mod report;
@@ -74,16 +148,34 @@ mod sync;
 pub mod sys;
 pub mod uffd;
 mod units;
-pub mod worker;
+mod worker;
 
-pub use backing::{Backing, PageSourceKind};
+pub use backing::{Backing, PageSourceKind, UnknownPageSource};
 pub use choice::{Choice, UnknownChoice};
-pub use config::{MAP_RESERVE, MAPS_PER_THREAD, MemoryConfig, Restore, collapse_unavailable};
-pub use extent::{ExtentCounts, ExtentIndex, ExtentState, ExtentTable};
+pub use collapse::{CollapseConfig, CollapseGate, CollapseOrder, CollapseStats};
+pub use config::{
+    ConfigError, MAP_RESERVE, MAPS_PER_THREAD, MemoryBuilder, MemoryConfig, Restore,
+    collapse_unavailable,
+};
+pub use extent::{
+    ClaimTicket, Extent, ExtentClaim, ExtentCounts, ExtentIndex, ExtentState, ExtentTable,
+};
+pub use fault::FaultStats;
+pub use fault::source::{Fill, PageSource, RamImageSource, ZeroSource};
+pub use huge::install::InstallMethod;
+pub use huge::ledger::Ledger;
+pub use huge::page::{
+    AllocError, HugePage, HugePageAllocator, MoveFailed, PageKind, alloc_hugetlb, alloc_thp,
+};
+pub use huge::pool::{PoolKind, PoolStats};
 pub use manager::{Memory, Teardown};
-pub use map::MemoryMap;
-pub use ram::{GuestRam, HostAddr, RamError};
-pub use worker::{HookError, ThreadHook, ThreadRole};
+pub use map::{Held, MapRead, MapWrite, MemoryMap};
+pub use prefetch::PrefetchStats;
+pub use ram::{GuestRam, HostAddr, RamError, RamRegion};
+pub use report::MemoryReport;
+pub use worker::{
+    Failure, FailureCause, HookError, OnFailure, ThreadFailure, ThreadHook, ThreadRole,
+};
 
 use ram_image::RamImageError;
 

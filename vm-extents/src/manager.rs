@@ -33,6 +33,7 @@ use super::report::{
     RestoreSection,
 };
 use super::uffd::{self, Uffd, UffdSet};
+use super::worker::OnFailure;
 use super::{MemoryError, ram_image};
 
 /// What teardown left behind.
@@ -96,7 +97,7 @@ impl Memory {
                 });
             }
         }
-        let ram = GuestRam::new(config.size, config.backing)?;
+        let ram = GuestRam::with_regions(&config.regions, config.backing)?;
         let mut table = ExtentTable::new(config.size);
         if config.backing.prepopulated() && config.populate {
             ram.populate().map_err(|source| MemoryError::Populate {
@@ -181,13 +182,9 @@ impl Memory {
     /// Call once the VMM has written its boot data: records what the kernel populated so far
     /// and, on 4 KiB backing, registers RAM with a userfaultfd where the VMM serves faults (the
     /// zero and image sources) or write-protects extents (the collapse thread), then starts
-    /// the fault handler, the pool and the collapse thread (which, if `gate` is given, waits
-    /// for it before its first scan). `on_fatal` is called if any of them fails.
-    pub fn start(
-        &mut self,
-        gate: Option<Arc<AtomicBool>>,
-        on_fatal: Arc<dyn Fn(String) + Send + Sync>,
-    ) -> Result<(), MemoryError> {
+    /// the fault handler, the pool and the collapse thread (which waits for its
+    /// [gate](crate::CollapseGate), if it has one, before its first scan). `on_fatal` is called if any of them fails.
+    pub fn start(&mut self, on_fatal: OnFailure) -> Result<(), MemoryError> {
         if self.config.backing.prepopulated() {
             return Ok(());
         }
@@ -220,16 +217,19 @@ impl Memory {
             let budget = Arc::new(move || {
                 (ledger.limit().saturating_sub(ledger.charged()) / EXTENT_SIZE) as usize
             });
+            let source = match &self.config.huge_allocator.0 {
+                Some(allocator) => allocator.clone(),
+                None => Arc::new(self.config.huge_source),
+            };
             let pool = HugePagePool::new(
-                self.config.huge_source,
+                source,
                 self.config.pool_ahead,
                 self.config.pool_refill_threads,
                 &self.config.thread_hook,
                 move |what| fatal(what),
             )
             .map_err(MemoryError::Thread)?
-            .with_budget(budget)
-            .with_latency(self.config.alloc_latency);
+            .with_budget(budget);
             pool.wait_ready(self.config.pool_ahead, std::time::Duration::from_secs(2));
             self.pool = Some(Arc::new(pool));
         }
@@ -303,8 +303,14 @@ impl Memory {
                 })
             };
             self.collapser = Some(
-                CollapseThread::start(collapser, sync, gate, &self.config.thread_hook, on_fatal)
-                    .map_err(MemoryError::Thread)?,
+                CollapseThread::start(
+                    collapser,
+                    sync,
+                    self.config.collapse_gate.clone(),
+                    &self.config.thread_hook,
+                    on_fatal,
+                )
+                .map_err(MemoryError::Thread)?,
             );
         }
         Ok(())
@@ -407,8 +413,8 @@ impl Memory {
 
     /// Unregisters guest RAM from the userfaultfd, which wakes every thread waiting on a fault
     /// in it; the kernel resolves later faults itself (with zeroes). With an external page
-    /// server, the pages it never served are poisoned instead ([`PageServer::release`]). Only for a VM that is
-    /// stopping and whose vCPUs would not stop: its guest never runs again.
+    /// server, the pages it never served are poisoned instead. Only for a VM that is stopping
+    /// and whose vCPUs would not stop: its guest never runs again.
     pub fn release_faults(&self) {
         if let (Some(server), Some(uffds)) = (&self.page_server, &self.uffds)
             && server.release(self.ram(), uffds.for_extent(0))
@@ -620,7 +626,7 @@ mod tests {
                 .write_obj(gpa ^ 0x5a5a, GuestAddress(gpa))
                 .unwrap();
         }
-        if let Err(e) = memory.start(None, Arc::new(|what| panic!("{what}"))) {
+        if let Err(e) = memory.start(Arc::new(|what| panic!("{what}"))) {
             eprintln!("SKIP: {e}");
             return None;
         }

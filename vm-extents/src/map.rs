@@ -97,16 +97,16 @@ impl MemoryMap {
 }
 
 impl MapRead<'_> {
-    /// Guest memory, to copy pages out of while the lock is held.
-    pub fn view(&self) -> &GuestMemoryMmap {
-        self.ram.view()
+    /// Guest memory by offset, to copy pages out of while the lock is held.
+    pub(crate) fn view(&self) -> &GuestMemoryMmap {
+        self.ram.by_offset()
     }
 }
 
 impl MapWrite<'_> {
-    /// Guest memory, to copy pages out of while the lock is held.
-    pub fn view(&self) -> &GuestMemoryMmap {
-        self.ram.view()
+    /// Guest memory by offset, to copy pages out of while the lock is held.
+    pub(crate) fn view(&self) -> &GuestMemoryMmap {
+        self.ram.by_offset()
     }
 }
 

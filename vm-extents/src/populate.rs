@@ -36,7 +36,7 @@ pub(super) fn copy_image_into(ram: &GuestRam, image: &RamImage) -> Result<(), Me
             continue;
         }
         image.read_at(&mut buf, gpa)?;
-        ram.view()
+        ram.by_offset()
             .write_slice(&buf, GuestAddress(gpa))
             .expect("the extent lies inside guest RAM");
     }

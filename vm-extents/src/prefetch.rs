@@ -25,12 +25,12 @@ use crate::EXTENT_SIZE;
 use serde::Serialize;
 
 use super::extent::{ExtentIndex, ExtentState};
-use super::huge::install::{Contents, Exclusive, Installed, Installer, Prepared};
+use super::huge::install::{Contents, Exclusive, InstallError, Installed, Installer, Prepared};
 use super::map::MemoryMap;
 use super::ram_image::RamImage;
 use super::uffd::UffdSet;
 use crate::stats::Counter;
-use crate::worker::{Stop, ThreadHook, ThreadRole, Worker};
+use crate::worker::{Failure, OnFailure, Stop, ThreadHook, ThreadRole, Worker};
 
 /// Prefetch threads by default: on a 2-CPU host two reached the bandwidth of a plain
 /// sequential read of a cold 1 GiB image (587 against 574 MiB/s), one about half of it
@@ -117,7 +117,7 @@ impl Prefetcher {
         hint: Arc<FaultHint>,
         stats: Arc<PrefetchStats>,
         hook: &ThreadHook,
-        on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+        on_fatal: OnFailure,
     ) -> std::io::Result<Prefetcher> {
         let holes = {
             let table = map.read();
@@ -170,7 +170,7 @@ impl Drop for Prefetcher {
 }
 
 impl Shared {
-    fn run(&self, stop: &Stop) -> Result<(), String> {
+    fn run(&self, stop: &Stop) -> Result<(), Failure> {
         while !stop.is_set() {
             fail::fail_point!("prefetch-extent");
             let Some(index) = self.next() else {
@@ -212,7 +212,7 @@ impl Shared {
     }
 
     /// Fills extent `index` from the image, huge if a page and a charge can be had.
-    fn fill(&self, index: ExtentIndex) -> Result<(), String> {
+    fn fill(&self, index: ExtentIndex) -> Result<(), Failure> {
         let gpa = index.gpa();
         // [no lock] the page and the read: allocation and I/O stall nobody.
         let mut page = self.installer.prepare(Contents::Unpopulated).ok();
@@ -256,14 +256,14 @@ impl Shared {
 
     /// Reads the extent at `gpa` from the image. One `fstat` per extent first: a file cut
     /// short under us then says so, not just "short read".
-    fn read_extent(&self, buf: &mut [u8], gpa: u64) -> Result<(), String> {
+    fn read_extent(&self, buf: &mut [u8], gpa: u64) -> Result<(), Failure> {
         fail::fail_point!("prefetch-read", |_| Err(
-            "injected read failure (EIO)".to_string()
+            "injected read failure (EIO)".into()
         ));
         self.image
             .check_unchanged()
             .and_then(|()| self.image.read_at(buf, gpa))
-            .map_err(|e| crate::error::chain(&e))
+            .map_err(Failure::from)
     }
 
     fn install(
@@ -271,7 +271,7 @@ impl Shared {
         index: ExtentIndex,
         page: Prepared<'_>,
         excl: Exclusive<'_, '_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         match self
             .installer
             .install(excl, index, page, Contents::Unpopulated)
@@ -280,8 +280,10 @@ impl Shared {
             // Moved in as 4 KiB pages: resident all the same.
             Ok(Installed::Small) => self.stats.extents_small.inc(),
             // The extent is as it was (unpopulated): the guest's faults will fill it.
-            Err(Ok(failed)) => log::warn!("prefetch: {failed}: {}", failed.source),
-            Err(Err(lost)) => return Err(crate::error::chain(&lost)),
+            Err(InstallError::Failed(failed)) => {
+                log::warn!("prefetch: {failed}: {}", failed.source)
+            }
+            Err(InstallError::Lost(lost)) => return Err(lost.into()),
         }
         Ok(())
     }
@@ -292,7 +294,7 @@ impl Shared {
         index: ExtentIndex,
         data: &[u8],
         claim: &super::extent::ExtentClaim<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let dst = self.map.ram().host_base().0 as u64 + index.gpa();
         let uffd = self.uffds.for_extent(index.0);
         // SAFETY: `dst` is the claimed, unpopulated extent of guest RAM (registered with

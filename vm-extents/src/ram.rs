@@ -1,5 +1,11 @@
 //! Guest RAM: the host mapping that backs guest-physical memory.
 //!
+//! RAM is a list of regions keyed by guest address (so a VMM can leave, say, the x86 PCI
+//! hole below 4 GiB unbacked), laid end to end in one host mapping, each its own KVM memslot.
+//! The manager addresses RAM by *offset*, the position in that end-to-end layout (which is
+//! also a memory image's layout); [`GuestRam::offset_of`] and [`GuestRam::address_of`]
+//! translate, and the vm-memory [view](GuestRam::view) is keyed by guest address.
+//!
 //! `GuestRam` owns the host mapping for the whole life of the VM. It reserves an over-sized
 //! `PROT_NONE` range, trims it so that the host address is 2 MiB aligned (and so congruent with
 //! the guest-physical address modulo 2 MiB, which KVM needs to map 2 MiB at once), then maps the
@@ -15,6 +21,7 @@ use crate::EXTENT_SIZE;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use super::backing::Backing;
+use super::extent::ExtentIndex;
 
 /// Errors from mapping guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -49,13 +56,27 @@ pub enum RamError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HostAddr(pub usize);
 
-/// One region of guest RAM, starting at guest-physical 0.
+/// One region of guest RAM: `size` bytes at guest address `guest`, at `offset` in RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Its first guest address (2 MiB aligned).
+    pub guest: GuestAddress,
+    /// Its size (a multiple of 2 MiB).
+    pub size: u64,
+    /// Where it starts in RAM laid end to end (the sum of the sizes before it).
+    pub offset: u64,
+}
+
+/// Guest RAM: its regions, in one host mapping.
 #[derive(Debug)]
 pub struct GuestRam {
     base: NonNull<u8>,
     size: u64,
+    regions: Vec<RamRegion>,
     backing: Backing,
     view: GuestMemoryMmap,
+    /// The same memory as one region at "address" 0: RAM by offset, the manager's own view.
+    by_offset: GuestMemoryMmap,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; all access through it goes through
@@ -67,13 +88,37 @@ unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
     /// Maps `size` bytes (a multiple of 2 MiB) of anonymous private memory at a 2 MiB-aligned
-    /// host address, backed as `backing` says.
+    /// host address, backed as `backing` says: one region at guest address 0.
     pub fn new(size: u64, backing: Backing) -> Result<Self, RamError> {
+        Self::with_regions(&[(GuestAddress(0), size)], backing)
+    }
+
+    /// Maps the `(guest address, size)` regions (2 MiB aligned, in ascending order, not
+    /// overlapping, as [`MemoryBuilder`](crate::MemoryBuilder) checks) end to end in one
+    /// anonymous private mapping at a 2 MiB-aligned host address, backed as `backing` says.
+    pub fn with_regions(
+        regions: &[(GuestAddress, u64)],
+        backing: Backing,
+    ) -> Result<Self, RamError> {
         let advice = backing.madvise();
         assert!(
-            size > 0 && size.is_multiple_of(EXTENT_SIZE),
-            "validated by VmConfig"
+            crate::config::check_regions(regions).is_ok(),
+            "regions are checked by MemoryBuilder"
         );
+        let mut offset = 0;
+        let regions: Vec<RamRegion> = regions
+            .iter()
+            .map(|&(guest, size)| {
+                let region = RamRegion {
+                    guest,
+                    size,
+                    offset,
+                };
+                offset += size;
+                region
+            })
+            .collect();
+        let size = offset;
         let len = size as usize;
         let align = EXTENT_SIZE as usize;
         // SAFETY: a fresh PROT_NONE reservation at a kernel-chosen address; it overlaps nothing.
@@ -134,10 +179,28 @@ impl GuestRam {
                 );
             }
         }
-        // SAFETY: the region lies within our mapping, which outlives the view because the view
-        // is a field of `self` (dropped before `Drop::drop` unmaps) and the raw region does not
-        // unmap on its own.
-        let region = unsafe {
+        let mut view_regions = Vec::with_capacity(regions.len());
+        for r in &regions {
+            // SAFETY: the region lies within our mapping (its offset and size are inside
+            // `size`), which outlives the view because the view is a field of `self` (dropped
+            // before `Drop::drop` unmaps) and a raw region does not unmap on its own.
+            let raw = unsafe {
+                MmapRegion::build_raw(
+                    base.as_ptr().add(r.offset as usize),
+                    r.size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                )
+            }
+            .map_err(RamError::ViewMapping)?;
+            view_regions.push(
+                GuestRegionMmap::new(raw, r.guest)
+                    .expect("checked regions end below 2^64 (check_regions)"),
+            );
+        }
+        let view = GuestMemoryMmap::from_regions(view_regions).map_err(RamError::ViewRegions)?;
+        // SAFETY: the whole mapping, under the same terms as the regions above.
+        let whole = unsafe {
             MmapRegion::build_raw(
                 base.as_ptr(),
                 len,
@@ -146,20 +209,23 @@ impl GuestRam {
             )
         }
         .map_err(RamError::ViewMapping)?;
-        let region = GuestRegionMmap::new(region, GuestAddress(0))
-            .expect("a region at guest-physical 0 of at most MAX_RAM cannot overflow");
-        let view = GuestMemoryMmap::from_regions(vec![region]).map_err(RamError::ViewRegions)?;
+        let whole = GuestRegionMmap::new(whole, GuestAddress(0))
+            .expect("a region at 0 of at most the address space's size");
+        let by_offset =
+            GuestMemoryMmap::from_regions(vec![whole]).map_err(RamError::ViewRegions)?;
         Ok(GuestRam {
             base,
             size,
+            regions,
             backing,
             view,
+            by_offset,
         })
     }
 
-    /// Maps fresh memory (zeroes, RAM's flags and advice) over a hole at `[gpa, gpa + len)`:
-    /// a failed `mremap` may have unmapped part of guest RAM.
-    pub fn refill_hole(&self, gpa: u64, len: u64) -> io::Result<()> {
+    /// Maps fresh memory (zeroes, RAM's flags and advice) over a hole at offsets
+    /// `[gpa, gpa + len)`: a failed `mremap` may have unmapped part of guest RAM.
+    pub(crate) fn refill_hole(&self, gpa: u64, len: u64) -> io::Result<()> {
         assert!(
             gpa.checked_add(len).is_some_and(|end| end <= self.size),
             "inside RAM"
@@ -193,11 +259,29 @@ impl GuestRam {
 
     /// Populates every page now (`MADV_POPULATE_WRITE`), so no fault happens later.
     pub fn populate(&self) -> io::Result<()> {
-        self.populate_range(0, self.size)
+        self.populate_offsets(0, self.size)
     }
 
-    /// Populates `[gpa, gpa + len)` now; contents already there are kept.
-    pub fn populate_range(&self, gpa: u64, len: u64) -> io::Result<()> {
+    /// Populates the `len` bytes at guest address `addr` now (one region's); contents already
+    /// there are kept.
+    pub fn populate_range(&self, addr: GuestAddress, len: u64) -> io::Result<()> {
+        let offset = self
+            .offset_of(addr)
+            .filter(|&o| self.address_of(o + len.max(1) - 1).0 == addr.0 + len.max(1) - 1)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{len} bytes at {:#x} are not inside one region of guest RAM",
+                        addr.0
+                    ),
+                )
+            })?;
+        self.populate_offsets(offset, len)
+    }
+
+    /// Populates RAM at offsets `[gpa, gpa + len)`.
+    pub(crate) fn populate_offsets(&self, gpa: u64, len: u64) -> io::Result<()> {
         assert!(
             gpa.checked_add(len).is_some_and(|end| end <= self.size),
             "inside RAM"
@@ -222,18 +306,59 @@ impl GuestRam {
         self.size
     }
 
-    /// The host address of guest-physical 0.
+    /// Its regions, in guest address (and offset) order.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// The offset in RAM of guest address `addr`, if RAM backs it.
+    pub fn offset_of(&self, addr: GuestAddress) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| addr.0 >= r.guest.0 && addr.0 - r.guest.0 < r.size)
+            .map(|r| r.offset + (addr.0 - r.guest.0))
+    }
+
+    /// The guest address of offset `offset` in RAM (below [`Self::size`]).
+    pub fn address_of(&self, offset: u64) -> GuestAddress {
+        let r = self
+            .regions
+            .iter()
+            .rev()
+            .find(|r| r.offset <= offset)
+            .expect("the first region starts at offset 0");
+        GuestAddress(r.guest.0 + (offset - r.offset))
+    }
+
+    /// The extent holding guest address `addr`, if RAM backs it.
+    pub fn extent_of(&self, addr: GuestAddress) -> Option<ExtentIndex> {
+        self.offset_of(addr).map(ExtentIndex::of)
+    }
+
+    /// The guest address of extent `index`'s first byte.
+    pub fn extent_address(&self, index: ExtentIndex) -> GuestAddress {
+        self.address_of(index.gpa())
+    }
+
+    /// The host address of offset 0 (RAM's first byte).
     pub fn host_base(&self) -> HostAddr {
         HostAddr(self.base.as_ptr() as usize)
     }
 
-    /// The bounds-checked view device code uses to reach guest memory.
+    /// The bounds-checked view device code uses to reach guest memory, by guest address.
     pub fn view(&self) -> &GuestMemoryMmap {
         &self.view
     }
 
-    /// Registers the mapping as KVM memslot `slot` at guest-physical 0, without dirty logging
-    /// (KVM maps 2 MiB at once only where dirty logging is off).
+    /// RAM by offset (`GuestAddress(offset)`): how the manager itself reads and writes it.
+    pub(crate) fn by_offset(&self) -> &GuestMemoryMmap {
+        &self.by_offset
+    }
+
+    /// Registers each region as a KVM memslot, `slot` for the first and the next numbers for
+    /// the others, without dirty logging (KVM maps 2 MiB at once only where dirty logging is
+    /// off). Regions and host addresses are 2 MiB aligned, so guest and host addresses are
+    /// congruent modulo 2 MiB, as KVM needs to map a huge page at once.
     ///
     /// # Safety
     ///
@@ -245,16 +370,19 @@ impl GuestRam {
         vm: &kvm_ioctls::VmFd,
         slot: u32,
     ) -> Result<(), kvm_ioctls::Error> {
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: self.size,
-            userspace_addr: self.base.as_ptr() as u64,
-        };
-        // SAFETY: the memslot points at our mapping, which stays mapped until `GuestRam` is
-        // dropped; this function's caller promises the memslot is gone before then.
-        unsafe { vm.set_user_memory_region(region) }
+        for (r, slot) in self.regions.iter().zip(slot..) {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: r.guest.0,
+                memory_size: r.size,
+                userspace_addr: self.base.as_ptr() as u64 + r.offset,
+            };
+            // SAFETY: the memslot points into our mapping, which stays mapped until `GuestRam`
+            // is dropped; this function's caller promises the memslots are gone before then.
+            unsafe { vm.set_user_memory_region(region) }?;
+        }
+        Ok(())
     }
 }
 
@@ -293,5 +421,57 @@ mod tests {
             );
             assert_eq!(ram.view().last_addr(), GuestAddress(ram.size() - 1));
         }
+    }
+
+    #[test]
+    fn regions_lie_end_to_end_and_the_gaps_are_unbacked() {
+        const MIB: u64 = 1 << 20;
+        let high = GuestAddress(1 << 30);
+        let ram = GuestRam::with_regions(
+            &[(GuestAddress(0), 4 * MIB), (high, 2 * MIB)],
+            Backing::Small,
+        )
+        .expect("map");
+        assert_eq!(ram.size(), 6 * MIB);
+        assert_eq!(
+            ram.regions()[1],
+            RamRegion {
+                guest: high,
+                size: 2 * MIB,
+                offset: 4 * MIB
+            }
+        );
+        // Guest addresses and offsets translate both ways, and the gap has no offset.
+        assert_eq!(ram.offset_of(GuestAddress(0x1000)), Some(0x1000));
+        assert_eq!(
+            ram.offset_of(GuestAddress(high.0 + 0x2000)),
+            Some(4 * MIB + 0x2000)
+        );
+        assert_eq!(ram.offset_of(GuestAddress(4 * MIB)), None);
+        assert_eq!(ram.offset_of(GuestAddress(high.0 + 2 * MIB)), None);
+        assert_eq!(
+            ram.address_of(4 * MIB + 0x2000),
+            GuestAddress(high.0 + 0x2000)
+        );
+        assert_eq!(ram.address_of(4 * MIB - 1), GuestAddress(4 * MIB - 1));
+        let extent = ram.extent_of(high).expect("backed");
+        assert_eq!(ram.extent_address(extent), high);
+        // A write through the guest view lands at the region's offset in the mapping.
+        ram.view()
+            .write_obj(0x5eed_u64, GuestAddress(high.0 + 8))
+            .expect("write");
+        assert_eq!(
+            ram.by_offset()
+                .read_obj::<u64>(GuestAddress(4 * MIB + 8))
+                .expect("read"),
+            0x5eed
+        );
+        assert!(
+            ram.view().read_obj::<u64>(GuestAddress(5 * MIB)).is_err(),
+            "the gap"
+        );
+        // Populating is by guest address, inside one region.
+        ram.populate_range(high, 2 * MIB).expect("populate");
+        assert!(ram.populate_range(GuestAddress(2 * MIB), 4 * MIB).is_err());
     }
 }

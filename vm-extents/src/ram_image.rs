@@ -279,7 +279,7 @@ impl RamImage {
         self.ram_size
     }
 
-    /// Reads the RAM bytes at guest-physical `gpa` into `buf`.
+    /// Reads the RAM bytes at offset `gpa` in RAM (its regions laid end to end) into `buf`.
     pub fn read_at(&self, buf: &mut [u8], gpa: u64) -> Result<(), RamImageError> {
         let offset = self.data_offset + gpa;
         self.bytes_read.add(buf.len() as u64);

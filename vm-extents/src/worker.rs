@@ -54,6 +54,48 @@ impl ThreadHook {
     }
 }
 
+/// What a thread's body returns when it cannot go on: any error, with its causes.
+pub type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// Told, once, when a thread the manager started stops before it was asked to. The VM
+/// cannot go on as configured (a fault nobody serves would leave a vCPU waiting for ever),
+/// so a VMM stops it; guest RAM stays mapped until the VMM drops the [`Memory`](crate::Memory).
+pub type OnFailure = Arc<dyn Fn(ThreadFailure) + Send + Sync>;
+
+/// A thread the manager started that stopped before it was asked to. Its `Display` is the
+/// whole story on one line: `"<thread> panicked: <message>"`, or the error and its causes.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct ThreadFailure {
+    /// The thread's name (`uffd-handler`, `collapser`, `huge-refill2`, `prefetch0`, ...).
+    pub thread: String,
+    /// What it was for.
+    pub role: ThreadRole,
+    /// Why it stopped.
+    pub cause: FailureCause,
+}
+
+/// Why a thread stopped.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// It panicked, with this message.
+    Panicked(String),
+    /// The [`ThreadHook`] refused it before it started.
+    Hook(HookError),
+    /// Its work failed.
+    Failed(Failure),
+}
+
+impl ThreadFailure {
+    fn describe(&self) -> String {
+        match &self.cause {
+            FailureCause::Panicked(message) => format!("{} panicked: {message}", self.thread),
+            FailureCause::Hook(e) | FailureCause::Failed(e) => crate::error::chain(&**e),
+        }
+    }
+}
+
 impl std::fmt::Debug for ThreadHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() {
@@ -144,14 +186,13 @@ pub struct Worker {
 
 impl Worker {
     /// Starts `body` on a thread called `name` in `role`, after `hook`. If `body` fails or
-    /// panics, or the hook fails, `on_failure` is called once with what went wrong
-    /// (`"<name> panicked: ..."` for a panic).
+    /// panics, or the hook fails, `on_failure` is called once with what went wrong.
     pub fn spawn(
         name: &str,
         role: ThreadRole,
         hook: &ThreadHook,
-        body: impl FnOnce(&Stop) -> Result<(), String> + Send + 'static,
-        on_failure: impl FnOnce(String) + Send + 'static,
+        body: impl FnOnce(&Stop) -> Result<(), Failure> + Send + 'static,
+        on_failure: impl FnOnce(ThreadFailure) + Send + 'static,
     ) -> std::io::Result<Worker> {
         let stop = Arc::new(Stop::new()?);
         let thread_stop = stop.clone();
@@ -160,18 +201,21 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                if let Err(e) = hook.run(role) {
-                    on_failure(crate::error::chain(&*e));
-                    return;
-                }
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&thread_stop)));
-                let failure = match result {
-                    Ok(Ok(())) => return,
-                    Ok(Err(what)) => what,
-                    Err(panic) => format!("{thread_name} panicked: {}", panic_message(&*panic)),
+                let cause = match hook.run(role) {
+                    Err(e) => FailureCause::Hook(e),
+                    Ok(()) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        body(&thread_stop)
+                    })) {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => FailureCause::Failed(e),
+                        Err(panic) => FailureCause::Panicked(panic_message(&*panic).into()),
+                    },
                 };
-                on_failure(failure);
+                on_failure(ThreadFailure {
+                    thread: thread_name,
+                    role,
+                    cause,
+                });
             })?;
         Ok(Worker {
             name: name.into(),
@@ -255,9 +299,35 @@ mod tests {
                 move |what| tx.send(what).unwrap(),
             )
             .unwrap();
-            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), expected);
+            let failure: ThreadFailure = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(failure.to_string(), expected);
+            assert_eq!(
+                (failure.thread.as_str(), failure.role),
+                ("worker", ThreadRole::PoolRefill)
+            );
+            assert!(matches!(
+                (fail, &failure.cause),
+                (false, FailureCause::Panicked(_)) | (true, FailureCause::Failed(_))
+            ));
             assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
         }
+    }
+
+    #[test]
+    fn a_hook_that_refuses_stops_the_thread_before_its_body() {
+        let (tx, rx) = mpsc::channel();
+        let hook = ThreadHook::new(|role| Err(format!("no filter for {role:?}").into()));
+        let _w = Worker::spawn(
+            "refused",
+            ThreadRole::Collapser,
+            &hook,
+            |_| panic!("the body must not run"),
+            move |what| tx.send(what).unwrap(),
+        )
+        .unwrap();
+        let failure = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(failure.cause, FailureCause::Hook(_)));
+        assert_eq!(failure.to_string(), "no filter for Collapser");
     }
 
     #[test]

@@ -20,11 +20,10 @@ use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::seccomp::Seccomp;
 use crate::uffd_serve::{Granularity, ServeConfig};
 use crate::units::ByteSize;
-use vm_extents::collapse::config::{ALLOC_SLEEP_MS, MAX_PTES_NONE, PAGES_TO_SCAN, SCAN_SLEEP_MS};
-use vm_extents::collapse::{CollapseConfig, CollapseOrder};
-use vm_extents::huge::install::InstallMethod;
-use vm_extents::huge::pool::{POOL_AHEAD, PoolKind};
-use vm_extents::{Backing, PageSourceKind, Restore};
+use vm_extents::{
+    Backing, CollapseConfig, CollapseOrder, InstallMethod, MemoryConfig, PageSourceKind, PoolKind,
+    Restore,
+};
 
 /// A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.
 #[derive(Debug, Parser)]
@@ -171,7 +170,7 @@ pub struct RestoreArgs {
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub image_latency: u64,
     /// Prefetch threads in the `prefetch` mode (1 to 16).
-    #[arg(long, default_value_t = vm_extents::prefetch::PREFETCH_THREADS, value_name = "N",
+    #[arg(long, default_value_t = MemoryConfig::PREFETCH_THREADS, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=16).map(|n| n as usize))]
     pub prefetch_threads: usize,
     /// Rounds, modes interleaved; medians are reported (1 to 1000).
@@ -532,19 +531,19 @@ pub struct RunArgs {
     pub huge_limit: Option<ByteSize>,
     /// Huge pages the pool keeps zeroed and ready ahead of demand, 0 to 64 and at most one
     /// per extent (0: allocate on demand).
-    #[arg(long, default_value_t = POOL_AHEAD, value_name = "N")]
+    #[arg(long, default_value_t = MemoryConfig::POOL_AHEAD, value_name = "N")]
     pub huge_pool_ahead: usize,
     /// 4 KiB pages the collapse thread scans per round (512 per extent).
-    #[arg(long, default_value_t = PAGES_TO_SCAN, value_name = "N")]
+    #[arg(long, default_value_t = CollapseConfig::PAGES_TO_SCAN, value_name = "N")]
     pub collapse_pages_to_scan: u64,
     /// Milliseconds the collapse thread sleeps between rounds.
-    #[arg(long, default_value_t = SCAN_SLEEP_MS, value_name = "MS")]
+    #[arg(long, default_value_t = CollapseConfig::SCAN_SLEEP_MS, value_name = "MS")]
     pub collapse_scan_sleep: u64,
     /// Milliseconds the collapse thread backs off after a failed collapse.
-    #[arg(long, default_value_t = ALLOC_SLEEP_MS, value_name = "MS")]
+    #[arg(long, default_value_t = CollapseConfig::ALLOC_SLEEP_MS, value_name = "MS")]
     pub collapse_alloc_sleep: u64,
     /// Most unpopulated 4 KiB pages an extent may have and still be collapsed (0 to 511).
-    #[arg(long, default_value_t = MAX_PTES_NONE, value_name = "N")]
+    #[arg(long, default_value_t = CollapseConfig::MAX_PTES_NONE, value_name = "N")]
     pub max_ptes_none: u32,
     /// seccomp filters on every VMM thread, one list per kind of thread (see the README).
     #[arg(long, value_enum, default_value_t, value_name = "on|off")]
@@ -563,7 +562,7 @@ pub struct RunArgs {
     pub prefetch: Option<Switch>,
     /// Prefetch threads, 1 to 16 (two reach the bandwidth of a plain sequential read here,
     /// one about half of it).
-    #[arg(long, default_value_t = vm_extents::prefetch::PREFETCH_THREADS, value_name = "N")]
+    #[arg(long, default_value_t = MemoryConfig::PREFETCH_THREADS, value_name = "N")]
     pub prefetch_threads: usize,
     /// How huge pages go into guest RAM: move (UFFDIO_MOVE where the kernel has it and the
     /// page is a THP, else mremap) or mremap.
@@ -634,7 +633,6 @@ impl RunArgs {
             seccomp: self.seccomp,
             fault_threads: self.fault_threads,
             install: self.install,
-            alloc_latency: std::time::Duration::ZERO,
             restore: self.restore,
             prefetch: self.prefetch.map(|s| s == Switch::On),
             prefetch_threads: self.prefetch_threads,

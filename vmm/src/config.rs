@@ -9,12 +9,10 @@ use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS
 
 use crate::seccomp::Seccomp;
 pub use crate::units::ByteSize;
-use vm_extents::collapse::CollapseConfig;
-use vm_extents::collapse::config::MAX_PTES_NONE;
-use vm_extents::huge::install::InstallMethod;
-use vm_extents::huge::pool::{POOL_AHEAD, PoolKind};
-use vm_extents::prefetch::MAX_PREFETCH_THREADS;
-use vm_extents::{Backing, MemoryConfig, PageSourceKind, Restore};
+use vm_extents::{
+    Backing, Choice, CollapseConfig, InstallMethod, MemoryBuilder, MemoryConfig, PageSourceKind,
+    PoolKind, Restore,
+};
 
 /// One `--arg KEY=VALUE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,23 +40,6 @@ impl FromStr for GuestArg {
         })
     }
 }
-
-/// Threads allocating huge pages ahead of demand, at least. More than the CPUs spare: a huge
-/// page's allocation is mostly waiting, not computing (on a nested host, for the outer
-/// hypervisor to back memory the guest kernel touches for the first time), and the waits
-/// overlap. Measured here (2 CPUs, fresh 2 MiB pages touched in a loop): one process 6.2 ms a
-/// page, four at once 9.4 ms each (2.6x the pages per second).
-pub const REFILL_THREADS: usize = 4;
-
-/// Most threads allocating huge pages ahead of demand.
-pub const MAX_REFILL_THREADS: usize = 8;
-
-/// Most fault handler threads: one per CPU of a large host, and a uffd each.
-pub const MAX_FAULT_THREADS: usize = 256;
-
-/// Most huge pages the pool keeps ready (128 MiB): pages kept ready are memory the ledger
-/// does not charge, so they are bounded by this and by the guest's extents.
-pub const MAX_POOL_AHEAD: usize = 64;
 
 /// Smallest guest RAM: the reserved area plus one extent for the program.
 pub const MIN_MEMORY: u64 = LOAD_BASE + EXTENT_SIZE;
@@ -131,9 +112,6 @@ pub struct VmConfig {
     pub fault_threads: Option<usize>,
     /// How huge pages go in.
     pub install: InstallMethod,
-    /// Added to every huge page allocation (benchmarks: model reclaim, compaction or a slow
-    /// userland backend; not a `vmm run` option).
-    pub alloc_latency: std::time::Duration,
     /// How an image source is restored.
     pub restore: Restore,
     /// The restore prefetcher (`None`: on where it applies, an image restored lazily into
@@ -165,15 +143,14 @@ impl Default for VmConfig {
             collapse: Collapse::Default(CollapseConfig::default()),
             huge_source: PoolKind::default(),
             huge_limit: None,
-            pool_ahead: POOL_AHEAD,
+            pool_ahead: MemoryConfig::POOL_AHEAD,
             populate: true,
             seccomp: Seccomp::On,
             fault_threads: None,
             install: InstallMethod::default(),
-            alloc_latency: std::time::Duration::ZERO,
             restore: Restore::Lazy,
             prefetch: None,
-            prefetch_threads: vm_extents::prefetch::PREFETCH_THREADS,
+            prefetch_threads: MemoryConfig::PREFETCH_THREADS,
             image_read_latency: std::time::Duration::ZERO,
         }
     }
@@ -248,7 +225,7 @@ pub enum ConfigError {
     )]
     HugeLimitUnused,
     /// A fault handler count out of range.
-    #[error("--fault-threads {0} is out of range: allowed 1 to {MAX_FAULT_THREADS}")]
+    #[error("--fault-threads {0} is out of range: allowed 1 to {max}", max = MemoryConfig::MAX_FAULT_THREADS)]
     FaultThreads(usize),
     /// Fault threads where the VMM serves no faults.
     #[error("--fault-threads applies to --page-source zero or image with --backing small")]
@@ -269,12 +246,13 @@ pub enum ConfigError {
     )]
     EagerServesNoFaults,
     /// Too few or too many prefetch threads.
-    #[error("--prefetch-threads {0} is out of range: allowed 1 to {max}", max = MAX_PREFETCH_THREADS)]
+    #[error("--prefetch-threads {0} is out of range: allowed 1 to {max}", max = MemoryConfig::MAX_PREFETCH_THREADS)]
     PrefetchThreads(usize),
     /// More huge pages kept ready than make sense.
     #[error(
         "--huge-pool-ahead {value} is out of range: allowed 0 to {max} (one per extent of guest \
-         RAM, at most {MAX_POOL_AHEAD})"
+         RAM, at most {})",
+        MemoryConfig::MAX_POOL_AHEAD
     )]
     PoolAhead {
         /// The value given.
@@ -306,6 +284,9 @@ pub enum ConfigError {
          instead; `vmm image import RAW IMAGE` makes an image of it)"
     )]
     SaveWithExternal,
+    /// Another rule of the memory manager's.
+    #[error("{0}")]
+    Memory(vm_extents::ConfigError),
     /// An output file whose directory does not exist.
     #[error("{flag} {path}: the directory {dir} does not exist")]
     OutputDir {
@@ -389,78 +370,18 @@ impl VmConfig {
         Ok(())
     }
 
-    /// The fault granularity, the collapse thread, huge pages.
+    /// Memory management: the memory manager's own rules (see [`Self::memory_config`]), and
+    /// the one about a page server this VMM adds.
     fn validate_memory_management(&self) -> Result<(), ConfigError> {
-        let mem = self.memory.0;
-        if matches!(self.collapse, Collapse::On(_)) && self.backing != Backing::Small {
+        if let Collapse::On(_) = self.collapse
+            && self.backing != Backing::Small
+        {
             return Err(ConfigError::CollapseNeedsSmall(self.backing));
         }
         if self.page_server_timeout.is_some() && !self.external() {
             return Err(ConfigError::PageServerTimeoutUnused);
         }
-        if self.external() {
-            if self.backing != Backing::Small {
-                return Err(ConfigError::ExternalNeedsSmall(self.backing));
-            }
-            if matches!(self.collapse, Collapse::On(_)) {
-                return Err(ConfigError::CollapseWithExternal);
-            }
-        }
-        if let Some(c) = self.collapse.config() {
-            if c.max_ptes_none > MAX_PTES_NONE {
-                return Err(ConfigError::MaxPtesNone(c.max_ptes_none));
-            }
-            if c.pages_to_scan == 0 {
-                return Err(ConfigError::PagesToScan);
-            }
-        }
-        let g = self.fault_granularity.0;
-        if !g.is_power_of_two() || !(PAGE_SIZE..=EXTENT_SIZE).contains(&g) {
-            return Err(ConfigError::FaultGranularity(self.fault_granularity));
-        }
-        if g != PAGE_SIZE && (self.backing != Backing::Small || !self.page_source.uses_uffd()) {
-            return Err(ConfigError::GranularityNeedsUffd);
-        }
-        if let Some(limit) = self.huge_limit {
-            if !limit.0.is_multiple_of(EXTENT_SIZE) || limit.0 > mem {
-                return Err(ConfigError::HugeLimit {
-                    value: limit,
-                    ram: self.memory,
-                });
-            }
-            if self.collapse_on().is_none() && g != EXTENT_SIZE && !self.prefetch_on() {
-                return Err(ConfigError::HugeLimitUnused);
-            }
-        }
-        if let Some(n) = self.fault_threads {
-            if n == 0 || n > MAX_FAULT_THREADS {
-                return Err(ConfigError::FaultThreads(n));
-            }
-            if !self.page_source.uses_uffd() || self.backing != Backing::Small {
-                return Err(ConfigError::FaultThreadsNeedUffd);
-            }
-        }
-        let image = matches!(self.page_source, PageSourceKind::Image(_));
-        if self.restore == Restore::Eager && !image {
-            return Err(ConfigError::RestoreNeedsImage("eager"));
-        }
-        if self.prefetch == Some(true) && !self.prefetch_applies() {
-            return Err(ConfigError::PrefetchNeedsLazyImage);
-        }
-        if self.prefetch_threads == 0 || self.prefetch_threads > MAX_PREFETCH_THREADS {
-            return Err(ConfigError::PrefetchThreads(self.prefetch_threads));
-        }
-        if self.restore == Restore::Eager && (g != PAGE_SIZE || self.fault_threads.is_some()) {
-            return Err(ConfigError::EagerServesNoFaults);
-        }
-        let max = MAX_POOL_AHEAD.min((mem / EXTENT_SIZE) as usize);
-        if self.pool_ahead > max {
-            return Err(ConfigError::PoolAhead {
-                value: self.pool_ahead,
-                max,
-            });
-        }
-        Ok(())
+        self.memory_config().map(drop)
     }
 
     /// The arguments as the guest sees them: `key=value\0` for each.
@@ -484,81 +405,83 @@ impl VmConfig {
         }
     }
 
-    /// The memory part of the configuration.
-    pub fn memory_config(&self) -> MemoryConfig {
-        MemoryConfig {
-            size: self.memory.0,
-            backing: self.backing,
-            source: self.page_source.clone(),
-            fault_granularity: self.fault_granularity.0,
-            collapse: self.collapse_on().cloned(),
-            huge_source: self.huge_source,
-            huge_limit: self.huge_limit.map_or(self.memory.0, |l| l.0),
-            pool_ahead: self.pool_ahead,
-            pool_refill_threads: self.pool_refill_threads(),
-            populate: self.populate,
-            map_reserve: vm_extents::MAP_RESERVE
-                + vm_extents::MAPS_PER_THREAD * u64::from(self.vcpus),
-            thread_hook: crate::seccomp::memory_thread_hook(self.seccomp),
-            fault_threads: self.fault_threads(),
-            install: self.install,
-            alloc_latency: self.alloc_latency,
-            fault_spin: self.fault_spin(),
-            restore: self.restore,
-            image_read_latency: self.image_read_latency,
-            prefetch_threads: if self.prefetch_on() {
-                self.prefetch_threads
-            } else {
-                0
+    /// The memory part of the configuration, checked by the memory manager, with its errors
+    /// told in this CLI's options.
+    pub fn memory_config(&self) -> Result<MemoryConfig, ConfigError> {
+        self.memory_config_with(|memory| memory)
+    }
+
+    /// [`Self::memory_config`], with the builder adjusted by `tune` before it checks.
+    pub fn memory_config_with(
+        &self,
+        tune: impl FnOnce(MemoryBuilder) -> MemoryBuilder,
+    ) -> Result<MemoryConfig, ConfigError> {
+        tune(self.memory_builder())
+            .build()
+            .map_err(|e| self.option_error(e))
+    }
+
+    fn memory_builder(&self) -> MemoryBuilder {
+        let mut b = MemoryConfig::builder(self.memory.0)
+            .vcpus(self.vcpus as usize)
+            .backing(self.backing)
+            .source(self.page_source.clone())
+            .fault_granularity(self.fault_granularity.0)
+            .collapse(self.collapse_on().cloned())
+            .huge_source(self.huge_source)
+            .pool_ahead(self.pool_ahead)
+            .populate(self.populate)
+            .thread_hook(crate::seccomp::memory_thread_hook(self.seccomp))
+            .install(self.install)
+            .restore(self.restore)
+            .prefetch_threads(self.prefetch_threads)
+            .image_read_latency(self.image_read_latency);
+        if let Some(limit) = self.huge_limit {
+            b = b.huge_limit(limit.0);
+        }
+        if let Some(n) = self.fault_threads {
+            b = b.fault_threads(n);
+        }
+        if let Some(on) = self.prefetch {
+            b = b.prefetch(on);
+        }
+        b
+    }
+
+    /// A memory manager's rule broken, in the options that set it.
+    fn option_error(&self, e: vm_extents::ConfigError) -> ConfigError {
+        use vm_extents::ConfigError as E;
+        match e {
+            E::SizeNotAligned(size) => ConfigError::MemoryNotAligned(
+                ByteSize(size),
+                ByteSize(size.next_multiple_of(EXTENT_SIZE)),
+            ),
+            E::FaultGranularity(g) => ConfigError::FaultGranularity(ByteSize(g)),
+            E::GranularityNeedsUffd => ConfigError::GranularityNeedsUffd,
+            E::CollapseNeedsSmall(b) => ConfigError::CollapseNeedsSmall(b),
+            E::CollapseWithExternal => ConfigError::CollapseWithExternal,
+            E::ExternalNeedsSmall(b) => ConfigError::ExternalNeedsSmall(b),
+            E::MaxPtesNone(n) => ConfigError::MaxPtesNone(n),
+            E::PagesToScan => ConfigError::PagesToScan,
+            E::HugeLimit { value, ram } => ConfigError::HugeLimit {
+                value: ByteSize(value),
+                ram: ByteSize(ram),
             },
+            E::HugeLimitUnused => ConfigError::HugeLimitUnused,
+            E::FaultThreads(n) => ConfigError::FaultThreads(n),
+            E::FaultThreadsNeedUffd => ConfigError::FaultThreadsNeedUffd,
+            E::RestoreNeedsImage => ConfigError::RestoreNeedsImage(self.restore.name()),
+            E::PrefetchNeedsLazyImage => ConfigError::PrefetchNeedsLazyImage,
+            E::EagerServesNoFaults => ConfigError::EagerServesNoFaults,
+            E::PrefetchThreads(n) => ConfigError::PrefetchThreads(n),
+            E::PoolAhead { value, max } => ConfigError::PoolAhead { value, max },
+            other => ConfigError::Memory(other),
         }
     }
 
     /// Whether an external page server fills guest RAM.
     pub fn external(&self) -> bool {
         matches!(self.page_source, PageSourceKind::External(_))
-    }
-
-    /// Whether the prefetcher runs: as asked, or by default wherever it applies (an image
-    /// restored lazily into 4 KiB backing).
-    pub fn prefetch_on(&self) -> bool {
-        self.prefetch.unwrap_or_else(|| self.prefetch_applies())
-    }
-
-    fn prefetch_applies(&self) -> bool {
-        matches!(self.page_source, PageSourceKind::Image(_))
-            && self.restore == Restore::Lazy
-            && self.backing == Backing::Small
-    }
-
-    /// How long each fault handler looks for the next fault before it sleeps: a while, where
-    /// the handlers and the vCPUs each have a host CPU of their own; else not at all (a
-    /// spinning handler would take the CPU a vCPU needs to make the next fault).
-    pub fn fault_spin(&self) -> std::time::Duration {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if self.vcpus as usize + self.fault_threads() <= cpus {
-            vm_extents::fault::SPIN_AFTER_FAULT
-        } else {
-            std::time::Duration::ZERO
-        }
-    }
-
-    /// Threads allocating huge pages ahead of demand: [`REFILL_THREADS`], or one per host CPU
-    /// the vCPUs leave spare where that is more, at most [`MAX_REFILL_THREADS`].
-    pub fn pool_refill_threads(&self) -> usize {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cpus.saturating_sub(self.vcpus as usize)
-            .clamp(REFILL_THREADS, MAX_REFILL_THREADS)
-    }
-
-    /// Fault handler threads: as asked, or one per vCPU up to the host's CPUs, never more than
-    /// one per extent.
-    pub fn fault_threads(&self) -> usize {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let extents = (self.memory.0 / EXTENT_SIZE).max(1) as usize;
-        self.fault_threads
-            .unwrap_or_else(|| (self.vcpus as usize).min(cpus))
-            .clamp(1, extents)
     }
 }
 

@@ -29,10 +29,10 @@ use guest_abi::layout::{EXTENT_SIZE, PAGE_SIZE};
 use crate::files::MetricsTarget;
 use crate::metrics::Latencies;
 use crate::seccomp::{Seccomp, ThreadKind};
-use vm_extents::fault::source::{Fill, PageSource, RamImageSource};
 use vm_extents::handoff::{self, HandoffError, Region};
 use vm_extents::ram_image::{RamImage, RamImageError};
 use vm_extents::uffd::{Event, Fault, Resolved, Uffd};
+use vm_extents::{Fill, PageSource, RamImageSource};
 
 /// How much a fault in a 4 KiB region resolves (`--granularity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

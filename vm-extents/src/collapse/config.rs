@@ -23,15 +23,6 @@ crate::choice::choices!(CollapseOrder {
     Unlocked = "unlocked": "With no lock held (Linux since 2015), a baseline",
 });
 
-/// khugepaged's `pages_to_scan` default: 8 extents per round.
-pub const PAGES_TO_SCAN: u64 = 4096;
-/// khugepaged's `scan_sleep_millisecs`, ours.
-pub const SCAN_SLEEP_MS: u64 = 10;
-/// khugepaged's `alloc_sleep_millisecs`, ours.
-pub const ALLOC_SLEEP_MS: u64 = 200;
-/// khugepaged's `max_ptes_none` default: an extent with one page populated may collapse.
-pub const MAX_PTES_NONE: u32 = 511;
-
 /// The collapse thread's tunables.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CollapseConfig {
@@ -48,14 +39,26 @@ pub struct CollapseConfig {
     pub max_ptes_none: u32,
 }
 
+impl CollapseConfig {
+    /// khugepaged's `pages_to_scan` default: 8 extents per round.
+    pub const PAGES_TO_SCAN: u64 = 4096;
+    /// khugepaged's `scan_sleep_millisecs`, ours.
+    pub const SCAN_SLEEP_MS: u64 = 10;
+    /// khugepaged's `alloc_sleep_millisecs`, ours.
+    pub const ALLOC_SLEEP_MS: u64 = 200;
+    /// khugepaged's `max_ptes_none` default, and its largest value: an extent with one page
+    /// populated may collapse.
+    pub const MAX_PTES_NONE: u32 = 511;
+}
+
 impl Default for CollapseConfig {
     fn default() -> Self {
         CollapseConfig {
             order: CollapseOrder::default(),
-            pages_to_scan: PAGES_TO_SCAN,
-            scan_sleep: Duration::from_millis(SCAN_SLEEP_MS),
-            alloc_sleep: Duration::from_millis(ALLOC_SLEEP_MS),
-            max_ptes_none: MAX_PTES_NONE,
+            pages_to_scan: Self::PAGES_TO_SCAN,
+            scan_sleep: Duration::from_millis(Self::SCAN_SLEEP_MS),
+            alloc_sleep: Duration::from_millis(Self::ALLOC_SLEEP_MS),
+            max_ptes_none: Self::MAX_PTES_NONE,
         }
     }
 }

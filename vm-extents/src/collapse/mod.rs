@@ -19,7 +19,32 @@ pub use protocol::{CollapseError, Collapser};
 pub use stats::{CollapseStats, ScanResult};
 
 use super::extent::{ExtentIndex, ExtentState, PAGES_PER_EXTENT};
-use crate::worker::{Stop, ThreadHook, ThreadRole, Worker};
+use crate::worker::{OnFailure, Stop, ThreadHook, ThreadRole, Worker};
+
+/// Holds the collapse thread before its first scan until it is opened
+/// ([`MemoryBuilder::collapse_gate`](crate::MemoryBuilder::collapse_gate)): a VMM may keep
+/// extents small while it boots or restores, and a benchmark starts every collapser at the
+/// same moment. While held, the thread still tells the pool which extents it will collapse
+/// first, so the pages are allocated by the time it opens.
+#[derive(Clone, Debug, Default)]
+pub struct CollapseGate(Arc<AtomicBool>);
+
+impl CollapseGate {
+    /// A closed gate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets the collapse thread start (for good).
+    pub fn open(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether it was opened.
+    pub fn is_open(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// The collapse thread.
 pub struct CollapseThread {
@@ -30,15 +55,15 @@ pub struct CollapseThread {
 impl CollapseThread {
     /// Starts khugepaged's loop over `collapser`'s extents. `sync` brings an extent's
     /// populated pages up to date before it is looked at (the host kernel populates them with
-    /// `--page-source kernel`). If `gate` is given, the thread waits until it turns true before
-    /// its first scan (benchmarks start every collapser at the same moment). `on_fatal` is
+    /// `--page-source kernel`). If `gate` is given, the thread waits until it is open before
+    /// its first scan. `on_fatal` is
     /// called if the thread cannot go on.
     pub fn start(
         collapser: Collapser,
         sync: Box<dyn Fn(ExtentIndex) + Send>,
-        gate: Option<Arc<AtomicBool>>,
+        gate: Option<CollapseGate>,
         hook: &ThreadHook,
-        on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+        on_fatal: OnFailure,
     ) -> std::io::Result<CollapseThread> {
         let stopping = collapser.stopping.clone();
         let worker = Worker::spawn(
@@ -46,9 +71,9 @@ impl CollapseThread {
             ThreadRole::Collapser,
             hook,
             move |stop| {
-                scan_loop(&collapser, &*sync, gate.as_deref(), stop)
-                    .map_err(|e| crate::error::chain(&e))
-                    .map_err(|e| format!("the collapse thread stopped: {e}"))
+                scan_loop(&collapser, &*sync, gate.as_ref(), stop).map_err(|e| {
+                    format!("the collapse thread stopped: {}", crate::error::chain(&e)).into()
+                })
             },
             move |what| on_fatal(what),
         )?;
@@ -84,14 +109,14 @@ fn candidates(c: &Collapser, cursor: usize, batch: usize, extents: usize) -> usi
 fn scan_loop(
     c: &Collapser,
     sync: &dyn Fn(ExtentIndex),
-    gate: Option<&AtomicBool>,
+    gate: Option<&CollapseGate>,
     stop: &Stop,
 ) -> Result<(), CollapseError> {
     let extents = c.map.read().len();
     let batch = (c.config.pages_to_scan / PAGES_PER_EXTENT as u64).max(1) as usize;
     let mut cursor = 0;
     if let Some(gate) = gate {
-        while !gate.load(Ordering::Acquire) {
+        while !gate.is_open() {
             // Held back from collapsing, the scan still sees what it will collapse first, and
             // says so: the pool allocates while the guest populates.
             c.installer

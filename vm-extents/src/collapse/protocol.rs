@@ -30,7 +30,7 @@ use crate::extent::{Extent, ExtentIndex, ExtentState, PAGES_PER_EXTENT};
 use crate::fault::source::{Fill, PageSource};
 use crate::host_view;
 use crate::huge::install::{
-    Contents, Exclusive, ExtentLost, InstallFailed, Installed, Installer, PrepareFailed, Prepared,
+    Contents, Exclusive, InstallError, Installed, Installer, PrepareFailed, Prepared,
 };
 use crate::map::{MapRead, MapWrite, MemoryMap};
 use crate::uffd::{Uffd, UffdSet};
@@ -534,7 +534,7 @@ impl Collapser {
     /// Counts how an install ended, and puts the extent back in service where it stayed small.
     fn settle(
         &self,
-        installed: Result<Installed, Result<InstallFailed, ExtentLost>>,
+        installed: Result<Installed, InstallError>,
         extent: &Extent,
         index: ExtentIndex,
     ) -> Result<ScanResult, CollapseError> {
@@ -550,13 +550,13 @@ impl Collapser {
                 self.stats.split_moves.inc();
                 Ok(ScanResult::Fail)
             }
-            Err(Ok(failed)) => {
+            Err(InstallError::Failed(failed)) => {
                 self.unprotect(index, extent)?;
                 log::warn!("collapse: {failed}: {}", failed.source);
                 self.stats.failed.inc();
                 Ok(ScanResult::Fail)
             }
-            Err(Err(lost)) => Err(CollapseError {
+            Err(InstallError::Lost(lost)) => Err(CollapseError {
                 extent: index.0,
                 what: "moving the huge page in",
                 source: Box::new(lost),

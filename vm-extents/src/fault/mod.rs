@@ -20,7 +20,7 @@ use super::huge::install::Installer;
 use super::map::MemoryMap;
 use super::uffd::{Fault, Uffd, UffdSet};
 use crate::stats::{Counter, Latencies};
-use crate::worker::{Stop, ThreadHook, ThreadRole, Worker};
+use crate::worker::{Failure, Stop, ThreadFailure, ThreadHook, ThreadRole, Worker};
 use source::PageSource;
 
 /// What the fault handler has done; shared with the metrics (the `faults` section).
@@ -79,7 +79,7 @@ impl FaultHandler {
         all: Arc<UffdSet>,
         resolver: Resolver,
         hook: &ThreadHook,
-        on_fatal: impl FnOnce(String) + Send + 'static,
+        on_fatal: impl FnOnce(ThreadFailure) + Send + 'static,
     ) -> std::io::Result<FaultHandler> {
         let ram = resolver.map.ram().clone();
         let worker = Worker::spawn(
@@ -113,7 +113,7 @@ pub const SPIN_AFTER_FAULT: std::time::Duration = std::time::Duration::from_micr
 
 /// The handler loop: wait for faults or the stop event, serve faults in batches; after a
 /// batch, look for the next one without sleeping for [`SPIN_AFTER_FAULT`].
-fn serve(r: &Resolver, stop: &Stop) -> Result<(), String> {
+fn serve(r: &Resolver, stop: &Stop) -> Result<(), Failure> {
     use std::os::fd::AsRawFd;
     let mut faults: Vec<Fault> = Vec::with_capacity(64);
     let mut buffers = resolve::Buffers::new(r.granularity);
@@ -159,7 +159,7 @@ fn serve(r: &Resolver, stop: &Stop) -> Result<(), String> {
             if err.raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
-            return Err(format!("poll on the userfaultfd failed: {err}"));
+            return Err(format!("poll on the userfaultfd failed: {err}").into());
         }
         if fds[1].revents != 0 {
             return Ok(());
@@ -182,7 +182,7 @@ fn serve_batch(
     host_base: u64,
     ram_size: u64,
     buffers: &mut resolve::Buffers,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     {
         for fault in faults {
             fail::fail_point!("fault-serve");
@@ -192,7 +192,8 @@ fn serve_batch(
                 return Err(format!(
                     "fault at host address {:#x}, outside guest RAM",
                     fault.address
-                ));
+                )
+                .into());
             }
             if fault.wp {
                 resolve::answer_wp(r, gpa)?;

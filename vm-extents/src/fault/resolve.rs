@@ -1,12 +1,13 @@
 //! How one fault is resolved, under the memory map's read side (2 MiB faults take the write
 //! side briefly to move their page in, through the one install path).
 
+use crate::worker::Failure;
 use crate::{EXTENT_SIZE, PAGE_SIZE};
 
 use super::Resolver;
 use super::source::Fill;
 use crate::extent::{ExtentIndex, ExtentState};
-use crate::huge::install::{Contents, Exclusive, Installed, Installer};
+use crate::huge::install::{Contents, Exclusive, InstallError, Installed, Installer};
 use crate::map::MapRead;
 use crate::uffd::{Fault, Resolved};
 
@@ -37,23 +38,21 @@ pub fn serve_missing(
     fault: &Fault,
     gpa: u64,
     buffers: &mut Buffers,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     if let Some(hint) = &r.hint {
-        hint.faulted(ExtentIndex::containing(gpa));
+        hint.faulted(ExtentIndex::of(gpa));
     }
     let gran = r.granularity;
     let first = gpa & !(gran - 1);
     let host_base = r.map.ram().host_base().0 as u64;
     let mut map = r.map.read();
     if let Some(installer) = r.huge.as_ref().filter(|_| gran == EXTENT_SIZE) {
-        if map_whole_extent(r, installer, ExtentIndex::containing(gpa), map)? {
+        if map_whole_extent(r, installer, ExtentIndex::of(gpa), map)? {
             return Ok(());
         }
         map = r.map.read();
     }
-    let extent = map
-        .get(ExtentIndex::containing(gpa))
-        .expect("gpa is inside RAM");
+    let extent = map.get(ExtentIndex::of(gpa)).expect("gpa is inside RAM");
     if extent.is_claimed() {
         // Someone is replacing the extent's backing; it wakes the extent's waiters when done.
         return Ok(());
@@ -134,7 +133,7 @@ fn map_whole_extent(
     installer: &Installer,
     index: ExtentIndex,
     guard: MapRead<'_>,
-) -> Result<bool, String> {
+) -> Result<bool, Failure> {
     if guard.get(index).expect("the fault is inside RAM").state() != ExtentState::Unpopulated {
         return Ok(false);
     }
@@ -161,11 +160,11 @@ fn map_whole_extent(
         match installer.install(Exclusive::Claim(&claim), index, page, Contents::Unpopulated) {
             // The extent is whole either way; only a huge one counts as mapped whole.
             Ok(installed) => matches!(installed, Installed::Huge(_)),
-            Err(Ok(failed)) => {
+            Err(InstallError::Failed(failed)) => {
                 log::warn!("{failed}: {}", failed.source);
                 return Ok(false);
             }
-            Err(Err(lost)) => return Err(crate::error::chain(&lost)),
+            Err(InstallError::Lost(lost)) => return Err(lost.into()),
         };
     drop(claim);
     drop(guard);
@@ -184,12 +183,10 @@ fn map_whole_extent(
 /// progress. Then either a collapse is copying the extent outside the lock (tracking): record
 /// the page dirty, so the commit copies it again, and let the write through; or the commit is
 /// done and the extent is a huge page now: wake the writer to retry on it.
-pub fn answer_wp(r: &Resolver, gpa: u64) -> Result<(), String> {
+pub fn answer_wp(r: &Resolver, gpa: u64) -> Result<(), Failure> {
     let map = r.map.read();
     r.stats.wp_faults.inc();
-    let extent = map
-        .get(ExtentIndex::containing(gpa))
-        .expect("gpa is inside RAM");
+    let extent = map.get(ExtentIndex::of(gpa)).expect("gpa is inside RAM");
     let page = r.map.ram().host_base().0 as u64 + gpa;
     if extent.is_claimed() {
         // As for a missing fault: the claimant wakes the extent.
@@ -201,5 +198,6 @@ pub fn answer_wp(r: &Resolver, gpa: u64) -> Result<(), String> {
     } else {
         r.uffd.wake(page, PAGE_SIZE)
     };
-    result.map_err(|e| format!("letting a write-protected writer at {gpa:#x} go failed: {e}"))
+    result
+        .map_err(|e| format!("letting a write-protected writer at {gpa:#x} go failed: {e}").into())
 }

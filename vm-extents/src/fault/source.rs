@@ -21,8 +21,9 @@ pub enum Fill {
 
 /// A source of page contents.
 pub trait PageSource: Send + Sync {
-    /// Fills `buf` (a whole number of pages) with the contents of guest RAM at `gpa`.
-    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<Fill, RamImageError>;
+    /// Fills `buf` (a whole number of pages) with the contents of guest RAM at `offset` (in
+    /// RAM laid end to end, as a memory image holds it; see [`GuestRam`](crate::GuestRam)).
+    fn fill(&self, offset: u64, buf: &mut [u8]) -> Result<Fill, RamImageError>;
 }
 
 /// Every page starts as zeroes.
@@ -30,7 +31,7 @@ pub trait PageSource: Send + Sync {
 pub struct ZeroSource;
 
 impl PageSource for ZeroSource {
-    fn fill(&self, _gpa: u64, _buf: &mut [u8]) -> Result<Fill, RamImageError> {
+    fn fill(&self, _offset: u64, _buf: &mut [u8]) -> Result<Fill, RamImageError> {
         Ok(Fill::Zero)
     }
 }

@@ -124,16 +124,6 @@ impl Prepared<'_> {
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         self.page.as_mut().expect("a prepared page").bytes_mut()
     }
-
-    /// The page's host address.
-    pub fn addr(&self) -> u64 {
-        self.page.as_ref().expect("a prepared page").addr()
-    }
-
-    /// The page's kind.
-    pub fn kind(&self) -> PageKind {
-        self.page.as_ref().expect("a prepared page").kind()
-    }
 }
 
 impl Drop for Prepared<'_> {
@@ -152,6 +142,17 @@ pub enum Contents {
     Copy,
     /// Nothing of the extent's: it was unpopulated (a 2 MiB fault).
     Unpopulated,
+}
+
+/// Why an install did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The extent is as it was; the page went back to the pool.
+    #[error(transparent)]
+    Failed(InstallFailed),
+    /// The extent was left with a hole in guest RAM.
+    #[error(transparent)]
+    Lost(ExtentLost),
 }
 
 /// A move that did not happen; the page went back to the pool.
@@ -234,15 +235,15 @@ impl Installer {
     /// with the extent held exclusively (`excl`). `contents` says what the page holds: for a
     /// [`Contents::Copy`] the extent's old pages are redundant (the copy was made while the
     /// extent was write-protected) and are dropped. On failure the page is given back and the
-    /// extent holds what it held (if an `mremap` unmapped it, it is mapped again); `Err(Err)`
-    /// only when even that failed.
+    /// extent holds what it held (if an `mremap` unmapped it, it is mapped again);
+    /// [`InstallError::Lost`] only when even that failed.
     pub fn install(
         &self,
         mut excl: Exclusive<'_, '_>,
         index: ExtentIndex,
         mut page: Prepared<'_>,
         contents: Contents,
-    ) -> Result<Installed, Result<InstallFailed, ExtentLost>> {
+    ) -> Result<Installed, InstallError> {
         let huge = page.page.take().expect("a prepared page");
         let dst = self.ram.host_base().0 as u64 + index.gpa();
         let uffd = self.uffds.for_extent(index.0);
@@ -328,7 +329,7 @@ impl Installer {
                     Err(e) => {
                         page.page = Some(huge);
                         let _ = hole;
-                        Err(Err(ExtentLost {
+                        Err(InstallError::Lost(ExtentLost {
                             extent: index.0,
                             source: e,
                         }))
@@ -340,7 +341,7 @@ impl Installer {
                     let copy = (contents == Contents::Copy).then_some(&huge);
                     if let Err(source) = self.refill_hole(index, copy) {
                         page.page = Some(huge);
-                        return Err(Err(ExtentLost {
+                        return Err(InstallError::Lost(ExtentLost {
                             extent: index.0,
                             source,
                         }));
@@ -350,7 +351,7 @@ impl Installer {
                     }
                 }
                 page.page = Some(huge);
-                Err(Ok(InstallFailed {
+                Err(InstallError::Failed(InstallFailed {
                     extent: index.0,
                     refilled: hole,
                     source,
@@ -440,11 +441,6 @@ impl MapBudget {
             estimate: AtomicU64::new(host_view::mappings()?),
             exhausted: AtomicBool::new(false),
         })
-    }
-
-    /// `vm.max_map_count`.
-    pub fn max(&self) -> u64 {
-        self.max
     }
 
     /// Whether one more install fits, keeping the reserve free. The first time it does not,

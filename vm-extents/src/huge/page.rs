@@ -81,7 +81,7 @@ impl HugePage {
     /// memory map's write side, or the extent's claim: a 2 MiB fault takes it with the read
     /// side, since only the extent's shard handler can act on it), and its old pages hold
     /// nothing to lose: copied into this page while write-protected, or never populated.
-    pub(super) unsafe fn move_to(self, dst: u64) -> Result<PageKind, MoveFailed> {
+    pub unsafe fn move_to(self, dst: u64) -> Result<PageKind, MoveFailed> {
         if crate::fires!("mremap-hole") {
             // As the kernel does on a late failure: the destination is gone, the page is not.
             // SAFETY: per the caller's contract, `dst` is 2 MiB of the caller's own mapping.
@@ -114,21 +114,6 @@ impl HugePage {
         std::mem::forget(self);
         Ok(kind)
     }
-}
-
-/// Times one bare move of a THP over a 4 KiB-populated 2 MiB mapping of its own (the floor of
-/// a collapse's write window, for the benchmark).
-pub fn time_bare_move() -> io::Result<std::time::Duration> {
-    use crate::{Backing, GuestRam};
-    let page = alloc_thp().map_err(io::Error::other)?;
-    let dst = GuestRam::new(EXTENT_SIZE, Backing::Small).map_err(io::Error::other)?;
-    dst.populate()?;
-    let start = std::time::Instant::now();
-    // SAFETY: `dst` is a 2 MiB-aligned mapping of our own, populated only to be replaced; the
-    // moved page becomes part of it and is unmapped with it.
-    let moved = unsafe { page.move_to(dst.host_base().0 as u64) };
-    let took = start.elapsed();
-    moved.map(|_| took).map_err(|failed| failed.source)
 }
 
 /// A move that did not happen.

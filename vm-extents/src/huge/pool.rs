@@ -20,14 +20,13 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::page::{AllocError, HugePage, HugePageAllocator, PageKind, alloc_hugetlb, alloc_thp};
 use crate::stats::{Counter, Latencies};
 use crate::sync::{lock, wait_timeout};
-use crate::worker::{Stop, ThreadHook, ThreadRole, Worker};
+use crate::worker::{Failure, Stop, ThreadFailure, ThreadHook, ThreadRole, Worker};
 
 /// The least number of huge pages kept ready by default: enough that a 2 MiB fault or a
 /// collapse rarely waits for an allocation before demand is known, few enough to cost little
@@ -65,6 +64,17 @@ crate::choice::choices!(PoolKind {
     Hugetlb = "hugetlb": "hugetlb only",
     Thp = "thp": "THP only",
 });
+
+/// Each kind is an allocator of its own: the pool's default source of pages.
+impl HugePageAllocator for PoolKind {
+    fn alloc(&self) -> Result<HugePage, AllocError> {
+        match self {
+            PoolKind::Hugetlb => alloc_hugetlb(),
+            PoolKind::Thp => alloc_thp(),
+            PoolKind::Auto => alloc_hugetlb().or_else(|_| alloc_thp()),
+        }
+    }
+}
 
 /// Counters of the pool (the `collapse.pool` section of the metrics).
 #[derive(Debug, Default, serde::Serialize)]
@@ -119,7 +129,7 @@ struct Queue {
 pub type Budget = Arc<dyn Fn() -> usize + Send + Sync>;
 
 struct PoolInner {
-    source: PoolKind,
+    source: Arc<dyn HugePageAllocator>,
     /// The least depth kept; 0: no refill at all, every page allocated when taken.
     ahead: usize,
     queue: Mutex<Queue>,
@@ -130,25 +140,15 @@ struct PoolInner {
     stop: Arc<Stop>,
     stats: Arc<PoolStats>,
     budget: Mutex<Option<Budget>>,
-    /// Nanoseconds added to every allocation (benchmarks).
-    latency_ns: AtomicU64,
 }
 
 impl PoolInner {
     fn allocate(&self) -> Result<HugePage, AllocError> {
         let started = Instant::now();
-        let latency = self.latency_ns.load(Ordering::Relaxed);
-        if latency > 0 {
-            std::thread::sleep(Duration::from_nanos(latency));
-        }
         let result = if crate::fires!("pool-alloc") {
             Err(AllocError::GaveUp("injected allocation failure".into()))
         } else {
-            match self.source {
-                PoolKind::Hugetlb => alloc_hugetlb(),
-                PoolKind::Thp => alloc_thp(),
-                PoolKind::Auto => alloc_hugetlb().or_else(|_| alloc_thp()),
-            }
+            self.source.alloc()
         };
         match &result {
             Ok(p) if p.kind() == PageKind::Hugetlb => self.stats.hugetlb.inc(),
@@ -187,7 +187,7 @@ impl PoolInner {
     /// A refill thread: keeps the queue as deep as [`PoolInner::depth`] says, counting the
     /// allocations other refill threads have under way. The stop flag is checked under the
     /// queue's lock and set (with the notify) under it too, so a stop is never missed.
-    fn refill(&self) -> Result<(), String> {
+    fn refill(&self) -> Result<(), Failure> {
         // Below the vCPUs and the fault handlers: a refill uses CPU they leave, and yields to
         // them at once (at nice 0 four refill threads on two CPUs stretched a 2 MiB fault's
         // service from 37 us to 100-200 us at the median), yet still gets its share when the
@@ -259,15 +259,15 @@ pub struct HugePagePool {
 }
 
 impl HugePagePool {
-    /// A pool of pages from `source` that keeps at least `ahead` pages ready (0: allocate on
+    /// A pool of pages from `source` (a [`PoolKind`], or any allocator) that keeps at least `ahead` pages ready (0: allocate on
     /// demand, no refill), with `refill_threads` threads allocating (at least one). If a refill
     /// thread fails (it panics), `on_fatal` is told.
     pub fn new(
-        source: PoolKind,
+        source: Arc<dyn HugePageAllocator>,
         ahead: usize,
         refill_threads: usize,
         hook: &ThreadHook,
-        on_fatal: impl Fn(String) + Send + Sync + 'static,
+        on_fatal: impl Fn(ThreadFailure) + Send + Sync + 'static,
     ) -> io::Result<Self> {
         let stop = Arc::new(Stop::new()?);
         let inner = Arc::new(PoolInner {
@@ -279,7 +279,6 @@ impl HugePagePool {
             stop,
             stats: Arc::default(),
             budget: Mutex::new(None),
-            latency_ns: AtomicU64::new(0),
         });
         let on_fatal = Arc::new(on_fatal);
         let mut refills = Vec::new();
@@ -307,15 +306,6 @@ impl HugePagePool {
     pub fn with_budget(self, budget: Budget) -> Self {
         *lock(&self.inner.budget) = Some(budget);
         self.inner.wanted.notify_all();
-        self
-    }
-
-    /// Makes every allocation from now on take `latency` longer (benchmarks: the cost of
-    /// reclaim, compaction, or a userland backend, as a variable).
-    pub fn with_latency(self, latency: Duration) -> Self {
-        self.inner
-            .latency_ns
-            .store(latency.as_nanos() as u64, Ordering::Relaxed);
         self
     }
 
@@ -402,14 +392,19 @@ impl Drop for HugePagePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn pool_keeps_pages_ready_and_frees_them() {
         #[cfg(feature = "failpoints")]
         let _alone = fail::FailScenario::setup();
-        let mut pool = HugePagePool::new(PoolKind::Thp, 2, 1, &ThreadHook::default(), |what| {
-            panic!("{what}")
-        })
+        let mut pool = HugePagePool::new(
+            Arc::new(PoolKind::Thp),
+            2,
+            1,
+            &ThreadHook::default(),
+            |what| panic!("{what}"),
+        )
         .unwrap();
         for _ in 0..200 {
             if pool.ready() == 2 {
@@ -445,7 +440,7 @@ mod tests {
         let _alone = fail::FailScenario::setup();
         let budget = Arc::new(std::sync::atomic::AtomicUsize::new(5));
         let b = budget.clone();
-        let pool = HugePagePool::new(PoolKind::Thp, 1, 2, &ThreadHook::default(), |w| {
+        let pool = HugePagePool::new(Arc::new(PoolKind::Thp), 1, 2, &ThreadHook::default(), |w| {
             panic!("{w}")
         })
         .unwrap()
@@ -486,7 +481,7 @@ mod tests {
     #[cfg(feature = "failpoints")]
     fn a_taker_waits_for_the_refill_under_way() {
         let scenario = fail::FailScenario::setup();
-        let pool = HugePagePool::new(PoolKind::Thp, 1, 1, &ThreadHook::default(), |w| {
+        let pool = HugePagePool::new(Arc::new(PoolKind::Thp), 1, 1, &ThreadHook::default(), |w| {
             panic!("{w}")
         })
         .unwrap();
@@ -514,10 +509,11 @@ mod tests {
     fn failing_allocations_leave_nothing_behind() {
         let scenario = fail::FailScenario::setup();
         fail::cfg("pool-alloc", "return").unwrap();
-        let mut pool = HugePagePool::new(PoolKind::Thp, 2, 2, &ThreadHook::default(), |w| {
-            panic!("{w}")
-        })
-        .unwrap();
+        let mut pool =
+            HugePagePool::new(Arc::new(PoolKind::Thp), 2, 2, &ThreadHook::default(), |w| {
+                panic!("{w}")
+            })
+            .unwrap();
         assert!(eventually(|| pool.stats().failed.get() >= 2));
         assert!(pool.alloc().is_err());
         assert_eq!(pool.ready(), 0);
@@ -533,9 +529,13 @@ mod tests {
     fn a_stop_between_the_check_and_the_wait_is_not_missed() {
         let scenario = fail::FailScenario::setup();
         fail::cfg("pool-refill-wait", "sleep(300)").unwrap();
-        let mut pool = HugePagePool::new(PoolKind::Thp, 1, 1, &ThreadHook::default(), |what| {
-            panic!("{what}")
-        })
+        let mut pool = HugePagePool::new(
+            Arc::new(PoolKind::Thp),
+            1,
+            1,
+            &ThreadHook::default(),
+            |what| panic!("{what}"),
+        )
         .unwrap();
         // Watched through the counters: `ready()` would take the lock the thread holds.
         let start = std::time::Instant::now();

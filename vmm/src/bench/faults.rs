@@ -21,8 +21,8 @@ use super::{BenchError, Record, median, run_vm, us};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::stalls::GuestStalls;
 use crate::units::ByteSize;
+use vm_extents::InstallMethod;
 use vm_extents::host_view;
-use vm_extents::huge::install::InstallMethod;
 use vm_extents::ram_image;
 use vm_extents::{Backing, PageSourceKind};
 
@@ -248,7 +248,7 @@ impl FaultsConfig {
             populate: false,
             // Extent-granular resolution takes pre-zeroed pages from the pool, whose depth
             // follows the rate 2 MiB faults take them (the pipelined default).
-            pool_ahead: vm_extents::huge::pool::POOL_AHEAD,
+            pool_ahead: vm_extents::MemoryConfig::POOL_AHEAD,
             // A filter can never be lifted, and this process goes on to run more VMs.
             seccomp: crate::seccomp::Seccomp::Off,
             // Only the VMM's own handler has threads to set.

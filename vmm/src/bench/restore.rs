@@ -23,7 +23,7 @@ use super::{BenchError, Record, finish, median, quiet_devices, run_vm};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::units::ByteSize;
 use crate::vm::Vm;
-use vm_extents::huge::pool::PoolKind;
+use vm_extents::PoolKind;
 use vm_extents::{Backing, PageSourceKind, Restore, host_view};
 
 /// How a restore is done.

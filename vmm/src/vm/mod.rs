@@ -41,10 +41,10 @@ use crate::metrics::{self, VcpuStats};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
 use stop::{kick_signal, on_kick, stop_and_join};
+use vm_extents::MemoryReport;
 use vm_extents::host_view;
 use vm_extents::ram_image::{HEADER_SIZE, RamImageError, SAVE_FLAG};
-use vm_extents::report::MemoryReport;
-use vm_extents::{Memory, MemoryError};
+use vm_extents::{Memory, MemoryBuilder, MemoryError};
 
 /// A VM ready to run.
 pub struct Vm {
@@ -106,15 +106,16 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
 impl Vm {
     /// Validates `config` against this host, then builds the VM: KVM, RAM, boot data, vCPUs.
     pub fn build(config: VmConfig, devices: Devices) -> Result<Vm, VmError> {
-        Self::build_gated(config, devices, None)
+        Self::build_with(config, devices, |memory| memory)
     }
 
-    /// [`Vm::build`], with the collapse thread waiting for `gate` to turn true before its
-    /// first scan (benchmarks start every variant at the same moment).
-    pub fn build_gated(
+    /// [`Vm::build`], with the memory manager's builder adjusted by `tune` after the
+    /// configuration has set it up: where benchmarks add what no user option sets (a collapse
+    /// gate, an allocator that models slow allocation). The result is checked as usual.
+    pub fn build_with(
         config: VmConfig,
         devices: Devices,
-        gate: Option<Arc<AtomicBool>>,
+        tune: impl FnOnce(MemoryBuilder) -> MemoryBuilder,
     ) -> Result<Vm, VmError> {
         let built_from = Instant::now();
         let hugetlb_free_before = host_view::hugetlb_pool().free;
@@ -139,21 +140,21 @@ impl Vm {
         image.check_args(&config.args, config.memory.0 - free_start)?;
         let failure_hint = (!image.is_builtin()).then(|| crate::loader::bare_metal_hint(&exe));
 
-        let mut memory_config = config.memory_config();
+        let mut memory_config = config.memory_config_with(tune)?;
         // Running out of mappings later would abort the process (a thread's stack, an
         // allocation): refuse now, while it can still say why.
         if let (Ok(max), Ok(used)) = (host_view::max_map_count(), host_view::mappings())
-            && used + memory_config.map_reserve > max
+            && used + memory_config.map_reserve() > max
         {
             return Err(VmError::Mappings {
                 max,
                 used,
-                need: memory_config.map_reserve,
+                need: memory_config.map_reserve(),
             });
         }
         // On by default, the collapse thread is an optimisation: where the host does not
         // allow it, say so once and run without it. Asked for with --collapse on, it must run.
-        if memory_config.collapse.is_some()
+        if memory_config.collapse().is_some()
             && matches!(config.collapse, Collapse::Default(_))
             && let Some(why) = vm_extents::collapse_unavailable()
         {
@@ -161,7 +162,7 @@ impl Vm {
                 "vmm: warning: running without the collapse thread: {why}; pass --collapse \
                  off to silence this"
             );
-            memory_config.collapse = None;
+            memory_config = memory_config.without_collapse();
         }
         // The memory threads read the kernel's view through these, opened before any filter.
         host_view::open_views().map_err(|e| VmError::Memory(MemoryError::KernelView(e)))?;
@@ -216,19 +217,18 @@ impl Vm {
         // populated now, so every later fault is the workload's own.
         memory
             .ram()
-            .populate_range(0, free_start)
+            .populate_range(GuestAddress(0), free_start)
             .map_err(|source| MemoryError::Populate {
                 backing: config.backing,
                 source,
             })?;
         let events = mpsc::channel();
         let fatal = std::sync::Mutex::new(events.0.clone());
-        memory.start(
-            gate,
-            Arc::new(move |what| {
-                let _ = fatal.lock().map(|tx| tx.send(VmEvent::Fatal(what)));
-            }),
-        )?;
+        memory.start(Arc::new(move |what| {
+            let _ = fatal
+                .lock()
+                .map(|tx| tx.send(VmEvent::Fatal(what.to_string())));
+        }))?;
         Ok(Vm {
             vcpus,
             vm_fd: Some(vm_fd),

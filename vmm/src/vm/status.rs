@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use crate::devices::serial::terminal;
-use vm_extents::report::MemoryReport;
+use vm_extents::MemoryReport;
 
 /// How long a run lasts before the line appears.
 pub const AFTER: Duration = Duration::from_secs(2);

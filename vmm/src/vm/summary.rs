@@ -9,8 +9,8 @@ use serde_json::Value;
 use crate::error::exit_code;
 use crate::metrics::VcpuStats;
 use crate::stalls::GuestStalls;
+use vm_extents::MemoryReport;
 use vm_extents::ram_image::SaveStats;
-use vm_extents::report::MemoryReport;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,12 +24,11 @@ use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::metrics::{latency_histogram, percentiles};
 use crate::units::ByteSize;
 use crate::vm::Vm;
-use vm_extents::PageSourceKind;
-use vm_extents::collapse::{CollapseConfig, CollapseOrder};
-use vm_extents::host_view;
-use vm_extents::huge::install::InstallMethod;
-use vm_extents::huge::page::alloc_thp;
-use vm_extents::huge::pool::PoolKind;
+use vm_extents::{
+    AllocError, Backing, CollapseConfig, CollapseGate, CollapseOrder, GuestRam, HugePage,
+    HugePageAllocator, InstallMethod, MemoryBuilder, PageSourceKind, PoolKind, alloc_thp,
+    host_view,
+};
 
 mod report;
 use report::{Floor, median_of_rounds, report_latency_sweep, report_table};
@@ -162,6 +161,22 @@ impl Point {
     }
 }
 
+/// Huge pages from `source`, each `latency` late: allocation as slow as reclaim, compaction
+/// or a userland backend would make it, as a variable of the run.
+struct SlowAllocator {
+    source: PoolKind,
+    latency: Duration,
+}
+
+impl HugePageAllocator for SlowAllocator {
+    fn alloc(&self) -> Result<HugePage, AllocError> {
+        if !self.latency.is_zero() {
+            std::thread::sleep(self.latency);
+        }
+        self.source.alloc()
+    }
+}
+
 /// Makes the host's free memory cold before a run: a buffer of `bytes` is faulted in page by
 /// page (4 KiB pages, so free memory is broken up) and given back, so the run's huge pages
 /// come from memory no one touched recently, which must be zeroed from DRAM and may need
@@ -240,7 +255,7 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
     };
     // Every variant starts collapsing at the same moment: once the guest has populated all of
     // its RAM with 4 KiB pages (its first pass), while it goes on writing.
-    let gate = Arc::new(AtomicBool::new(false));
+    let gate = CollapseGate::new();
     let vm_config = VmConfig {
         guest: "verify".into(),
         memory: config.memory,
@@ -265,7 +280,6 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
         // A filter can never be lifted, and this process goes on to run more VMs.
         seccomp: crate::seccomp::Seccomp::Off,
         install: row.install.unwrap_or_default(),
-        alloc_latency: at.alloc_latency,
         page_source: match variant.order() {
             Some(_) => config.page_source.clone(),
             None => PageSourceKind::Kernel,
@@ -280,11 +294,18 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
     if at.cold {
         chill((4 * config.memory.0 as usize).max(512 << 20))?;
     }
-    let vm = Vm::build_gated(vm_config, quiet_devices(), Some(gate.clone())).map_err(|source| {
-        BenchError::Vm {
-            what: variant.name().into(),
-            source,
-        }
+    let allocator = SlowAllocator {
+        source: PoolKind::Thp,
+        latency: at.alloc_latency,
+    };
+    let tune = |memory: MemoryBuilder| {
+        memory
+            .collapse_gate(gate.clone())
+            .huge_allocator(Arc::new(allocator))
+    };
+    let vm = Vm::build_with(vm_config, quiet_devices(), tune).map_err(|source| BenchError::Vm {
+        what: variant.name().into(),
+        source,
     })?;
     let range = vm.ram_host_range();
     let total = range.end - range.start;
@@ -305,7 +326,7 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
     let populated_after = start.elapsed();
     let began = Instant::now();
     if variant.order().is_some() {
-        gate.store(true, Ordering::Release);
+        gate.open();
     } else {
         // The kernel's own machinery only works on THP-eligible memory.
         // SAFETY: advice on guest RAM, which stays mapped until `run` returns (`done`); it
@@ -444,10 +465,23 @@ fn floors() -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
         Ok(t.elapsed())
     })?;
     let mremap = time_n(100, || {
-        vm_extents::huge::page::time_bare_move()
-            .map_err(|e| BenchError::Setup(format!("the mremap floor: {e}")))
+        time_bare_move().map_err(|e| BenchError::Setup(format!("the mremap floor: {e}")))
     })?;
     Ok((memcpy, mremap))
+}
+
+/// Times one bare move of a THP over a 4 KiB-populated 2 MiB mapping of its own: the floor
+/// of a collapse's write window.
+fn time_bare_move() -> std::io::Result<Duration> {
+    let page = alloc_thp().map_err(std::io::Error::other)?;
+    let dst = GuestRam::new(EXTENT_SIZE, Backing::Small).map_err(std::io::Error::other)?;
+    dst.populate()?;
+    let start = Instant::now();
+    // SAFETY: `dst` is a 2 MiB-aligned mapping of our own that nothing else uses, populated
+    // only to be replaced; the moved page becomes part of it and is unmapped with it.
+    let moved = unsafe { page.move_to(dst.host_base().0 as u64) };
+    let took = start.elapsed();
+    moved.map(|_| took).map_err(|failed| failed.source)
 }
 
 /// The smallest guest RAM worth measuring a collapse in: the reserved area and the program's
