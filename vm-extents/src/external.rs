@@ -8,10 +8,10 @@ use crate::PAGE_SIZE;
 
 use vmm_sys_util::signal::register_signal_handler;
 
-use super::MemoryError;
 use super::host_view;
 use super::ram::GuestRam;
 use super::uffd::{self, Uffd};
+use super::{MemoryError, UffdUser};
 use crate::handoff::{self, Region, Schema};
 
 /// The page server guest RAM was handed to: our end of its socket, open for as long as guest
@@ -34,20 +34,16 @@ impl PageServer {
     /// server that dies leaves faults waiting (not filled with zeroes by the kernel) until the
     /// VM is stopped and RAM unregistered.
     pub fn hand_over(ram: &GuestRam, socket: PathBuf) -> Result<(PageServer, Uffd), MemoryError> {
-        let needed_by = "--page-source external".to_string();
+        let needed_by = UffdUser::ExternalServer;
         let failed = |what, source| MemoryError::Uffd {
-            needed_by: needed_by.clone(),
+            needed_by,
             what,
             source,
         };
         // Poison, to release a dead server's faults without zeroes, where the kernel has it.
         let uffd = Uffd::new(uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_POISON)
             .or_else(|_| Uffd::new(uffd::FEATURE_EVENT_REMOVE))
-            .map_err(|source| MemoryError::UffdUnavailable {
-                needed_by: needed_by.clone(),
-                alternative: "",
-                source,
-            })?;
+            .map_err(|source| MemoryError::UffdUnavailable { needed_by, source })?;
         if uffd.features() & uffd::FEATURE_EVENT_REMOVE == 0 {
             return Err(failed(
                 "checking its features",

@@ -179,6 +179,29 @@ pub use worker::{
 
 use ram_image::RamImageError;
 
+/// Which part of the manager needs a userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UffdUser {
+    /// The manager's fault handlers, serving first touches from this page source (`zero` or
+    /// `image`).
+    PageSource(&'static str),
+    /// The collapse thread (write-protect faults).
+    CollapseThread,
+    /// An external page server, handed guest RAM.
+    ExternalServer,
+}
+
+impl std::fmt::Display for UffdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UffdUser::PageSource(name) => write!(f, "the {name} page source"),
+            UffdUser::CollapseThread => f.write_str("the collapse thread"),
+            UffdUser::ExternalServer => f.write_str("an external page server"),
+        }
+    }
+}
+
 /// Errors from setting up or saving guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -187,7 +210,7 @@ pub enum MemoryError {
     Ram(#[from] RamError),
     /// The hugetlb pool is too small.
     #[error(
-        "--backing hugetlb needs {need} free 2 MiB huge pages for {ram_mib} MiB of guest RAM, \
+        "hugetlb backing needs {need} free 2 MiB huge pages for {ram_mib} MiB of guest RAM, \
          but the pool has {free} free ({total} in total); reserve them as root with: \
          echo {suggest} > /proc/sys/vm/nr_hugepages"
     )]
@@ -219,13 +242,11 @@ pub enum MemoryError {
     #[error(
         "{needed_by} needs a userfaultfd, which this user may not open: run as root, set \
          vm.unprivileged_userfaultfd=1, or give this user read and write access to \
-         /dev/userfaultfd{alternative}"
+         /dev/userfaultfd{}", if *needed_by == UffdUser::CollapseThread { ", or run without the collapse thread" } else { "" }
     )]
     UffdUnavailable {
         /// What needs it.
-        needed_by: String,
-        /// How to do without, if there is a way.
-        alternative: &'static str,
+        needed_by: UffdUser,
         /// What the system said.
         #[source]
         source: std::io::Error,
@@ -234,7 +255,7 @@ pub enum MemoryError {
     #[error("cannot set up userfaultfd for {needed_by}: {what}")]
     Uffd {
         /// What needs it.
-        needed_by: String,
+        needed_by: UffdUser,
         /// What failed.
         what: &'static str,
         /// What the system said.

@@ -34,7 +34,7 @@ use super::report::{
 };
 use super::uffd::{self, Uffd, UffdSet};
 use super::worker::OnFailure;
-use super::{MemoryError, ram_image};
+use super::{MemoryError, UffdUser, ram_image};
 
 /// What teardown left behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -321,9 +321,9 @@ impl Memory {
     /// VMM serves them, for write-protect faults where the collapse thread runs.
     fn register(&self, missing: bool, write_protect: bool) -> Result<UffdSet, MemoryError> {
         let needed_by = if missing {
-            format!("--page-source {}", self.config.source.name())
+            UffdUser::PageSource(self.config.source.name())
         } else {
-            "the collapse thread".to_string()
+            UffdUser::CollapseThread
         };
         let mut features = uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
         let mut mode = 0;
@@ -340,19 +340,10 @@ impl Memory {
         } else {
             1
         };
-        let uffds = UffdSet::new(extents, shards, || Uffd::new(features)).map_err(|source| {
-            MemoryError::UffdUnavailable {
-                needed_by: needed_by.clone(),
-                alternative: if missing {
-                    ""
-                } else {
-                    ", or run with --collapse off"
-                },
-                source,
-            }
-        })?;
+        let uffds = UffdSet::new(extents, shards, || Uffd::new(features))
+            .map_err(|source| MemoryError::UffdUnavailable { needed_by, source })?;
         let failed = |what, source| MemoryError::Uffd {
-            needed_by: needed_by.clone(),
+            needed_by,
             what,
             source,
         };
@@ -362,7 +353,7 @@ impl Memory {
                 "checking its features",
                 std::io::Error::other(
                     "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux \
-                     6.4+), which the collapse thread needs; run with --collapse off",
+                     6.4+), which the collapse thread needs",
                 ),
             ));
         }
@@ -517,6 +508,7 @@ impl Memory {
     pub fn save(
         &self,
         path: &Path,
+        label: &'static str,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<SaveStats, MemoryError> {
         let counts_known = self.counts()?;
@@ -528,6 +520,7 @@ impl Memory {
         }
         let stats = ram_image::save(
             path,
+            label,
             self.config.size,
             |gpa, buf| {
                 if table.is_populated(gpa) {

@@ -223,26 +223,125 @@ impl GuestRam {
         })
     }
 
-    /// Maps fresh memory (zeroes, RAM's flags and advice) over a hole at offsets
-    /// `[gpa, gpa + len)`: a failed `mremap` may have unmapped part of guest RAM.
-    pub(crate) fn refill_hole(&self, gpa: u64, len: u64) -> io::Result<()> {
+    /// Maps memory with RAM's flags and advice over a hole at offsets `[gpa, gpa + len)` (a
+    /// failed `mremap` may have unmapped part of guest RAM). No thread ever sees the range
+    /// mapped but not yet what it must be (an access in between faults, as in the hole):
+    /// - with `contents`, a `PROT_NONE` placeholder holds the range while the contents are
+    ///   prepared off to the side, then they are moved over it whole; if that move fails the
+    ///   placeholder stays, and the range stays inaccessible rather than wrong;
+    /// - without, fresh memory is mapped `PROT_NONE`, for the caller to register with its
+    ///   userfaultfd before [`Self::open_refilled`] makes it accessible (unpopulated memory
+    ///   read before that would be the kernel's zeroes, not the page source's).
+    pub(crate) fn refill_hole(
+        &self,
+        gpa: u64,
+        len: u64,
+        contents: Option<&[u8]>,
+    ) -> io::Result<()> {
         assert!(
             gpa.checked_add(len).is_some_and(|end| end <= self.size),
             "inside RAM"
         );
-        // SAFETY: the range lies inside our reservation and is unmapped (NOREPLACE fails
-        // otherwise), so nothing is replaced and nothing else refers to it.
-        let addr = unsafe { self.base.as_ptr().add(gpa as usize) };
-        // SAFETY: as above.
-        let mapped = unsafe {
+        assert!(contents.is_none_or(|c| c.len() as u64 == len));
+        // SAFETY: the offset lies inside our mapping.
+        let addr = unsafe { self.base.as_ptr().add(gpa as usize) }.cast::<libc::c_void>();
+        let len = len as usize;
+        let Some(contents) = contents else {
+            // SAFETY: the range lies inside our reservation and is unmapped (NOREPLACE fails
+            // otherwise), so nothing is replaced and nothing else refers to it.
+            let mapped =
+                unsafe { self.map_fresh(addr, len, libc::MAP_FIXED_NOREPLACE, libc::PROT_NONE) }?;
+            debug_assert_eq!(mapped, addr);
+            return Ok(());
+        };
+        // SAFETY: as above; the placeholder is ours, inaccessible, and replaced below.
+        let placeholder = unsafe {
             libc::mmap(
-                addr.cast(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
+                addr,
+                len,
+                libc::PROT_NONE,
                 libc::MAP_PRIVATE
                     | libc::MAP_ANONYMOUS
-                    | libc::MAP_FIXED_NOREPLACE
-                    | self.backing.mmap_flags(),
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if placeholder == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh mapping at an address the kernel chooses; it overlaps nothing.
+        let staging = unsafe {
+            self.map_fresh(
+                std::ptr::null_mut(),
+                len,
+                0,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        }?;
+        // SAFETY: `staging` is our own fresh `len`-byte writable mapping, `contents` is `len`
+        // bytes elsewhere.
+        unsafe { std::ptr::copy_nonoverlapping(contents.as_ptr(), staging.cast::<u8>(), len) };
+        // SAFETY: moves our staging mapping over our own placeholder (MREMAP_FIXED unmaps
+        // it); nothing else refers to either.
+        let moved = unsafe {
+            libc::mremap(
+                staging,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                addr,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            // SAFETY: the staging mapping is ours and unused.
+            unsafe { libc::munmap(staging, len) };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Makes a range [`Self::refill_hole`] mapped fresh accessible.
+    pub(crate) fn open_refilled(&self, gpa: u64, len: u64) -> io::Result<()> {
+        assert!(
+            gpa.checked_add(len).is_some_and(|end| end <= self.size),
+            "inside RAM"
+        );
+        // SAFETY: the range lies inside our mapping; making it accessible changes no contents.
+        let r = unsafe {
+            libc::mprotect(
+                self.base.as_ptr().add(gpa as usize).cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Maps `len` bytes of fresh memory with RAM's flags and advice and protection `prot`, at
+    /// `addr` with `fixed` (0: anywhere).
+    ///
+    /// # Safety
+    /// With `fixed`, `addr` must be a range the caller owns, unused.
+    unsafe fn map_fresh(
+        &self,
+        addr: *mut libc::c_void,
+        len: usize,
+        fixed: libc::c_int,
+        prot: libc::c_int,
+    ) -> io::Result<*mut libc::c_void> {
+        // SAFETY: the caller's promise.
+        let mapped = unsafe {
+            libc::mmap(
+                addr,
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed | self.backing.mmap_flags(),
                 -1,
                 0,
             )
@@ -252,9 +351,9 @@ impl GuestRam {
         }
         if let Some(advice) = self.backing.madvise() {
             // SAFETY: advice on the range just mapped; it changes no contents.
-            unsafe { libc::madvise(mapped, len as usize, advice) };
+            unsafe { libc::madvise(mapped, len, advice) };
         }
-        Ok(())
+        Ok(mapped)
     }
 
     /// Populates every page now (`MADV_POPULATE_WRITE`), so no fault happens later.
@@ -473,5 +572,55 @@ mod tests {
         // Populating is by guest address, inside one region.
         ram.populate_range(high, 2 * MIB).expect("populate");
         assert!(ram.populate_range(GuestAddress(2 * MIB), 4 * MIB).is_err());
+    }
+
+    #[test]
+    fn a_refilled_hole_is_never_mapped_with_the_wrong_contents() {
+        let ram = GuestRam::new(3 * EXTENT_SIZE, Backing::Small).expect("map");
+        let extent = |i: u64| (ram.host_base().0 as u64 + i * EXTENT_SIZE) as *mut libc::c_void;
+        let hole = |i: u64| {
+            // SAFETY: an extent of our own mapping, unused by anything else in this test.
+            assert_eq!(unsafe { libc::munmap(extent(i), EXTENT_SIZE as usize) }, 0);
+        };
+        // With contents: they are there, whole, the moment the range is accessible again.
+        hole(1);
+        let contents = vec![0x5au8; EXTENT_SIZE as usize];
+        ram.refill_hole(EXTENT_SIZE, EXTENT_SIZE, Some(&contents))
+            .expect("refill");
+        let view = ram.by_offset();
+        assert_eq!(
+            view.read_obj::<u64>(GuestAddress(EXTENT_SIZE + 4096))
+                .unwrap(),
+            0x5a5a_5a5a_5a5a_5a5a
+        );
+        assert_eq!(
+            view.read_obj::<u8>(GuestAddress(2 * EXTENT_SIZE - 1))
+                .unwrap(),
+            0x5a
+        );
+        // Without: fresh memory, inaccessible until opened.
+        hole(2);
+        ram.refill_hole(2 * EXTENT_SIZE, EXTENT_SIZE, None)
+            .expect("refill");
+        let mut vec = 0u8;
+        // SAFETY: mincore only reports on the range and writes one byte.
+        let mapped = unsafe { libc::mincore(extent(2), 4096, &mut vec) };
+        assert_eq!(mapped, 0, "mapped");
+        let prot = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let start = format!("{:x}-", extent(2) as u64);
+        let line = prot
+            .lines()
+            .find(|l| l.starts_with(&start))
+            .expect("its mapping");
+        assert!(line.contains(" ---p "), "{line}");
+        ram.open_refilled(2 * EXTENT_SIZE, EXTENT_SIZE)
+            .expect("open");
+        assert_eq!(
+            view.read_obj::<u64>(GuestAddress(2 * EXTENT_SIZE)).unwrap(),
+            0
+        );
+        // A hole that is not one (still mapped) is refused, not replaced.
+        assert!(ram.refill_hole(0, EXTENT_SIZE, Some(&contents)).is_err());
+        assert!(ram.refill_hole(0, EXTENT_SIZE, None).is_err());
     }
 }

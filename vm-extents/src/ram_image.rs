@@ -24,8 +24,6 @@ const VERSION: u32 = 1;
 pub const HEADER_SIZE: u64 = 4096;
 /// The largest raw RAM file served or converted (1 TiB: any guest this host could run).
 pub const MAX_RAW_LEN: u64 = 1 << 40;
-/// The option that names the file an image is saved to.
-pub const SAVE_FLAG: &str = "--save-memory";
 
 /// Errors about memory image files.
 #[derive(Debug, thiserror::Error)]
@@ -34,13 +32,13 @@ pub enum RamImageError {
     #[error(transparent)]
     File(#[from] FileError),
     /// The file is not an image.
-    #[error("{} is not a vmm memory image (no VMMIMAGE header); images are written by --save-memory", path.display())]
+    #[error("{} is not a vmm memory image (no VMMIMAGE header)", path.display())]
     NotAnImage {
         /// The file named.
         path: PathBuf,
     },
     /// The image holds a different amount of RAM.
-    #[error("memory image {} holds {} of guest RAM but --memory is {}; run with --memory {}", path.display(), ByteSize(*image_ram), ByteSize(*ram), ByteSize(*image_ram))]
+    #[error("memory image {} holds {} of guest RAM but this VM has {}: restore it into {} of RAM", path.display(), ByteSize(*image_ram), ByteSize(*ram), ByteSize(*image_ram))]
     SizeMismatch {
         /// The file named.
         path: PathBuf,
@@ -404,14 +402,15 @@ pub enum Page {
 /// `path` is still missing or a regular file, then the directory is fsynced. `page(gpa, buf)`
 /// fills the 4 KiB page at `gpa` or says it is a hole; all-zero pages become holes too.
 /// `interrupted()` is asked now and then: when it says yes, the save stops and the temporary
-/// is removed, leaving `path` as it was.
+/// is removed, leaving `path` as it was. `label` names the target in errors (a VMM's option).
 pub fn save(
     path: &Path,
+    label: &'static str,
     ram_size: u64,
     page: impl FnMut(u64, &mut [u8; PAGE_SIZE as usize]) -> Result<Page, RamImageError>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<SaveStats, RamImageError> {
-    write_pages(path, SAVE_FLAG, true, ram_size, page, interrupted)
+    write_pages(path, label, true, ram_size, page, interrupted)
 }
 
 /// [`save`], with the header (`with_header`) or without: a raw file of guest RAM, as
@@ -562,6 +561,7 @@ mod tests {
         let ram = 4 << 20;
         let stats = save(
             &path,
+            "the image",
             ram,
             |gpa, buf| {
                 buf.fill(0);
@@ -612,16 +612,26 @@ mod tests {
     fn a_failed_or_interrupted_save_leaves_the_old_image_alone() {
         let dir = tmpdir("atomic");
         let path = dir.join("ram.img");
-        save(&path, 2 << 20, filled(1), &never).unwrap();
+        save(&path, "the image", 2 << 20, filled(1), &never).unwrap();
         let before = std::fs::read(&path).unwrap();
         // A save into a directory that does not exist fails before touching anything.
-        assert!(save(&dir.join("missing/ram.img"), 2 << 20, filled(2), &never).is_err());
+        assert!(
+            save(
+                &dir.join("missing/ram.img"),
+                "the image",
+                2 << 20,
+                filled(2),
+                &never
+            )
+            .is_err()
+        );
         // A signal during the save.
-        let e = save(&path, 2 << 20, filled(3), &|| true).unwrap_err();
+        let e = save(&path, "the image", 2 << 20, filled(3), &|| true).unwrap_err();
         assert!(matches!(e, RamImageError::Interrupted { .. }), "{e}");
         // A page that cannot be read.
         let e = save(
             &path,
+            "the image",
             2 << 20,
             |gpa, _| {
                 if gpa == 8192 {
@@ -652,7 +662,7 @@ mod tests {
         let dir = tmpdir("no-replace");
         let path = dir.join("ram.img");
         std::fs::create_dir(&path).unwrap();
-        let e = save(&path, 2 << 20, filled(1), &never).unwrap_err();
+        let e = save(&path, "the image", 2 << 20, filled(1), &never).unwrap_err();
         assert!(e.to_string().contains("a directory"), "{e}");
         assert!(path.is_dir());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -675,10 +685,10 @@ mod tests {
             RamImage::open(&path, 2 << 20),
             Err(RamImageError::NotAnImage { .. })
         ));
-        save(&path, 4 << 20, filled(0), &never).unwrap();
+        save(&path, "the image", 4 << 20, filled(0), &never).unwrap();
         let e = RamImage::open(&path, 2 << 20).unwrap_err().to_string();
         assert!(
-            e.contains("holds 4M") && e.contains("--memory is 2M") && e.contains("--memory 4M"),
+            e.contains("holds 4M") && e.contains("this VM has 2M") && e.contains("into 4M"),
             "{e}"
         );
         let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -697,11 +707,11 @@ mod tests {
     fn an_image_changed_while_open_is_noticed() {
         let dir = tmpdir("changed");
         let path = dir.join("ram.img");
-        save(&path, 2 << 20, filled(7), &never).unwrap();
+        save(&path, "the image", 2 << 20, filled(7), &never).unwrap();
         let image = RamImage::open(&path, 2 << 20).unwrap();
         image.check_unchanged().unwrap();
         // Replacing the file by a rename is not a change: the open image is the old one.
-        save(&path, 2 << 20, filled(8), &never).unwrap();
+        save(&path, "the image", 2 << 20, filled(8), &never).unwrap();
         image.check_unchanged().unwrap();
         let image = RamImage::open(&path, 2 << 20).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -731,7 +741,7 @@ mod tests {
     fn an_image_truncated_while_open_says_so() {
         let dir = tmpdir("shrunk");
         let path = dir.join("ram.img");
-        save(&path, 2 << 20, filled(7), &never).unwrap();
+        save(&path, "the image", 2 << 20, filled(7), &never).unwrap();
         let image = RamImage::open(&path, 2 << 20).unwrap();
         OpenOptions::new()
             .write(true)

@@ -70,7 +70,10 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => failed(&e, e.is_bad_input()),
+                Err(e) => {
+                    eprintln!("error: {}", vmm::vm::error::image_message(&e));
+                    exit_with(e.is_bad_input())
+                }
             }
         }
         Command::Run(args) => {
@@ -119,6 +122,11 @@ fn guests_text() -> String {
 /// Says what failed and returns the exit code: 203 for bad input, else 204.
 fn failed(e: &dyn std::error::Error, bad_input: bool) -> ExitCode {
     eprintln!("error: {}", chain(e));
+    exit_with(bad_input)
+}
+
+/// 203 for the user's input, else 204.
+fn exit_with(bad_input: bool) -> ExitCode {
     ExitCode::from(if bad_input {
         exit_code::BAD_INPUT
     } else {

@@ -383,25 +383,23 @@ impl Installer {
         Ok(())
     }
 
-    /// Maps the extent again after a failed move unmapped it: fresh memory, `copy`'s contents
-    /// (a complete copy of the extent) or none, registered with the uffd as all of RAM is.
+    /// Maps the extent again after a failed move unmapped it: fresh memory, or `copy`'s
+    /// contents (a complete copy of the extent) put in whole, registered with the uffd as all
+    /// of RAM is.
     fn refill_hole(&self, index: ExtentIndex, copy: Option<&HugePage>) -> std::io::Result<()> {
-        self.ram.refill_hole(index.gpa(), EXTENT_SIZE)?;
+        let contents = copy.map(|page| {
+            // SAFETY: `page` is our own 2 MiB mapping, not written while this borrow lives.
+            unsafe { std::slice::from_raw_parts(page.addr() as *const u8, EXTENT_SIZE as usize) }
+        });
+        self.ram.refill_hole(index.gpa(), EXTENT_SIZE, contents)?;
         let dst = self.ram.host_base().0 as u64 + index.gpa();
-        if let Some(page) = copy {
-            // SAFETY: `dst` is the extent just mapped again (2 MiB, writable, owned by `ram`)
-            // and `page` our own 2 MiB mapping; the two never overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    page.addr() as *const u8,
-                    dst as *mut u8,
-                    EXTENT_SIZE as usize,
-                )
-            };
-        }
-        // Registered after the copy: the copy's own writes must not fault to the handler.
+        // Registered after the copy (the copy's own writes must not fault to the handler), and
+        // fresh memory before any thread may touch it.
         let uffd = self.uffds.for_extent(index.0);
         uffd.register(dst, EXTENT_SIZE, uffd.registered_mode())?;
+        if copy.is_none() {
+            self.ram.open_refilled(index.gpa(), EXTENT_SIZE)?;
+        }
         log::warn!(
             "a failed mremap unmapped extent {}; it was mapped again",
             index.0

@@ -352,6 +352,7 @@ pub fn run(config: &FaultsConfig) -> Result<Value, BenchError> {
         }
         ram_image::save(
             &image_path,
+            "the benchmark's image",
             config.ram(vcpus),
             |gpa, buf| {
                 buf.fill((gpa >> 12) as u8 | 1);

@@ -5,7 +5,8 @@ use crate::config::ConfigError;
 use crate::files::FileError;
 use crate::loader::ProgramError;
 use crate::seccomp;
-use vm_extents::MemoryError;
+use vm_extents::ram_image::RamImageError;
+use vm_extents::{MemoryError, UffdUser};
 
 /// Errors that keep a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +53,10 @@ pub enum VmError {
     /// The guest program is not usable.
     #[error(transparent)]
     Image(#[from] ProgramError),
-    /// Guest memory could not be set up or saved.
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
+    /// Guest memory could not be set up or saved. Told in this CLI's options (the memory
+    /// manager's own messages name its settings), with every cause on the same line.
+    #[error("{}", memory_message(.0))]
+    Memory(MemoryError),
     /// Writing boot data into guest RAM failed.
     #[error("cannot write boot data into guest RAM")]
     BootData(#[source] vm_memory::GuestMemoryError),
@@ -131,5 +133,92 @@ impl VmError {
 
     pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
         move |source| VmError::Kvm { what, source }
+    }
+}
+
+impl From<MemoryError> for VmError {
+    fn from(e: MemoryError) -> Self {
+        VmError::Memory(e)
+    }
+}
+
+/// The option that asked for what needs a userfaultfd.
+fn uffd_user(user: &UffdUser) -> String {
+    match user {
+        UffdUser::PageSource(name) => format!("--page-source {name}"),
+        UffdUser::ExternalServer => "--page-source external".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A memory error in this CLI's terms: the options that set what failed, and what to run
+/// instead; everything else as the memory manager says it.
+fn memory_message(e: &MemoryError) -> String {
+    let chain = |e: &dyn std::error::Error| crate::error::chain(e);
+    let collapse = |user: &UffdUser| *user == UffdUser::CollapseThread;
+    match e {
+        MemoryError::HugetlbPool {
+            need,
+            ram_mib,
+            free,
+            total,
+            suggest,
+        } => format!(
+            "--backing hugetlb needs {need} free 2 MiB huge pages for {ram_mib} MiB of guest RAM, \
+             but the pool has {free} free ({total} in total); reserve them as root with: \
+             echo {suggest} > /proc/sys/vm/nr_hugepages"
+        ),
+        MemoryError::UffdUnavailable { needed_by, source } => format!(
+            "{} needs a userfaultfd, which this user may not open: run as root, set \
+             vm.unprivileged_userfaultfd=1, or give this user read and write access to \
+             /dev/userfaultfd{}: {}",
+            uffd_user(needed_by),
+            if collapse(needed_by) {
+                ", or run with --collapse off"
+            } else {
+                ""
+            },
+            chain(source)
+        ),
+        MemoryError::Uffd {
+            needed_by,
+            what,
+            source,
+        } => format!(
+            "cannot set up userfaultfd for {}: {what}: {}{}",
+            uffd_user(needed_by),
+            chain(source),
+            if collapse(needed_by) {
+                "; run with --collapse off"
+            } else {
+                ""
+            }
+        ),
+        MemoryError::Image(image) => image_message(image),
+        other => chain(other),
+    }
+}
+
+/// A memory image error in this CLI's terms.
+pub fn image_message(e: &RamImageError) -> String {
+    use crate::units::ByteSize;
+    match e {
+        RamImageError::NotAnImage { path } => format!(
+            "{} is not a vmm memory image (no VMMIMAGE header); images are written by \
+             --save-memory",
+            path.display()
+        ),
+        RamImageError::SizeMismatch {
+            path,
+            image_ram,
+            ram,
+        } => format!(
+            "memory image {} holds {} of guest RAM but --memory is {}; run with --memory {}",
+            path.display(),
+            ByteSize(*image_ram),
+            ByteSize(*ram),
+            ByteSize(*image_ram)
+        ),
+        other => crate::error::chain(other),
     }
 }

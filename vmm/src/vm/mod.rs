@@ -43,7 +43,10 @@ use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
 use stop::{kick_signal, on_kick, stop_and_join};
 use vm_extents::MemoryReport;
 use vm_extents::host_view;
-use vm_extents::ram_image::{HEADER_SIZE, RamImageError, SAVE_FLAG};
+use vm_extents::ram_image::{HEADER_SIZE, RamImageError};
+
+/// The option that names the file an image is saved to.
+pub const SAVE_FLAG: &str = "--save-memory";
 use vm_extents::{Memory, MemoryBuilder, MemoryError};
 
 /// A VM ready to run.
@@ -401,7 +404,7 @@ impl Vm {
             (Some(target), &Outcome::Done(code)) => {
                 let path = target.path();
                 let interrupted = || crate::signals::requested().is_some();
-                match self.memory().save(path, &interrupted) {
+                match self.memory().save(path, SAVE_FLAG, &interrupted) {
                     Ok(pages) => {
                         log::info!("saved guest memory to {}: {pages:?}", path.display());
                         Some(SavedImage {
