@@ -11,6 +11,7 @@ use crate::{EXTENT_SIZE, PAGE_SIZE};
 
 use super::backing::{Backing, PageSourceKind};
 use super::collapse::{CollapseConfig, CollapseGate};
+use super::fault::source::PageSource;
 use super::huge::install::InstallMethod;
 use super::huge::page::HugePageAllocator;
 use super::huge::pool::PoolKind;
@@ -103,8 +104,21 @@ pub struct MemoryConfig {
     pub(crate) restore: Restore,
     /// Prefetch threads filling RAM from the image behind the guest (0: none).
     pub(crate) prefetch_threads: usize,
-    /// Added to every read of the image (benchmarks).
-    pub(crate) image_read_latency: Duration,
+    /// Wraps the image's page source, if the VMM asked to.
+    pub(crate) source_layer: SourceLayer,
+}
+
+/// What wraps the image's page source.
+type Layer = dyn Fn(Arc<dyn PageSource>) -> Arc<dyn PageSource> + Send + Sync;
+
+/// The layer [`MemoryBuilder::image_source_layer`] sets, if any.
+#[derive(Clone, Default)]
+pub(crate) struct SourceLayer(pub(crate) Option<Arc<Layer>>);
+
+impl std::fmt::Debug for SourceLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
 }
 
 /// A [`HugePageAllocator`] given instead of a [`PoolKind`]'s.
@@ -293,8 +307,6 @@ impl MemoryBuilder {
         /// Prefetch threads, 1 to [`MemoryConfig::MAX_PREFETCH_THREADS`] (default
         /// [`MemoryConfig::PREFETCH_THREADS`]), where the prefetcher runs.
         prefetch_threads: usize,
-        /// Added to every read of an image: models slower storage (benchmarks).
-        image_read_latency: Duration,
     }
 
     /// vCPUs that will fault on this memory (default 1): sets the default number of fault
@@ -302,6 +314,17 @@ impl MemoryBuilder {
     /// (each vCPU thread costs [`MAPS_PER_THREAD`]).
     pub fn vcpus(mut self, vcpus: usize) -> Self {
         self.vcpus = vcpus.max(1);
+        self
+    }
+
+    /// Wraps the image's page source in `layer`: every read of the image (the fault
+    /// handlers', the collapse's, the prefetcher's, an eager copy's) goes through what it
+    /// returns (a cache, tracing, a model of slower storage in a benchmark).
+    pub fn image_source_layer(
+        mut self,
+        layer: impl Fn(Arc<dyn PageSource>) -> Arc<dyn PageSource> + Send + Sync + 'static,
+    ) -> Self {
+        self.config.source_layer = SourceLayer(Some(Arc::new(layer)));
         self
     }
 
@@ -592,7 +615,7 @@ impl MemoryConfig {
             fault_spin: Duration::ZERO,
             restore: Restore::Lazy,
             prefetch_threads: 0,
-            image_read_latency: Duration::ZERO,
+            source_layer: SourceLayer::default(),
         }
     }
 

@@ -57,6 +57,9 @@ pub struct Memory {
     fault_stats: Arc<FaultStats>,
     ledger: Arc<Ledger>,
     image: Option<Arc<RamImage>>,
+    /// Where the image's pages are read through (the image's own source, perhaps wrapped by
+    /// the VMM): by the fault handlers, the collapse, the prefetcher and an eager copy alike.
+    image_source: Option<Arc<dyn PageSource>>,
     config: MemoryConfig,
     /// Mappings covering guest RAM once it was registered (one per uffd shard).
     ram_mappings_at_start: u64,
@@ -77,13 +80,16 @@ impl Memory {
     /// starts.
     pub fn new(config: MemoryConfig) -> Result<Memory, MemoryError> {
         let image = match &config.source {
-            PageSourceKind::Image(path) => {
-                let image = RamImage::open(path, config.size)?;
-                image.set_read_latency(config.image_read_latency);
-                Some(Arc::new(image))
-            }
+            PageSourceKind::Image(path) => Some(Arc::new(RamImage::open(path, config.size)?)),
             _ => None,
         };
+        let image_source = image.as_ref().map(|image| {
+            let source: Arc<dyn PageSource> = Arc::new(RamImageSource::new(image.clone()));
+            match &config.source_layer.0 {
+                Some(layer) => layer(source),
+                None => source,
+            }
+        });
         if config.backing == Backing::Hugetlb {
             let need = config.size / EXTENT_SIZE;
             let pool = host_view::hugetlb_pool();
@@ -104,20 +110,20 @@ impl Memory {
                 backing: config.backing,
                 source,
             })?;
-            if let Some(image) = &image {
-                copy_image_into(&ram, image)?;
+            if let (Some(image), Some(source)) = (&image, &image_source) {
+                copy_image_into(&ram, image, &**source)?;
             }
             mark_huge_extents(&ram, &mut table, config.backing)?;
         }
         // An eager restore into 4 KiB pages: the kernel populates them as the image is copied
         // in (the table learns of them at start, from the kernel).
         let mut restore_copy_ns = 0;
-        if let Some(image) = image
-            .as_ref()
-            .filter(|_| config.restore == Restore::Eager && config.backing == Backing::Small)
+        if let (Some(image), Some(source)) = (&image, &image_source)
+            && config.restore == Restore::Eager
+            && config.backing == Backing::Small
         {
             let started = std::time::Instant::now();
-            copy_image_into(&ram, image)?;
+            copy_image_into(&ram, image, &**source)?;
             restore_copy_ns = started.elapsed().as_nanos() as u64;
         }
         let maps = MapBudget::new(config.map_reserve).map_err(MemoryError::KernelView)?;
@@ -134,6 +140,7 @@ impl Memory {
             fault_stats: Arc::new(FaultStats::default()),
             ledger: Arc::new(Ledger::new(config.huge_limit)),
             image,
+            image_source,
             config,
             ram_mappings_at_start,
             restore_copy_ns,
@@ -199,10 +206,7 @@ impl Memory {
         }
         let uffds = Arc::new(self.register(missing, collapse.is_some())?);
         self.ram_mappings_at_start = self.ram_mappings()?;
-        let source: Option<Arc<dyn PageSource>> = match &self.image {
-            Some(image) => Some(Arc::new(RamImageSource::new(image.clone()))),
-            None => None,
-        };
+        let source = self.image_source.clone();
         // Huge pages for the collapse thread and for 2 MiB faults.
         let extent_faults = missing && self.config.fault_granularity == EXTENT_SIZE;
         let prefetch = match &self.image {
@@ -263,6 +267,7 @@ impl Memory {
                     self.config.prefetch_threads,
                     self.map.clone(),
                     image,
+                    self.image_source.clone().expect("an image has its source"),
                     Installer {
                         pool: self.pool.as_ref().expect("made above").direct(),
                         ..self.installer(&uffds)
@@ -281,10 +286,7 @@ impl Memory {
             let collapser = Collapser {
                 map: self.map.clone(),
                 uffds: uffds.clone(),
-                source: self
-                    .image
-                    .clone()
-                    .map(|i| Arc::new(RamImageSource::new(i)) as Arc<dyn PageSource>),
+                source: self.image_source.clone(),
                 installer: self.installer(&uffds),
                 config,
                 stats: self.collapse_stats.clone(),

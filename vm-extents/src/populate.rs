@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::MemoryError;
 use super::backing::Backing;
 use super::extent::{ExtentIndex, ExtentState, ExtentTable};
+use super::fault::source::{Fill, PageSource};
 use super::host_view;
 use super::map::MemoryMap;
 use super::ram::GuestRam;
@@ -29,13 +30,16 @@ pub(super) fn sync_extent(map: &MemoryMap, index: ExtentIndex) -> std::io::Resul
 }
 
 /// Fills prepopulated RAM from an image, 2 MiB at a time (no other thread exists yet).
-pub(super) fn copy_image_into(ram: &GuestRam, image: &RamImage) -> Result<(), MemoryError> {
+pub(super) fn copy_image_into(
+    ram: &GuestRam,
+    image: &RamImage,
+    source: &dyn PageSource,
+) -> Result<(), MemoryError> {
     let mut buf = vec![0u8; EXTENT_SIZE as usize];
     for gpa in (0..ram.size()).step_by(EXTENT_SIZE as usize) {
-        if image.is_hole(gpa, EXTENT_SIZE) {
+        if image.is_hole(gpa, EXTENT_SIZE) || source.fill(gpa, &mut buf)? == Fill::Zero {
             continue;
         }
-        image.read_at(&mut buf, gpa)?;
         ram.by_offset()
             .write_slice(&buf, GuestAddress(gpa))
             .expect("the extent lies inside guest RAM");

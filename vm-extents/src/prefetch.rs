@@ -25,6 +25,7 @@ use crate::EXTENT_SIZE;
 use serde::Serialize;
 
 use super::extent::{ExtentIndex, ExtentState};
+use super::fault::source::PageSource;
 use super::huge::install::{Contents, Exclusive, InstallError, Installed, Installer, Prepared};
 use super::map::MemoryMap;
 use super::ram_image::RamImage;
@@ -89,6 +90,8 @@ pub struct PrefetchStats {
 struct Shared {
     map: Arc<MemoryMap>,
     image: Arc<RamImage>,
+    /// Where the image's pages are read through.
+    source: Arc<dyn PageSource>,
     installer: Installer,
     uffds: Arc<UffdSet>,
     hint: Arc<FaultHint>,
@@ -112,6 +115,7 @@ impl Prefetcher {
         threads: usize,
         map: Arc<MemoryMap>,
         image: Arc<RamImage>,
+        source: Arc<dyn PageSource>,
         installer: Installer,
         uffds: Arc<UffdSet>,
         hint: Arc<FaultHint>,
@@ -129,6 +133,7 @@ impl Prefetcher {
         let shared = Arc::new(Shared {
             map,
             image,
+            source,
             installer,
             uffds,
             hint,
@@ -254,16 +259,14 @@ impl Shared {
         result
     }
 
-    /// Reads the extent at `gpa` from the image. One `fstat` per extent first: a file cut
-    /// short under us then says so, not just "short read".
+    /// Reads the extent at `gpa` from the image, through its page source (which checks the
+    /// file first: one cut short under us then says so, not just "short read"). `buf` starts
+    /// zeroed, so an all-zero answer leaves it right.
     fn read_extent(&self, buf: &mut [u8], gpa: u64) -> Result<(), Failure> {
         fail::fail_point!("prefetch-read", |_| Err(
             "injected read failure (EIO)".into()
         ));
-        self.image
-            .check_unchanged()
-            .and_then(|()| self.image.read_at(buf, gpa))
-            .map_err(Failure::from)
+        self.source.fill(gpa, buf).map(drop).map_err(Failure::from)
     }
 
     fn install(

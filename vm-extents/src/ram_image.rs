@@ -178,8 +178,6 @@ pub struct RamImage {
     data: Vec<Range<u64>>,
     /// Bytes read from the file for guest RAM so far.
     bytes_read: crate::stats::Counter,
-    /// Nanoseconds added to every read (benchmarks: an image on slower storage).
-    read_latency_ns: crate::stats::Counter,
     /// Where guest-physical address 0 lies in the file: after the header, or 0 in a raw file.
     data_offset: u64,
     /// Bytes of RAM the file holds.
@@ -266,7 +264,6 @@ impl RamImage {
             opened,
             data,
             bytes_read: Default::default(),
-            read_latency_ns: Default::default(),
             data_offset,
             ram_size: len - data_offset,
         })
@@ -281,10 +278,6 @@ impl RamImage {
     pub fn read_at(&self, buf: &mut [u8], gpa: u64) -> Result<(), RamImageError> {
         let offset = self.data_offset + gpa;
         self.bytes_read.add(buf.len() as u64);
-        let latency = self.read_latency_ns.get();
-        if latency > 0 {
-            std::thread::sleep(std::time::Duration::from_nanos(latency));
-        }
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| match source.kind() {
@@ -298,12 +291,6 @@ impl RamImage {
                     source,
                 },
             })
-    }
-
-    /// Makes every read from now on take `latency` longer (benchmarks: an image on slower
-    /// storage than this host's).
-    pub fn set_read_latency(&self, latency: std::time::Duration) {
-        self.read_latency_ns.set(latency.as_nanos() as u64);
     }
 
     /// Bytes read for guest RAM so far.

@@ -636,7 +636,6 @@ impl RunArgs {
             restore: self.restore,
             prefetch: self.prefetch.map(|s| s == Switch::On),
             prefetch_threads: self.prefetch_threads,
-            image_read_latency: std::time::Duration::ZERO,
         })
     }
 }

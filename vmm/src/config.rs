@@ -119,9 +119,6 @@ pub struct VmConfig {
     pub prefetch: Option<bool>,
     /// Prefetch threads.
     pub prefetch_threads: usize,
-    /// Added to every read of a memory image (benchmarks: slower storage; not a `vmm run`
-    /// option).
-    pub image_read_latency: std::time::Duration,
 }
 
 impl Default for VmConfig {
@@ -151,7 +148,6 @@ impl Default for VmConfig {
             restore: Restore::Lazy,
             prefetch: None,
             prefetch_threads: MemoryConfig::PREFETCH_THREADS,
-            image_read_latency: std::time::Duration::ZERO,
         }
     }
 }
@@ -434,8 +430,7 @@ impl VmConfig {
             .thread_hook(crate::seccomp::memory_thread_hook(self.seccomp))
             .install(self.install)
             .restore(self.restore)
-            .prefetch_threads(self.prefetch_threads)
-            .image_read_latency(self.image_read_latency);
+            .prefetch_threads(self.prefetch_threads);
         if let Some(limit) = self.huge_limit {
             b = b.huge_limit(limit.0);
         }

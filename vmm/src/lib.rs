@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod seccomp;
 pub mod signals;
 pub mod stalls;
+pub mod storage;
 pub mod sync;
 pub mod sys;
 pub mod ucall;

@@ -172,7 +172,6 @@ pub struct ServeReport {
 /// Listens on `config.socket`, serves one VMM until it closes its end, and reports.
 pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
     let image = Arc::new(RamImage::open_raw(&config.file, "memory file")?);
-    image.set_read_latency(config.read_latency);
     let metrics = config
         .metrics
         .as_deref()
@@ -212,7 +211,10 @@ pub fn serve(config: &ServeConfig) -> Result<ServeReport, ServeError> {
         Server {
             regions,
             uffd,
-            source: RamImageSource::new(image.clone()),
+            source: crate::storage::SlowSource::wrap(
+                Arc::new(RamImageSource::new(image.clone())),
+                config.read_latency,
+            ),
             granularity: config.granularity,
             removed: Vec::new(),
             pending: VecDeque::new(),
@@ -440,7 +442,7 @@ enum Done {
 struct Server<'a> {
     regions: Vec<Region>,
     uffd: Uffd,
-    source: RamImageSource,
+    source: Arc<dyn PageSource>,
     granularity: Granularity,
     /// Ranges the VMM discarded: zeroes from now on.
     removed: Vec<std::ops::Range<u64>>,

@@ -192,7 +192,6 @@ impl RestoreBenchConfig {
             fault_granularity: ByteSize(granularity),
             collapse: Collapse::Off,
             huge_source: PoolKind::Thp,
-            image_read_latency: self.image_latency,
             prefetch_threads: self.prefetch_threads,
             seccomp: crate::seccomp::Seccomp::Off,
             ..VmConfig::default()
@@ -254,12 +253,17 @@ fn restore_once(
         }
     };
     let started = Instant::now();
-    let vm = Vm::build(config.vm_config(mode, d, image), quiet_devices()).map_err(|source| {
-        BenchError::Vm {
+    // Slower storage than this host's, under every read of the image.
+    let latency = config.image_latency;
+    let tune = move |memory: vm_extents::MemoryBuilder| {
+        memory.image_source_layer(move |source| crate::storage::SlowSource::wrap(source, latency))
+    };
+    let vm = Vm::build_with(config.vm_config(mode, d, image), quiet_devices(), tune).map_err(
+        |source| BenchError::Vm {
             what: mode.name().into(),
             source,
-        }
-    })?;
+        },
+    )?;
     let range = vm.ram_host_range();
     let done = Arc::new(AtomicBool::new(false));
     let runner = {
