@@ -97,7 +97,7 @@ pub struct MemoryConfig {
     /// Holds the collapse thread before its first scan until opened.
     pub(crate) collapse_gate: Option<CollapseGate>,
     /// Where the pool's pages come from, if not from `huge_source`.
-    pub(crate) huge_allocator: AllocatorOverride,
+    pub(crate) huge_allocator: Plugged<dyn HugePageAllocator>,
     /// How long a fault handler looks for the next fault before it sleeps.
     pub(crate) fault_spin: Duration,
     /// How an image source is restored.
@@ -105,27 +105,28 @@ pub struct MemoryConfig {
     /// Prefetch threads filling RAM from the image behind the guest (0: none).
     pub(crate) prefetch_threads: usize,
     /// Wraps the image's page source, if the VMM asked to.
-    pub(crate) source_layer: SourceLayer,
+    pub(crate) source_layer: Plugged<Layer>,
 }
 
-/// What wraps the image's page source.
+/// What wraps the image's page source ([`MemoryBuilder::image_source_layer`]).
 type Layer = dyn Fn(Arc<dyn PageSource>) -> Arc<dyn PageSource> + Send + Sync;
 
-/// The layer [`MemoryBuilder::image_source_layer`] sets, if any.
-#[derive(Clone, Default)]
-pub(crate) struct SourceLayer(pub(crate) Option<Arc<Layer>>);
+/// Something a VMM plugged in (an allocator, a layer), which `Debug` can only say is there.
+pub(crate) struct Plugged<T: ?Sized>(pub(crate) Option<Arc<T>>);
 
-impl std::fmt::Debug for SourceLayer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+impl<T: ?Sized> Clone for Plugged<T> {
+    fn clone(&self) -> Self {
+        Plugged(self.0.clone())
     }
 }
 
-/// A [`HugePageAllocator`] given instead of a [`PoolKind`]'s.
-#[derive(Clone, Default)]
-pub(crate) struct AllocatorOverride(pub(crate) Option<Arc<dyn HugePageAllocator>>);
+impl<T: ?Sized> Default for Plugged<T> {
+    fn default() -> Self {
+        Plugged(None)
+    }
+}
 
-impl std::fmt::Debug for AllocatorOverride {
+impl<T: ?Sized> std::fmt::Debug for Plugged<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
     }
@@ -324,7 +325,7 @@ impl MemoryBuilder {
         mut self,
         layer: impl Fn(Arc<dyn PageSource>) -> Arc<dyn PageSource> + Send + Sync + 'static,
     ) -> Self {
-        self.config.source_layer = SourceLayer(Some(Arc::new(layer)));
+        self.config.source_layer = Plugged(Some(Arc::new(layer)));
         self
     }
 
@@ -339,7 +340,7 @@ impl MemoryBuilder {
     /// own reserve, or a benchmark's allocator that wraps a [`PoolKind`] to model slow
     /// allocation. The pool still allocates from it ahead of demand, on its refill threads.
     pub fn huge_allocator(mut self, allocator: Arc<dyn HugePageAllocator>) -> Self {
-        self.config.huge_allocator = AllocatorOverride(Some(allocator));
+        self.config.huge_allocator = Plugged(Some(allocator));
         self
     }
 
@@ -610,12 +611,12 @@ impl MemoryConfig {
             thread_hook: ThreadHook::default(),
             fault_threads: 1,
             install: InstallMethod::default(),
-            huge_allocator: AllocatorOverride::default(),
+            huge_allocator: Plugged::default(),
             collapse_gate: None,
             fault_spin: Duration::ZERO,
             restore: Restore::Lazy,
             prefetch_threads: 0,
-            source_layer: SourceLayer::default(),
+            source_layer: Plugged::default(),
         }
     }
 

@@ -110,20 +110,20 @@ impl Memory {
                 backing: config.backing,
                 source,
             })?;
-            if let (Some(image), Some(source)) = (&image, &image_source) {
-                copy_image_into(&ram, image, &**source)?;
+            if let Some(source) = &image_source {
+                copy_image_into(&ram, &**source)?;
             }
             mark_huge_extents(&ram, &mut table, config.backing)?;
         }
         // An eager restore into 4 KiB pages: the kernel populates them as the image is copied
         // in (the table learns of them at start, from the kernel).
         let mut restore_copy_ns = 0;
-        if let (Some(image), Some(source)) = (&image, &image_source)
+        if let Some(source) = &image_source
             && config.restore == Restore::Eager
             && config.backing == Backing::Small
         {
             let started = std::time::Instant::now();
-            copy_image_into(&ram, image, &**source)?;
+            copy_image_into(&ram, &**source)?;
             restore_copy_ns = started.elapsed().as_nanos() as u64;
         }
         let maps = MapBudget::new(config.map_reserve).map_err(MemoryError::KernelView)?;

@@ -12,7 +12,6 @@ use super::fault::source::{Fill, PageSource};
 use super::host_view;
 use super::map::MemoryMap;
 use super::ram::GuestRam;
-use super::ram_image::RamImage;
 
 /// Brings one extent's populated pages up to date with the host kernel.
 pub(super) fn sync_extent(map: &MemoryMap, index: ExtentIndex) -> std::io::Result<()> {
@@ -29,15 +28,12 @@ pub(super) fn sync_extent(map: &MemoryMap, index: ExtentIndex) -> std::io::Resul
     Ok(())
 }
 
-/// Fills prepopulated RAM from an image, 2 MiB at a time (no other thread exists yet).
-pub(super) fn copy_image_into(
-    ram: &GuestRam,
-    image: &RamImage,
-    source: &dyn PageSource,
-) -> Result<(), MemoryError> {
+/// Fills RAM from an image's page source, 2 MiB at a time (no other thread exists yet);
+/// holes and zeroes are left as they are (RAM is zero there already).
+pub(super) fn copy_image_into(ram: &GuestRam, source: &dyn PageSource) -> Result<(), MemoryError> {
     let mut buf = vec![0u8; EXTENT_SIZE as usize];
     for gpa in (0..ram.size()).step_by(EXTENT_SIZE as usize) {
-        if image.is_hole(gpa, EXTENT_SIZE) || source.fill(gpa, &mut buf)? == Fill::Zero {
+        if source.fill(gpa, &mut buf)? == Fill::Zero {
             continue;
         }
         ram.by_offset()

@@ -47,6 +47,9 @@ pub enum RamError {
     /// vm-memory refused the mapping.
     #[error("could not build the guest memory view")]
     ViewMapping(#[source] vm_memory::mmap::MmapRegionError),
+    /// The regions are not 2 MiB aligned, not ascending, or overlap.
+    #[error("guest RAM's regions cannot be mapped")]
+    Regions(#[source] crate::ConfigError),
     /// vm-memory refused the region list.
     #[error("could not build the guest memory view")]
     ViewRegions(#[source] vm_memory::GuestRegionCollectionError),
@@ -94,17 +97,15 @@ impl GuestRam {
     }
 
     /// Maps the `(guest address, size)` regions (2 MiB aligned, in ascending order, not
-    /// overlapping, as [`MemoryBuilder`](crate::MemoryBuilder) checks) end to end in one
+    /// overlapping, as [`MemoryBuilder`](crate::MemoryBuilder) checks; refused otherwise) end
+    /// to end in one
     /// anonymous private mapping at a 2 MiB-aligned host address, backed as `backing` says.
     pub fn with_regions(
         regions: &[(GuestAddress, u64)],
         backing: Backing,
     ) -> Result<Self, RamError> {
         let advice = backing.madvise();
-        assert!(
-            crate::config::check_regions(regions).is_ok(),
-            "regions are checked by MemoryBuilder"
-        );
+        crate::config::check_regions(regions).map_err(RamError::Regions)?;
         let mut offset = 0;
         let regions: Vec<RamRegion> = regions
             .iter()
@@ -622,5 +623,20 @@ mod tests {
         // A hole that is not one (still mapped) is refused, not replaced.
         assert!(ram.refill_hole(0, EXTENT_SIZE, Some(&contents)).is_err());
         assert!(ram.refill_hole(0, EXTENT_SIZE, None).is_err());
+    }
+
+    #[test]
+    fn bad_regions_are_refused_not_mapped() {
+        let mib = 1 << 20;
+        for bad in [
+            vec![],
+            vec![(GuestAddress(mib), 2 * mib)],
+            vec![(GuestAddress(0), 4 * mib), (GuestAddress(2 * mib), 2 * mib)],
+        ] {
+            assert!(matches!(
+                GuestRam::with_regions(&bad, Backing::Small),
+                Err(RamError::Regions(_))
+            ));
+        }
     }
 }
