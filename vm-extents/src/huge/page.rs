@@ -46,12 +46,58 @@ pub enum AllocError {
 pub struct HugePage {
     addr: NonNull<u8>,
     kind: PageKind,
+    /// Which page this is, for the tests' account of pages alive ([`live`]).
+    #[cfg(test)]
+    id: u64,
+}
+
+/// The tests' account of the huge pages alive: one id per page ever made (addresses are
+/// reused as soon as a page is unmapped, ids never are), gone once the page is unmapped or
+/// moved into guest RAM.
+#[cfg(test)]
+pub(crate) mod live {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static LIVE: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+    pub(super) fn born() -> u64 {
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        LIVE.lock().unwrap().insert(id);
+        id
+    }
+
+    pub(super) fn gone(id: u64) {
+        LIVE.lock().unwrap().remove(&id);
+    }
+
+    /// Whether page `id` is still alive (mapped and owned by a `HugePage`).
+    pub(crate) fn is_alive(id: u64) -> bool {
+        LIVE.lock().unwrap().contains(&id)
+    }
 }
 
 // SAFETY: the page is plain memory owned by this value.
 unsafe impl Send for HugePage {}
 
 impl HugePage {
+    fn new(addr: NonNull<u8>, kind: PageKind) -> Self {
+        HugePage {
+            addr,
+            kind,
+            #[cfg(test)]
+            id: live::born(),
+        }
+    }
+
+    /// Which page this is (tests only).
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The page's host address.
     pub fn addr(&self) -> u64 {
         self.addr.as_ptr() as u64
@@ -111,6 +157,8 @@ impl HugePage {
             });
         }
         let kind = self.kind;
+        #[cfg(test)]
+        live::gone(self.id);
         std::mem::forget(self);
         Ok(kind)
     }
@@ -139,6 +187,8 @@ impl Drop for HugePage {
     fn drop(&mut self) {
         // SAFETY: we own the mapping; nothing else refers to it.
         unsafe { libc::munmap(self.addr.as_ptr().cast(), EXTENT_SIZE as usize) };
+        #[cfg(test)]
+        live::gone(self.id);
     }
 }
 
@@ -199,10 +249,7 @@ pub fn alloc_hugetlb() -> Result<HugePage, AllocError> {
     };
     let addr = map_anonymous(EXTENT_SIZE as usize, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB)
         .map_err(exhausted)?;
-    let page = HugePage {
-        addr,
-        kind: PageKind::Hugetlb,
-    };
+    let page = HugePage::new(addr, PageKind::Hugetlb);
     madvise(&page, libc::MADV_POPULATE_WRITE).map_err(exhausted)?;
     Ok(page)
 }
@@ -227,10 +274,10 @@ pub fn alloc_thp() -> Result<HugePage, AllocError> {
             libc::munmap(tail as *mut libc::c_void, start + len - tail);
         }
     }
-    let page = HugePage {
-        addr: NonNull::new(aligned as *mut u8).expect("inside a mapping"),
-        kind: PageKind::Thp,
-    };
+    let page = HugePage::new(
+        NonNull::new(aligned as *mut u8).expect("inside a mapping"),
+        PageKind::Thp,
+    );
     madvise(&page, libc::MADV_HUGEPAGE).map_err(exhausted)?;
     touch(&page);
     if !is_mapped_huge(&page) {
