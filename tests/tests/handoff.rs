@@ -13,6 +13,7 @@ use integration_tests::{
     TempDir, hugetlb_available, hugetlb_lock, read_json, reports, require_kvm, spawn, vmm_fails,
     vmm_ok, wait, words,
 };
+use vm_extents::HostAddr;
 use vm_extents::uffd::{FEATURE_EVENT_REMOVE, FEATURE_POISON, REGISTER_MODE_MISSING, Uffd};
 use vmm::vm::exit_code;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -190,7 +191,7 @@ fn the_handshake_byte_for_byte_in_every_schema_version_with_removes() {
         let bases: Vec<u64> = (0..3).map(|i| map(sizes[i], page(i) != 4096)).collect();
         let uffd = Uffd::new(FEATURE_EVENT_REMOVE).unwrap();
         for (i, &base) in bases.iter().enumerate() {
-            uffd.register(base, sizes[i] as u64, REGISTER_MODE_MISSING)
+            uffd.register(HostAddr::new(base), sizes[i] as u64, REGISTER_MODE_MISSING)
                 .unwrap();
         }
         // Golden JSON, as each Firecracker version writes it (field order and names).
@@ -533,7 +534,9 @@ fn fault_all_server(socket: &str, file: String) -> std::thread::JoinHandle<usize
                         let src = data[r.offset as usize..][..r.size].as_ptr();
                         // SAFETY: the region was handed over to us to fill, and `src` holds
                         // its `size` bytes.
-                        let done = unsafe { uffd.copy(r.base_host_virt_addr, src, r.size as u64) };
+                        let done = unsafe {
+                            uffd.copy(HostAddr::new(r.base_host_virt_addr), src, r.size as u64)
+                        };
                         assert_eq!(
                             done.unwrap(),
                             vm_extents::uffd::Resolved::Filled,
@@ -542,7 +545,8 @@ fn fault_all_server(socket: &str, file: String) -> std::thread::JoinHandle<usize
                     }
                     filled = true;
                 }
-                uffd.wake(fault.address & !4095, 4096).unwrap();
+                uffd.wake(HostAddr::new(fault.address & !4095), 4096)
+                    .unwrap();
             }
         }
     })
@@ -818,7 +822,7 @@ fn the_page_server_runs_under_its_seccomp_filter() {
         return;
     };
     let base = map(2 * MIB, false);
-    uffd.register(base, 2 * MIB as u64, REGISTER_MODE_MISSING)
+    uffd.register(HostAddr::new(base), 2 * MIB as u64, REGISTER_MODE_MISSING)
         .unwrap();
     let socket = dir.path("sock");
     let server = std::process::Command::new(integration_tests::vmm_bin())

@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
+use crate::huge::page::PageKind;
 use crate::{EXTENT_SIZE, PAGE_SIZE};
 
 /// 4 KiB pages per 2 MiB extent.
@@ -48,7 +49,17 @@ pub enum ExtentState {
     Huge,
 }
 
-const KIND_HUGE: u8 = 1;
+const KIND_SMALL: u8 = 0;
+const KIND_THP: u8 = 1;
+const KIND_HUGETLB: u8 = 2;
+
+/// A bitmap of an extent's 4 KiB pages, bit `p` for page `p`.
+pub type PageMask = [u64; WORDS];
+
+/// Page `page`'s bit in a [`PageMask`].
+pub(crate) fn mask_has(mask: &PageMask, page: usize) -> bool {
+    mask[page / 64] & (1 << (page % 64)) != 0
+}
 
 /// One extent. Page bits and the generation are atomics so that faults, which hold only the
 /// read lock, can record what they populated. They are sequentially consistent: the collapse
@@ -66,18 +77,48 @@ pub struct Extent {
     /// memory map (see [`ExtentClaim`]).
     claimed: AtomicBool,
     dirty: [AtomicU64; WORDS],
+    /// Pages the guest gave back ([`crate::reclaim`]) and has not touched since: they read as
+    /// zeroes whatever the page source holds, and a collapse must not bring them back.
+    reclaimed: [AtomicU64; WORDS],
 }
 
 impl Extent {
     /// The extent's state.
     pub fn state(&self) -> ExtentState {
-        if self.kind.load(Ordering::SeqCst) == KIND_HUGE {
+        if self.kind.load(Ordering::SeqCst) != KIND_SMALL {
             return ExtentState::Huge;
         }
         match self.populated() {
             0 => ExtentState::Unpopulated,
             n => ExtentState::Small { populated: n },
         }
+    }
+
+    /// The kind of huge page backing the extent; `None` unless it is huge.
+    pub fn huge_kind(&self) -> Option<PageKind> {
+        match self.kind.load(Ordering::SeqCst) {
+            KIND_THP => Some(PageKind::Thp),
+            KIND_HUGETLB => Some(PageKind::Hugetlb),
+            _ => None,
+        }
+    }
+
+    /// Pages given back and not touched since.
+    pub fn reclaimed(&self) -> u32 {
+        self.reclaimed
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst).count_ones())
+            .sum()
+    }
+
+    /// Whether page `page` was given back and not touched since.
+    pub fn is_reclaimed(&self, page: usize) -> bool {
+        self.reclaimed[page / 64].load(Ordering::SeqCst) & (1 << (page % 64)) != 0
+    }
+
+    /// Whether any of pages `first..first + n` was given back and not touched since.
+    pub fn any_reclaimed(&self, first: usize, n: usize) -> bool {
+        (first..first + n).any(|p| self.is_reclaimed(p))
     }
 
     /// Populated 4 KiB pages (512 for a huge extent).
@@ -100,8 +141,10 @@ impl Extent {
 
     /// Records that page `page` is now populated. Returns false if it already was (a fault
     /// raced with another on the same page), in which case nothing changes.
+    /// A page given back is the guest's again once populated.
     pub fn mark_populated(&self, page: usize) -> bool {
         let bit = 1 << (page % 64);
+        self.reclaimed[page / 64].fetch_and(!bit, Ordering::SeqCst);
         let old = self.pages[page / 64].fetch_or(bit, Ordering::SeqCst);
         if old & bit != 0 {
             return false;
@@ -118,6 +161,7 @@ impl Extent {
         let mut changed = false;
         for (w, word) in self.pages.iter().enumerate() {
             let bits = (0..64).fold(0u64, |acc, b| acc | (u64::from(present(w * 64 + b)) << b));
+            self.reclaimed[w].fetch_and(!bits, Ordering::SeqCst);
             changed |= word.fetch_or(bits, Ordering::SeqCst) & bits != bits;
         }
         if changed {
@@ -168,15 +212,22 @@ impl Extent {
     /// write side hands out: no fault can be looking at the extent while its backing is
     /// replaced (only the install path calls it, and the huge backings at
     /// start). An [`ExtentClaim`] does the same with the read side held.
-    pub fn set_huge(&mut self) {
-        self.make_huge();
+    pub fn set_huge(&mut self, kind: PageKind) {
+        self.make_huge(kind);
     }
 
-    fn make_huge(&self) {
+    fn make_huge(&self, kind: PageKind) {
         for w in &self.pages {
             w.store(u64::MAX, Ordering::SeqCst);
         }
-        self.kind.store(KIND_HUGE, Ordering::SeqCst);
+        for w in &self.reclaimed {
+            w.store(0, Ordering::SeqCst);
+        }
+        let kind = match kind {
+            PageKind::Thp => KIND_THP,
+            PageKind::Hugetlb => KIND_HUGETLB,
+        };
+        self.kind.store(kind, Ordering::SeqCst);
         self.tracking.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
@@ -203,9 +254,34 @@ impl ExtentClaim<'_> {
         self.extent
     }
 
-    /// Marks the extent as backed by one huge page.
-    pub fn set_huge(&self) {
-        self.extent.make_huge();
+    /// Marks the extent as backed by one huge page of `kind`.
+    pub fn set_huge(&self, kind: PageKind) {
+        self.extent.make_huge(kind);
+    }
+
+    /// Records that the pages in `freed` were given back: they are no longer populated (a huge
+    /// extent becomes one of 4 KiB pages, those not freed populated), and read as zeroes until
+    /// the guest touches them again. The caller has discarded them already.
+    pub fn give_back(&self, freed: &PageMask) {
+        let extent = self.extent;
+        let was_huge = extent.kind.load(Ordering::SeqCst) != KIND_SMALL;
+        for (w, &bits) in freed.iter().enumerate() {
+            if was_huge {
+                extent.pages[w].store(!bits, Ordering::SeqCst);
+            } else {
+                extent.pages[w].fetch_and(!bits, Ordering::SeqCst);
+            }
+            extent.reclaimed[w].fetch_or(bits, Ordering::SeqCst);
+        }
+        extent.kind.store(KIND_SMALL, Ordering::SeqCst);
+        extent.tracking.store(false, Ordering::SeqCst);
+        extent.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Records pages the kernel populated while the claim was held (the extent's mapping was
+    /// replaced and not yet watched by a userfaultfd).
+    pub fn add_present(&self, present: impl Fn(usize) -> bool) {
+        self.extent.add_present(present);
     }
 }
 
@@ -412,7 +488,7 @@ mod tests {
                     }
                     Op::Huge(e) => {
                         if e >= extents { continue; }
-                        table.get_mut(ExtentIndex(e)).unwrap().set_huge();
+                        table.get_mut(ExtentIndex(e)).unwrap().set_huge(PageKind::Thp);
                         model.huge[e] = true;
                         model.pages[e] = vec![true; PAGES_PER_EXTENT];
                         model.changes[e] += 1;
@@ -449,7 +525,7 @@ mod tests {
         let claim = table.claim(ExtentIndex(1)).unwrap();
         assert!(table.claim(ExtentIndex(1)).is_none());
         assert!(table.claim(ExtentIndex(0)).is_some());
-        claim.set_huge();
+        claim.set_huge(PageKind::Hugetlb);
         drop(claim);
         assert!(!table.get(ExtentIndex(1)).unwrap().is_claimed());
         assert_eq!(

@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use crate::PAGE_SIZE;
+use crate::{HostAddr, PAGE_SIZE};
 
 use vmm_sys_util::signal::register_signal_handler;
 
@@ -25,7 +25,8 @@ pub struct PageServer {
 impl PageServer {
     /// Hands `ram` to the page server listening at `socket`: a uffd asking for remove events,
     /// and one handshake (Firecracker 1.12's schema) with a region of 4 KiB pages for every run
-    /// of guest RAM nobody has populated yet, each registered for missing faults. What the VMM
+    /// of guest RAM nobody has populated yet (split where a memslot starts, so that each lies in
+    /// one memslot), each registered for missing faults. What the VMM
     /// wrote itself before the handoff (page tables, boot data, the program) stays its own: a
     /// server is handed only missing pages, as Firecracker's handlers assume (its `fault_all`
     /// example copies each whole region at the first fault, and a page already there would
@@ -50,14 +51,14 @@ impl PageServer {
                 std::io::Error::other("the kernel lacks UFFD_FEATURE_EVENT_REMOVE"),
             ));
         }
-        let (base, size) = (ram.host_base().0 as u64, ram.size());
+        let (base, size) = (ram.host_base(), ram.size());
         let present = host_view::present_pages(base, size)
             .map_err(|e| failed("reading which guest pages the VMM populated", e))?;
-        let regions = missing_runs(&present)
+        let regions = missing_runs(&present, &page_bounds(ram))
             .map(|run| {
                 let (offset, len) = (run.start as u64 * PAGE_SIZE, run.len() as u64 * PAGE_SIZE);
                 Region::new(
-                    base + offset,
+                    (base + offset).raw(),
                     len as usize,
                     offset,
                     PAGE_SIZE as usize,
@@ -77,7 +78,7 @@ impl PageServer {
         }
         for r in &regions {
             uffd.register(
-                r.base_host_virt_addr,
+                HostAddr::new(r.base_host_virt_addr),
                 r.size as u64,
                 uffd::REGISTER_MODE_MISSING,
             )
@@ -104,7 +105,7 @@ impl PageServer {
         if uffd.features() & uffd::FEATURE_POISON == 0 {
             return false;
         }
-        let base = ram.host_base().0 as u64;
+        let base = ram.host_base();
         let present = match host_view::present_pages(base, ram.size()) {
             Ok(p) => p,
             Err(e) => {
@@ -168,11 +169,30 @@ extern "C" fn on_poisoned_access(_: libc::c_int, _: *mut libc::siginfo_t, _: *mu
 }
 
 /// The runs of pages that are not present, as page index ranges.
-fn missing_runs(present: &[bool]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+/// The page index where each region of guest RAM starts, after the first.
+fn page_bounds(ram: &GuestRam) -> Vec<usize> {
+    ram.regions()[1..]
+        .iter()
+        .map(|r| (r.offset / PAGE_SIZE) as usize)
+        .collect()
+}
+
+/// The runs of pages not `present`, split where a region (memslot) starts (`bounds`,
+/// ascending page indices): each handshake region lies inside one memslot, as Firecracker's
+/// regions are its memslots.
+fn missing_runs<'a>(
+    present: &'a [bool],
+    bounds: &'a [usize],
+) -> impl Iterator<Item = std::ops::Range<usize>> + 'a {
     let mut page = 0;
     std::iter::from_fn(move || {
         let start = page + present[page..].iter().position(|&p| !p)?;
-        let len = present[start..].iter().take_while(|&&p| !p).count();
+        let limit = bounds
+            .iter()
+            .copied()
+            .find(|&b| b > start)
+            .unwrap_or(present.len());
+        let len = present[start..limit].iter().take_while(|&&p| !p).count();
         page = start + len;
         Some(start..page)
     })
@@ -184,12 +204,19 @@ mod tests {
 
     #[test]
     fn missing_runs_are_the_gaps_between_present_pages() {
-        let runs = |p: &[u8]| {
-            missing_runs(&p.iter().map(|&b| b == 1).collect::<Vec<_>>()).collect::<Vec<_>>()
+        let runs = |p: &[u8], bounds: &[usize]| {
+            missing_runs(&p.iter().map(|&b| b == 1).collect::<Vec<_>>(), bounds).collect::<Vec<_>>()
         };
-        assert_eq!(runs(&[]), vec![]);
-        assert_eq!(runs(&[1, 1]), vec![]);
-        assert_eq!(runs(&[0, 0]), vec![0..2]);
-        assert_eq!(runs(&[1, 0, 0, 1, 0, 1, 1, 0]), vec![1..3, 4..5, 7..8]);
+        assert_eq!(runs(&[], &[]), vec![]);
+        assert_eq!(runs(&[1, 1], &[]), vec![]);
+        assert_eq!(runs(&[0, 0], &[]), vec![0..2]);
+        assert_eq!(runs(&[1, 0, 0, 1, 0, 1, 1, 0], &[]), vec![1..3, 4..5, 7..8]);
+    }
+
+    #[test]
+    fn no_run_crosses_a_memslot() {
+        let present = [true, false, false, false, false, true, false, false];
+        let runs: Vec<_> = missing_runs(&present, &[2, 4, 7]).collect();
+        assert_eq!(runs, vec![1..2, 2..4, 4..5, 6..7, 7..8]);
     }
 }

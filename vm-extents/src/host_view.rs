@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
-use crate::PAGE_SIZE;
+use crate::{HostAddr, PAGE_SIZE};
 
 pub use crate::sys::pagemap::{PAGE_IS_HUGE, PAGE_IS_PRESENT};
 use crate::sys::pagemap::{PAGEMAP_SCAN, PageRegion, PmScanArg};
@@ -114,21 +114,23 @@ pub fn scan(start: u64, end: u64, mask: u64) -> io::Result<Option<Vec<Range<u64>
 }
 
 /// Whether the 2 MiB at `start` are mapped by one huge (PMD-level) entry.
-pub fn is_mapped_huge(start: u64) -> bool {
+pub fn is_mapped_huge(start: HostAddr) -> bool {
     use crate::EXTENT_SIZE;
+    let start = start.raw();
     match scan(start, start + EXTENT_SIZE, PAGE_IS_HUGE) {
         Ok(Some(ranges)) => ranges
             .iter()
             .any(|r| r.start <= start && start + EXTENT_SIZE <= r.end),
         // Without PAGEMAP_SCAN, the mapping's own smaps entry says (exact where the 2 MiB are
         // a mapping of their own, as a pool page is; a lower bound inside guest RAM).
-        _ => smaps_totals(start, start + EXTENT_SIZE)
+        _ => smaps_totals(HostAddr::new(start), HostAddr::new(start + EXTENT_SIZE))
             .is_ok_and(|t| t.anon_huge_kb == EXTENT_SIZE >> 10),
     }
 }
 
 /// Which 4 KiB pages of `[start, start + len)` are present, one bool per page.
-pub fn present_pages(start: u64, len: u64) -> io::Result<Vec<bool>> {
+pub fn present_pages(start: HostAddr, len: u64) -> io::Result<Vec<bool>> {
+    let start = start.raw();
     let pages = (len / PAGE_SIZE) as usize;
     if let Some(ranges) = scan(start, start + len, PAGE_IS_PRESENT)? {
         let mut present = vec![false; pages];
@@ -160,9 +162,13 @@ pub struct SmapsTotals {
 }
 
 /// Sums smaps fields over every VMA that lies inside `[start, end)`.
-pub fn smaps_totals(start: u64, end: u64) -> io::Result<SmapsTotals> {
+pub fn smaps_totals(start: HostAddr, end: HostAddr) -> io::Result<SmapsTotals> {
     let text = SMAPS.read()?;
-    Ok(parse_smaps(&String::from_utf8_lossy(&text), start, end))
+    Ok(parse_smaps(
+        &String::from_utf8_lossy(&text),
+        start.raw(),
+        end.raw(),
+    ))
 }
 
 fn parse_smaps(text: &str, start: u64, end: u64) -> SmapsTotals {
@@ -282,7 +288,8 @@ pub fn max_map_count() -> io::Result<u64> {
 
 /// The mappings that cover any of `[start, end)` now (guest RAM starts as one; every
 /// `mremap`ed extent splits it).
-pub fn mappings_in(start: u64, end: u64) -> io::Result<u64> {
+pub fn mappings_in(start: HostAddr, end: HostAddr) -> io::Result<u64> {
+    let (start, end) = (start.raw(), end.raw());
     let text = MAPS.read()?;
     Ok(String::from_utf8_lossy(&text)
         .lines()
@@ -347,7 +354,7 @@ AnonHugePages:      2048 kB\n";
                     .write_volatile(1)
             };
         }
-        let present = present_pages(p as u64, len as u64).unwrap();
+        let present = present_pages(HostAddr::of(p), len as u64).unwrap();
         let expected: Vec<bool> = (0..16).map(|i| [0, 3, 15].contains(&i)).collect();
         assert_eq!(present, expected);
         // SAFETY: our own mapping.

@@ -127,7 +127,7 @@ impl Memory {
             restore_copy_ns = started.elapsed().as_nanos() as u64;
         }
         let maps = MapBudget::new(config.map_reserve).map_err(MemoryError::KernelView)?;
-        let base = ram.host_base().0 as u64;
+        let base = ram.host_base();
         let ram_mappings_at_start =
             host_view::mappings_in(base, base + config.size).map_err(MemoryError::KernelView)?;
         Ok(Memory {
@@ -363,7 +363,7 @@ impl Memory {
         {
             log::info!("the kernel has no UFFDIO_MOVE (Linux 6.8+): huge pages go in by mremap");
         }
-        let base = self.ram().host_base().0 as u64;
+        let base = self.ram().host_base();
         for (uffd, range) in uffds.shards() {
             let end = range.end.min(extents) as u64 * EXTENT_SIZE;
             let start = range.start as u64 * EXTENT_SIZE;
@@ -415,7 +415,7 @@ impl Memory {
             return;
         }
         if let Some(uffds) = &self.uffds {
-            let base = self.ram().host_base().0 as u64;
+            let base = self.ram().host_base();
             uffds.unregister_all(base, (self.config.size / EXTENT_SIZE) as usize);
         }
     }
@@ -475,7 +475,7 @@ impl Memory {
         // The report is taken under the lock, so no extent changes state (becomes huge)
         // between the kernel's report and its use.
         let table = self.map.read();
-        let present = host_view::present_pages(self.ram().host_base().0 as u64, self.config.size)
+        let present = host_view::present_pages(self.ram().host_base(), self.config.size)
             .map_err(MemoryError::KernelView)?;
         fail::fail_point!("kernel-sync-snapshot");
         for (index, extent) in table.iter() {
@@ -498,7 +498,7 @@ impl Memory {
 
     /// The kernel's totals for guest RAM.
     pub fn smaps(&self) -> Result<SmapsTotals, MemoryError> {
-        let base = self.ram().host_base().0 as u64;
+        let base = self.ram().host_base();
         host_view::smaps_totals(base, base + self.config.size).map_err(MemoryError::KernelView)
     }
 
@@ -547,7 +547,7 @@ impl Memory {
 
     /// How many mappings cover guest RAM now.
     fn ram_mappings(&self) -> Result<u64, MemoryError> {
-        let base = self.ram().host_base().0 as u64;
+        let base = self.ram().host_base();
         host_view::mappings_in(base, base + self.config.size).map_err(MemoryError::KernelView)
     }
 

@@ -12,6 +12,7 @@ use super::fault::source::{Fill, PageSource};
 use super::host_view;
 use super::map::MemoryMap;
 use super::ram::GuestRam;
+use crate::huge::page::PageKind;
 
 /// Brings one extent's populated pages up to date with the host kernel.
 pub(super) fn sync_extent(map: &MemoryMap, index: ExtentIndex) -> std::io::Result<()> {
@@ -22,8 +23,7 @@ pub(super) fn sync_extent(map: &MemoryMap, index: ExtentIndex) -> std::io::Resul
     if extent.state() == ExtentState::Huge {
         return Ok(());
     }
-    let present =
-        host_view::present_pages(map.ram().host_base().0 as u64 + index.gpa(), EXTENT_SIZE)?;
+    let present = host_view::present_pages(map.ram().host_at(index.gpa()), EXTENT_SIZE)?;
     extent.add_present(|p| present[p]);
     Ok(())
 }
@@ -50,15 +50,19 @@ pub(super) fn mark_huge_extents(
     table: &mut ExtentTable,
     backing: Backing,
 ) -> Result<(), MemoryError> {
-    let base = ram.host_base().0 as u64;
+    let base = ram.host_base();
     let huge = match backing {
         Backing::Hugetlb => None,
-        _ => host_view::scan(base, base + ram.size(), host_view::PAGE_IS_HUGE)
-            .map_err(MemoryError::KernelView)?,
+        _ => host_view::scan(
+            base.raw(),
+            (base + ram.size()).raw(),
+            host_view::PAGE_IS_HUGE,
+        )
+        .map_err(MemoryError::KernelView)?,
     };
     let indices: Vec<ExtentIndex> = table.iter().map(|(i, _)| i).collect();
     for index in indices {
-        let start = base + index.gpa();
+        let start = (base + index.gpa()).raw();
         let is_huge = match &huge {
             None => true,
             Some(ranges) => ranges
@@ -67,7 +71,10 @@ pub(super) fn mark_huge_extents(
         };
         let extent = table.get_mut(index).expect("index from the table");
         if is_huge {
-            extent.set_huge();
+            extent.set_huge(match backing {
+                Backing::Hugetlb => PageKind::Hugetlb,
+                _ => PageKind::Thp,
+            });
         } else {
             extent.add_present(|_| true);
         }

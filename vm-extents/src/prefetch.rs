@@ -255,7 +255,7 @@ impl Shared {
         drop(claim);
         drop(guard);
         let uffd = self.uffds.for_extent(index.0);
-        let _ = uffd.wake(self.map.ram().host_base().0 as u64 + gpa, EXTENT_SIZE);
+        let _ = uffd.wake(self.map.ram().host_at(gpa), EXTENT_SIZE);
         result
     }
 
@@ -298,7 +298,7 @@ impl Shared {
         data: &[u8],
         claim: &super::extent::ExtentClaim<'_>,
     ) -> Result<(), Failure> {
-        let dst = self.map.ram().host_base().0 as u64 + index.gpa();
+        let dst = self.map.ram().host_at(index.gpa());
         let uffd = self.uffds.for_extent(index.0);
         // SAFETY: `dst` is the claimed, unpopulated extent of guest RAM (registered with
         // `uffd`); `data` is our own buffer of 2 MiB.

@@ -55,9 +55,79 @@ pub enum RamError {
     ViewRegions(#[source] vm_memory::GuestRegionCollectionError),
 }
 
-/// A host virtual address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HostAddr(pub usize);
+/// A host virtual address: where a byte of guest RAM (or a huge page) lies in this process.
+///
+/// Guest addresses are vm-memory's [`GuestAddress`]; host addresses have this type of their own
+/// so the two are never mixed up. Arithmetic is by byte counts (`addr + len`, `end - start`);
+/// [`HostAddr::raw`] gives the number the kernel's interfaces (userfaultfd, madvise, pagemap)
+/// take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostAddr(u64);
+
+impl HostAddr {
+    /// The host address `raw`.
+    pub const fn new(raw: u64) -> Self {
+        HostAddr(raw)
+    }
+
+    /// The address of `ptr`.
+    pub fn of<T>(ptr: *const T) -> Self {
+        HostAddr(ptr as usize as u64)
+    }
+
+    /// The address as a number, for the kernel's interfaces.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// The address as a pointer (dereferencing it is the caller's business).
+    pub const fn as_ptr<T>(self) -> *mut T {
+        self.0 as usize as *mut T
+    }
+
+    /// `self + bytes`, or `None` on overflow.
+    pub const fn checked_add(self, bytes: u64) -> Option<Self> {
+        match self.0.checked_add(bytes) {
+            Some(a) => Some(HostAddr(a)),
+            None => None,
+        }
+    }
+
+    /// Whether the address is a multiple of `align` (a power of two).
+    pub const fn is_aligned(self, align: u64) -> bool {
+        self.0 & (align - 1) == 0
+    }
+}
+
+impl std::ops::Add<u64> for HostAddr {
+    type Output = HostAddr;
+    /// `self` moved on by `bytes` (panics on overflow, as integer arithmetic does in debug).
+    fn add(self, bytes: u64) -> HostAddr {
+        self.checked_add(bytes).expect("host address overflow")
+    }
+}
+
+impl std::ops::AddAssign<u64> for HostAddr {
+    fn add_assign(&mut self, bytes: u64) {
+        *self = *self + bytes;
+    }
+}
+
+impl std::ops::Sub for HostAddr {
+    type Output = u64;
+    /// The bytes from `start` to `self` (panics if `start` is past `self`).
+    fn sub(self, start: HostAddr) -> u64 {
+        self.0
+            .checked_sub(start.0)
+            .expect("host address range reversed")
+    }
+}
+
+impl std::fmt::LowerHex for HostAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
 
 /// One region of guest RAM: `size` bytes at guest address `guest`, at `offset` in RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -442,7 +512,18 @@ impl GuestRam {
 
     /// The host address of offset 0 (RAM's first byte).
     pub fn host_base(&self) -> HostAddr {
-        HostAddr(self.base.as_ptr() as usize)
+        HostAddr::of(self.base.as_ptr())
+    }
+
+    /// The host address of offset `offset` in RAM (at most [`Self::size`]: one past the end is
+    /// a range's end).
+    pub fn host_at(&self, offset: u64) -> HostAddr {
+        assert!(
+            offset <= self.size,
+            "offset {offset:#x} past guest RAM's {:#x}",
+            self.size
+        );
+        self.host_base() + offset
     }
 
     /// The bounds-checked view device code uses to reach guest memory, by guest address.
@@ -510,7 +591,7 @@ mod tests {
     fn host_base_is_extent_aligned_and_usable() {
         for extents in [1, 3, 8] {
             let ram = GuestRam::new(extents * EXTENT_SIZE, Backing::Small).expect("map");
-            assert_eq!(ram.host_base().0 % EXTENT_SIZE as usize, 0);
+            assert_eq!(ram.host_base().raw() % EXTENT_SIZE, 0);
             let last = GuestAddress(ram.size() - 8);
             ram.view().write_obj(0xdead_beef_u64, last).expect("write");
             assert_eq!(ram.view().read_obj::<u64>(last).expect("read"), 0xdead_beef);
@@ -578,7 +659,7 @@ mod tests {
     #[test]
     fn a_refilled_hole_is_never_mapped_with_the_wrong_contents() {
         let ram = GuestRam::new(3 * EXTENT_SIZE, Backing::Small).expect("map");
-        let extent = |i: u64| (ram.host_base().0 as u64 + i * EXTENT_SIZE) as *mut libc::c_void;
+        let extent = |i: u64| (ram.host_at(i * EXTENT_SIZE)).as_ptr::<libc::c_void>();
         let hole = |i: u64| {
             // SAFETY: an extent of our own mapping, unused by anything else in this test.
             assert_eq!(unsafe { libc::munmap(extent(i), EXTENT_SIZE as usize) }, 0);

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+use crate::HostAddr;
 use crate::sys::uffd::*;
 pub use crate::sys::uffd::{
     FEATURE_EVENT_REMOVE, FEATURE_MOVE, FEATURE_PAGEFAULT_FLAG_WP, FEATURE_POISON,
@@ -133,9 +134,12 @@ impl Uffd {
     }
 
     /// Registers `[start, start + len)` for faults of `mode`.
-    pub fn register(&self, start: u64, len: u64, mode: u64) -> io::Result<()> {
+    pub fn register(&self, start: HostAddr, len: u64, mode: u64) -> io::Result<()> {
         let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
+            range: UffdioRange {
+                start: start.raw(),
+                len,
+            },
             mode,
             ioctls: 0,
         };
@@ -154,15 +158,21 @@ impl Uffd {
     }
 
     /// Unregisters a range.
-    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
-        let range = UffdioRange { start, len };
+    pub fn unregister(&self, start: HostAddr, len: u64) -> io::Result<()> {
+        let range = UffdioRange {
+            start: start.raw(),
+            len,
+        };
         // SAFETY: UFFDIO_UNREGISTER reads one `UffdioRange`.
         ioctl_result(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER() as _, &range) })
     }
 
     /// Wakes threads waiting on faults in a range.
-    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
-        let range = UffdioRange { start, len };
+    pub fn wake(&self, start: HostAddr, len: u64) -> io::Result<()> {
+        let range = UffdioRange {
+            start: start.raw(),
+            len,
+        };
         // SAFETY: UFFDIO_WAKE reads one `UffdioRange` and changes no memory.
         ioctl_result(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE() as _, &range) })
     }
@@ -172,12 +182,12 @@ impl Uffd {
     /// # Safety
     /// `dst..dst+len` must be memory registered with this uffd that the caller owns (guest
     /// RAM), and `src..src+len` must be readable.
-    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> io::Result<Resolved> {
+    pub unsafe fn copy(&self, dst: HostAddr, src: *const u8, len: u64) -> io::Result<Resolved> {
         fail::fail_point!("uffd-copy", |_| Err(io::Error::from_raw_os_error(
             libc::EIO
         )));
         let mut copy = UffdioCopy {
-            dst,
+            dst: dst.raw(),
             src: src as u64,
             len,
             mode: 0,
@@ -197,13 +207,13 @@ impl Uffd {
     /// `dst..dst+len` must be memory registered with this uffd that the caller owns and may
     /// replace (guest RAM whose entries there are empty), and `src..src+len` the caller's own
     /// anonymous mapping, whose pages it gives up.
-    pub unsafe fn move_pages(&self, dst: u64, src: u64, len: u64) -> io::Result<u64> {
+    pub unsafe fn move_pages(&self, dst: HostAddr, src: HostAddr, len: u64) -> io::Result<u64> {
         fail::fail_point!("uffd-move", |_| Err(io::Error::from_raw_os_error(
             libc::EAGAIN
         )));
         let mut mv = UffdioMove {
-            dst,
-            src,
+            dst: dst.raw(),
+            src: src.raw(),
             len,
             mode: MOVE_MODE_DONTWAKE,
             moved: 0,
@@ -224,9 +234,12 @@ impl Uffd {
     ///
     /// # Safety
     /// As for [`Uffd::copy`].
-    pub unsafe fn zeropage(&self, dst: u64, len: u64) -> io::Result<Resolved> {
+    pub unsafe fn zeropage(&self, dst: HostAddr, len: u64) -> io::Result<Resolved> {
         let mut zero = UffdioZeropage {
-            range: UffdioRange { start: dst, len },
+            range: UffdioRange {
+                start: dst.raw(),
+                len,
+            },
             mode: 0,
             zeropage: 0,
         };
@@ -240,9 +253,12 @@ impl Uffd {
     ///
     /// # Safety
     /// As for [`Uffd::copy`]; the range's contents are lost for good.
-    pub unsafe fn poison(&self, dst: u64, len: u64) -> io::Result<Resolved> {
+    pub unsafe fn poison(&self, dst: HostAddr, len: u64) -> io::Result<Resolved> {
         let mut poison = UffdioPoison {
-            range: UffdioRange { start: dst, len },
+            range: UffdioRange {
+                start: dst.raw(),
+                len,
+            },
             mode: 0,
             updated: 0,
         };
@@ -265,7 +281,13 @@ impl Uffd {
 
     /// Write-protects (`protect`) or unprotects a range; unprotecting wakes blocked writers
     /// unless `wake` is false (the kernel takes no wake flag with protection).
-    pub fn write_protect(&self, start: u64, len: u64, protect: bool, wake: bool) -> io::Result<()> {
+    pub fn write_protect(
+        &self,
+        start: HostAddr,
+        len: u64,
+        protect: bool,
+        wake: bool,
+    ) -> io::Result<()> {
         fail::fail_point!("uffd-writeprotect", |_| Err(io::Error::from_raw_os_error(
             libc::EIO
         )));
@@ -275,7 +297,10 @@ impl Uffd {
             (false, false) => WRITEPROTECT_MODE_DONTWAKE,
         };
         let mut wp = UffdioWriteprotect {
-            range: UffdioRange { start, len },
+            range: UffdioRange {
+                start: start.raw(),
+                len,
+            },
             mode,
         };
         // SAFETY: UFFDIO_WRITEPROTECT reads one struct; it changes page permissions only.
@@ -416,7 +441,7 @@ impl UffdSet {
     /// shard through its own (a range registered with one uffd cannot be unregistered through
     /// another), which wakes every thread waiting on a fault there. A failure is logged, and
     /// the other shards are still unregistered; returns how many failed.
-    pub fn unregister_all(&self, base: u64, extents: usize) -> usize {
+    pub fn unregister_all(&self, base: HostAddr, extents: usize) -> usize {
         let mut failed = 0;
         for (uffd, range) in self.shards() {
             let (start, end) = (range.start.min(extents), range.end.min(extents));
@@ -475,7 +500,7 @@ mod tests {
         };
         let len = 4 * 4096;
         let mem = anon(len);
-        uffd.register(mem as u64, len as u64, REGISTER_MODE_MISSING)
+        uffd.register(HostAddr::of(mem), len as u64, REGISTER_MODE_MISSING)
             .unwrap();
         let addr = mem as u64 + 4096;
         let reader = std::thread::spawn(move || {
@@ -491,16 +516,16 @@ mod tests {
         assert!(!faults[0].write);
         let page = [0x5au8; 4096];
         // SAFETY: `addr` is a page of our registered mapping; `page` is readable.
-        let first = unsafe { uffd.copy(addr, page.as_ptr(), 4096) };
+        let first = unsafe { uffd.copy(HostAddr::new(addr), page.as_ptr(), 4096) };
         assert_eq!(first.unwrap(), Resolved::Filled);
         assert_eq!(reader.join().unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
         // SAFETY: as above; the page is now present.
-        let again = unsafe { uffd.copy(addr, page.as_ptr(), 4096) };
+        let again = unsafe { uffd.copy(HostAddr::new(addr), page.as_ptr(), 4096) };
         assert_eq!(again.unwrap(), Resolved::AlreadyPresent);
         // SAFETY: another page of the same mapping.
-        let zero = unsafe { uffd.zeropage(mem as u64, 4096) };
+        let zero = unsafe { uffd.zeropage(HostAddr::of(mem), 4096) };
         assert_eq!(zero.unwrap(), Resolved::Filled);
-        uffd.unregister(mem as u64, len as u64).unwrap();
+        uffd.unregister(HostAddr::of(mem), len as u64).unwrap();
         // SAFETY: unmapping the test's own mapping.
         unsafe { libc::munmap(mem.cast(), len) };
     }

@@ -32,7 +32,7 @@ use crate::seccomp::{Seccomp, ThreadKind};
 use vm_extents::handoff::{self, HandoffError, Region};
 use vm_extents::ram_image::{RamImage, RamImageError};
 use vm_extents::uffd::{Event, Fault, Resolved, Uffd};
-use vm_extents::{Fill, PageSource, RamImageSource};
+use vm_extents::{Fill, HostAddr, PageSource, RamImageSource};
 
 /// How much a fault in a 4 KiB region resolves (`--granularity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -578,7 +578,7 @@ impl Server<'_> {
                 self.report.already_present += 1;
                 // Resolved by an earlier, wider fill whose wake-up this waiter may have missed.
                 self.uffd
-                    .wake(start, page)
+                    .wake(HostAddr::new(start), page)
                     .map_err(|source| ServeError::Uffd {
                         what: "waking a fault",
                         addr: start,
@@ -612,14 +612,16 @@ impl Server<'_> {
         let resolved = if zero && !hugetlb {
             // SAFETY: `start..start+len` lies in a region the VMM registered with this uffd
             // and handed over for us to fill.
-            unsafe { self.uffd.zeropage(start, len) }.map_err(uffd_err("UFFDIO_ZEROPAGE"))?
+            unsafe { self.uffd.zeropage(HostAddr::new(start), len) }
+                .map_err(uffd_err("UFFDIO_ZEROPAGE"))?
         } else {
             if zero {
                 // hugetlb has no zero page: copy zeroes.
                 buf.fill(0);
             }
             // SAFETY: as above; `buf` holds `len` readable bytes.
-            unsafe { self.uffd.copy(start, buf.as_ptr(), len) }.map_err(uffd_err("UFFDIO_COPY"))?
+            unsafe { self.uffd.copy(HostAddr::new(start), buf.as_ptr(), len) }
+                .map_err(uffd_err("UFFDIO_COPY"))?
         };
         if resolved == Resolved::Filled {
             self.report.bytes_served += len;

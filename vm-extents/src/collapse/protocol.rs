@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::{EXTENT_SIZE, PAGE_SIZE};
+use crate::{EXTENT_SIZE, HostAddr, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::config::{CollapseConfig, CollapseOrder};
@@ -73,8 +73,8 @@ pub struct CollapseError {
 }
 
 impl Collapser {
-    fn host(&self, index: ExtentIndex) -> u64 {
-        self.map.ram().host_base().0 as u64 + index.gpa()
+    fn host(&self, index: ExtentIndex) -> HostAddr {
+        self.map.ram().host_at(index.gpa())
     }
 
     /// The uffd extent `index` is registered with.

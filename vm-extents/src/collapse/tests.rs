@@ -72,7 +72,7 @@ fn rig_with(mode: u64) -> Option<Rig> {
         }
     }
     let table = ExtentTable::new(ram.size());
-    let base = ram.host_base().0 as u64;
+    let base = ram.host_base();
     let present = host_view::present_pages(base, ram.size()).unwrap();
     for (i, extent) in table.iter() {
         extent.add_present(|p| present[i.0 * PAGES_PER_EXTENT + p]);
@@ -108,13 +108,13 @@ fn rig_with(mode: u64) -> Option<Rig> {
 }
 
 fn write(ram: &GuestRam, gpa: u64, v: u64) {
-    let p = (ram.host_base().0 as u64 + gpa) as *mut u64;
+    let p = ram.host_at(gpa).as_ptr::<u64>();
     // SAFETY: `gpa` is inside the rig's RAM mapping, which outlives every test thread.
     unsafe { p.write_volatile(v) };
 }
 
 fn read(ram: &GuestRam, gpa: u64) -> u64 {
-    let p = (ram.host_base().0 as u64 + gpa) as *const u64;
+    let p = ram.host_at(gpa).as_ptr::<u64>().cast_const();
     // SAFETY: as in `write`.
     unsafe { p.read_volatile() }
 }
@@ -342,7 +342,7 @@ fn collapse_keeps_the_data_and_maps_the_extent_huge() {
         rig.map.read().get(ExtentIndex(2)).unwrap().state(),
         ExtentState::Huge
     );
-    let host = rig.ram.host_base().0 as u64 + gpa;
+    let host = rig.ram.host_at(gpa);
     let smaps = host_view::smaps_totals(host, host + EXTENT_SIZE).unwrap();
     assert_eq!(
         smaps.anon_huge_kb, 2048,
@@ -373,9 +373,7 @@ fn revalidation_catches_an_extent_that_changed_while_unlocked() {
         assert_left_as_before(&rig, &s, 1);
         // Forget the injected page again for the next order.
         let table = rig.map.read();
-        let present =
-            host_view::present_pages(rig.ram.host_base().0 as u64 + EXTENT_SIZE, EXTENT_SIZE)
-                .unwrap();
+        let present = host_view::present_pages(rig.ram.host_at(EXTENT_SIZE), EXTENT_SIZE).unwrap();
         let extent = table.get(ExtentIndex(1)).unwrap();
         extent.clear_pages();
         extent.add_present(|p| present[p]);
@@ -456,7 +454,7 @@ fn writes_during_a_zap_and_move_commit_are_never_lost() {
     let Some(rig) = rig_missing() else { return };
     let collapsed = writers_race_every_order(&rig, InstallMethod::Move);
     // Moves split no mapping: guest RAM is still one mapping, each collapsed extent huge.
-    let base = rig.ram.host_base().0 as u64;
+    let base = rig.ram.host_base();
     let end = base + rig.ram.size();
     assert_eq!(host_view::mappings_in(base, end).unwrap(), 1);
     let totals = host_view::smaps_totals(base, end).unwrap();
@@ -679,7 +677,7 @@ fn a_2m_fault_completes_while_the_read_side_is_held_throughout() {
     };
     let ram = Arc::new(GuestRam::new(EXTENTS * EXTENT_SIZE, Backing::Small).unwrap());
     let map = Arc::new(MemoryMap::new(ExtentTable::new(ram.size()), ram.clone()));
-    let base = ram.host_base().0 as u64;
+    let base = ram.host_base();
     uffd.register(
         base,
         ram.size(),

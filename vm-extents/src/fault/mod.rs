@@ -13,7 +13,7 @@ pub mod source;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::PAGE_SIZE;
+use crate::{HostAddr, PAGE_SIZE};
 use serde::Serialize;
 
 use super::huge::install::Installer;
@@ -92,7 +92,7 @@ impl FaultHandler {
                 // flight fail too (ENOENT), and theirs must not be the failure the VM reports.
                 on_fatal(what);
                 let extents = (ram.size() / crate::EXTENT_SIZE) as usize;
-                all.unregister_all(ram.host_base().0 as u64, extents);
+                all.unregister_all(ram.host_base(), extents);
             },
         )?;
         Ok(FaultHandler { worker })
@@ -118,7 +118,7 @@ fn serve(r: &Resolver, stop: &Stop) -> Result<(), Failure> {
     let mut faults: Vec<Fault> = Vec::with_capacity(64);
     let mut buffers = resolve::Buffers::new(r.granularity);
     let ram = r.map.ram();
-    let (host_base, ram_size) = (ram.host_base().0 as u64, ram.size());
+    let (host_base, ram_size) = (ram.host_base(), ram.size());
     let mut last_fault: Option<Instant> = None;
     loop {
         if let Some(at) = last_fault {
@@ -179,7 +179,7 @@ fn serve(r: &Resolver, stop: &Stop) -> Result<(), Failure> {
 fn serve_batch(
     r: &Resolver,
     faults: &[Fault],
-    host_base: u64,
+    host_base: HostAddr,
     ram_size: u64,
     buffers: &mut resolve::Buffers,
 ) -> Result<(), Failure> {
@@ -187,7 +187,7 @@ fn serve_batch(
         for fault in faults {
             fail::fail_point!("fault-serve");
             let start = Instant::now();
-            let gpa = fault.address.wrapping_sub(host_base) & !(PAGE_SIZE - 1);
+            let gpa = fault.address.wrapping_sub(host_base.raw()) & !(PAGE_SIZE - 1);
             if gpa >= ram_size {
                 return Err(format!(
                     "fault at host address {:#x}, outside guest RAM",

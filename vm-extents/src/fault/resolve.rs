@@ -44,7 +44,7 @@ pub fn serve_missing(
     }
     let gran = r.granularity;
     let first = gpa & !(gran - 1);
-    let host_base = r.map.ram().host_base().0 as u64;
+    let host_base = r.map.ram().host_base();
     let mut map = r.map.read();
     if let Some(installer) = r.huge.as_ref().filter(|_| gran == EXTENT_SIZE) {
         if map_whole_extent(r, installer, ExtentIndex::of(gpa), map)? {
@@ -173,9 +173,7 @@ fn map_whole_extent(
         r.stats.extents_mapped.inc();
     }
     // Every thread waiting on a fault in the extent retries on the huge page.
-    let _ = r
-        .uffd
-        .wake(r.map.ram().host_base().0 as u64 + index.gpa(), EXTENT_SIZE);
+    let _ = r.uffd.wake(r.map.ram().host_at(index.gpa()), EXTENT_SIZE);
     Ok(true)
 }
 
@@ -187,7 +185,7 @@ pub fn answer_wp(r: &Resolver, gpa: u64) -> Result<(), Failure> {
     let map = r.map.read();
     r.stats.wp_faults.inc();
     let extent = map.get(ExtentIndex::of(gpa)).expect("gpa is inside RAM");
-    let page = r.map.ram().host_base().0 as u64 + gpa;
+    let page = r.map.ram().host_at(gpa);
     if extent.is_claimed() {
         // As for a missing fault: the claimant wakes the extent.
         return Ok(());

@@ -28,7 +28,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::EXTENT_SIZE;
+use crate::{EXTENT_SIZE, HostAddr};
 
 use super::ledger::{ChargeError, Ledger};
 use super::page::{AllocError, HugePage, HugePageAllocator, PageKind};
@@ -80,10 +80,13 @@ pub enum Exclusive<'a, 'b> {
 }
 
 impl Exclusive<'_, '_> {
-    fn set_huge(&mut self, index: ExtentIndex) {
+    fn set_huge(&mut self, index: ExtentIndex, kind: PageKind) {
         match self {
-            Exclusive::Table(t) => t.get_mut(index).expect("index inside the table").set_huge(),
-            Exclusive::Claim(c) => c.set_huge(),
+            Exclusive::Table(t) => t
+                .get_mut(index)
+                .expect("index inside the table")
+                .set_huge(kind),
+            Exclusive::Claim(c) => c.set_huge(kind),
         }
     }
 
@@ -245,7 +248,7 @@ impl Installer {
         contents: Contents,
     ) -> Result<Installed, InstallError> {
         let huge = page.page.take().expect("a prepared page");
-        let dst = self.ram.host_base().0 as u64 + index.gpa();
+        let dst = self.ram.host_at(index.gpa());
         let uffd = self.uffds.for_extent(index.0);
         let method = self.method_for(huge.kind(), contents);
         // What every step below relies on: `dst` is a 2 MiB-aligned extent of guest RAM,
@@ -275,11 +278,7 @@ impl Installer {
                     // the gap is a missing fault the handler holds for us (the extent is
                     // claimed or write-locked) until we wake it below.
                     unsafe {
-                        libc::madvise(
-                            dst as *mut libc::c_void,
-                            EXTENT_SIZE as usize,
-                            libc::MADV_DONTNEED,
-                        )
+                        libc::madvise(dst.as_ptr(), EXTENT_SIZE as usize, libc::MADV_DONTNEED)
                     };
                 }
                 // SAFETY: moves our page into the now empty extent; the page's source range
@@ -307,7 +306,7 @@ impl Installer {
                 }
                 // The extent owns the charge now: it is uncharged at teardown.
                 std::mem::forget(page);
-                excl.set_huge(index);
+                excl.set_huge(index, kind);
                 if method == InstallMethod::Mremap {
                     self.maps.installed();
                 }
@@ -365,7 +364,7 @@ impl Installer {
     fn copy_rest(
         &self,
         uffd: &crate::uffd::Uffd,
-        dst: u64,
+        dst: HostAddr,
         huge: &HugePage,
     ) -> std::io::Result<()> {
         use crate::PAGE_SIZE;
@@ -375,7 +374,7 @@ impl Installer {
             // changes nothing); the source is our own page, readable where it did not move.
             // Pages that moved are holes at the source, which read as zeroes but are not
             // copied (their destination is present).
-            match unsafe { uffd.copy(dst + off, (huge.addr() + off) as *const u8, PAGE_SIZE) }? {
+            match unsafe { uffd.copy(dst + off, (huge.addr() + off).as_ptr(), PAGE_SIZE) }? {
                 Resolved::Filled | Resolved::AlreadyPresent => {}
                 Resolved::Retry => return Err(std::io::Error::from_raw_os_error(libc::EAGAIN)),
             }
@@ -389,10 +388,10 @@ impl Installer {
     fn refill_hole(&self, index: ExtentIndex, copy: Option<&HugePage>) -> std::io::Result<()> {
         let contents = copy.map(|page| {
             // SAFETY: `page` is our own 2 MiB mapping, not written while this borrow lives.
-            unsafe { std::slice::from_raw_parts(page.addr() as *const u8, EXTENT_SIZE as usize) }
+            unsafe { std::slice::from_raw_parts(page.addr().as_ptr(), EXTENT_SIZE as usize) }
         });
         self.ram.refill_hole(index.gpa(), EXTENT_SIZE, contents)?;
-        let dst = self.ram.host_base().0 as u64 + index.gpa();
+        let dst = self.ram.host_at(index.gpa());
         // Registered after the copy (the copy's own writes must not fault to the handler), and
         // fresh memory before any thread may touch it.
         let uffd = self.uffds.for_extent(index.0);

@@ -6,7 +6,7 @@
 use std::io;
 use std::ptr::NonNull;
 
-use crate::EXTENT_SIZE;
+use crate::{EXTENT_SIZE, HostAddr};
 
 use crate::host_view;
 
@@ -99,8 +99,8 @@ impl HugePage {
     }
 
     /// The page's host address.
-    pub fn addr(&self) -> u64 {
-        self.addr.as_ptr() as u64
+    pub fn addr(&self) -> HostAddr {
+        HostAddr::of(self.addr.as_ptr())
     }
 
     /// The page as a mutable byte slice, for copying guest data in before it is mapped.
@@ -127,11 +127,11 @@ impl HugePage {
     /// memory map's write side, or the extent's claim: a 2 MiB fault takes it with the read
     /// side, since only the extent's shard handler can act on it), and its old pages hold
     /// nothing to lose: copied into this page while write-protected, or never populated.
-    pub unsafe fn move_to(self, dst: u64) -> Result<PageKind, MoveFailed> {
+    pub unsafe fn move_to(self, dst: HostAddr) -> Result<PageKind, MoveFailed> {
         if crate::fires!("mremap-hole") {
             // As the kernel does on a late failure: the destination is gone, the page is not.
             // SAFETY: per the caller's contract, `dst` is 2 MiB of the caller's own mapping.
-            unsafe { libc::munmap(dst as *mut libc::c_void, EXTENT_SIZE as usize) };
+            unsafe { libc::munmap(dst.as_ptr(), EXTENT_SIZE as usize) };
             return Err(MoveFailed {
                 page: self,
                 source: io::Error::from_raw_os_error(libc::ENOMEM),
@@ -145,7 +145,7 @@ impl HugePage {
                 EXTENT_SIZE as usize,
                 EXTENT_SIZE as usize,
                 libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                dst as *mut libc::c_void,
+                dst.as_ptr::<libc::c_void>(),
             )
         };
         if moved == libc::MAP_FAILED {
@@ -176,10 +176,10 @@ pub struct MoveFailed {
 }
 
 /// Whether the page at `addr` is mapped at all (`mincore` says `ENOMEM` for a hole).
-fn is_mapped(addr: u64) -> bool {
+fn is_mapped(addr: HostAddr) -> bool {
     let mut v = 0u8;
     // SAFETY: mincore only reports on the range and writes one byte into `v`.
-    let r = unsafe { libc::mincore(addr as *mut libc::c_void, 4096, &mut v) };
+    let r = unsafe { libc::mincore(addr.as_ptr(), 4096, &mut v) };
     !(r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOMEM))
 }
 
@@ -307,7 +307,7 @@ mod tests {
                 return;
             }
         };
-        assert_eq!(page.addr() % EXTENT_SIZE, 0);
+        assert!(page.addr().is_aligned(EXTENT_SIZE));
         assert!(is_mapped_huge(&page));
         assert!(page.bytes_mut().iter().all(|&b| b == 0));
     }

@@ -278,7 +278,7 @@ fn restore_once(
     let (mut series, mut resident_at, mut huge_at) = (Vec::new(), None, None);
     while !done.load(Ordering::SeqCst) {
         let t = started.elapsed();
-        let bytes = |mask| match host_view::scan(range.start, range.end, mask) {
+        let bytes = |mask| match host_view::scan(range.start.raw(), range.end.raw(), mask) {
             Ok(Some(r)) => r.iter().map(|r| r.end - r.start).sum(),
             _ => 0,
         };

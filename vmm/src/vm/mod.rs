@@ -489,9 +489,9 @@ impl Vm {
 
 impl Vm {
     /// The host address range of guest RAM (for benchmarks that watch the kernel's view).
-    pub fn ram_host_range(&self) -> std::ops::Range<u64> {
+    pub fn ram_host_range(&self) -> std::ops::Range<vm_extents::HostAddr> {
         let ram = self.memory().ram();
-        let base = ram.host_base().0 as u64;
+        let base = ram.host_base();
         base..base + ram.size()
     }
 

@@ -25,7 +25,7 @@ use crate::metrics::{latency_histogram, percentiles};
 use crate::units::ByteSize;
 use crate::vm::Vm;
 use vm_extents::{
-    AllocError, Backing, CollapseConfig, CollapseGate, CollapseOrder, GuestRam, HugePage,
+    AllocError, Backing, CollapseConfig, CollapseGate, CollapseOrder, GuestRam, HostAddr, HugePage,
     HugePageAllocator, InstallMethod, MemoryBuilder, PageSourceKind, PoolKind, alloc_thp,
     host_view,
 };
@@ -232,8 +232,8 @@ impl Drop for KhugepagedSettings {
 }
 
 /// Bytes of `range` whose pages have every category in `mask`.
-fn bytes_with(range: &Range<u64>, mask: u64) -> u64 {
-    match host_view::scan(range.start, range.end, mask) {
+fn bytes_with(range: &Range<HostAddr>, mask: u64) -> u64 {
+    match host_view::scan(range.start.raw(), range.end.raw(), mask) {
         Ok(Some(ranges)) => ranges.iter().map(|r| r.end - r.start).sum(),
         _ if mask == host_view::PAGE_IS_HUGE => {
             host_view::smaps_totals(range.start, range.end).map_or(0, |t| t.anon_huge_kb << 10)
@@ -331,13 +331,7 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
         // The kernel's own machinery only works on THP-eligible memory.
         // SAFETY: advice on guest RAM, which stays mapped until `run` returns (`done`); it
         // changes no contents.
-        unsafe {
-            libc::madvise(
-                range.start as *mut libc::c_void,
-                total as usize,
-                libc::MADV_HUGEPAGE,
-            )
-        };
+        unsafe { libc::madvise(range.start.as_ptr(), total as usize, libc::MADV_HUGEPAGE) };
     }
     // The kernel's peers: watch (and for MADV_COLLAPSE, drive) from here while the guest runs.
     let mut kernel_all_huge = None;
@@ -351,11 +345,7 @@ fn run_variant(config: &CollapseBenchConfig, row: Row, at: Point) -> Result<Outc
                 // SAFETY: MADV_COLLAPSE on one extent of guest RAM, which stays mapped while the
                 // VM runs (`done` is set only after `run` returns); it keeps the contents.
                 let r = unsafe {
-                    libc::madvise(
-                        next as *mut libc::c_void,
-                        EXTENT_SIZE as usize,
-                        libc::MADV_COLLAPSE,
-                    )
+                    libc::madvise(next.as_ptr(), EXTENT_SIZE as usize, libc::MADV_COLLAPSE)
                 };
                 madv.saturating_record((t.elapsed().as_nanos() as u64).max(1));
                 if r != 0 {
@@ -455,7 +445,7 @@ fn floors() -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
         alloc_thp().map_err(|e| BenchError::Setup(format!("cannot get a THP for the floor: {e}")))
     };
     let (mut a, b) = (thp()?, thp()?);
-    let src = b.addr() as *const u8;
+    let src = b.addr().as_ptr::<u8>().cast_const();
     let memcpy = time_n(100, || {
         let t = Instant::now();
         // SAFETY: `b` is a live 2 MiB mapping we own.
@@ -479,7 +469,7 @@ fn time_bare_move() -> std::io::Result<Duration> {
     let start = Instant::now();
     // SAFETY: `dst` is a 2 MiB-aligned mapping of our own that nothing else uses, populated
     // only to be replaced; the moved page becomes part of it and is unmapped with it.
-    let moved = unsafe { page.move_to(dst.host_base().0 as u64) };
+    let moved = unsafe { page.move_to(dst.host_base()) };
     let took = start.elapsed();
     moved.map(|_| took).map_err(|failed| failed.source)
 }
