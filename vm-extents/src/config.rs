@@ -106,6 +106,9 @@ pub struct MemoryConfig {
     pub(crate) prefetch_threads: usize,
     /// Wraps the image's page source, if the VMM asked to.
     pub(crate) source_layer: Plugged<Layer>,
+    /// Guest reports of free memory are honoured, huge extents split from this many freed
+    /// pages ([`crate::reclaim`]); `None`: reports are refused.
+    pub(crate) reclaim_split: Option<u32>,
 }
 
 /// What wraps the image's page source ([`MemoryBuilder::image_source_layer`]).
@@ -159,6 +162,9 @@ pub enum ConfigError {
     /// No region.
     #[error("guest RAM needs at least one region")]
     NoRegions,
+    /// A reclaim split threshold outside one extent's pages.
+    #[error("reclaim_split_pages {0} is out of range: allowed 1 to 512")]
+    ReclaimSplitPages(u32),
     /// A fault granularity that is not a power of two from 4 KiB to 2 MiB.
     #[error("fault_granularity {} is not a power of two from 4K to 2M", ByteSize(*.0))]
     FaultGranularity(u64),
@@ -373,6 +379,25 @@ impl MemoryBuilder {
         self
     }
 
+    /// Whether the guest's reports of free memory are honoured ([`crate::reclaim`]; default:
+    /// yes). Off, [`Memory::reclaimer`](crate::Memory::reclaimer) is `None`.
+    pub fn reclaim(mut self, on: bool) -> Self {
+        self.config.reclaim_split = on.then_some(
+            self.config
+                .reclaim_split
+                .unwrap_or(crate::reclaim::SPLIT_PAGES),
+        );
+        self
+    }
+
+    /// How many 4 KiB pages of a huge extent must be freed for reclaim to split it, 1 to 512
+    /// (default [`SPLIT_PAGES`](crate::reclaim::SPLIT_PAGES)); below, the huge page is kept and
+    /// the freed pages zeroed. Turns reclaim on.
+    pub fn reclaim_split_pages(mut self, pages: u32) -> Self {
+        self.config.reclaim_split = Some(pages);
+        self
+    }
+
     /// Whether the restore prefetcher runs (default: wherever it applies, an image restored
     /// lazily into 4 KiB backing).
     pub fn prefetch(mut self, on: bool) -> Self {
@@ -391,6 +416,11 @@ impl MemoryBuilder {
             prefetch,
             vcpus,
         } = self;
+        if let Some(pages) = config.reclaim_split
+            && !(1..=crate::extent::PAGES_PER_EXTENT as u32).contains(&pages)
+        {
+            return Err(ConfigError::ReclaimSplitPages(pages));
+        }
         let size = config.size;
         if size == 0 || !size.is_multiple_of(EXTENT_SIZE) {
             return Err(ConfigError::SizeNotAligned(size));
@@ -577,6 +607,11 @@ impl MemoryConfig {
         self.collapse.as_ref()
     }
 
+    /// The reclaim split threshold in pages, if reclaim is on.
+    pub fn reclaim_split_pages(&self) -> Option<u32> {
+        self.reclaim_split
+    }
+
     /// Fault handler threads.
     pub fn fault_threads(&self) -> usize {
         self.fault_threads
@@ -617,6 +652,7 @@ impl MemoryConfig {
             restore: Restore::Lazy,
             prefetch_threads: 0,
             source_layer: Plugged::default(),
+            reclaim_split: Some(crate::reclaim::SPLIT_PAGES),
         }
     }
 

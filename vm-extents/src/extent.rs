@@ -212,17 +212,20 @@ impl Extent {
     /// write side hands out: no fault can be looking at the extent while its backing is
     /// replaced (only the install path calls it, and the huge backings at
     /// start). An [`ExtentClaim`] does the same with the read side held.
-    pub fn set_huge(&mut self, kind: PageKind) {
-        self.make_huge(kind);
+    /// Returns how many pages given back (and not touched since) the huge page brings back.
+    pub fn set_huge(&mut self, kind: PageKind) -> u32 {
+        self.make_huge(kind)
     }
 
-    fn make_huge(&self, kind: PageKind) {
+    fn make_huge(&self, kind: PageKind) -> u32 {
         for w in &self.pages {
             w.store(u64::MAX, Ordering::SeqCst);
         }
-        for w in &self.reclaimed {
-            w.store(0, Ordering::SeqCst);
-        }
+        let reinflated = self
+            .reclaimed
+            .iter()
+            .map(|w| w.swap(0, Ordering::SeqCst).count_ones())
+            .sum();
         let kind = match kind {
             PageKind::Thp => KIND_THP,
             PageKind::Hugetlb => KIND_HUGETLB,
@@ -230,6 +233,7 @@ impl Extent {
         self.kind.store(kind, Ordering::SeqCst);
         self.tracking.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
+        reinflated
     }
 
     /// Whether someone holds the extent's claim.
@@ -254,9 +258,10 @@ impl ExtentClaim<'_> {
         self.extent
     }
 
-    /// Marks the extent as backed by one huge page of `kind`.
-    pub fn set_huge(&self, kind: PageKind) {
-        self.extent.make_huge(kind);
+    /// Marks the extent as backed by one huge page of `kind`; returns how many pages given
+    /// back it brings back.
+    pub fn set_huge(&self, kind: PageKind) -> u32 {
+        self.extent.make_huge(kind)
     }
 
     /// Records that the pages in `freed` were given back: they are no longer populated (a huge

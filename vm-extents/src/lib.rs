@@ -142,6 +142,7 @@ mod prefetch;
 mod ram;
 pub mod ram_image;
 pub mod ratelimit;
+pub mod reclaim;
 pub mod report;
 pub mod stats;
 mod sync;
@@ -172,6 +173,7 @@ pub use manager::{Memory, Teardown};
 pub use map::{Held, MapRead, MapWrite, MemoryMap};
 pub use prefetch::PrefetchStats;
 pub use ram::{GuestRam, HostAddr, RamError, RamRegion};
+pub use reclaim::{ReclaimError, ReclaimStats, Reclaimed, Reclaimer};
 pub use report::MemoryReport;
 pub use worker::{
     Failure, FailureCause, HookError, OnFailure, ThreadFailure, ThreadHook, ThreadRole,

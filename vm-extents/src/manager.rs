@@ -28,9 +28,10 @@ use super::populate::{copy_image_into, mark_huge_extents, sync_extent};
 use super::prefetch::{FaultHint, PrefetchStats, Prefetcher};
 use super::ram::GuestRam;
 use super::ram_image::{Page, RamImage, SaveStats};
+use super::reclaim::{ReclaimStats, Reclaimer};
 use super::report::{
     CollapseSection, FaultsSection, KernelSection, LedgerSection, MemoryReport, MemorySection,
-    RestoreSection,
+    ReclaimSection, RestoreSection,
 };
 use super::uffd::{self, Uffd, UffdSet};
 use super::worker::OnFailure;
@@ -68,6 +69,7 @@ pub struct Memory {
     /// The prefetch threads, while they run.
     prefetcher: Option<Prefetcher>,
     prefetch_stats: Option<Arc<PrefetchStats>>,
+    reclaim_stats: Arc<ReclaimStats>,
     /// The external page server guest RAM was handed to, and our end of its socket.
     page_server: Option<PageServer>,
     // Unmapped when the last reference (this one, once the threads are gone) drops.
@@ -146,6 +148,7 @@ impl Memory {
             restore_copy_ns,
             prefetcher: None,
             prefetch_stats: None,
+            reclaim_stats: Arc::default(),
             page_server: None,
             map: Arc::new(MemoryMap::new(table, Arc::new(ram))),
         })
@@ -154,6 +157,26 @@ impl Memory {
     /// Guest RAM.
     pub fn ram(&self) -> &Arc<GuestRam> {
         self.map.ram()
+    }
+
+    /// What gives back the memory the guest reports free ([`crate::reclaim`]), once the manager
+    /// has [started](Self::start); `None` where reclaim is off. Each one shares the counters
+    /// of [`Self::reclaim_stats`].
+    pub fn reclaimer(&self) -> Option<Reclaimer> {
+        let split = self.config.reclaim_split?;
+        Some(Reclaimer::new(
+            self.map.clone(),
+            self.uffds.clone(),
+            self.ledger.clone(),
+            self.config.backing,
+            split,
+            self.reclaim_stats.clone(),
+        ))
+    }
+
+    /// Reclaim's counters.
+    pub fn reclaim_stats(&self) -> &Arc<ReclaimStats> {
+        &self.reclaim_stats
     }
 
     /// The memory map lock and extent table.
@@ -252,6 +275,7 @@ impl Memory {
                     huge: extent_faults.then(|| self.installer(&uffds)),
                     spin: self.config.fault_spin,
                     hint: hint.clone(),
+                    reclaim: self.reclaim_stats.clone(),
                 },
                 &self.config.thread_hook,
                 move |what| fatal(what),
@@ -293,6 +317,7 @@ impl Memory {
                 stopping: Arc::new(AtomicBool::new(false)),
                 kernel_populates: !missing,
                 before_commit: None,
+                reclaim_split: self.config.reclaim_split.unwrap_or(PAGES_PER_EXTENT as u32),
             };
             let sync: Box<dyn Fn(ExtentIndex) + Send> = if missing {
                 Box::new(|_| {})
@@ -401,6 +426,7 @@ impl Memory {
             ram: self.ram().clone(),
             uffds: uffds.clone(),
             method: self.config.install,
+            reclaim: self.reclaim_stats.clone(),
         }
     }
 
@@ -532,8 +558,11 @@ impl Memory {
                         .expect("a populated page lies inside guest RAM");
                     return Ok(Page::Read);
                 }
+                let given_back = table
+                    .get(ExtentIndex::of(gpa))
+                    .is_some_and(|e| e.is_reclaimed(((gpa % EXTENT_SIZE) / PAGE_SIZE) as usize));
                 match image {
-                    Some(image) if !image.is_hole(gpa, PAGE_SIZE) => {
+                    Some(image) if !given_back && !image.is_hole(gpa, PAGE_SIZE) => {
                         image.read_at(buf, gpa)?;
                         Ok(Page::Read)
                     }
@@ -589,6 +618,12 @@ impl Memory {
                 image_bytes_read: image.bytes_read(),
                 prefetch: self.prefetch_stats.clone(),
             }),
+            reclaim: ReclaimSection {
+                enabled: self.config.reclaim_split.is_some(),
+                split_pages: self.config.reclaim_split,
+                reclaimed_bytes: self.reclaim_stats.reclaimed_bytes(),
+                stats: self.reclaim_stats.clone(),
+            },
         })
     }
 }

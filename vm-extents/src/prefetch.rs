@@ -202,7 +202,12 @@ impl Shared {
         for step in 0..n {
             let i = (start + step) % n;
             let extent = table.get(ExtentIndex(i)).expect("index inside the table");
-            if extent.state() != ExtentState::Unpopulated || extent.is_claimed() {
+            // An extent the guest gave back (some of) is left for its faults: its image data
+            // is no longer what the guest owns there.
+            if extent.state() != ExtentState::Unpopulated
+                || extent.is_claimed()
+                || extent.reclaimed() > 0
+            {
                 continue;
             }
             if self.image.is_hole(ExtentIndex(i).gpa(), EXTENT_SIZE) {
@@ -235,7 +240,7 @@ impl Shared {
         // [write] still unpopulated? Then claim it: no fault handler is inside it now.
         let mut table = self.map.write();
         let extent = table.get(index).expect("index inside the table");
-        let ticket = if extent.state() == ExtentState::Unpopulated {
+        let ticket = if extent.state() == ExtentState::Unpopulated && extent.reclaimed() == 0 {
             table.claim_for_later(index)
         } else {
             None

@@ -394,6 +394,29 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Replaces offsets `[gpa, gpa + len)` with fresh, unpopulated memory of RAM's kind, in one
+    /// `mmap` over what was there (whatever backed the range is unmapped and freed; no access
+    /// ever finds a hole). The caller registers it with its userfaultfd.
+    pub(crate) fn replace_with_fresh(&self, gpa: u64, len: u64) -> io::Result<()> {
+        assert!(
+            gpa.checked_add(len).is_some_and(|end| end <= self.size),
+            "inside RAM"
+        );
+        let addr = self.host_at(gpa).as_ptr();
+        // SAFETY: the range lies inside our mapping; the caller holds the extent exclusively
+        // and gave its contents up.
+        let mapped = unsafe {
+            self.map_fresh(
+                addr,
+                len as usize,
+                libc::MAP_FIXED,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        }?;
+        debug_assert_eq!(mapped, addr);
+        Ok(())
+    }
+
     /// Maps `len` bytes of fresh memory with RAM's flags and advice and protection `prot`, at
     /// `addr` with `fixed` (0: anywhere).
     ///

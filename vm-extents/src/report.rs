@@ -1,5 +1,5 @@
-//! What guest memory reports: the `memory`, `faults`, `kernel`, `collapse` and `ledger`
-//! sections of the metrics, as typed values (the JSON keys are the field names). The live
+//! What guest memory reports: the `memory`, `faults`, `kernel`, `collapse`, `ledger` and
+//! `reclaim` sections of the metrics, as typed values (the JSON keys are the field names). The live
 //! counters are shared by `Arc`, so a report taken at the end still reads them after the
 //! threads that wrote them are gone.
 
@@ -15,6 +15,7 @@ use super::fault::FaultStats;
 use super::host_view::SmapsTotals;
 use super::huge::pool::{PoolKind, PoolStats};
 use super::prefetch::PrefetchStats;
+use super::reclaim::ReclaimStats;
 
 /// Every memory section of the metrics.
 #[derive(Debug, Serialize)]
@@ -32,6 +33,23 @@ pub struct MemoryReport {
     /// Restoring from a memory image (absent without one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreSection>,
+    /// Memory the guest gave back.
+    pub reclaim: ReclaimSection,
+}
+
+/// The `reclaim` section: whether reports are honoured, the split threshold, the counters.
+#[derive(Debug, Serialize)]
+pub struct ReclaimSection {
+    /// Whether the guest's reports of free memory are honoured.
+    pub enabled: bool,
+    /// Freed pages of a huge extent from which it is split (absent when off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_pages: Option<u32>,
+    /// Bytes given back to the host, all causes.
+    pub reclaimed_bytes: u64,
+    /// The counters.
+    #[serde(flatten)]
+    pub stats: Arc<ReclaimStats>,
 }
 
 /// The `restore` section: how an image was restored and what that read.

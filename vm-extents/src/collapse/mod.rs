@@ -164,6 +164,7 @@ fn scan_loop(
                     break;
                 }
                 ScanResult::ExceedNonePte => c.stats.exceed_none_pte.inc(),
+                ScanResult::Reclaimed => c.stats.skipped_reclaimed.inc(),
                 // Said once by the budget; nothing more will be collapsed.
                 ScanResult::MapLimit => return Ok(()),
                 _ => {}

@@ -57,6 +57,8 @@ pub struct Collapser {
     /// Called between the phases, with no lock held (tests: change the extent while the
     /// collapse is not looking).
     pub before_commit: Option<Arc<dyn Fn(ExtentIndex) + Send + Sync>>,
+    /// An extent with this many pages given back and not touched since is not collapsed.
+    pub reclaim_split: u32,
 }
 
 /// A failure that must end the collapse thread: an extent may be left protected, or gone.
@@ -94,6 +96,14 @@ impl Collapser {
     }
 
     fn check_threshold(&self, extent: &Extent) -> Result<(), ScanResult> {
+        if extent.is_claimed() {
+            // Reclaim (or an install) holds it; its generation moves when it lets go.
+            return Err(ScanResult::Changed);
+        }
+        if extent.reclaimed() >= self.reclaim_split {
+            // No creep: the guest gave these pages back and has not touched them again.
+            return Err(ScanResult::Reclaimed);
+        }
         match extent.state() {
             ExtentState::Huge => Err(ScanResult::PmdMapped),
             ExtentState::Unpopulated => Err(ScanResult::ExceedNonePte),
@@ -199,7 +209,12 @@ impl Collapser {
         for p in (0..PAGES_PER_EXTENT).filter(|&p| !extent.is_populated(p)) {
             let off = p * PAGE_SIZE as usize;
             let gpa = index.gpa() + off as u64;
-            match source.fill(gpa, &mut dst[off..off + PAGE_SIZE as usize]) {
+            match crate::reclaim::fill(
+                &**source,
+                extent,
+                gpa,
+                &mut dst[off..off + PAGE_SIZE as usize],
+            ) {
                 Ok(Fill::Data) => {}
                 Ok(Fill::Zero) => dst[off..off + PAGE_SIZE as usize].fill(0),
                 Err(e) => {

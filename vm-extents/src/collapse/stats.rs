@@ -27,6 +27,9 @@ pub enum ScanResult {
     Fail,
     /// No mapping left to spare for another install (`vm.max_map_count`): collapsing stops.
     MapLimit,
+    /// The extent gave back at least the reclaim split threshold of pages that the guest has
+    /// not touched again: collapsing it would re-inflate them (creep).
+    Reclaimed,
 }
 
 /// What the collapse thread has done.
@@ -48,6 +51,8 @@ pub struct CollapseStats {
     pub revalidate_changed: Counter,
     /// Extents skipped for too many unpopulated pages.
     pub exceed_none_pte: Counter,
+    /// Extents skipped because they gave back pages the guest has not touched again.
+    pub skipped_reclaimed: Counter,
     /// Write-protect, copy or move failures.
     pub failed: Counter,
     /// Moves that landed as 4 KiB pages (an access between the zap and the move made a page

@@ -94,6 +94,7 @@ fn rig_with(mode: u64) -> Option<Rig> {
             huge: None,
             spin: Duration::ZERO,
             hint: None,
+            reclaim: Arc::default(),
         },
         &ThreadHook::default(),
         |what| panic!("fault handler failed: {what}"),
@@ -216,6 +217,7 @@ fn setup_with(
             ram: rig.ram.clone(),
             uffds: Arc::new(UffdSet::single(rig.uffd.clone(), EXTENTS as usize)),
             method,
+            reclaim: Arc::default(),
         },
         config: CollapseConfig {
             order,
@@ -225,6 +227,7 @@ fn setup_with(
         stopping: Arc::new(AtomicBool::new(false)),
         kernel_populates: method == InstallMethod::Mremap,
         before_commit: None,
+        reclaim_split: crate::reclaim::SPLIT_PAGES,
     };
     Setup {
         collapser,
@@ -704,9 +707,11 @@ fn a_2m_fault_completes_while_the_read_side_is_held_throughout() {
                 ram: ram.clone(),
                 uffds,
                 method: InstallMethod::Move,
+                reclaim: Arc::default(),
             }),
             spin: Duration::ZERO,
             hint: None,
+            reclaim: Arc::default(),
         },
         &ThreadHook::default(),
         |what| panic!("fault handler failed: {what}"),

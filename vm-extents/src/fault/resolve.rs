@@ -65,18 +65,19 @@ pub fn serve_missing(
     }
     // Resolve the whole granule when none of it is populated yet; otherwise only the page
     // (a granule with some pages present cannot be filled in one copy).
+    // (Nor one with pages given back: filling them would bring back memory the guest freed.)
     let (at, len) = if gran > PAGE_SIZE
         && (first..first + gran)
             .step_by(PAGE_SIZE as usize)
             .all(|p| !map.is_populated(p))
+        && !extent.any_reclaimed(page_in_extent(first), (gran / PAGE_SIZE) as usize)
     {
         (first, gran)
     } else {
         (gpa, PAGE_SIZE)
     };
-    let fill = r
-        .source
-        .fill(at, &mut buffers.fill[..len as usize])
+    let refault = extent.is_reclaimed(page_in_extent(gpa));
+    let fill = crate::reclaim::fill(&*r.source, extent, at, &mut buffers.fill[..len as usize])
         .map_err(|e| format!("the page source failed for guest address {at:#x}: {e}"))?;
     let dst = host_base + at;
     let (data, zeroes) = (buffers.fill.as_ptr(), buffers.zeroes.as_ptr());
@@ -99,6 +100,9 @@ pub fn serve_missing(
     .map_err(|e| format!("resolving the fault at guest address {at:#x} failed: {e}"))?;
     match resolved {
         Resolved::Filled => {
+            if refault {
+                r.reclaim.refaults.inc();
+            }
             for p in (at..at + len).step_by(PAGE_SIZE as usize) {
                 map.mark_populated(p);
                 if extent.is_tracking() {
@@ -134,7 +138,9 @@ fn map_whole_extent(
     index: ExtentIndex,
     guard: MapRead<'_>,
 ) -> Result<bool, Failure> {
-    if guard.get(index).expect("the fault is inside RAM").state() != ExtentState::Unpopulated {
+    let extent = guard.get(index).expect("the fault is inside RAM");
+    // An extent the guest gave back is filled again page by page, as it touches it.
+    if extent.state() != ExtentState::Unpopulated || extent.reclaimed() > 0 {
         return Ok(false);
     }
     // The extent is empty and every vCPU touching it waits for this fault: its claim, with
@@ -143,7 +149,7 @@ fn map_whole_extent(
     let Some(claim) = guard.claim(index) else {
         return Ok(false);
     };
-    if claim.extent().state() != ExtentState::Unpopulated {
+    if claim.extent().state() != ExtentState::Unpopulated || claim.extent().reclaimed() > 0 {
         return Ok(false);
     }
     let Ok(mut page) = installer.prepare(Contents::Unpopulated) else {

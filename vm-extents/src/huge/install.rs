@@ -35,6 +35,7 @@ use super::page::{AllocError, HugePage, HugePageAllocator, PageKind};
 use crate::extent::{ExtentClaim, ExtentIndex, ExtentTable};
 use crate::host_view;
 use crate::ram::GuestRam;
+use crate::reclaim::ReclaimStats;
 use crate::uffd::{REGISTER_MODE_MISSING, Resolved, UffdSet};
 
 /// Everything an install needs.
@@ -52,6 +53,8 @@ pub struct Installer {
     pub uffds: Arc<UffdSet>,
     /// How pages go in where both ways are open (see [`InstallMethod`]).
     pub method: InstallMethod,
+    /// Where pages given back that a huge page brings back are counted.
+    pub reclaim: Arc<ReclaimStats>,
 }
 
 /// How a huge page is put in place of an extent's backing.
@@ -80,7 +83,7 @@ pub enum Exclusive<'a, 'b> {
 }
 
 impl Exclusive<'_, '_> {
-    fn set_huge(&mut self, index: ExtentIndex, kind: PageKind) {
+    fn set_huge(&mut self, index: ExtentIndex, kind: PageKind) -> u32 {
         match self {
             Exclusive::Table(t) => t
                 .get_mut(index)
@@ -306,7 +309,10 @@ impl Installer {
                 }
                 // The extent owns the charge now: it is uncharged at teardown.
                 std::mem::forget(page);
-                excl.set_huge(index, kind);
+                let reinflated = excl.set_huge(index, kind);
+                self.reclaim
+                    .reinflated_bytes
+                    .add(u64::from(reinflated) * crate::PAGE_SIZE);
                 if method == InstallMethod::Mremap {
                     self.maps.installed();
                 }

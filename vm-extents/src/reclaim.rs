@@ -1,0 +1,863 @@
+//! Reclaim: guest memory the guest reports free is given back to the host, per 2 MiB extent,
+//! without giving up the huge pages of what it still uses.
+//!
+//! A report is a batch of guest-physical ranges (4 KiB aligned), the analogue of
+//! virtio-balloon's free page reporting. Once [`Reclaimer::report`] returns, the guest owns the
+//! ranges again but their contents are gone: the next touch reads zeroes whatever the page
+//! source (an image-backed page must not come back with the image's data). What happens to an
+//! extent depends on its state:
+//!
+//! - **huge, wholly freed**: the 2 MiB page is discarded (`MADV_DONTNEED` for a THP; a hugetlb
+//!   page is replaced by fresh 4 KiB memory, which frees it to the pool), its charge is
+//!   uncharged, and the extent is unpopulated again;
+//! - **huge, freed at or above the split threshold** (THP): the freed 4 KiB pages are
+//!   discarded, the kernel splits the page's mapping, and the extent is one of 4 KiB pages,
+//!   the kept ones populated; its charge is uncharged;
+//! - **huge, freed below the threshold** (or hugetlb, partly): the huge page is kept and the
+//!   freed pages are zeroed in place; the bytes kept are counted;
+//! - **small or unpopulated**: the freed pages are discarded.
+//!
+//! Every page given back is marked in the extent table until the guest touches it again: the
+//! fault handlers, the collapse and the prefetcher read it as zeroes, and the collapse does not
+//! re-inflate an extent that still has [`CollapseConfig`](crate::CollapseConfig)'s threshold
+//! or more such pages (no creep: the guest has to touch the memory back first).
+//!
+//! The protocol: an extent's claim is taken with the memory map's write side held (briefly:
+//! only the claim flags are set; no fault handler is inside a claimed extent after that, and a
+//! collapse's commit finds the extent claimed or its generation moved), then the discards run
+//! with the read side and the claim, as a 2 MiB fault's install does. Faults in a claimed
+//! extent wait for the claimant, who wakes them when it lets go.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vm_memory::GuestAddress;
+
+use crate::backing::Backing;
+use crate::extent::{Extent, ExtentClaim, ExtentIndex, PAGES_PER_EXTENT, PageMask, mask_has};
+use crate::fault::source::{Fill, PageSource};
+use crate::huge::ledger::Ledger;
+use crate::huge::page::PageKind;
+use crate::map::MemoryMap;
+use crate::ram_image::RamImageError;
+use crate::stats::{Counter, Latencies};
+use crate::uffd::UffdSet;
+use crate::{EXTENT_SIZE, HostAddr, PAGE_SIZE};
+
+/// The default split threshold: a huge extent with this many 4 KiB pages freed (a quarter of
+/// it, 512 KiB) is split and the freed pages given back; with fewer, the huge page is kept.
+/// Below a quarter, what a split returns is worth less than the TLB reach it costs the kept
+/// three quarters; the same number bounds how much a collapse may re-inflate (none: an extent
+/// is collapsed again only with fewer than this many pages still given back).
+pub const SPLIT_PAGES: u32 = 128;
+
+/// The most ranges one report may carry.
+pub const MAX_RANGES: usize = 1024;
+
+/// What reclaim has done (the `reclaim` section of the metrics).
+#[derive(Debug, Default, Serialize)]
+pub struct ReclaimStats {
+    /// Reports received.
+    pub reports: Counter,
+    /// Bytes the guest reported free.
+    pub reported_bytes: Counter,
+    /// Bytes given back by discarding whole huge pages.
+    pub discarded_huge_bytes: Counter,
+    /// Bytes given back by splitting huge pages (the freed part).
+    pub split_bytes: Counter,
+    /// Bytes of 4 KiB pages given back.
+    pub small_bytes: Counter,
+    /// Huge extents discarded whole.
+    pub extents_discarded: Counter,
+    /// Huge extents split.
+    pub extents_split: Counter,
+    /// Huge extents kept (freed below the threshold, or hugetlb freed in part), their freed
+    /// pages zeroed in place.
+    pub huge_kept: Counter,
+    /// Bytes reported free but kept in those huge pages.
+    pub kept_bytes: Counter,
+    /// Faults on pages given back: the guest touched them again (each reads zeroes).
+    pub refaults: Counter,
+    /// Bytes given back that a huge page brought back without the guest touching them (a
+    /// collapse of an extent with fewer than the split threshold of such pages left).
+    pub reinflated_bytes: Counter,
+    /// How long one report took, claims and discards included.
+    pub report_ns: Latencies,
+}
+
+impl ReclaimStats {
+    /// Bytes given back to the host, all causes.
+    pub fn reclaimed_bytes(&self) -> u64 {
+        self.discarded_huge_bytes.get() + self.split_bytes.get() + self.small_bytes.get()
+    }
+}
+
+/// Why a report was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReclaimError {
+    /// Too many ranges in one report.
+    #[error("a report of {0} ranges (at most {MAX_RANGES})")]
+    TooManyRanges(usize),
+    /// A range that is not whole 4 KiB pages.
+    #[error("the range at {:#x} (+{len:#x}) is not whole 4 KiB pages", addr.0)]
+    Unaligned {
+        /// Its start.
+        addr: GuestAddress,
+        /// Its length.
+        len: u64,
+    },
+    /// A range outside guest RAM (or across a gap between regions).
+    #[error("the range at {:#x} (+{len:#x}) is not guest RAM", addr.0)]
+    NotRam {
+        /// Its start.
+        addr: GuestAddress,
+        /// Its length.
+        len: u64,
+    },
+    /// The host refused to discard memory.
+    #[error("giving back extent {extent} failed while {what}")]
+    Discard {
+        /// Which extent.
+        extent: usize,
+        /// What was being done.
+        what: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What one report did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Bytes reported.
+    pub reported: u64,
+    /// Bytes given back to the host.
+    pub given_back: u64,
+    /// Bytes kept in huge pages (zeroed).
+    pub kept: u64,
+}
+
+/// Gives back what the guest reports free. Cheap to clone; callable from any thread (a vCPU's
+/// exit handler, a balloon device), one report at a time or several at once.
+#[derive(Clone)]
+pub struct Reclaimer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: Arc<MemoryMap>,
+    uffds: Option<Arc<UffdSet>>,
+    ledger: Arc<Ledger>,
+    /// How all of RAM is backed. With 4 KiB pages, a huge extent holds a charged pool page
+    /// (discarding it uncharges it); with hugetlb for all of RAM, the pages are the VM's
+    /// reservation, reserved up front, and a report only zeroes them (giving one back to the
+    /// pool would return nothing to the host).
+    backing: Backing,
+    split_pages: u32,
+    stats: Arc<ReclaimStats>,
+}
+
+impl std::fmt::Debug for Reclaimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reclaimer")
+            .field("split_pages", &self.inner.split_pages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reclaimer {
+    pub(crate) fn new(
+        map: Arc<MemoryMap>,
+        uffds: Option<Arc<UffdSet>>,
+        ledger: Arc<Ledger>,
+        backing: Backing,
+        split_pages: u32,
+        stats: Arc<ReclaimStats>,
+    ) -> Self {
+        Reclaimer {
+            inner: Arc::new(Inner {
+                map,
+                uffds,
+                ledger,
+                backing,
+                split_pages,
+                stats,
+            }),
+        }
+    }
+
+    /// Reclaim's counters.
+    pub fn stats(&self) -> &Arc<ReclaimStats> {
+        &self.inner.stats
+    }
+
+    /// Gives back the guest-physical `ranges` (each whole 4 KiB pages of guest RAM). When it
+    /// returns, every page in them reads as zeroes. A bad range refuses the whole report
+    /// before anything is discarded.
+    pub fn report(&self, ranges: &[(GuestAddress, u64)]) -> Result<Reclaimed, ReclaimError> {
+        let started = Instant::now();
+        let freed = self.inner.freed_by_extent(ranges)?;
+        let reported: u64 = ranges.iter().map(|r| r.1).sum();
+        let stats = &self.inner.stats;
+        stats.reports.inc();
+        stats.reported_bytes.add(reported);
+        let mut done = Reclaimed {
+            reported,
+            ..Reclaimed::default()
+        };
+        let result = self.inner.give_back_all(freed, &mut done);
+        stats.report_ns.record(started.elapsed());
+        result.map(|()| done)
+    }
+}
+
+/// Fills `buf` with the contents of RAM at `offset` (pages of `extent`) as the guest must see
+/// them: the page source's, but zeroes for every page given back and not touched since.
+pub(crate) fn fill(
+    source: &dyn PageSource,
+    extent: &Extent,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<Fill, RamImageError> {
+    let first = ((offset % EXTENT_SIZE) / PAGE_SIZE) as usize;
+    let pages = buf.len() / PAGE_SIZE as usize;
+    if !extent.any_reclaimed(first, pages) {
+        return source.fill(offset, buf);
+    }
+    if (first..first + pages).all(|p| extent.is_reclaimed(p)) {
+        buf.fill(0);
+        return Ok(Fill::Zero);
+    }
+    if source.fill(offset, buf)? == Fill::Zero {
+        buf.fill(0);
+    }
+    for (i, page) in buf.chunks_exact_mut(PAGE_SIZE as usize).enumerate() {
+        if extent.is_reclaimed(first + i) {
+            page.fill(0);
+        }
+    }
+    Ok(Fill::Data)
+}
+
+/// How long a report waits before asking again for a claim someone else holds (a 2 MiB fault
+/// or the prefetcher filling the extent: they let go within one install).
+const CLAIM_RETRY: Duration = Duration::from_micros(50);
+
+impl Inner {
+    /// The freed pages of each extent the ranges touch.
+    fn freed_by_extent(
+        &self,
+        ranges: &[(GuestAddress, u64)],
+    ) -> Result<BTreeMap<ExtentIndex, PageMask>, ReclaimError> {
+        if ranges.len() > MAX_RANGES {
+            return Err(ReclaimError::TooManyRanges(ranges.len()));
+        }
+        let ram = self.map.ram();
+        let mut freed: BTreeMap<ExtentIndex, PageMask> = BTreeMap::new();
+        for &(addr, len) in ranges {
+            if !addr.0.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+                return Err(ReclaimError::Unaligned { addr, len });
+            }
+            if len == 0 {
+                continue;
+            }
+            let offset = ram.offset_of(addr);
+            let last = addr
+                .0
+                .checked_add(len - 1)
+                .and_then(|l| ram.offset_of(GuestAddress(l)));
+            let (Some(offset), Some(last)) = (offset, last) else {
+                return Err(ReclaimError::NotRam { addr, len });
+            };
+            if last - offset != len - 1 {
+                return Err(ReclaimError::NotRam { addr, len });
+            }
+            for page in (offset..offset + len).step_by(PAGE_SIZE as usize) {
+                let p = ((page % EXTENT_SIZE) / PAGE_SIZE) as usize;
+                freed.entry(ExtentIndex::of(page)).or_default()[p / 64] |= 1 << (p % 64);
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Claims every extent (under the write side), gives each back (under the read side and
+    /// its claim), and wakes its waiters; extents someone else has claimed are asked for again.
+    fn give_back_all(
+        &self,
+        mut pending: BTreeMap<ExtentIndex, PageMask>,
+        done: &mut Reclaimed,
+    ) -> Result<(), ReclaimError> {
+        let mut first_error = None;
+        while !pending.is_empty() {
+            let mut tickets = Vec::new();
+            {
+                let mut table = self.map.write();
+                pending.retain(|&index, freed| match table.claim_for_later(index) {
+                    Some(ticket) => {
+                        tickets.push((index, ticket, *freed));
+                        false
+                    }
+                    None => true,
+                });
+            }
+            let guard = self.map.read();
+            for (index, ticket, freed) in tickets {
+                let claim = guard.redeem(ticket);
+                // Every claim is redeemed and let go, whatever fails.
+                if let Err(e) = self.give_back(&claim, index, &freed, done) {
+                    first_error.get_or_insert(e);
+                }
+                drop(claim);
+                if let Some(uffds) = &self.uffds {
+                    let _ = uffds
+                        .for_extent(index.0)
+                        .wake(self.host(index), EXTENT_SIZE);
+                }
+            }
+            drop(guard);
+            if !pending.is_empty() {
+                std::thread::sleep(CLAIM_RETRY);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn host(&self, index: ExtentIndex) -> HostAddr {
+        self.map.ram().host_at(index.gpa())
+    }
+
+    /// Gives back the `freed` pages of one claimed extent, by its state.
+    fn give_back(
+        &self,
+        claim: &ExtentClaim<'_>,
+        index: ExtentIndex,
+        freed: &PageMask,
+        done: &mut Reclaimed,
+    ) -> Result<(), ReclaimError> {
+        fail::fail_point!("reclaim-extent", |_| Err(ReclaimError::Discard {
+            extent: index.0,
+            what: "discarding (injected)",
+            source: io::Error::from_raw_os_error(libc::EIO),
+        }));
+        let extent = claim.extent();
+        let count: u32 = freed.iter().map(|w| w.count_ones()).sum();
+        let bytes = u64::from(count) * PAGE_SIZE;
+        let failed = |what| {
+            move |source| ReclaimError::Discard {
+                extent: index.0,
+                what,
+                source,
+            }
+        };
+        let stats = &self.stats;
+        let kind = extent
+            .huge_kind()
+            .filter(|_| self.backing != Backing::Hugetlb || count == 0);
+        match kind {
+            None if extent.huge_kind().is_some() => {
+                // All of RAM is the VM's hugetlb reservation: zero, keep.
+                self.zero_pages(index, freed);
+                stats.huge_kept.inc();
+                stats.kept_bytes.add(bytes);
+                done.kept += bytes;
+            }
+            None => {
+                let populated = (0..PAGES_PER_EXTENT)
+                    .filter(|&p| mask_has(freed, p) && extent.is_populated(p))
+                    .count() as u64;
+                self.discard_pages(index, freed)
+                    .map_err(failed("discarding 4 KiB pages"))?;
+                claim.give_back(freed);
+                stats.small_bytes.add(populated * PAGE_SIZE);
+                done.given_back += populated * PAGE_SIZE;
+            }
+            Some(kind) if count as usize == PAGES_PER_EXTENT => {
+                match kind {
+                    PageKind::Thp => self.discard(self.host(index), EXTENT_SIZE),
+                    PageKind::Hugetlb => self.replace_hugetlb(index),
+                }
+                .map_err(failed("discarding the huge page"))?;
+                claim.give_back(freed);
+                if kind == PageKind::Hugetlb {
+                    // Pages the kernel filled (with zeroes) before the registration.
+                    let present = crate::host_view::present_pages(self.host(index), EXTENT_SIZE)
+                        .map_err(failed("reading which pages are present"))?;
+                    claim.add_present(|p| present[p]);
+                }
+                self.uncharge();
+                stats.extents_discarded.inc();
+                stats.discarded_huge_bytes.add(EXTENT_SIZE);
+                done.given_back += EXTENT_SIZE;
+            }
+            Some(PageKind::Thp) if count >= self.split_pages => {
+                self.discard_pages(index, freed)
+                    .map_err(failed("splitting the huge page"))?;
+                claim.give_back(freed);
+                self.uncharge();
+                stats.extents_split.inc();
+                stats.split_bytes.add(bytes);
+                done.given_back += bytes;
+            }
+            Some(_) => {
+                self.zero_pages(index, freed);
+                stats.huge_kept.inc();
+                stats.kept_bytes.add(bytes);
+                done.kept += bytes;
+            }
+        }
+        Ok(())
+    }
+
+    fn uncharge(&self) {
+        if self.backing == Backing::Small {
+            self.ledger.uncharge(EXTENT_SIZE);
+        }
+    }
+
+    /// The runs of `freed` pages in extent `index`, as host ranges.
+    fn runs(&self, index: ExtentIndex, freed: &PageMask) -> Vec<(HostAddr, u64)> {
+        let base = self.host(index);
+        let mut runs = Vec::new();
+        let mut p = 0;
+        while p < PAGES_PER_EXTENT {
+            if !mask_has(freed, p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < PAGES_PER_EXTENT && mask_has(freed, p) {
+                p += 1;
+            }
+            runs.push((
+                base + start as u64 * PAGE_SIZE,
+                (p - start) as u64 * PAGE_SIZE,
+            ));
+        }
+        runs
+    }
+
+    fn discard_pages(&self, index: ExtentIndex, freed: &PageMask) -> io::Result<()> {
+        for (at, len) in self.runs(index, freed) {
+            self.discard(at, len)?;
+        }
+        Ok(())
+    }
+
+    /// `MADV_DONTNEED`: the pages are gone; the next touch faults (to our handler, which
+    /// fills zeroes for a page given back, or to the kernel's zero fill, or to the page
+    /// server as a remove event first).
+    fn discard(&self, at: HostAddr, len: u64) -> io::Result<()> {
+        // SAFETY: `at..at+len` is guest RAM inside an extent we hold the claim of; the guest
+        // gave its contents up.
+        if unsafe { libc::madvise(at.as_ptr(), len as usize, libc::MADV_DONTNEED) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Zeroes the freed pages of a huge extent that stays huge.
+    fn zero_pages(&self, index: ExtentIndex, freed: &PageMask) {
+        for (at, len) in self.runs(index, freed) {
+            // SAFETY: guest RAM inside a claimed huge extent, mapped (a huge page never
+            // faults); the guest gave these pages up, and a vCPU writing them meanwhile
+            // writes its own free memory.
+            unsafe { std::ptr::write_bytes(at.as_ptr::<u8>(), 0, len as usize) };
+        }
+    }
+
+    /// Replaces a hugetlb extent with fresh 4 KiB memory (which frees the hugetlb page), in
+    /// one `mmap` over it so that no access ever finds a hole, and registers it with the
+    /// userfaultfd as all of RAM is. A vCPU that touches it before the registration gets the
+    /// kernel's zeroes, which is what a page given back must read; the caller records such
+    /// pages.
+    fn replace_hugetlb(&self, index: ExtentIndex) -> io::Result<()> {
+        self.map
+            .ram()
+            .replace_with_fresh(index.gpa(), EXTENT_SIZE)?;
+        if let Some(uffds) = &self.uffds {
+            let uffd = uffds.for_extent(index.0);
+            uffd.register(self.host(index), EXTENT_SIZE, uffd.registered_mode())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backing::PageSourceKind;
+    use crate::collapse::CollapseConfig;
+    use crate::config::MemoryConfig;
+    use crate::extent::ExtentState;
+    use crate::huge::pool::PoolKind;
+    use crate::{Memory, host_view};
+    use std::time::Instant;
+    use vm_memory::Bytes;
+
+    const SIZE: u64 = 8 << 20;
+    const PAGES: u64 = SIZE / PAGE_SIZE;
+
+    fn pattern(gpa: u64) -> u64 {
+        gpa ^ 0x5a5a_0000_0000_5a5a
+    }
+
+    fn read(memory: &Memory, gpa: u64) -> u64 {
+        memory
+            .ram()
+            .view()
+            .read_obj::<u64>(GuestAddress(gpa))
+            .unwrap()
+    }
+
+    fn write_all(memory: &Memory) {
+        for gpa in (0..SIZE).step_by(PAGE_SIZE as usize) {
+            memory
+                .ram()
+                .view()
+                .write_obj(pattern(gpa), GuestAddress(gpa))
+                .unwrap();
+        }
+    }
+
+    /// 8 MiB of zero-source memory, written (a pattern per page), started; with `collapse`,
+    /// every extent made huge first. `None` (a skip) where this host cannot.
+    fn memory(collapse: Option<PoolKind>, source: PageSourceKind) -> Option<Memory> {
+        let mut config = MemoryConfig::small(SIZE);
+        config.source = source;
+        if let Some(kind) = collapse {
+            config.collapse = Some(CollapseConfig::default());
+            config.huge_source = kind;
+        }
+        let mut memory = Memory::new(config).unwrap();
+        if let Err(e) = memory.start(Arc::new(|what| panic!("{what}"))) {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+        write_all(&memory);
+        if collapse.is_some() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while memory.counts().unwrap().huge < 4 {
+                if Instant::now() > deadline {
+                    eprintln!("SKIP: no huge pages to be had");
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Some(memory)
+    }
+
+    fn pages(first: u64, n: u64) -> (GuestAddress, u64) {
+        (GuestAddress(first * PAGE_SIZE), n * PAGE_SIZE)
+    }
+
+    fn state(memory: &Memory, extent: usize) -> ExtentState {
+        memory
+            .map()
+            .read()
+            .get(ExtentIndex(extent))
+            .unwrap()
+            .state()
+    }
+
+    /// Waits for the collapse thread to finish two more passes over every extent.
+    fn two_more_scans(memory: &Memory) {
+        let scans = memory.collapse_stats().full_scans.get();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while memory.collapse_stats().full_scans.get() < scans + 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the collapse thread stopped scanning"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Every huge extent's fate: wholly freed, discarded and uncharged; freed past the split
+    /// threshold, split; freed below it, kept and zeroed. Freed pages read zero, kept ones
+    /// their data; the collapse does not bring back what was given back; teardown balances.
+    fn huge_extents_are_given_back_by_state(kind: PoolKind) {
+        let Some(memory) = memory(Some(kind), PageSourceKind::Zero) else {
+            return;
+        };
+        let reclaimer = memory.reclaimer().unwrap();
+        let hugetlb_free = host_view::hugetlb_pool().free;
+        let charged = memory.ledger().charged();
+        let ppe = PAGES_PER_EXTENT as u64;
+        let done = reclaimer
+            .report(&[
+                pages(0, ppe),          // extent 0, whole
+                pages(ppe, 256),        // extent 1, half
+                pages(2 * ppe + 10, 8), // extent 2, 8 pages
+            ])
+            .unwrap();
+        let stats = reclaimer.stats();
+        assert_eq!(stats.extents_discarded.get(), 1);
+        assert_eq!(
+            memory.ledger().charged(),
+            charged
+                - EXTENT_SIZE
+                - if kind == PoolKind::Thp {
+                    EXTENT_SIZE
+                } else {
+                    0
+                }
+        );
+        if kind == PoolKind::Hugetlb {
+            assert_eq!(
+                host_view::hugetlb_pool().free,
+                hugetlb_free + 1,
+                "the hugetlb page went back"
+            );
+            // A hugetlb page freed in part is kept (no demotion yet).
+            assert_eq!(stats.huge_kept.get(), 2);
+            assert_eq!(state(&memory, 1), ExtentState::Huge);
+        } else {
+            assert_eq!(stats.extents_split.get(), 1);
+            assert_eq!(stats.huge_kept.get(), 1);
+            assert_eq!(state(&memory, 1), ExtentState::Small { populated: 256 });
+        }
+        assert_eq!(done.reported, (ppe + 256 + 8) * PAGE_SIZE);
+        assert_eq!(state(&memory, 0), ExtentState::Unpopulated);
+        assert_eq!(state(&memory, 2), ExtentState::Huge);
+        let freed = |p: u64| {
+            p < ppe || (ppe..ppe + 256).contains(&p) || (2 * ppe + 10..2 * ppe + 18).contains(&p)
+        };
+        for p in 0..PAGES {
+            let gpa = p * PAGE_SIZE;
+            let expected = if freed(p) { 0 } else { pattern(gpa) };
+            assert_eq!(read(&memory, gpa), expected, "page {p}");
+        }
+        // Reading them back touched the freed pages of extents 0 and 1 again: refaults. Once
+        // fewer than the threshold were left given back, the collapse may have made an
+        // extent huge again, bringing back (and counting) those few.
+        assert!(stats.refaults.get() > 0);
+        let reinflated = stats.reinflated_bytes.get();
+        assert!(reinflated < 2 * u64::from(SPLIT_PAGES) * PAGE_SIZE, "{reinflated}");
+        // Freed again, untouched this time: no collapse brings the extents back.
+        reclaimer.report(&[pages(0, ppe), pages(ppe, 256)]).unwrap();
+        two_more_scans(&memory);
+        assert_eq!(state(&memory, 0), ExtentState::Unpopulated);
+        if kind == PoolKind::Thp {
+            assert_ne!(state(&memory, 1), ExtentState::Huge);
+        }
+        assert_eq!(stats.reinflated_bytes.get(), reinflated, "creep");
+        if kind == PoolKind::Thp {
+            assert!(memory.collapse_stats().skipped_reclaimed.get() > 0);
+        }
+        assert_eq!(memory.teardown().ledger_charged_bytes, 0);
+    }
+
+    #[test]
+    fn huge_thp_extents_are_given_back_by_state() {
+        #[cfg(feature = "failpoints")]
+        let _alone = fail::FailScenario::setup();
+        huge_extents_are_given_back_by_state(PoolKind::Thp);
+    }
+
+    #[test]
+    fn huge_hugetlb_extents_are_given_back_by_state() {
+        #[cfg(feature = "failpoints")]
+        let _alone = fail::FailScenario::setup();
+        if host_view::hugetlb_pool().free < 6 {
+            eprintln!("SKIP: needs 6 free hugetlb pages");
+            return;
+        }
+        huge_extents_are_given_back_by_state(PoolKind::Hugetlb);
+    }
+
+    /// 4 KiB pages given back are gone from the host (not present) and read zero, also from an
+    /// image that holds other data for them, touched before or not; pages kept are untouched.
+    #[test]
+    fn small_pages_given_back_read_zero_whatever_the_source() {
+        #[cfg(feature = "failpoints")]
+        let _alone = fail::FailScenario::setup();
+        let Some(memory) = memory(None, PageSourceKind::Zero) else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("vm-extents-reclaim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ram.img");
+        memory.save(&path, "memory image", &|| false).unwrap();
+        drop(memory);
+        let Some(memory) = memory_from(&path) else {
+            return;
+        };
+        // Extent 1: pages 0..64 touched (read) first, 64..128 never touched; extent 2 whole.
+        let first = PAGES_PER_EXTENT as u64;
+        for p in first..first + 64 {
+            assert_eq!(read(&memory, p * PAGE_SIZE), pattern(p * PAGE_SIZE));
+        }
+        let reclaimer = memory.reclaimer().unwrap();
+        reclaimer
+            .report(&[pages(first, 128), pages(2 * first, first)])
+            .unwrap();
+        assert_eq!(reclaimer.stats().small_bytes.get(), 64 * PAGE_SIZE);
+        let present =
+            host_view::present_pages(memory.ram().host_at(first * PAGE_SIZE), 128 * PAGE_SIZE)
+                .unwrap();
+        assert!(present.iter().all(|&p| !p), "given back, yet present");
+        for p in 0..PAGES {
+            let freed = (first..first + 128).contains(&p) || (2 * first..3 * first).contains(&p);
+            let gpa = p * PAGE_SIZE;
+            assert_eq!(
+                read(&memory, gpa),
+                if freed { 0 } else { pattern(gpa) },
+                "page {p}"
+            );
+        }
+        // A save after the report holds zeroes there too, not the old image's data.
+        let again = dir.join("again.img");
+        memory.save(&again, "memory image", &|| false).unwrap();
+        drop(memory);
+        let memory = memory_from(&again).unwrap();
+        assert_eq!(read(&memory, (first + 100) * PAGE_SIZE), 0);
+        assert_eq!(
+            read(&memory, (first + 200) * PAGE_SIZE),
+            pattern((first + 200) * PAGE_SIZE)
+        );
+        drop(memory);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn memory_from(image: &std::path::Path) -> Option<Memory> {
+        let mut config = MemoryConfig::small(SIZE);
+        config.source = PageSourceKind::Image(image.to_path_buf());
+        let mut memory = Memory::new(config).unwrap();
+        memory.start(Arc::new(|what| panic!("{what}"))).ok()?;
+        Some(memory)
+    }
+
+    /// A report with a bad range is refused whole, naming the range, and changes nothing.
+    #[test]
+    fn bad_ranges_are_refused_whole() {
+        #[cfg(feature = "failpoints")]
+        let _alone = fail::FailScenario::setup();
+        let Some(memory) = memory(None, PageSourceKind::Zero) else {
+            return;
+        };
+        let reclaimer = memory.reclaimer().unwrap();
+        let cases = [
+            (
+                vec![pages(0, 1), (GuestAddress(4097), 4096)],
+                "is not whole 4 KiB pages",
+            ),
+            (
+                vec![pages(0, 1), (GuestAddress(0), 100)],
+                "is not whole 4 KiB pages",
+            ),
+            (vec![pages(0, 1), pages(PAGES - 1, 2)], "is not guest RAM"),
+            (
+                vec![pages(0, 1), (GuestAddress(u64::MAX - 4095), 8192)],
+                "is not guest RAM",
+            ),
+            (vec![pages(0, 1); MAX_RANGES + 1], "ranges (at most 1024)"),
+        ];
+        for (ranges, says) in cases {
+            let e = reclaimer.report(&ranges).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        assert_eq!(read(&memory, 0), pattern(0));
+        assert_eq!(reclaimer.stats().reports.get(), 0);
+    }
+
+    /// Writers that keep writing the pages they kept, while other pages of the same extents
+    /// are given back, touched again and given back once more, and the collapse runs: no write
+    /// is lost, every page given back reads zero.
+    #[test]
+    fn concurrent_writes_to_kept_pages_are_never_lost() {
+        #[cfg(feature = "failpoints")]
+        let _alone = fail::FailScenario::setup();
+        let Some(memory) = memory(Some(PoolKind::Thp), PageSourceKind::Zero) else {
+            return;
+        };
+        let reclaimer = memory.reclaimer().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let ram = memory.ram().clone();
+        // Odd pages are kept, even pages are given back: a writer per half of RAM.
+        let kept = |half: u64| {
+            (half * PAGES / 2..(half + 1) * PAGES / 2)
+                .filter(|p| p % 2 == 1)
+                .map(|p| p * PAGE_SIZE)
+        };
+        std::thread::scope(|s| {
+            let writers: Vec<_> = (0..2u64)
+                .map(|half| {
+                    let (ram, stop) = (&ram, &stop);
+                    s.spawn(move || {
+                        let mut round = 0u64;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            round += 1;
+                            for gpa in kept(half) {
+                                ram.view()
+                                    .write_obj(round << 32 | gpa, GuestAddress(gpa))
+                                    .unwrap();
+                            }
+                        }
+                        round
+                    })
+                })
+                .collect();
+            let even: Vec<_> = (0..PAGES)
+                .filter(|p| p % 2 == 0)
+                .map(|p| pages(p, 1))
+                .collect();
+            for _ in 0..20 {
+                for chunk in even.chunks(MAX_RANGES) {
+                    reclaimer.report(chunk).unwrap();
+                }
+                for &(gpa, _) in even.iter().step_by(3) {
+                    assert_eq!(read(&memory, gpa.0), 0);
+                    memory.ram().view().write_obj(1u64, gpa).unwrap();
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let rounds: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+            for (half, round) in rounds.into_iter().enumerate() {
+                for gpa in kept(half as u64) {
+                    assert_eq!(
+                        read(&memory, gpa),
+                        round << 32 | gpa,
+                        "a write to {gpa:#x} was lost"
+                    );
+                }
+            }
+        });
+        assert!(reclaimer.stats().extents_split.get() > 0);
+        assert_eq!(memory.teardown().ledger_charged_bytes, 0);
+    }
+
+    /// A report that fails part-way (injected) lets every claim go, loses nothing it did not
+    /// give back, and leaves the ledger balanced.
+    #[test]
+    #[cfg(feature = "failpoints")]
+    fn a_failed_report_lets_every_claim_go_and_loses_nothing() {
+        let scenario = fail::FailScenario::setup();
+        let Some(memory) = memory(Some(PoolKind::Thp), PageSourceKind::Zero) else {
+            return;
+        };
+        let reclaimer = memory.reclaimer().unwrap();
+        let ppe = PAGES_PER_EXTENT as u64;
+        // The second extent's give-back fails; the first and third go through.
+        fail::cfg("reclaim-extent", "1*off->1*return->off").unwrap();
+        let e = reclaimer
+            .report(&[pages(0, ppe), pages(ppe, ppe), pages(2 * ppe, ppe)])
+            .unwrap_err();
+        assert!(e.to_string().contains("extent 1"), "{e}");
+        fail::remove("reclaim-extent");
+        let table = memory.map().read();
+        assert!(table.iter().all(|(_, e)| !e.is_claimed()));
+        drop(table);
+        assert_eq!(reclaimer.stats().extents_discarded.get(), 2);
+        for p in ppe..2 * ppe {
+            assert_eq!(read(&memory, p * PAGE_SIZE), pattern(p * PAGE_SIZE));
+        }
+        assert_eq!(read(&memory, 0), 0);
+        assert_eq!(memory.teardown().ledger_charged_bytes, 0);
+        scenario.teardown();
+    }
+}
