@@ -394,6 +394,20 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Gives offsets `[gpa, gpa + len)` RAM's advice again (a page moved in by `mremap` brought
+    /// the pool's: with 4 KiB backing, the kernel must not fault huge pages in behind the
+    /// VMM's back once the extent holds 4 KiB pages again).
+    pub(crate) fn advise(&self, gpa: u64, len: u64) -> io::Result<()> {
+        let Some(advice) = self.backing.madvise() else {
+            return Ok(());
+        };
+        // SAFETY: advice on a range of our own mapping; it changes no contents.
+        if unsafe { libc::madvise(self.host_at(gpa).as_ptr(), len as usize, advice) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Replaces offsets `[gpa, gpa + len)` with fresh, unpopulated memory of RAM's kind, in one
     /// `mmap` over what was there (whatever backed the range is unmapped and freed; no access
     /// ever finds a hole). The caller registers it with its userfaultfd.

@@ -378,16 +378,15 @@ impl Inner {
             Some(kind) if count as usize == PAGES_PER_EXTENT => {
                 match kind {
                     PageKind::Thp => self.discard(self.host(index), EXTENT_SIZE),
-                    PageKind::Hugetlb => self.replace_hugetlb(index),
+                    // Fresh memory in one mmap over it frees the hugetlb page; no access
+                    // ever finds a hole.
+                    PageKind::Hugetlb => {
+                        self.map_ram().replace_with_fresh(index.gpa(), EXTENT_SIZE)
+                    }
                 }
                 .map_err(failed("discarding the huge page"))?;
-                claim.give_back(freed);
-                if kind == PageKind::Hugetlb {
-                    // Pages the kernel filled (with zeroes) before the registration.
-                    let present = crate::host_view::present_pages(self.host(index), EXTENT_SIZE)
-                        .map_err(failed("reading which pages are present"))?;
-                    claim.add_present(|p| present[p]);
-                }
+                self.watch_again(claim, index, freed)
+                    .map_err(failed("registering the extent again"))?;
                 self.uncharge();
                 stats.extents_discarded.inc();
                 stats.discarded_huge_bytes.add(EXTENT_SIZE);
@@ -396,7 +395,8 @@ impl Inner {
             Some(PageKind::Thp) if count >= self.split_pages => {
                 self.discard_pages(index, freed)
                     .map_err(failed("splitting the huge page"))?;
-                claim.give_back(freed);
+                self.watch_again(claim, index, freed)
+                    .map_err(failed("registering the extent again"))?;
                 self.uncharge();
                 stats.extents_split.inc();
                 stats.split_bytes.add(bytes);
@@ -469,19 +469,30 @@ impl Inner {
         }
     }
 
-    /// Replaces a hugetlb extent with fresh 4 KiB memory (which frees the hugetlb page), in
-    /// one `mmap` over it so that no access ever finds a hole, and registers it with the
-    /// userfaultfd as all of RAM is. A vCPU that touches it before the registration gets the
-    /// kernel's zeroes, which is what a page given back must read; the caller records such
-    /// pages.
-    fn replace_hugetlb(&self, index: ExtentIndex) -> io::Result<()> {
-        self.map
-            .ram()
-            .replace_with_fresh(index.gpa(), EXTENT_SIZE)?;
+    fn map_ram(&self) -> &crate::GuestRam {
+        self.map.ram()
+    }
+
+    /// After a huge extent's pages were discarded: gives it RAM's advice again (no THP faulted
+    /// in by the kernel, which would bring back what was given back), registers it with its userfaultfd
+    /// as all of RAM is (a page moved in by `mremap`, or the fresh memory that replaced a
+    /// hugetlb page, is a mapping the uffd does not watch yet; re-registering a watched one
+    /// changes nothing), records the pages given back, and then the pages the kernel filled
+    /// (with zeroes, as a page given back must read) for an access before the registration.
+    fn watch_again(
+        &self,
+        claim: &ExtentClaim<'_>,
+        index: ExtentIndex,
+        freed: &PageMask,
+    ) -> io::Result<()> {
+        self.map_ram().advise(index.gpa(), EXTENT_SIZE)?;
         if let Some(uffds) = &self.uffds {
             let uffd = uffds.for_extent(index.0);
             uffd.register(self.host(index), EXTENT_SIZE, uffd.registered_mode())?;
         }
+        claim.give_back(freed);
+        let present = crate::host_view::present_pages(self.host(index), EXTENT_SIZE)?;
+        claim.add_present(|p| present[p] && mask_has(freed, p));
         Ok(())
     }
 }
@@ -637,7 +648,10 @@ mod tests {
         // extent huge again, bringing back (and counting) those few.
         assert!(stats.refaults.get() > 0);
         let reinflated = stats.reinflated_bytes.get();
-        assert!(reinflated < 2 * u64::from(SPLIT_PAGES) * PAGE_SIZE, "{reinflated}");
+        assert!(
+            reinflated < 2 * u64::from(SPLIT_PAGES) * PAGE_SIZE,
+            "{reinflated}"
+        );
         // Freed again, untouched this time: no collapse brings the extents back.
         reclaimer.report(&[pages(0, ppe), pages(ppe, 256)]).unwrap();
         two_more_scans(&memory);

@@ -568,6 +568,16 @@ pub struct RunArgs {
     /// page is a THP, else mremap) or mremap.
     #[arg(long, value_parser = choice::<InstallMethod>(), default_value_t, value_name = "move|mremap")]
     pub install: InstallMethod,
+    /// Whether the guest's reports of free memory (the free ucall, as `churn` sends) are
+    /// honoured: the memory goes back to the host per 2 MiB extent and reads zeroes when
+    /// touched again. Off, the guest is told so at boot and zeroes what it frees itself.
+    #[arg(long, value_enum, default_value_t = Switch::On, value_name = "on|off")]
+    pub reclaim: Switch,
+    /// Freed 4 KiB pages of a huge extent from which reclaim splits it and gives them back
+    /// (1 to 512); with fewer, the huge page is kept and the freed pages zeroed. An extent is
+    /// not collapsed again while this many of its pages stay given back.
+    #[arg(long, default_value_t = vm_extents::reclaim::SPLIT_PAGES, value_name = "N")]
+    pub reclaim_split_pages: u32,
 }
 
 /// The value parser of a memory option with named values ([`Choice`]): its names, each with
@@ -636,6 +646,8 @@ impl RunArgs {
             restore: self.restore,
             prefetch: self.prefetch.map(|s| s == Switch::On),
             prefetch_threads: self.prefetch_threads,
+            reclaim: self.reclaim == Switch::On,
+            reclaim_split_pages: self.reclaim_split_pages,
         })
     }
 }

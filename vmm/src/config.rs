@@ -119,6 +119,10 @@ pub struct VmConfig {
     pub prefetch: Option<bool>,
     /// Prefetch threads.
     pub prefetch_threads: usize,
+    /// The guest's reports of free memory honoured (the `free` ucall).
+    pub reclaim: bool,
+    /// Freed pages of a huge extent from which reclaim splits it.
+    pub reclaim_split_pages: u32,
 }
 
 impl Default for VmConfig {
@@ -148,6 +152,8 @@ impl Default for VmConfig {
             restore: Restore::Lazy,
             prefetch: None,
             prefetch_threads: MemoryConfig::PREFETCH_THREADS,
+            reclaim: true,
+            reclaim_split_pages: vm_extents::reclaim::SPLIT_PAGES,
         }
     }
 }
@@ -241,6 +247,9 @@ pub enum ConfigError {
          copy the kernel serves every fault)"
     )]
     EagerServesNoFaults,
+    /// A reclaim split threshold outside an extent.
+    #[error("--reclaim-split-pages {0} is out of range: allowed 1 to 512")]
+    ReclaimSplitPages(u32),
     /// Too few or too many prefetch threads.
     #[error("--prefetch-threads {0} is out of range: allowed 1 to {max}", max = MemoryConfig::MAX_PREFETCH_THREADS)]
     PrefetchThreads(usize),
@@ -440,7 +449,8 @@ impl VmConfig {
         if let Some(on) = self.prefetch {
             b = b.prefetch(on);
         }
-        b
+        b.reclaim_split_pages(self.reclaim_split_pages)
+            .reclaim(self.reclaim)
     }
 
     /// A memory manager's rule broken, in the options that set it.
@@ -468,6 +478,7 @@ impl VmConfig {
             E::RestoreNeedsImage => ConfigError::RestoreNeedsImage(self.restore.name()),
             E::PrefetchNeedsLazyImage => ConfigError::PrefetchNeedsLazyImage,
             E::EagerServesNoFaults => ConfigError::EagerServesNoFaults,
+            E::ReclaimSplitPages(n) => ConfigError::ReclaimSplitPages(n),
             E::PrefetchThreads(n) => ConfigError::PrefetchThreads(n),
             E::PoolAhead { value, max } => ConfigError::PoolAhead { value, max },
             other => ConfigError::Memory(other),

@@ -98,8 +98,10 @@ const BASE: &[i64] = &[
     libc::SYS_write,
 ];
 
-/// The vCPU threads, besides `KVM_RUN` and the register reads: nothing.
-const VCPU: &[i64] = &[];
+/// The vCPU threads, besides `KVM_RUN` and the register reads: what a free report's
+/// discards need beyond the base (`madvise`, `mmap` are there): `mincore` where there is no
+/// `PAGEMAP_SCAN`.
+const VCPU: &[i64] = &[libc::SYS_mincore];
 /// The fault handler: waits on the uffd, reads its messages and the image.
 const FAULT_HANDLER: &[i64] = &[
     libc::SYS_fstat,
@@ -184,7 +186,16 @@ const MAIN: &[i64] = &[
 fn ioctls(kind: ThreadKind) -> Option<Vec<u64>> {
     Some(match kind {
         ThreadKind::Main => return None,
-        ThreadKind::Vcpu => vec![kvm::KVM_RUN(), kvm::KVM_GET_REGS(), kvm::KVM_GET_SREGS()],
+        // A free report is given back on the vCPU's thread: it wakes the extents' waiters,
+        // registers a replaced hugetlb extent with the uffd and reads what is present there.
+        ThreadKind::Vcpu => vec![
+            kvm::KVM_RUN(),
+            kvm::KVM_GET_REGS(),
+            kvm::KVM_GET_SREGS(),
+            uffd::UFFDIO_WAKE(),
+            uffd::UFFDIO_REGISTER(),
+            pagemap::PAGEMAP_SCAN(),
+        ],
         // Both may allocate a huge page on the spot (the pool had none ready), which is
         // checked to be mapped huge with PAGEMAP_SCAN.
         ThreadKind::FaultHandler | ThreadKind::Collapser | ThreadKind::Prefetcher => {

@@ -4,7 +4,7 @@
 //! outside RAM, a struct that crosses the end of RAM, or a malformed struct ends the VM with a
 //! clear error naming the vCPU and the address.
 
-use guest_abi::{Command, UCALL_SIZE, Ucall};
+use guest_abi::{Command, FREE_RANGE_SIZE, UCALL_SIZE, Ucall};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::Devices;
@@ -21,6 +21,13 @@ pub enum UcallResult {
     Abort {
         /// `file:line: message`.
         what: String,
+    },
+    /// The guest reports free memory: `count` ranges at guest address `ranges`.
+    Free {
+        /// Guest address of the ranges.
+        ranges: u64,
+        /// How many.
+        count: u64,
     },
     /// The ucall itself was invalid.
     Invalid(String),
@@ -64,6 +71,25 @@ pub fn read(mem: &GuestMemoryMmap, addr: u64) -> Result<[u8; UCALL_SIZE], UcallR
     Ok(bytes)
 }
 
+/// Reads the `count` ranges of a free report at guest address `at`, checking they lie wholly
+/// inside guest RAM (each range itself is checked by the reclaimer).
+pub fn read_free_ranges(
+    mem: &GuestMemoryMmap,
+    at: u64,
+    count: u64,
+) -> Result<Vec<(GuestAddress, u64)>, String> {
+    let len = count * FREE_RANGE_SIZE;
+    let mut bytes = vec![0u8; len as usize];
+    mem.read_slice(&mut bytes, GuestAddress(at)).map_err(|e| {
+        format!("a free report's {count} ranges at {at:#x} are not {len} bytes of guest RAM ({e})")
+    })?;
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    Ok(bytes
+        .chunks_exact(FREE_RANGE_SIZE as usize)
+        .map(|r| (GuestAddress(word(&r[..8])), word(&r[8..])))
+        .collect())
+}
+
 /// Decodes and acts on a ucall read from `addr`.
 pub fn dispatch(
     bytes: &[u8; UCALL_SIZE],
@@ -90,6 +116,7 @@ pub fn dispatch(
             UcallResult::Continue
         }
         Ok(Command::Done(code)) => UcallResult::Done(code),
+        Ok(Command::Free { ranges, count }) => UcallResult::Free { ranges, count },
         Ok(Command::Abort {
             file,
             line,

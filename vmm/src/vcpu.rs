@@ -16,7 +16,7 @@ use crate::arch;
 use crate::devices::{Devices, PioResult};
 use crate::metrics::VcpuStats;
 use crate::ucall::{self, UcallResult};
-use vm_extents::GuestRam;
+use vm_extents::{GuestRam, Reclaimer};
 
 /// How a vCPU ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +164,28 @@ pub struct VcpuShared {
     pub events: Sender<VmEvent>,
     /// Every vCPU's exits so far, for the live status line.
     pub exits: Arc<std::sync::atomic::AtomicU64>,
+    /// Gives back what the guest reports free (`None`: reclaim is off).
+    pub reclaimer: Option<Reclaimer>,
+}
+
+/// Gives back the memory of a guest's free report (`count` ranges at guest address `at`): when
+/// it returns, the vCPU runs on and the memory reads as zeroes. A report where reclaim is off
+/// (the guest was told at boot it is not offered), or with a bad range, is the guest's error.
+fn free(shared: &VcpuShared, at: u64, count: u64) -> Result<(), String> {
+    let Some(reclaimer) = &shared.reclaimer else {
+        return Err(
+            "the guest reported free memory, but reclaim is off (--reclaim off), as its boot \
+             block said"
+                .into(),
+        );
+    };
+    let ranges = ucall::read_free_ranges(shared.ram.view(), at, count)?;
+    reclaimer.report(&ranges).map(drop).map_err(|e| {
+        format!(
+            "the guest's free report failed: {}",
+            crate::error::chain(&e)
+        )
+    })
 }
 
 impl Vcpu {
@@ -245,6 +267,11 @@ impl Vcpu {
                         UcallResult::Abort { what } => break Some(VcpuEnd::Aborted(what)),
                         UcallResult::Invalid(what) => {
                             break Some(VcpuEnd::Failed(format!("{what}{}", self.describe())));
+                        }
+                        UcallResult::Free { ranges, count } => {
+                            if let Err(what) = free(shared, ranges, count) {
+                                break Some(VcpuEnd::Failed(format!("{what}{}", self.describe())));
+                            }
                         }
                     }
                 }

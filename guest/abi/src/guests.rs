@@ -273,6 +273,55 @@ pub const VERIFY: Guest = Guest {
     ],
 };
 
+/// `churn`.
+pub const CHURN: Guest = Guest {
+    name: "churn",
+    summary: "fills memory with the verify pattern, frees part of it (reported to the VMM, or \
+              zeroed), keeps checking and rewriting what it kept, re-touches part of what it \
+              freed and checks it reads zero",
+    args: &[
+        Arg {
+            name: "shape",
+            kind: Kind::Choice(&["extents", "pages", "halves"]),
+            default: Default::First,
+            help: "what is freed: whole 2 MiB extents, scattered 4 KiB pages of every extent, \
+                   or the upper half of extents",
+        },
+        Arg {
+            name: "free",
+            kind: Kind::Number { min: 0, max: 100 },
+            default: Default::Value(50),
+            help: "percent freed: of the extents (extents, halves) or of each extent's pages \
+                   (pages)",
+        },
+        Arg {
+            name: "report",
+            kind: Kind::Choice(&["on", "off"]),
+            default: Default::First,
+            help: "on: report freed memory to the VMM (where it offers it, else zero it); \
+                   off: zero it",
+        },
+        Arg {
+            name: "passes",
+            kind: Kind::Number {
+                min: 1,
+                max: MAX_PASSES,
+            },
+            default: Default::Value(2),
+            help: "passes of check-and-rewrite over what was kept, after the free",
+        },
+        Arg {
+            name: "retouch",
+            kind: Kind::Number { min: 0, max: 100 },
+            default: Default::Value(25),
+            help: "percent of the freed pages touched again (checked to read zero, then written)",
+        },
+        SEED,
+        SIZE,
+        TIMING,
+    ],
+};
+
 /// `misbehave`.
 pub const MISBEHAVE: Guest = Guest {
     name: "misbehave",
@@ -315,7 +364,7 @@ pub const MISBEHAVE: Guest = Guest {
 };
 
 /// Every built-in guest, in the order `vmm guests` lists them.
-pub const ALL: &[Guest] = &[HELLO, TOUCH, VERIFY, MISBEHAVE];
+pub const ALL: &[Guest] = &[HELLO, TOUCH, VERIFY, CHURN, MISBEHAVE];
 
 #[cfg(test)]
 mod tests {

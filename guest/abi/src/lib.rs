@@ -89,7 +89,13 @@ pub struct BootInfo {
     pub args_len: u64,
     /// The host's TSC frequency in kHz, 0 when unknown, to turn cycles into time.
     pub tsc_khz: u64,
+    /// What the VMM offers ([`FEATURE_FREE_REPORTING`]...).
+    pub features: u64,
 }
+
+/// [`BootInfo::features`]: the VMM honours [`Command::Free`] reports (the memory comes back to
+/// the host and reads as zeroes). Without it, a guest zeroes what it frees itself.
+pub const FEATURE_FREE_REPORTING: u64 = 1;
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= layout::BOOT_INFO_STRIDE);
 
@@ -107,6 +113,7 @@ impl BootInfo {
             self.args_addr,
             self.args_len,
             self.tsc_khz,
+            self.features,
         ];
         for (chunk, field) in out.chunks_exact_mut(8).zip(fields) {
             chunk.copy_from_slice(&field.to_le_bytes());
@@ -219,6 +226,13 @@ const UCALL_SYNC: u64 = 2;
 const UCALL_REPORT: u64 = 3;
 const UCALL_DONE: u64 = 4;
 const UCALL_ABORT: u64 = 5;
+const UCALL_FREE: u64 = 6;
+
+/// The most ranges one [`Command::Free`] report carries.
+pub const FREE_MAX_RANGES: u64 = 1024;
+/// Bytes of one range in a free report: its guest address and its length, each a
+/// little-endian `u64`.
+pub const FREE_RANGE_SIZE: u64 = 16;
 
 /// A decoded ucall. Text borrowed from the guest is raw bytes: the guest may write anything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,6 +250,16 @@ pub enum Command<'a> {
     },
     /// This vCPU finished with an exit code.
     Done(u64),
+    /// The guest freed memory: `count` ranges (each [`FREE_RANGE_SIZE`] bytes, 4 KiB aligned)
+    /// at guest address `ranges`. When the ucall returns, the host has the memory back and
+    /// every page in the ranges reads as zeroes (the analogue of virtio-balloon free page
+    /// reporting, with the contents gone).
+    Free {
+        /// Guest address of the array of ranges.
+        ranges: u64,
+        /// How many ranges, at most [`FREE_MAX_RANGES`].
+        count: u64,
+    },
     /// The guest gave up: an assertion or a panic.
     Abort {
         /// Source file.
@@ -256,6 +280,8 @@ pub enum DecodeError {
     BadLength(u64),
     /// An abort's file-name length is larger than `len`.
     BadFileLength(u64),
+    /// A free report with more than [`FREE_MAX_RANGES`] ranges.
+    TooManyRanges(u64),
 }
 
 impl core::fmt::Display for DecodeError {
@@ -270,6 +296,9 @@ impl core::fmt::Display for DecodeError {
             }
             Self::BadFileLength(len) => {
                 write!(f, "abort file-name length {len} exceeds the text length")
+            }
+            Self::TooManyRanges(n) => {
+                write!(f, "a free report of {n} ranges (at most {FREE_MAX_RANGES})")
             }
         }
     }
@@ -322,6 +351,14 @@ impl Ucall {
         u
     }
 
+    /// A free report of `count` ranges at guest address `ranges`.
+    pub const fn free(ranges: u64, count: u64) -> Self {
+        let mut u = Self::empty(UCALL_FREE);
+        u.args[0] = ranges;
+        u.args[1] = count;
+        u
+    }
+
     /// An abort command; append the message with [`Ucall::push_text`].
     pub fn abort(file: &[u8], line: u64) -> Self {
         let mut u = Self::empty(UCALL_ABORT);
@@ -362,6 +399,15 @@ impl Ucall {
                 value: args[0],
             },
             UCALL_DONE => Command::Done(args[0]),
+            UCALL_FREE => {
+                if args[1] > FREE_MAX_RANGES {
+                    return Err(DecodeError::TooManyRanges(args[1]));
+                }
+                Command::Free {
+                    ranges: args[0],
+                    count: args[1],
+                }
+            }
             UCALL_ABORT => {
                 if args[1] > len {
                     return Err(DecodeError::BadFileLength(args[1]));
@@ -384,7 +430,14 @@ mod tests {
 
     #[test]
     fn every_command_round_trips() {
-        let cases: [(Ucall, Command<'_>); 5] = [
+        let cases: [(Ucall, Command<'_>); 6] = [
+            (
+                Ucall::free(0x40_0000, 3),
+                Command::Free {
+                    ranges: 0x40_0000,
+                    count: 3,
+                },
+            ),
             (Ucall::print(b"hi"), Command::Print(b"hi")),
             (Ucall::sync(7), Command::Sync(7)),
             (
@@ -416,6 +469,10 @@ mod tests {
 
     #[test]
     fn guest_supplied_lengths_are_checked() {
+        assert_eq!(
+            Ucall::decode(&Ucall::free(0, FREE_MAX_RANGES + 1).to_bytes()),
+            Err(DecodeError::TooManyRanges(FREE_MAX_RANGES + 1))
+        );
         let mut bytes = Ucall::print(b"x").to_bytes();
         bytes[32..40].copy_from_slice(&(UCALL_BUF_LEN as u64 + 1).to_le_bytes());
         assert_eq!(

@@ -56,6 +56,104 @@ pub fn report(key: &str, value: u64) {
     ucall(&Ucall::report(key.as_bytes(), value));
 }
 
+/// Whether the VMM takes free memory back ([`free`] then reports it; else the guest zeroes it).
+pub fn free_reporting(boot: &BootInfo) -> bool {
+    boot.features & guest_abi::FEATURE_FREE_REPORTING != 0
+}
+
+/// Gives the host `ranges` (guest address, length; 4 KiB aligned), at most
+/// [`guest_abi::FREE_MAX_RANGES`] per call: when it returns, the memory is the host's until
+/// touched again, and reads as zeroes. Only where [`free_reporting`] says the VMM offers it.
+pub fn free(ranges: &[[u64; 2]]) {
+    // `[u64; 2]` is the ABI's 16-byte range on x86-64: address, then length, little-endian.
+    ucall(&Ucall::free(ranges.as_ptr() as u64, ranges.len() as u64));
+}
+
+/// Writes and checks per-page patterns ([`pattern`]) in pages of free RAM the caller owns,
+/// counting (and printing the first few of) the words that do not hold what they should.
+pub struct Checker {
+    /// The patterns' seed.
+    pub seed: u64,
+    /// Words that did not hold their pattern (or, for [`Checker::check_zero`], zero).
+    pub mismatches: u64,
+}
+
+/// How many mismatches are printed.
+const MAX_PRINTED: u64 = 8;
+
+impl Checker {
+    /// A checker of the patterns seeded by `seed`.
+    pub fn new(seed: u64) -> Self {
+        Checker {
+            seed,
+            mismatches: 0,
+        }
+    }
+
+    /// Writes pass `pass`'s pattern into the page at `gpa`.
+    pub fn write(&self, gpa: u64, pass: u64) {
+        for (w, off) in PATTERN_WORDS.iter().enumerate() {
+            // SAFETY: `gpa` is a page of this vCPU's share of free, identity-mapped RAM.
+            unsafe {
+                ((gpa + off) as *mut u64).write_volatile(pattern(self.seed, gpa, pass, w as u64))
+            };
+        }
+    }
+
+    /// Checks that the page at `gpa` holds pass `pass`'s pattern.
+    pub fn check(&mut self, gpa: u64, pass: u64) {
+        for (w, off) in PATTERN_WORDS.iter().enumerate() {
+            self.expect(gpa + off, pattern(self.seed, gpa, pass, w as u64), pass);
+        }
+    }
+
+    /// Checks that the pattern's words of the page at `gpa` read zero (memory given back).
+    pub fn check_zero(&mut self, gpa: u64) {
+        for off in PATTERN_WORDS {
+            self.expect(gpa + off, 0, 0);
+        }
+    }
+
+    fn expect(&mut self, at: u64, want: u64, pass: u64) {
+        // SAFETY: as in `write`.
+        let got = unsafe { (at as *const u64).read_volatile() };
+        if got == want {
+            return;
+        }
+        if self.mismatches < MAX_PRINTED {
+            Text::new()
+                .s("mismatch at ")
+                .hex(at)
+                .s(": expected ")
+                .hex(want)
+                .s(", found ")
+                .hex(got)
+                .s(" (pass ")
+                .dec(pass)
+                .s(")")
+                .print();
+            report("mismatch_gpa", at);
+        }
+        self.mismatches += 1;
+    }
+}
+
+/// The offsets of the words a page's pattern is written to (first, middle, last).
+pub const PATTERN_WORDS: [u64; 3] = [0, layout::PAGE_SIZE / 2, layout::PAGE_SIZE - 8];
+
+/// The value of word `w` of the page at `gpa` after pass `pass`: every (seed, address, pass,
+/// word) gives an unrelated value (the splitmix64 finaliser), so a lost or misplaced write
+/// is caught.
+pub fn pattern(seed: u64, gpa: u64, pass: u64, w: u64) -> u64 {
+    let mut z = seed
+        .wrapping_add(gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .wrapping_add(pass.wrapping_mul(0xbf58_476d_1ce4_e5b9))
+        .wrapping_add(w);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The stalls one vCPU's memory accesses took, on its own clock: the longest and a log2
 /// histogram (the convention is [`guest_abi::stalls`]). Recording costs a `rdtsc` and a dozen
 /// instructions per access, so timed loops pay it only when asked (`timing=on`).

@@ -211,6 +211,11 @@ impl Vm {
                 args_addr: ARGS_ADDR,
                 args_len: args.len() as u64,
                 tsc_khz: vcpu.tsc_khz().map_or(0, u64::from),
+                features: if config.reclaim {
+                    guest_abi::FEATURE_FREE_REPORTING
+                } else {
+                    0
+                },
             };
             tsc_khz = info.tsc_khz;
             write(&info.to_bytes(), boot_addr)?;
@@ -272,6 +277,7 @@ impl Vm {
                 stop: stop.clone(),
                 events: events_tx.clone(),
                 exits: exits.clone(),
+                reclaimer: self.memory().reclaimer(),
             };
             let name = format!("vcpu{index}");
             let spawned = std::thread::Builder::new()

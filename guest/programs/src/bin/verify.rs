@@ -14,67 +14,11 @@
 #![no_main]
 
 use guest_rt::{
-    Args, BootInfo, Shuffle, Stalls, Text, fail, layout::PAGE_SIZE, my_share, report, timing,
+    Args, BootInfo, Checker, Shuffle, Stalls, Text, fail, layout::PAGE_SIZE, my_share, report,
+    timing,
 };
 
 guest_rt::entry!(main, guest_rt::guests::VERIFY);
-
-/// Offsets of the words that carry the pattern in each page.
-const WORDS: [u64; 3] = [0, PAGE_SIZE / 2, PAGE_SIZE - 8];
-const MAX_PRINTED: u64 = 8;
-
-/// The expected value of word `w` of the page at `gpa` after pass `pass`.
-fn pattern(seed: u64, gpa: u64, pass: u64, w: u64) -> u64 {
-    // splitmix64 finaliser: every (seed, address, pass, word) gives an unrelated value.
-    let mut z = seed
-        .wrapping_add(gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-        .wrapping_add(pass.wrapping_mul(0xbf58_476d_1ce4_e5b9))
-        .wrapping_add(w);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-struct Checker {
-    seed: u64,
-    mismatches: u64,
-}
-
-impl Checker {
-    fn write(&self, gpa: u64, pass: u64) {
-        for (w, off) in WORDS.iter().enumerate() {
-            // SAFETY: `gpa` is a page of this vCPU's share of free, identity-mapped RAM.
-            unsafe {
-                ((gpa + off) as *mut u64).write_volatile(pattern(self.seed, gpa, pass, w as u64))
-            };
-        }
-    }
-
-    fn check(&mut self, gpa: u64, pass: u64) {
-        for (w, off) in WORDS.iter().enumerate() {
-            // SAFETY: as in `write`.
-            let got = unsafe { ((gpa + off) as *const u64).read_volatile() };
-            let want = pattern(self.seed, gpa, pass, w as u64);
-            if got != want {
-                if self.mismatches < MAX_PRINTED {
-                    Text::new()
-                        .s("mismatch at ")
-                        .hex(gpa + off)
-                        .s(": expected ")
-                        .hex(want)
-                        .s(", found ")
-                        .hex(got)
-                        .s(" (pass ")
-                        .dec(pass)
-                        .s(")")
-                        .print();
-                    report("mismatch_gpa", gpa + off);
-                }
-                self.mismatches += 1;
-            }
-        }
-    }
-}
 
 fn main(boot: &BootInfo, args: &Args) -> u64 {
     let mode = args.choice("mode");
@@ -93,10 +37,7 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
     }
     let (base, pages) = my_share(boot, boot.free_start, size);
     let pages_iter = move || (0..pages).map(move |p| base + p * PAGE_SIZE);
-    let mut c = Checker {
-        seed: args.number("seed"),
-        mismatches: 0,
-    };
+    let mut c = Checker::new(args.number("seed"));
     let mut stalls = timing(args).then(Stalls::start);
     // Times the page just visited, when timing.
     let mut lap = || {
