@@ -366,8 +366,12 @@ impl Inner {
                 done.kept += bytes;
             }
             None => {
+                // What the host holds there, whoever populated it (the kernel, a page server,
+                // our handlers): the table knows only its own.
+                let present = crate::host_view::present_pages(self.host(index), EXTENT_SIZE)
+                    .map_err(failed("reading which pages are present"))?;
                 let populated = (0..PAGES_PER_EXTENT)
-                    .filter(|&p| mask_has(freed, p) && extent.is_populated(p))
+                    .filter(|&p| mask_has(freed, p) && present[p])
                     .count() as u64;
                 self.discard_pages(index, freed)
                     .map_err(failed("discarding 4 KiB pages"))?;

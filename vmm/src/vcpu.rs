@@ -16,7 +16,7 @@ use crate::arch;
 use crate::devices::{Devices, PioResult};
 use crate::metrics::VcpuStats;
 use crate::ucall::{self, UcallResult};
-use vm_extents::{GuestRam, Reclaimer};
+use vm_extents::{GuestRam, ReclaimError, Reclaimer};
 
 /// How a vCPU ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,23 +168,36 @@ pub struct VcpuShared {
     pub reclaimer: Option<Reclaimer>,
 }
 
+/// Why a free report was not carried out.
+enum FreeFailed {
+    /// The guest's error: a report where reclaim is off (the guest was told at boot it is not
+    /// offered), or a bad range.
+    Guest(String),
+    /// The host could not give the memory back.
+    Host(String),
+}
+
 /// Gives back the memory of a guest's free report (`count` ranges at guest address `at`): when
-/// it returns, the vCPU runs on and the memory reads as zeroes. A report where reclaim is off
-/// (the guest was told at boot it is not offered), or with a bad range, is the guest's error.
-fn free(shared: &VcpuShared, at: u64, count: u64) -> Result<(), String> {
+/// it returns, the vCPU runs on and the memory reads as zeroes.
+fn free(shared: &VcpuShared, at: u64, count: u64) -> Result<(), FreeFailed> {
     let Some(reclaimer) = &shared.reclaimer else {
-        return Err(
+        return Err(FreeFailed::Guest(
             "the guest reported free memory, but reclaim is off (--reclaim off), as its boot \
              block said"
                 .into(),
-        );
+        ));
     };
-    let ranges = ucall::read_free_ranges(shared.ram.view(), at, count)?;
+    let ranges =
+        ucall::read_free_ranges(shared.ram.view(), at, count).map_err(FreeFailed::Guest)?;
     reclaimer.report(&ranges).map(drop).map_err(|e| {
-        format!(
+        let what = format!(
             "the guest's free report failed: {}",
             crate::error::chain(&e)
-        )
+        );
+        match e {
+            ReclaimError::Discard { .. } => FreeFailed::Host(what),
+            _ => FreeFailed::Guest(what),
+        }
     })
 }
 
@@ -268,11 +281,17 @@ impl Vcpu {
                         UcallResult::Invalid(what) => {
                             break Some(VcpuEnd::Failed(format!("{what}{}", self.describe())));
                         }
-                        UcallResult::Free { ranges, count } => {
-                            if let Err(what) = free(shared, ranges, count) {
+                        UcallResult::Free { ranges, count } => match free(shared, ranges, count) {
+                            Ok(()) => {}
+                            Err(FreeFailed::Guest(what)) => {
                                 break Some(VcpuEnd::Failed(format!("{what}{}", self.describe())));
                             }
-                        }
+                            Err(FreeFailed::Host(what)) => {
+                                // The VMM's own failure: the VM stops as for a failed thread.
+                                let _ = shared.events.send(VmEvent::Fatal(what));
+                                break None;
+                            }
+                        },
                     }
                 }
             }

@@ -338,6 +338,7 @@ pub const MISBEHAVE: Guest = Guest {
                 "print-flood",
                 "report-flood",
                 "escapes",
+                "bad-free",
             ]),
             default: Default::First,
             help: "what to do",

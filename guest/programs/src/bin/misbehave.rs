@@ -17,6 +17,8 @@
 //!   output and what it keeps.
 //! - `escapes`: prints terminal escape sequences on the serial console and in a ucall; the
 //!   host must show them, not send them to the terminal.
+//! - `bad-free`: reports a free range that runs past the end of guest RAM; the host must
+//!   refuse the whole report, naming the range, and end the vCPU (201) with nothing freed.
 //!
 //! Without `kind=`, the guest triple-faults.
 #![no_std]
@@ -53,6 +55,16 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
         "triple-fault" => {
             // SAFETY: deliberately faults; with a zero-length IDT the CPU shuts down.
             unsafe { asm!("ud2", options(nomem, nostack, noreturn)) }
+        }
+        "bad-free" => {
+            let page = boot.free_start;
+            // SAFETY: a page of free RAM this guest owns.
+            unsafe { (page as *mut u64).write_volatile(0x5eed) };
+            guest_rt::free(&[[page, guest_rt::layout::PAGE_SIZE], [boot.ram_size - 4096, 8192]]);
+            Text::new()
+                .s("the host accepted a free range past the end of RAM")
+                .print();
+            2
         }
         "bad-ucall" => {
             // SAFETY: the `in` only exits to the host, which must reject the address.
