@@ -357,6 +357,57 @@ fn bench_restore_reports_every_mode() {
     assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
 }
 
+#[test]
+fn bench_reclaim_reports_every_mode_and_target() {
+    require_kvm!();
+    let _settings = beside_others();
+    let dir = TempDir::new("bench-reclaim");
+    let (json_path, plot) = (dir.path("r.json"), dir.path("r.svg"));
+    let run = integration_tests::vmm(&words(&format!(
+        "bench reclaim --memory 32M --shapes extents,halves --json {json_path} --plot {plot}"
+    )));
+    let json = read_json(&json_path);
+    // The hugetlb mode fails (recorded, exit 204) where the pool is short; the rest run.
+    let failed = json["failed"].as_array().unwrap();
+    assert!(
+        failed.iter().all(|f| f["mode"] == "report-hugetlb"),
+        "{json}"
+    );
+    assert_eq!(
+        run.code,
+        Some(if failed.is_empty() { 0 } else { 204 }),
+        "{run}"
+    );
+    for t in json["tables"].as_array().unwrap() {
+        let shape = t["shape"].as_str().unwrap();
+        for m in t["modes"].as_array().unwrap() {
+            let name = m["mode"].as_str().unwrap();
+            if m["rounds"].as_array().unwrap().is_empty() {
+                continue;
+            }
+            assert_eq!(m["lost_writes"], 0, "{shape} {name}");
+            assert_eq!(m["reinflated_bytes"], 0, "{shape} {name}");
+            let returned = m["returned"].as_f64();
+            if name == "no-reclaim" {
+                assert_eq!(
+                    returned, None,
+                    "{shape}: the guest zeroed, reported nothing"
+                );
+            } else if name != "report-hugetlb" || shape == "extents" {
+                assert!(returned.unwrap() > 0.9, "{shape} {name}: {m}");
+            }
+            assert!(
+                m["table_vs_kernel"].as_f64().unwrap() <= 0.02,
+                "{shape} {name}: {m}"
+            );
+        }
+    }
+    let targets = json["targets"].as_array().unwrap();
+    assert!(targets.len() > 10, "{json}");
+    assert!(run.stdout.contains("target: whole extents freed"), "{run}");
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+}
+
 /// Two benchmarks at once in one `TMPDIR` each keep their scratch files in a directory of
 /// their own, made for the run and removed after it: neither reads the other's image, and a
 /// file planted under the old fixed name is never touched.
@@ -524,6 +575,12 @@ fn bad_benchmark_options_name_the_option_given() {
             "--memory 8M: a multiple of 2 MiB of at least 14M",
         ),
         ("bench restore --prefetch-threads 0", "--prefetch-threads"),
+        (
+            "bench reclaim --memory 12M",
+            "--memory 12M: a multiple of 2 MiB of at least 22M",
+        ),
+        ("bench reclaim --free 0", "--free"),
+        ("bench reclaim --shapes rings", "--shapes"),
         ("bench faults --plot x.png", "plots are drawn as SVG"),
         (
             "bench faults --json /proc/x.json",

@@ -408,6 +408,22 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Maps `len` bytes of fresh memory of RAM's kind somewhere outside RAM, readable and
+    /// writable, for contents prepared off to the side before they are moved into RAM; the
+    /// caller unmaps it, or moves it in.
+    pub(crate) fn map_staging(&self, len: u64) -> io::Result<HostAddr> {
+        // SAFETY: a new mapping wherever the kernel puts it: nothing is replaced.
+        let mapped = unsafe {
+            self.map_fresh(
+                std::ptr::null_mut(),
+                len as usize,
+                0,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        }?;
+        Ok(HostAddr::of(mapped))
+    }
+
     /// Replaces offsets `[gpa, gpa + len)` with fresh, unpopulated memory of RAM's kind, in one
     /// `mmap` over what was there (whatever backed the range is unmapped and freed; no access
     /// ever finds a hole). The caller registers it with its userfaultfd.

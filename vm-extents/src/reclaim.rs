@@ -72,8 +72,11 @@ pub struct ReclaimStats {
     pub small_bytes: Counter,
     /// Huge extents discarded whole.
     pub extents_discarded: Counter,
-    /// Huge extents split.
+    /// Huge extents split (THP: the freed pages discarded, the kept ones left mapped).
     pub extents_split: Counter,
+    /// Hugetlb extents demoted: the kept pages copied into 4 KiB pages put in place of the
+    /// hugetlb page, which goes back to the pool.
+    pub extents_demoted: Counter,
     /// Huge extents kept (freed below the threshold, or hugetlb freed in part), their freed
     /// pages zeroed in place.
     pub huge_kept: Counter,
@@ -406,6 +409,19 @@ impl Inner {
                 stats.split_bytes.add(bytes);
                 done.given_back += bytes;
             }
+            Some(PageKind::Hugetlb)
+                if count >= self.split_pages
+                    && self
+                        .demote(index, freed)
+                        .map_err(failed("demoting the hugetlb page"))? =>
+            {
+                self.watch_again(claim, index, freed)
+                    .map_err(failed("registering the extent again"))?;
+                self.uncharge();
+                stats.extents_demoted.inc();
+                stats.split_bytes.add(bytes);
+                done.given_back += bytes;
+            }
             Some(_) => {
                 self.zero_pages(index, freed);
                 stats.huge_kept.inc();
@@ -471,6 +487,66 @@ impl Inner {
             // writes its own free memory.
             unsafe { std::ptr::write_bytes(at.as_ptr::<u8>(), 0, len as usize) };
         }
+    }
+
+    /// Demotes a hugetlb extent to 4 KiB pages holding what was not `freed`, freeing the
+    /// hugetlb page; false (nothing changed) where the extent cannot be write-protected (no
+    /// userfaultfd watches guest RAM for write-protect faults). The extent is write-protected
+    /// first, so a guest write to a kept page waits (its fault finds the extent claimed) while
+    /// the kept pages are copied into fresh memory off to the side, which one `mremap` then
+    /// puts in place of the hugetlb page: the waiting writers retry on their page there.
+    fn demote(&self, index: ExtentIndex, freed: &PageMask) -> io::Result<bool> {
+        use crate::uffd::REGISTER_MODE_WP;
+        let Some(uffd) = self.uffds.as_ref().map(|u| u.for_extent(index.0)) else {
+            return Ok(false);
+        };
+        let mode = uffd.registered_mode();
+        if mode & REGISTER_MODE_WP == 0 {
+            return Ok(false);
+        }
+        let at = self.host(index);
+        // The page came in by `mremap`: a mapping the uffd does not watch yet.
+        uffd.register(at, EXTENT_SIZE, mode)?;
+        uffd.write_protect(at, EXTENT_SIZE, true, false)?;
+        let staging = match self.map_ram().map_staging(EXTENT_SIZE) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = uffd.write_protect(at, EXTENT_SIZE, false, true);
+                return Err(e);
+            }
+        };
+        for p in (0..PAGES_PER_EXTENT).filter(|&p| !mask_has(freed, p)) {
+            let off = p as u64 * PAGE_SIZE;
+            // SAFETY: both are 2 MiB mappings of ours (the claimed extent, readable; the
+            // staging area, fresh); no guest write lands in the extent while it is
+            // write-protected and claimed.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (at + off).as_ptr::<u8>(),
+                    (staging + off).as_ptr::<u8>(),
+                    PAGE_SIZE as usize,
+                )
+            };
+        }
+        // SAFETY: moves our staging mapping over the claimed extent, replacing the hugetlb
+        // page (whose kept contents the staging holds); the extent stays mapped throughout.
+        let moved = unsafe {
+            libc::mremap(
+                staging.as_ptr(),
+                EXTENT_SIZE as usize,
+                EXTENT_SIZE as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                at.as_ptr::<libc::c_void>(),
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            // SAFETY: the staging mapping is ours and unused.
+            unsafe { libc::munmap(staging.as_ptr(), EXTENT_SIZE as usize) };
+            let _ = uffd.write_protect(at, EXTENT_SIZE, false, true);
+            return Err(e);
+        }
+        Ok(true)
     }
 
     fn map_ram(&self) -> &crate::GuestRam {
@@ -612,30 +688,20 @@ mod tests {
             .unwrap();
         let stats = reclaimer.stats();
         assert_eq!(stats.extents_discarded.get(), 1);
-        assert_eq!(
-            memory.ledger().charged(),
-            charged
-                - EXTENT_SIZE
-                - if kind == PoolKind::Thp {
-                    EXTENT_SIZE
-                } else {
-                    0
-                }
-        );
+        assert_eq!(memory.ledger().charged(), charged - 2 * EXTENT_SIZE);
         if kind == PoolKind::Hugetlb {
             assert_eq!(
                 host_view::hugetlb_pool().free,
-                hugetlb_free + 1,
-                "the hugetlb page went back"
+                hugetlb_free + 2,
+                "the hugetlb pages went back"
             );
-            // A hugetlb page freed in part is kept (no demotion yet).
-            assert_eq!(stats.huge_kept.get(), 2);
-            assert_eq!(state(&memory, 1), ExtentState::Huge);
+            // Half freed: demoted to 4 KiB pages holding the kept half.
+            assert_eq!(stats.extents_demoted.get(), 1);
         } else {
             assert_eq!(stats.extents_split.get(), 1);
-            assert_eq!(stats.huge_kept.get(), 1);
-            assert_eq!(state(&memory, 1), ExtentState::Small { populated: 256 });
         }
+        assert_eq!(stats.huge_kept.get(), 1);
+        assert_eq!(state(&memory, 1), ExtentState::Small { populated: 256 });
         assert_eq!(done.reported, (ppe + 256 + 8) * PAGE_SIZE);
         assert_eq!(state(&memory, 0), ExtentState::Unpopulated);
         assert_eq!(state(&memory, 2), ExtentState::Huge);
@@ -660,13 +726,9 @@ mod tests {
         reclaimer.report(&[pages(0, ppe), pages(ppe, 256)]).unwrap();
         two_more_scans(&memory);
         assert_eq!(state(&memory, 0), ExtentState::Unpopulated);
-        if kind == PoolKind::Thp {
-            assert_ne!(state(&memory, 1), ExtentState::Huge);
-        }
+        assert_ne!(state(&memory, 1), ExtentState::Huge);
         assert_eq!(stats.reinflated_bytes.get(), reinflated, "creep");
-        if kind == PoolKind::Thp {
-            assert!(memory.collapse_stats().skipped_reclaimed.get() > 0);
-        }
+        assert!(memory.collapse_stats().skipped_reclaimed.get() > 0);
         assert_eq!(memory.teardown().ledger_charged_bytes, 0);
     }
 
@@ -787,10 +849,26 @@ mod tests {
     /// are given back, touched again and given back once more, and the collapse runs: no write
     /// is lost, every page given back reads zero.
     #[test]
-    fn concurrent_writes_to_kept_pages_are_never_lost() {
+    fn concurrent_writes_to_kept_thp_pages_are_never_lost() {
         #[cfg(feature = "failpoints")]
         let _alone = fail::FailScenario::setup();
-        let Some(memory) = memory(Some(PoolKind::Thp), PageSourceKind::Zero) else {
+        concurrent_writes_to_kept_pages_are_never_lost(PoolKind::Thp);
+    }
+
+    /// As above, each hugetlb extent demoted to 4 KiB pages under the writers.
+    #[test]
+    fn concurrent_writes_to_kept_hugetlb_pages_are_never_lost() {
+        #[cfg(feature = "failpoints")]
+        let _alone = fail::FailScenario::setup();
+        if host_view::hugetlb_pool().free < 6 {
+            eprintln!("SKIP: needs 6 free hugetlb pages");
+            return;
+        }
+        concurrent_writes_to_kept_pages_are_never_lost(PoolKind::Hugetlb);
+    }
+
+    fn concurrent_writes_to_kept_pages_are_never_lost(kind: PoolKind) {
+        let Some(memory) = memory(Some(kind), PageSourceKind::Zero) else {
             return;
         };
         let reclaimer = memory.reclaimer().unwrap();
@@ -845,7 +923,8 @@ mod tests {
                 }
             }
         });
-        assert!(reclaimer.stats().extents_split.get() > 0);
+        let stats = reclaimer.stats();
+        assert!(stats.extents_split.get() + stats.extents_demoted.get() > 0);
         assert_eq!(memory.teardown().ledger_charged_bytes, 0);
     }
 

@@ -15,6 +15,7 @@ use vm_extents::Choice;
 use crate::bench::BenchError;
 use crate::bench::collapse::{CollapseBenchConfig, Variant};
 use crate::bench::faults::{Access, FaultsConfig, Mode, Pattern};
+use crate::bench::reclaim::{Mode as ReclaimMode, ReclaimBenchConfig, Shape as ReclaimShape};
 use crate::bench::restore::{Density, Mode as RestoreMode, RestoreBenchConfig};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::seccomp::Seccomp;
@@ -126,6 +127,9 @@ pub enum BenchCommand {
     Collapse(CollapseArgs),
     /// Restoring a guest from a memory image: eager, lazy 4 KiB, lazy 2 MiB, prefetch.
     Restore(RestoreArgs),
+    /// Giving back memory the guest frees, per shape: reports honoured per extent, a 4 KiB
+    /// balloon, no reclaim.
+    Reclaim(ReclaimArgs),
 }
 
 impl BenchCommand {
@@ -135,7 +139,68 @@ impl BenchCommand {
             BenchCommand::Faults(a) => &a.output,
             BenchCommand::Collapse(a) => &a.output,
             BenchCommand::Restore(a) => &a.output,
+            BenchCommand::Reclaim(a) => &a.output,
         }
+    }
+}
+
+/// `vmm bench reclaim`.
+#[derive(Debug, clap::Args)]
+pub struct ReclaimArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "128M", value_name = "SIZE")]
+    pub memory: ByteSize,
+    /// vCPUs, each freeing its own share.
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=guest_abi::layout::MAX_VCPUS as i64))]
+    pub vcpus: u32,
+    /// What the guest frees: one table per shape.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "extents,pages,halves",
+        value_name = "extents|pages|halves,..."
+    )]
+    pub shapes: Vec<ReclaimShape>,
+    /// Comma-separated modes (default: all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "MODE,...")]
+    pub modes: Vec<ReclaimMode>,
+    /// Percent freed (of the extents, or of each extent's pages for `pages`).
+    #[arg(long, default_value_t = 50, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub free: u64,
+    /// Percent of the freed pages the guest touches again.
+    #[arg(long, default_value_t = 25, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u64).range(0..=100))]
+    pub retouch: u64,
+    /// Rounds, modes interleaved; medians are reported (1 to 1000).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
+    /// Outputs.
+    #[command(flatten)]
+    pub output: BenchOutput,
+}
+
+impl ReclaimArgs {
+    /// The benchmark these arguments describe, or why it cannot run.
+    pub fn to_config(&self) -> Result<ReclaimBenchConfig, BenchError> {
+        bench_size(
+            "--memory",
+            self.memory,
+            crate::bench::reclaim::MIN_MEMORY,
+            "eight extents of data to free from",
+        )?;
+        Ok(ReclaimBenchConfig {
+            memory: self.memory,
+            vcpus: self.vcpus,
+            shapes: self.shapes.clone(),
+            modes: self.modes.clone(),
+            free: self.free,
+            retouch: self.retouch,
+            repeat: self.repeat,
+        })
     }
 }
 

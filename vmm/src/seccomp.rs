@@ -187,13 +187,15 @@ fn ioctls(kind: ThreadKind) -> Option<Vec<u64>> {
     Some(match kind {
         ThreadKind::Main => return None,
         // A free report is given back on the vCPU's thread: it wakes the extents' waiters,
-        // registers a replaced hugetlb extent with the uffd and reads what is present there.
+        // registers an extent whose huge page went with the uffd again, write-protects a
+        // hugetlb extent it demotes, and reads what is present.
         ThreadKind::Vcpu => vec![
             kvm::KVM_RUN(),
             kvm::KVM_GET_REGS(),
             kvm::KVM_GET_SREGS(),
             uffd::UFFDIO_WAKE(),
             uffd::UFFDIO_REGISTER(),
+            uffd::UFFDIO_WRITEPROTECT(),
             pagemap::PAGEMAP_SCAN(),
         ],
         // Both may allocate a huge page on the spot (the pool had none ready), which is

@@ -472,6 +472,23 @@ pub fn my_share(boot: &BootInfo, start: u64, size: u64) -> (u64, u64) {
     (start + first * layout::PAGE_SIZE, count)
 }
 
+/// This vCPU's share of `[start, start + size)` (`start` 2 MiB aligned) in whole extents, as
+/// `(first byte, page count)`: every extent belongs to one vCPU (the last vCPU also takes a
+/// partial extent at the end), so what one vCPU does to an extent no other vCPU does.
+pub fn my_extent_share(boot: &BootInfo, start: u64, size: u64) -> (u64, u64) {
+    let per_extent = layout::EXTENT_SIZE / layout::PAGE_SIZE;
+    let pages = size / layout::PAGE_SIZE;
+    let (extents, tail) = (pages / per_extent, pages % per_extent);
+    let (per, extra) = (extents / boot.vcpu_count, extents % boot.vcpu_count);
+    let i = boot.vcpu_index;
+    let first = i * per + i.min(extra);
+    let mut count = (per + u64::from(i < extra)) * per_extent;
+    if i == boot.vcpu_count - 1 {
+        count += tail;
+    }
+    (start + first * layout::EXTENT_SIZE, count)
+}
+
 /// A permutation of `0..n` visited in a pseudo-random order: a full-period linear congruential
 /// generator modulo the next power of two, skipping values `>= n`. Costs a few instructions
 /// per element and no memory.

@@ -1,15 +1,21 @@
-//! Benchmarks: guest demand paging (`vmm bench faults`) and huge-page collapse
-//! (`vmm bench collapse`), each measured side by side with baselines in the same run, because
+//! Benchmarks: guest demand paging (`vmm bench faults`), huge-page collapse
+//! (`vmm bench collapse`), restores (`vmm bench restore`) and reclaim (`vmm bench reclaim`),
+//! each measured side by side with baselines in the same run, because
 //! the machines these run on are shared and noisy. Every figure a benchmark prints is also in
 //! its JSON output, and every ratio is computed from figures it printed.
 
 pub mod collapse;
 pub mod faults;
 pub mod plot;
+pub mod reclaim;
 pub mod restore;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use vm_extents::host_view;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -155,6 +161,76 @@ pub fn run_vm(what: &str, config: VmConfig) -> Result<RunSummary, BenchError> {
         source,
     })?;
     finish(what, vm.run())
+}
+
+/// What a guest's run looked like from the host while it ran: resident and 2 MiB-mapped guest
+/// RAM sampled every few milliseconds until the guest ended (teardown is not sampled).
+pub struct Sampled {
+    /// The run's summary, checked by [`finish`].
+    pub summary: RunSummary,
+    /// `[ms since start, resident MiB, huge MiB]`.
+    pub series: Vec<Value>,
+    /// The host ranges mapped huge at the last sample before the guest ended.
+    pub last_huge: Vec<std::ops::Range<u64>>,
+    /// Guest RAM's host range.
+    pub range: std::ops::Range<u64>,
+}
+
+/// Runs `vm` to its end on a thread of its own, sampling what the kernel maps of guest RAM
+/// from `started` on.
+pub fn run_sampled(what: &str, vm: Vm, started: Instant) -> Result<Sampled, BenchError> {
+    let range = vm.ram_host_range();
+    let range = range.start.raw()..range.end.raw();
+    let done = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let r = vm.run();
+            done.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    let scan = |mask| match host_view::scan(range.start, range.end, mask) {
+        Ok(Some(r)) => r,
+        _ => Vec::new(),
+    };
+    // The latest samples' huge ranges, to pick the last one before the guest ended.
+    let mut recent: std::collections::VecDeque<(f64, Vec<std::ops::Range<u64>>)> =
+        std::collections::VecDeque::new();
+    let mut series = Vec::new();
+    while !done.load(Ordering::SeqCst) {
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let bytes = |r: &[std::ops::Range<u64>]| r.iter().map(|r| r.end - r.start).sum::<u64>();
+        let huge = scan(host_view::PAGE_IS_HUGE);
+        let present = bytes(&scan(host_view::PAGE_IS_PRESENT));
+        series.push(serde_json::json!([ms, present >> 20, bytes(&huge) >> 20]));
+        recent.push_back((ms, huge));
+        if recent.len() > 400 {
+            recent.pop_front();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let summary = finish(
+        what,
+        runner
+            .join()
+            .map_err(|_| BenchError::Setup("the VM thread panicked".into()))?,
+    )?;
+    // What was sampled after the guest ended is teardown.
+    let end_ms = (summary.to_first_instruction + summary.guest).as_secs_f64() * 1e3;
+    series.retain(|p| p[0].as_f64().is_some_and(|t| t <= end_ms));
+    let last_huge = recent
+        .into_iter()
+        .rev()
+        .find(|(ms, _)| *ms <= end_ms)
+        .map(|(_, huge)| huge)
+        .unwrap_or_default();
+    Ok(Sampled {
+        summary,
+        series,
+        last_huge,
+        range,
+    })
 }
 
 /// Devices that swallow guest output: benchmarks read guest reports from the summary.

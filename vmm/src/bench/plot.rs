@@ -26,6 +26,7 @@ pub fn draw(path: &Path, json: &Value) -> Result<(), BenchError> {
         Some("faults") => faults(path, json),
         Some("collapse") => collapse(path, json),
         Some("restore") => restore(path, json),
+        Some("reclaim") => reclaim(path, json),
         other => Err(draw_err(path, format!("no plot for benchmark {other:?}"))),
     }
 }
@@ -52,6 +53,11 @@ const COLOURS: &[(&str, RGBColor)] = &[
     ("prefetch", RGBColor(0xef, 0x6a, 0x6a)),
     ("external", RGBColor(0xfd, 0xae, 0x6b)),
     ("external-2m", RGBColor(0xc7, 0xc7, 0x3a)),
+    ("no-reclaim", RGBColor(0x40, 0x40, 0x40)),
+    ("report-4k", RGBColor(0x08, 0x45, 0x94)),
+    ("report-thp", RGBColor(0x00, 0x8b, 0x45)),
+    ("report-hugetlb", RGBColor(0xae, 0x01, 0x7e)),
+    ("balloon-4k", RGBColor(0xe6, 0x55, 0x0d)),
 ];
 
 /// The colour of `label`: its mode's; a variant of a mode (`prealloc/mremap`) is its mode's
@@ -500,6 +506,43 @@ type ModeSeries = (String, Vec<(f64, f64, f64)>);
 /// `vmm bench restore`: a panel per image (dense, sparse), resident MiB (solid) and MiB
 /// mapped by 2 MiB pages (dashed) over time, a line of each per mode, up to the guest's end.
 fn restore(path: &Path, json: &Value) -> Result<(), BenchError> {
+    let title = format!(
+        "Restoring {} of guest RAM: resident (solid) and 2 MiB-mapped (dashed) MiB, first \
+         round{}",
+        mib(&json["memory_bytes"]),
+        partial(json)
+    );
+    timelines(path, json, &title, "ms since the restore began", |t| {
+        format!(
+            "{} image ({} filled)",
+            t["density"].as_str().unwrap_or("?"),
+            mib(&t["filled_bytes"])
+        )
+    })
+}
+
+fn reclaim(path: &Path, json: &Value) -> Result<(), BenchError> {
+    let title = format!(
+        "Giving back what the guest frees ({}% of {}): resident (solid) and 2 MiB-mapped \
+         (dashed) MiB, first round{}",
+        json["free_percent"],
+        mib(&json["memory_bytes"]),
+        partial(json)
+    );
+    timelines(path, json, &title, "ms since the VM was built", |t| {
+        format!("shape {}", t["shape"].as_str().unwrap_or("?"))
+    })
+}
+
+/// One panel per table, one pair of lines per mode: resident and huge MiB over time, from
+/// the first round's `series_ms_mib_huge_mib`.
+fn timelines(
+    path: &Path,
+    json: &Value,
+    title: &str,
+    x_desc: &str,
+    panel: impl Fn(&Value) -> String,
+) -> Result<(), BenchError> {
     let tables = json["tables"].as_array().cloned().unwrap_or_default();
     let mut modes: Vec<String> = Vec::new();
     let panels: Vec<(String, Vec<ModeSeries>)> = tables
@@ -523,20 +566,10 @@ fn restore(path: &Path, json: &Value) -> Result<(), BenchError> {
                     (name, pts)
                 })
                 .collect();
-            let name = format!(
-                "{} image ({} filled)",
-                t["density"].as_str().unwrap_or("?"),
-                mib(&t["filled_bytes"])
-            );
-            (name, lines)
+            (panel(t), lines)
         })
         .collect();
-    let title = format!(
-        "Restoring {} of guest RAM: resident (solid) and 2 MiB-mapped (dashed) MiB, first \
-         round{}",
-        mib(&json["memory_bytes"]),
-        partial(json)
-    );
+    let title = title.to_string();
     let rows = panels.len().max(1) as u32;
     figure(path, (1100, 60 + 420 * rows), |root| {
         root.draw(&Text::new(
@@ -582,7 +615,7 @@ fn restore(path: &Path, json: &Value) -> Result<(), BenchError> {
                 .configure_mesh()
                 .light_line_style(WHITE)
                 .bold_line_style(BLACK.mix(0.12))
-                .x_desc("ms since the restore began")
+                .x_desc(x_desc)
                 .y_desc("MiB")
                 .label_style(("sans-serif", 13))
                 .draw()

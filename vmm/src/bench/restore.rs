@@ -12,19 +12,17 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use guest_abi::layout::{EXTENT_SIZE, LOAD_BASE};
 use serde_json::{Value, json};
 
-use super::{BenchError, Record, finish, median, quiet_devices, run_vm};
+use super::{BenchError, Record, median, quiet_devices, run_sampled, run_vm};
 use crate::config::{Collapse, GuestArg, VmConfig};
 use crate::units::ByteSize;
 use crate::vm::Vm;
 use vm_extents::PoolKind;
-use vm_extents::{Backing, PageSourceKind, Restore, host_view};
+use vm_extents::{Backing, PageSourceKind, Restore};
 
 /// How a restore is done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,43 +262,19 @@ fn restore_once(
             source,
         },
     )?;
-    let range = vm.ram_host_range();
-    let done = Arc::new(AtomicBool::new(false));
-    let runner = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let r = vm.run();
-            done.store(true, Ordering::SeqCst);
-            r
-        })
-    };
+    let sampled = run_sampled(mode.name(), vm, started)?;
     let data = config.filled(d);
-    let (mut series, mut resident_at, mut huge_at) = (Vec::new(), None, None);
-    while !done.load(Ordering::SeqCst) {
-        let t = started.elapsed();
-        let bytes = |mask| match host_view::scan(range.start.raw(), range.end.raw(), mask) {
-            Ok(Some(r)) => r.iter().map(|r| r.end - r.start).sum(),
-            _ => 0,
-        };
-        let (present, huge) = (
-            bytes(host_view::PAGE_IS_PRESENT),
-            bytes(host_view::PAGE_IS_HUGE),
-        );
-        series.push(json!([t.as_secs_f64() * 1e3, present >> 20, huge >> 20]));
-        if resident_at.is_none() && present >= data {
-            resident_at = Some(t);
-        }
-        if huge_at.is_none() && huge >= data {
-            huge_at = Some(t);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let summary = finish(
-        mode.name(),
-        runner
-            .join()
-            .map_err(|_| BenchError::Setup("the VM thread panicked".into()))?,
-    )?;
+    let reached = |i: usize| {
+        sampled
+            .series
+            .iter()
+            .find(|p| p[i].as_u64().is_some_and(|mib| mib << 20 >= data))
+            .and_then(|p| p[0].as_f64())
+            .map(|ms| Duration::from_secs_f64(ms / 1e3))
+    };
+    let (resident_at, huge_at) = (reached(1), reached(2));
+    let summary = sampled.summary;
+    let series = sampled.series;
     let j = summary.to_json();
     let mismatches: u64 = summary
         .vcpus
@@ -309,9 +283,6 @@ fn restore_once(
         .sum();
     let stalls = summary.guest_stalls();
     let first = summary.to_first_instruction;
-    // What was sampled after the guest ended is teardown, not the restore.
-    let end_ms = (first + summary.guest).as_secs_f64() * 1e3;
-    series.retain(|p| p[0].as_f64().is_some_and(|t| t <= end_ms));
     let (faults, bytes_read, served) = match server {
         Some(server) => {
             let served = server.finish()?;

@@ -6,8 +6,9 @@
 //! extent, the upper half of extents), `free=PERCENT` (50), `report=on|off` (on: freed memory is
 //! reported to the VMM with the free ucall where the VMM offers it, else zeroed by the guest;
 //! off: zeroed), `passes=N` (2), `retouch=PERCENT` (25), `seed=N`, `size=SIZE`, `timing=off|on`.
-//! Which pages are freed depends only on their guest address, so every vCPU frees its own share
-//! of the same shape. Stages: 1 filled, 2 freed, 3 passes done. Reports `freed_pages`,
+//! Which pages are freed depends only on their guest address, and each vCPU works on whole
+//! extents of its own, so every vCPU frees its share of the same shape and no extent is freed
+//! by two. Stages: 1 filled, 2 freed, 3 passes done. Reports `freed_pages`,
 //! `kept_pages`, `reported_bytes`, `zeroed_bytes`, `free_cycles`, `retouched`, `mismatches`
 //! (kept pages that lost a write) and `nonzero_after_free`; ends with 1 if either is not 0.
 #![no_std]
@@ -15,8 +16,8 @@
 
 use guest_rt::layout::{EXTENT_SIZE, PAGE_SIZE};
 use guest_rt::{
-    Args, BootInfo, Checker, Stalls, Text, fail, free, free_reporting, my_share, rdtsc, report,
-    sync, timing,
+    Args, BootInfo, Checker, Stalls, Text, fail, free, free_reporting, my_extent_share, rdtsc,
+    report, sync, timing,
 };
 
 guest_rt::entry!(main, guest_rt::guests::CHURN);
@@ -104,7 +105,7 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
                 .s(" bytes of free RAM"),
         );
     }
-    let (base, pages) = my_share(boot, boot.free_start, size);
+    let (base, pages) = my_extent_share(boot, boot.free_start, size);
     let all = move || (0..pages).map(move |p| base + p * PAGE_SIZE);
     let kept = move || all().filter(move |&gpa| !shape.frees(gpa));
     let mut c = Checker::new(args.number("seed"));

@@ -60,7 +60,10 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
             let page = boot.free_start;
             // SAFETY: a page of free RAM this guest owns.
             unsafe { (page as *mut u64).write_volatile(0x5eed) };
-            guest_rt::free(&[[page, guest_rt::layout::PAGE_SIZE], [boot.ram_size - 4096, 8192]]);
+            guest_rt::free(&[
+                [page, guest_rt::layout::PAGE_SIZE],
+                [boot.ram_size - 4096, 8192],
+            ]);
             Text::new()
                 .s("the host accepted a free range past the end of RAM")
                 .print();
