@@ -109,6 +109,8 @@ pub struct MemoryConfig {
     /// Guest reports of free memory are honoured, huge extents split from this many freed
     /// pages ([`crate::reclaim`]); `None`: reports are refused.
     pub(crate) reclaim_split: Option<u32>,
+    /// How a huge extent freed from that threshold gives its freed pages back.
+    pub(crate) reclaim_partial: crate::reclaim::PartialFree,
 }
 
 /// What wraps the image's page source ([`MemoryBuilder::image_source_layer`]).
@@ -398,6 +400,14 @@ impl MemoryBuilder {
         self
     }
 
+    /// How a huge extent freed from the split threshold gives its freed pages back (default
+    /// [`PartialFree::Copy`](crate::reclaim::PartialFree::Copy): the whole huge page goes back
+    /// at once).
+    pub fn reclaim_partial(mut self, how: crate::reclaim::PartialFree) -> Self {
+        self.config.reclaim_partial = how;
+        self
+    }
+
     /// Whether the restore prefetcher runs (default: wherever it applies, an image restored
     /// lazily into 4 KiB backing).
     pub fn prefetch(mut self, on: bool) -> Self {
@@ -653,6 +663,7 @@ impl MemoryConfig {
             prefetch_threads: 0,
             source_layer: Plugged::default(),
             reclaim_split: Some(crate::reclaim::SPLIT_PAGES),
+            reclaim_partial: crate::reclaim::PartialFree::default(),
         }
     }
 

@@ -173,7 +173,7 @@ pub use manager::{Memory, Teardown};
 pub use map::{Held, MapRead, MapWrite, MemoryMap};
 pub use prefetch::PrefetchStats;
 pub use ram::{GuestRam, HostAddr, RamError, RamRegion};
-pub use reclaim::{ReclaimError, ReclaimStats, Reclaimed, Reclaimer};
+pub use reclaim::{PartialFree, ReclaimError, ReclaimStats, Reclaimed, Reclaimer};
 pub use report::MemoryReport;
 pub use worker::{
     Failure, FailureCause, HookError, OnFailure, ThreadFailure, ThreadHook, ThreadRole,

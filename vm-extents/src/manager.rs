@@ -170,6 +170,7 @@ impl Memory {
             self.ledger.clone(),
             self.config.backing,
             split,
+            self.config.reclaim_partial,
             self.reclaim_stats.clone(),
         ))
     }
@@ -621,6 +622,7 @@ impl Memory {
             reclaim: ReclaimSection {
                 enabled: self.config.reclaim_split.is_some(),
                 split_pages: self.config.reclaim_split,
+                partial: self.config.reclaim_partial,
                 reclaimed_bytes: self.reclaim_stats.reclaimed_bytes(),
                 stats: self.reclaim_stats.clone(),
             },

@@ -54,6 +54,28 @@ use crate::{EXTENT_SIZE, HostAddr, PAGE_SIZE};
 /// is collapsed again only with fewer than this many pages still given back).
 pub const SPLIT_PAGES: u32 = 128;
 
+/// How a huge extent freed from the split threshold gives its freed pages back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartialFree {
+    /// Demote it: write-protect it, copy the kept pages into fresh 4 KiB memory, put that in
+    /// place of the huge page with one `mremap`. The whole huge page goes back to the host at
+    /// once. Needs guest RAM watched for write-protect faults (the collapse thread on); where
+    /// it is not, a THP is split as with `Discard`.
+    #[default]
+    Copy,
+    /// `MADV_DONTNEED` the freed pages, as a 4 KiB balloon does: no copy, but the kernel
+    /// splits the THP's mapping and returns the freed part only when its deferred-split
+    /// shrinker runs (under memory pressure), though `Rss` drops at once. Hugetlb pages are
+    /// demoted all the same (they cannot be discarded in part).
+    Discard,
+}
+
+crate::choice::choices!(PartialFree {
+    Copy = "copy": "copy the kept pages into 4 KiB pages and free the whole huge page at once",
+    Discard = "discard": "discard the freed pages (MADV_DONTNEED); the kernel frees a THP's part lazily",
+});
+
 /// The most ranges one report may carry.
 pub const MAX_RANGES: usize = 1024;
 
@@ -161,6 +183,7 @@ struct Inner {
     /// pool would return nothing to the host).
     backing: Backing,
     split_pages: u32,
+    partial: PartialFree,
     stats: Arc<ReclaimStats>,
 }
 
@@ -179,6 +202,7 @@ impl Reclaimer {
         ledger: Arc<Ledger>,
         backing: Backing,
         split_pages: u32,
+        partial: PartialFree,
         stats: Arc<ReclaimStats>,
     ) -> Self {
         Reclaimer {
@@ -188,6 +212,7 @@ impl Reclaimer {
                 ledger,
                 backing,
                 split_pages,
+                partial,
                 stats,
             }),
         }
@@ -399,6 +424,22 @@ impl Inner {
                 stats.discarded_huge_bytes.add(EXTENT_SIZE);
                 done.given_back += EXTENT_SIZE;
             }
+            Some(kind)
+                if count >= self.split_pages
+                    && (kind == PageKind::Hugetlb || self.partial == PartialFree::Copy)
+                    && self
+                        .demote(index, freed)
+                        .map_err(failed("demoting the huge page"))? =>
+            {
+                self.watch_again(claim, index, freed)
+                    .map_err(failed("registering the extent again"))?;
+                self.uncharge();
+                stats.extents_demoted.inc();
+                stats.split_bytes.add(bytes);
+                done.given_back += bytes;
+            }
+            // A THP that cannot be demoted (nothing write-protects guest RAM), or by choice:
+            // the freed pages discarded, the mapping split.
             Some(PageKind::Thp) if count >= self.split_pages => {
                 self.discard_pages(index, freed)
                     .map_err(failed("splitting the huge page"))?;
@@ -406,19 +447,6 @@ impl Inner {
                     .map_err(failed("registering the extent again"))?;
                 self.uncharge();
                 stats.extents_split.inc();
-                stats.split_bytes.add(bytes);
-                done.given_back += bytes;
-            }
-            Some(PageKind::Hugetlb)
-                if count >= self.split_pages
-                    && self
-                        .demote(index, freed)
-                        .map_err(failed("demoting the hugetlb page"))? =>
-            {
-                self.watch_again(claim, index, freed)
-                    .map_err(failed("registering the extent again"))?;
-                self.uncharge();
-                stats.extents_demoted.inc();
                 stats.split_bytes.add(bytes);
                 done.given_back += bytes;
             }
@@ -617,8 +645,17 @@ mod tests {
     /// 8 MiB of zero-source memory, written (a pattern per page), started; with `collapse`,
     /// every extent made huge first. `None` (a skip) where this host cannot.
     fn memory(collapse: Option<PoolKind>, source: PageSourceKind) -> Option<Memory> {
+        memory_with(collapse, source, PartialFree::default())
+    }
+
+    fn memory_with(
+        collapse: Option<PoolKind>,
+        source: PageSourceKind,
+        partial: PartialFree,
+    ) -> Option<Memory> {
         let mut config = MemoryConfig::small(SIZE);
         config.source = source;
+        config.reclaim_partial = partial;
         if let Some(kind) = collapse {
             config.collapse = Some(CollapseConfig::default());
             config.huge_source = kind;
@@ -704,11 +741,9 @@ mod tests {
                 hugetlb_before - 2 * EXTENT_SIZE,
                 "two hugetlb pages left guest RAM"
             );
-            // Half freed: demoted to 4 KiB pages holding the kept half.
-            assert_eq!(stats.extents_demoted.get(), 1);
-        } else {
-            assert_eq!(stats.extents_split.get(), 1);
         }
+        // Half freed: demoted to 4 KiB pages holding the kept half (the huge page gone whole).
+        assert_eq!(stats.extents_demoted.get(), 1);
         assert_eq!(stats.huge_kept.get(), 1);
         assert_eq!(state(&memory, 1), ExtentState::Small { populated: 256 });
         assert_eq!(done.reported, (ppe + 256 + 8) * PAGE_SIZE);
@@ -861,7 +896,8 @@ mod tests {
     fn concurrent_writes_to_kept_thp_pages_are_never_lost() {
         #[cfg(feature = "failpoints")]
         let _alone = fail::FailScenario::setup();
-        concurrent_writes_to_kept_pages_are_never_lost(PoolKind::Thp);
+        concurrent_writes_to_kept_pages_are_never_lost(PoolKind::Thp, PartialFree::Copy);
+        concurrent_writes_to_kept_pages_are_never_lost(PoolKind::Thp, PartialFree::Discard);
     }
 
     /// As above, each hugetlb extent demoted to 4 KiB pages under the writers.
@@ -873,11 +909,11 @@ mod tests {
             eprintln!("SKIP: needs 6 free hugetlb pages");
             return;
         }
-        concurrent_writes_to_kept_pages_are_never_lost(PoolKind::Hugetlb);
+        concurrent_writes_to_kept_pages_are_never_lost(PoolKind::Hugetlb, PartialFree::Copy);
     }
 
-    fn concurrent_writes_to_kept_pages_are_never_lost(kind: PoolKind) {
-        let Some(memory) = memory(Some(kind), PageSourceKind::Zero) else {
+    fn concurrent_writes_to_kept_pages_are_never_lost(kind: PoolKind, partial: PartialFree) {
+        let Some(memory) = memory_with(Some(kind), PageSourceKind::Zero, partial) else {
             return;
         };
         let reclaimer = memory.reclaimer().unwrap();
@@ -933,7 +969,10 @@ mod tests {
             }
         });
         let stats = reclaimer.stats();
-        assert!(stats.extents_split.get() + stats.extents_demoted.get() > 0);
+        match (kind, partial) {
+            (PoolKind::Thp, PartialFree::Discard) => assert!(stats.extents_split.get() > 0),
+            _ => assert!(stats.extents_demoted.get() > 0),
+        }
         assert_eq!(memory.teardown().ledger_charged_bytes, 0);
     }
 

@@ -45,6 +45,8 @@ pub struct ReclaimSection {
     /// Freed pages of a huge extent from which it is split (absent when off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub split_pages: Option<u32>,
+    /// How such an extent gives its freed pages back (`copy` or `discard`).
+    pub partial: crate::reclaim::PartialFree,
     /// Bytes given back to the host, all causes.
     pub reclaimed_bytes: u64,
     /// The counters.

@@ -123,6 +123,8 @@ pub struct VmConfig {
     pub reclaim: bool,
     /// Freed pages of a huge extent from which reclaim splits it.
     pub reclaim_split_pages: u32,
+    /// How such an extent gives its freed pages back.
+    pub reclaim_partial: vm_extents::PartialFree,
 }
 
 impl Default for VmConfig {
@@ -154,6 +156,7 @@ impl Default for VmConfig {
             prefetch_threads: MemoryConfig::PREFETCH_THREADS,
             reclaim: true,
             reclaim_split_pages: vm_extents::reclaim::SPLIT_PAGES,
+            reclaim_partial: vm_extents::PartialFree::default(),
         }
     }
 }
@@ -450,6 +453,7 @@ impl VmConfig {
             b = b.prefetch(on);
         }
         b.reclaim_split_pages(self.reclaim_split_pages)
+            .reclaim_partial(self.reclaim_partial)
             .reclaim(self.reclaim)
     }
 

@@ -6,8 +6,9 @@
 //! - `report-thp`, `report-hugetlb`: this VMM, huge pages from THP or the hugetlb pool, guest
 //!   reports honoured per extent (discard, split at the threshold, keep below it);
 //! - `balloon-4k`: a 4 KiB balloon as Firecracker's works, modelled by the same path with the
-//!   split threshold at one page: every reported page is discarded with `MADV_DONTNEED`, which
-//!   splits every huge page it touches.
+//!   split threshold at one page and `--reclaim-partial discard`: every reported page is
+//!   discarded with `MADV_DONTNEED`, which splits every THP it touches (and the kernel returns
+//!   the freed part of a THP only when its deferred split runs).
 //!
 //! Per run: the share of reported bytes given back, resident memory at the end against the
 //! live set (what the guest still holds), the fully used extents and the touched ones still
@@ -163,6 +164,11 @@ impl ReclaimBenchConfig {
                 1
             } else {
                 vm_extents::reclaim::SPLIT_PAGES
+            },
+            reclaim_partial: if mode == Mode::Balloon4k {
+                vm_extents::PartialFree::Discard
+            } else {
+                vm_extents::PartialFree::Copy
             },
             seccomp: crate::seccomp::Seccomp::Off,
             ..VmConfig::default()

@@ -286,6 +286,13 @@ pub struct RunArgs {
     /// not collapsed again while this many of its pages stay given back.
     #[arg(long, default_value_t = vm_extents::reclaim::SPLIT_PAGES, value_name = "N")]
     pub reclaim_split_pages: u32,
+    /// How a huge extent freed from that threshold gives its freed pages back: copy (the kept
+    /// pages copied into 4 KiB pages, the whole huge page freed at once; needs the collapse
+    /// thread's write-protection, else THPs are discarded) or discard (MADV_DONTNEED of the
+    /// freed pages, as a 4 KiB balloon: the kernel frees a THP's part only when its
+    /// deferred split runs).
+    #[arg(long, value_parser = choice::<vm_extents::PartialFree>(), default_value_t, value_name = "copy|discard")]
+    pub reclaim_partial: vm_extents::PartialFree,
 }
 
 /// The value parser of a memory option with named values ([`Choice`]): its names, each with
@@ -356,6 +363,7 @@ impl RunArgs {
             prefetch_threads: self.prefetch_threads,
             reclaim: self.reclaim == Switch::On,
             reclaim_split_pages: self.reclaim_split_pages,
+            reclaim_partial: self.reclaim_partial,
         })
     }
 }
