@@ -382,17 +382,18 @@ impl Inner {
             }
         };
         let stats = &self.stats;
-        let kind = extent
-            .huge_kind()
-            .filter(|_| self.backing != Backing::Hugetlb || count == 0);
-        match kind {
-            None if extent.huge_kind().is_some() => {
-                // All of RAM is the VM's hugetlb reservation: zero, keep.
-                self.zero_pages(index, freed);
-                stats.huge_kept.inc();
-                stats.kept_bytes.add(bytes);
-                done.kept += bytes;
-            }
+        // What became of a huge extent: kept (its freed pages zeroed), or its page gone, counted
+        // under `extents` and `bytes_counter`.
+        enum Huge<'s> {
+            Kept,
+            Gone {
+                extents: &'s Counter,
+                bytes_counter: &'s Counter,
+                bytes: u64,
+            },
+        }
+        let all_freed = count as usize == PAGES_PER_EXTENT;
+        let outcome = match extent.huge_kind() {
             None => {
                 // What the host holds there, whoever populated it (the kernel, a page server,
                 // our handlers): the table knows only its own.
@@ -406,8 +407,11 @@ impl Inner {
                 claim.give_back(freed);
                 stats.small_bytes.add(populated * PAGE_SIZE);
                 done.given_back += populated * PAGE_SIZE;
+                return Ok(());
             }
-            Some(kind) if count as usize == PAGES_PER_EXTENT => {
+            // All of RAM is the VM's hugetlb reservation: zero, keep.
+            Some(_) if self.backing == Backing::Hugetlb => Huge::Kept,
+            Some(kind) if all_freed => {
                 match kind {
                     PageKind::Thp => self.discard(self.host(index), EXTENT_SIZE),
                     // Fresh memory in one mmap over it frees the hugetlb page; no access
@@ -417,12 +421,11 @@ impl Inner {
                     }
                 }
                 .map_err(failed("discarding the huge page"))?;
-                self.watch_again(claim, index, freed)
-                    .map_err(failed("registering the extent again"))?;
-                self.uncharge();
-                stats.extents_discarded.inc();
-                stats.discarded_huge_bytes.add(EXTENT_SIZE);
-                done.given_back += EXTENT_SIZE;
+                Huge::Gone {
+                    extents: &stats.extents_discarded,
+                    bytes_counter: &stats.discarded_huge_bytes,
+                    bytes: EXTENT_SIZE,
+                }
             }
             Some(kind)
                 if count >= self.split_pages
@@ -431,30 +434,43 @@ impl Inner {
                         .demote(index, freed)
                         .map_err(failed("demoting the huge page"))? =>
             {
-                self.watch_again(claim, index, freed)
-                    .map_err(failed("registering the extent again"))?;
-                self.uncharge();
-                stats.extents_demoted.inc();
-                stats.split_bytes.add(bytes);
-                done.given_back += bytes;
+                Huge::Gone {
+                    extents: &stats.extents_demoted,
+                    bytes_counter: &stats.split_bytes,
+                    bytes,
+                }
             }
             // A THP that cannot be demoted (nothing write-protects guest RAM), or by choice:
             // the freed pages discarded, the mapping split.
             Some(PageKind::Thp) if count >= self.split_pages => {
                 self.discard_pages(index, freed)
                     .map_err(failed("splitting the huge page"))?;
-                self.watch_again(claim, index, freed)
-                    .map_err(failed("registering the extent again"))?;
-                self.uncharge();
-                stats.extents_split.inc();
-                stats.split_bytes.add(bytes);
-                done.given_back += bytes;
+                Huge::Gone {
+                    extents: &stats.extents_split,
+                    bytes_counter: &stats.split_bytes,
+                    bytes,
+                }
             }
-            Some(_) => {
+            Some(_) => Huge::Kept,
+        };
+        match outcome {
+            Huge::Kept => {
                 self.zero_pages(index, freed);
                 stats.huge_kept.inc();
                 stats.kept_bytes.add(bytes);
                 done.kept += bytes;
+            }
+            Huge::Gone {
+                extents,
+                bytes_counter,
+                bytes,
+            } => {
+                self.watch_again(claim, index, freed)
+                    .map_err(failed("registering the extent again"))?;
+                self.uncharge();
+                extents.inc();
+                bytes_counter.add(bytes);
+                done.given_back += bytes;
             }
         }
         Ok(())
