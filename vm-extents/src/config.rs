@@ -111,6 +111,9 @@ pub struct MemoryConfig {
     pub(crate) reclaim_split: Option<u32>,
     /// How a huge extent freed from that threshold gives its freed pages back.
     pub(crate) reclaim_partial: crate::reclaim::PartialFree,
+    /// The zero-page shrinker reads this many bytes of guest RAM a second; `None`: it does
+    /// not run ([`crate::reclaim::shrinker`]).
+    pub(crate) zero_shrinker: Option<u64>,
 }
 
 /// What wraps the image's page source ([`MemoryBuilder::image_source_layer`]).
@@ -167,6 +170,12 @@ pub enum ConfigError {
     /// A reclaim split threshold outside one extent's pages.
     #[error("reclaim_split_pages {0} is out of range: allowed 1 to 512")]
     ReclaimSplitPages(u32),
+    /// A zero-page shrinker rate outside what it can be paced at.
+    #[error("zero_shrinker rate {}/s is out of range: allowed {}/s to {}/s", ByteSize(*.0), ByteSize(crate::reclaim::shrinker::MIN_RATE), ByteSize(crate::reclaim::shrinker::MAX_RATE))]
+    ZeroShrinkerRate(u64),
+    /// The zero-page shrinker where it cannot run.
+    #[error("the zero-page shrinker {0}")]
+    ZeroShrinker(&'static str),
     /// A fault granularity that is not a power of two from 4 KiB to 2 MiB.
     #[error("fault_granularity {} is not a power of two from 4K to 2M", ByteSize(*.0))]
     FaultGranularity(u64),
@@ -408,6 +417,16 @@ impl MemoryBuilder {
         self
     }
 
+    /// Runs the zero-page shrinker ([`crate::reclaim::shrinker`]), reading at most
+    /// `bytes_per_sec` of guest RAM a second (at least
+    /// [`MIN_RATE`](crate::reclaim::shrinker::MIN_RATE)); `None` (the default) does not. It
+    /// needs reclaim on, 4 KiB backing and a page source other than an external server (it
+    /// write-protects what it inspects, with the manager's own userfaultfd).
+    pub fn zero_shrinker(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.config.zero_shrinker = bytes_per_sec;
+        self
+    }
+
     /// Whether the restore prefetcher runs (default: wherever it applies, an image restored
     /// lazily into 4 KiB backing).
     pub fn prefetch(mut self, on: bool) -> Self {
@@ -430,6 +449,27 @@ impl MemoryBuilder {
             && !(1..=crate::extent::PAGES_PER_EXTENT as u32).contains(&pages)
         {
             return Err(ConfigError::ReclaimSplitPages(pages));
+        }
+        if let Some(rate) = config.zero_shrinker {
+            use crate::reclaim::shrinker::{MAX_RATE, MIN_RATE};
+            if !(MIN_RATE..=MAX_RATE).contains(&rate) {
+                return Err(ConfigError::ZeroShrinkerRate(rate));
+            }
+            if config.reclaim_split.is_none() {
+                return Err(ConfigError::ZeroShrinker(
+                    "gives memory back by reclaim's rules: it needs reclaim on",
+                ));
+            }
+            if config.backing != Backing::Small {
+                return Err(ConfigError::ZeroShrinker(
+                    "needs 4 KiB backing (with huge backing all of RAM is the VM's reservation)",
+                ));
+            }
+            if matches!(config.source, PageSourceKind::External(_)) {
+                return Err(ConfigError::ZeroShrinker(
+                    "cannot run with an external page server: it write-protects the pages it inspects, and the server's userfaultfd does not watch for that",
+                ));
+            }
         }
         let size = config.size;
         if size == 0 || !size.is_multiple_of(EXTENT_SIZE) {
@@ -622,6 +662,11 @@ impl MemoryConfig {
         self.reclaim_split
     }
 
+    /// The zero-page shrinker's rate in bytes a second, if it runs.
+    pub fn zero_shrinker(&self) -> Option<u64> {
+        self.zero_shrinker
+    }
+
     /// Fault handler threads.
     pub fn fault_threads(&self) -> usize {
         self.fault_threads
@@ -664,6 +709,7 @@ impl MemoryConfig {
             source_layer: Plugged::default(),
             reclaim_split: Some(crate::reclaim::SPLIT_PAGES),
             reclaim_partial: crate::reclaim::PartialFree::default(),
+            zero_shrinker: None,
         }
     }
 

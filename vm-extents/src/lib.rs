@@ -190,6 +190,8 @@ pub enum UffdUser {
     PageSource(&'static str),
     /// The collapse thread (write-protect faults).
     CollapseThread,
+    /// The zero-page shrinker (write-protect faults).
+    ZeroShrinker,
     /// An external page server, handed guest RAM.
     ExternalServer,
 }
@@ -199,6 +201,7 @@ impl std::fmt::Display for UffdUser {
         match self {
             UffdUser::PageSource(name) => write!(f, "the {name} page source"),
             UffdUser::CollapseThread => f.write_str("the collapse thread"),
+            UffdUser::ZeroShrinker => f.write_str("the zero-page shrinker"),
             UffdUser::ExternalServer => f.write_str("an external page server"),
         }
     }

@@ -48,7 +48,8 @@ pub struct Teardown {
 
 /// Guest memory and everything that manages it.
 pub struct Memory {
-    // Stopped in this order: the collapse thread, the fault handler, the pool.
+    // Stopped in this order: the shrinker, the collapse thread, the fault handler, the pool.
+    shrinker: Option<crate::reclaim::shrinker::Shrinker>,
     collapser: Option<CollapseThread>,
     handlers: Vec<FaultHandler>,
     pool: Option<Arc<HugePagePool>>,
@@ -133,6 +134,7 @@ impl Memory {
         let ram_mappings_at_start =
             host_view::mappings_in(base, base + config.size).map_err(MemoryError::KernelView)?;
         Ok(Memory {
+            shrinker: None,
             collapser: None,
             handlers: Vec::new(),
             pool: None,
@@ -225,10 +227,12 @@ impl Memory {
         }
         let collapse = self.config.collapse.clone();
         let missing = self.config.serves_faults();
-        if !missing && collapse.is_none() {
+        let shrinker = self.config.zero_shrinker;
+        if !missing && collapse.is_none() && shrinker.is_none() {
             return Ok(());
         }
-        let uffds = Arc::new(self.register(missing, collapse.is_some())?);
+        let write_protect = collapse.is_some() || shrinker.is_some();
+        let uffds = Arc::new(self.register(missing, write_protect)?);
         self.ram_mappings_at_start = self.ram_mappings()?;
         let source = self.image_source.clone();
         // Huge pages for the collapse thread and for 2 MiB faults.
@@ -307,6 +311,13 @@ impl Memory {
             );
             self.prefetch_stats = Some(stats);
         }
+        if let (Some(rate), Some(reclaimer)) = (shrinker, self.reclaimer()) {
+            self.shrinker = Some(
+                reclaimer
+                    .start_shrinker(rate, &self.config.thread_hook, on_fatal.clone())
+                    .map_err(MemoryError::Thread)?,
+            );
+        }
         if let Some(config) = collapse {
             let collapser = Collapser {
                 map: self.map.clone(),
@@ -350,8 +361,10 @@ impl Memory {
     fn register(&self, missing: bool, write_protect: bool) -> Result<UffdSet, MemoryError> {
         let needed_by = if missing {
             UffdUser::PageSource(self.config.source.name())
-        } else {
+        } else if self.config.collapse.is_some() {
             UffdUser::CollapseThread
+        } else {
+            UffdUser::ZeroShrinker
         };
         let mut features = uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
         let mut mode = 0;
@@ -381,7 +394,7 @@ impl Memory {
                 "checking its features",
                 std::io::Error::other(
                     "the kernel lacks userfaultfd write-protection of unpopulated pages (Linux \
-                     6.4+), which the collapse thread needs",
+                     6.4+), which the collapse thread and the zero-page shrinker need",
                 ),
             ));
         }
@@ -451,6 +464,9 @@ impl Memory {
     /// collapse thread (an extent being filled or collapsed is finished or given up cleanly
     /// first), so that a save reads still memory.
     pub fn stop_background(&mut self) {
+        if let Some(mut s) = self.shrinker.take() {
+            s.stop();
+        }
         if let Some(mut p) = self.prefetcher.take() {
             p.stop();
         }
@@ -624,6 +640,11 @@ impl Memory {
                 split_pages: self.config.reclaim_split,
                 partial: self.config.reclaim_partial,
                 reclaimed_bytes: self.reclaim_stats.reclaimed_bytes(),
+                reported_given_back_bytes: self
+                    .reclaim_stats
+                    .reclaimed_bytes()
+                    .saturating_sub(self.reclaim_stats.shrinker_bytes.get()),
+                shrinker_rate: self.config.zero_shrinker,
                 stats: self.reclaim_stats.clone(),
             },
         })

@@ -49,6 +49,11 @@ pub struct ReclaimSection {
     pub partial: crate::reclaim::PartialFree,
     /// Bytes given back to the host, all causes.
     pub reclaimed_bytes: u64,
+    /// Of those, given back because the guest reported them free.
+    pub reported_given_back_bytes: u64,
+    /// The zero-page shrinker's rate in bytes a second (absent when it does not run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shrinker_rate: Option<u64>,
     /// The counters.
     #[serde(flatten)]
     pub stats: Arc<ReclaimStats>,

@@ -28,6 +28,8 @@ pub enum ThreadRole {
     PoolRefill,
     /// A restore prefetch thread: reads the image behind the guest.
     Prefetcher,
+    /// The zero-page shrinker: reads guest RAM, write-protects, discards and demotes extents.
+    Shrinker,
 }
 
 /// What a [`ThreadHook`] returns when a thread must not run.

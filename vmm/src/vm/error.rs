@@ -147,6 +147,7 @@ fn uffd_user(user: &UffdUser) -> String {
     match user {
         UffdUser::PageSource(name) => format!("--page-source {name}"),
         UffdUser::ExternalServer => "--page-source external".into(),
+        UffdUser::ZeroShrinker => "--reclaim-shrinker on".into(),
         other => other.to_string(),
     }
 }
