@@ -210,6 +210,66 @@ fn a_free_report_past_the_end_of_ram_ends_the_vcpu_and_frees_nothing() {
         exit_code::BAD_INPUT,
         &["--reclaim-split-pages 0 is out of range: allowed 1 to 512"],
     );
+    for (extra, says) in [
+        (
+            "--reclaim-shrinker on --reclaim-shrinker-rate 4K",
+            "--reclaim-shrinker-rate 4K is out of range: allowed 1M to 64G",
+        ),
+        (
+            "--reclaim-shrinker-rate 64M",
+            "--reclaim-shrinker-rate applies only with --reclaim-shrinker on",
+        ),
+        (
+            "--reclaim-shrinker on --reclaim off",
+            "--reclaim-shrinker on gives memory back by reclaim's rules: it needs reclaim on",
+        ),
+        (
+            "--reclaim-shrinker on --backing thp",
+            "--reclaim-shrinker on needs 4 KiB backing",
+        ),
+        (
+            "--reclaim-shrinker on --page-source external:/nonexistent.sock",
+            "--reclaim-shrinker on cannot run with an external page server",
+        ),
+    ] {
+        vmm_fails(
+            &words(&format!("run --guest churn --memory 16M {extra}")),
+            exit_code::BAD_INPUT,
+            &[says],
+        );
+    }
+}
+
+/// A guest that does not report what it frees (it zeroes it) gets it taken back all the same
+/// by the zero-page shrinker, from every page source, with the seccomp filters on: the freed
+/// memory leaves the host, the collapse does not bring it back, nothing the guest kept is
+/// lost. The guest waits 3 s after its free (`hold`) so the shrinker's two passes fall
+/// before its end however fast it runs.
+#[test]
+fn the_zero_page_shrinker_takes_back_what_a_silent_guest_zeroed() {
+    require_kvm!();
+    let dir = TempDir::new("churn-shrinker");
+    let image = filled_image(&dir);
+    for (source, shape) in [
+        ("kernel", "extents"),
+        ("kernel", "pages"),
+        ("zero", "extents"),
+        ("zero", "pages"),
+        (&*format!("image:{image}"), "extents"),
+    ] {
+        let json = churn(&format!(
+            "--page-source {source} --reclaim-shrinker on --seccomp on --arg report=off \
+             --arg shape={shape} --arg hold=3000"
+        ));
+        let r = &json["reclaim"];
+        let what = format!("{source} {shape}: {r}");
+        assert_eq!(r["reports"], 0, "{what}");
+        assert_eq!(r["shrinker_rate"], 256 * MIB, "{what}");
+        // Half of 26 MiB of free RAM, zeroed by the guest: all of it found.
+        let taken = r["shrinker_bytes"].as_u64().unwrap();
+        assert!(taken >= 12 * MIB, "{what}");
+        assert_eq!(r["reported_given_back_bytes"], 0, "{what}");
+    }
 }
 
 /// Starts `vmm uffd-serve SOCKET FILE` and waits until it listens.
@@ -253,7 +313,7 @@ fn memory_given_back_reaches_a_page_server_as_removes() {
     );
 }
 
-/// Reclaim runs on the vCPU threads: on a terminal, at log level trace, with the filters on,
+/// Reclaim runs on the vCPU threads (and the shrinker's): on a terminal, at log level trace, with the filters on,
 /// no path of it (4 KiB pages, THP and hugetlb extents, each shape) steps outside them.
 #[test]
 fn reclaim_stays_inside_the_vcpu_filter_on_a_terminal() {
@@ -266,6 +326,10 @@ fn reclaim_stays_inside_the_vcpu_filter_on_a_terminal() {
         "--page-source zero --fault-granularity 2M --arg shape=extents",
         "--page-source zero --fault-granularity 2M --huge-source hugetlb --arg shape=extents",
         "--page-source zero --fault-granularity 2M --huge-source hugetlb --arg shape=halves",
+        // The zero-page shrinker's thread: discards, demotions, discards of whole pages.
+        "--page-source zero --fault-granularity 2M --reclaim-shrinker on --arg report=off \
+         --arg shape=halves --arg hold=1000",
+        "--reclaim-shrinker on --arg report=off --arg shape=extents --arg hold=1000",
     ] {
         if extra.contains("hugetlb") && !hugetlb {
             continue;

@@ -125,6 +125,9 @@ pub struct VmConfig {
     pub reclaim_split_pages: u32,
     /// How such an extent gives its freed pages back.
     pub reclaim_partial: vm_extents::PartialFree,
+    /// The zero-page shrinker's rate (bytes of guest RAM read a second); `None`: it does not
+    /// run.
+    pub reclaim_shrinker: Option<ByteSize>,
 }
 
 impl Default for VmConfig {
@@ -157,6 +160,7 @@ impl Default for VmConfig {
             reclaim: true,
             reclaim_split_pages: vm_extents::reclaim::SPLIT_PAGES,
             reclaim_partial: vm_extents::PartialFree::default(),
+            reclaim_shrinker: None,
         }
     }
 }
@@ -253,6 +257,15 @@ pub enum ConfigError {
     /// A reclaim split threshold outside an extent.
     #[error("--reclaim-split-pages {0} is out of range: allowed 1 to 512")]
     ReclaimSplitPages(u32),
+    /// A shrinker rate outside what it can be paced at.
+    #[error("--reclaim-shrinker-rate {0} is out of range: allowed {min} to {max} (bytes a second)", min = ByteSize(vm_extents::reclaim::shrinker::MIN_RATE), max = ByteSize(vm_extents::reclaim::shrinker::MAX_RATE))]
+    ShrinkerRate(ByteSize),
+    /// The shrinker where it cannot run.
+    #[error("--reclaim-shrinker on {0}")]
+    Shrinker(&'static str),
+    /// A shrinker rate without the shrinker.
+    #[error("--reclaim-shrinker-rate applies only with --reclaim-shrinker on")]
+    ShrinkerRateUnused,
     /// Too few or too many prefetch threads.
     #[error("--prefetch-threads {0} is out of range: allowed 1 to {max}", max = MemoryConfig::MAX_PREFETCH_THREADS)]
     PrefetchThreads(usize),
@@ -455,6 +468,7 @@ impl VmConfig {
         b.reclaim_split_pages(self.reclaim_split_pages)
             .reclaim_partial(self.reclaim_partial)
             .reclaim(self.reclaim)
+            .zero_shrinker(self.reclaim_shrinker.map(|r| r.0))
     }
 
     /// A memory manager's rule broken, in the options that set it.
@@ -483,6 +497,8 @@ impl VmConfig {
             E::PrefetchNeedsLazyImage => ConfigError::PrefetchNeedsLazyImage,
             E::EagerServesNoFaults => ConfigError::EagerServesNoFaults,
             E::ReclaimSplitPages(n) => ConfigError::ReclaimSplitPages(n),
+            E::ZeroShrinkerRate(r) => ConfigError::ShrinkerRate(ByteSize(r)),
+            E::ZeroShrinker(why) => ConfigError::Shrinker(why),
             E::PrefetchThreads(n) => ConfigError::PrefetchThreads(n),
             E::PoolAhead { value, max } => ConfigError::PoolAhead { value, max },
             other => ConfigError::Memory(other),

@@ -56,6 +56,8 @@ pub enum ThreadKind {
     PoolRefill,
     /// A restore prefetch thread.
     Prefetcher,
+    /// The zero-page shrinker.
+    Shrinker,
     /// `vmm uffd-serve` once it has a VMM's handshake: serving faults, then reporting.
     PageServer,
 }
@@ -200,7 +202,10 @@ fn ioctls(kind: ThreadKind) -> Option<Vec<u64>> {
         ],
         // Both may allocate a huge page on the spot (the pool had none ready), which is
         // checked to be mapped huge with PAGEMAP_SCAN.
-        ThreadKind::FaultHandler | ThreadKind::Collapser | ThreadKind::Prefetcher => {
+        ThreadKind::FaultHandler
+        | ThreadKind::Collapser
+        | ThreadKind::Prefetcher
+        | ThreadKind::Shrinker => {
             let mut v = uffd::resolve_ioctls().to_vec();
             v.push(pagemap::PAGEMAP_SCAN());
             v
@@ -235,6 +240,9 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::PoolRefill => POOL_REFILL.to_vec(),
         // Reads the image and installs pages, as the collapse thread does.
         ThreadKind::Prefetcher => COLLAPSER.to_vec(),
+        // Reads the kernel's view, write-protects, discards and demotes, as the collapse
+        // thread does.
+        ThreadKind::Shrinker => COLLAPSER.to_vec(),
         ThreadKind::PageServer => PAGE_SERVER.to_vec(),
     };
     let mut all: Vec<i64> = BASE.iter().copied().chain(extra).collect();
@@ -318,6 +326,7 @@ pub fn memory_thread_hook(mode: Seccomp) -> ThreadHook {
             ThreadRole::Collapser => (ThreadKind::Collapser, "seccomp-collapser"),
             ThreadRole::PoolRefill => (ThreadKind::PoolRefill, "seccomp-pool-refill"),
             ThreadRole::Prefetcher => (ThreadKind::Prefetcher, "seccomp-prefetcher"),
+            ThreadRole::Shrinker => (ThreadKind::Shrinker, "seccomp-shrinker"),
             other => return Err(format!("no seccomp filter for a {other:?} thread").into()),
         };
         install(kind, mode)?;
@@ -521,6 +530,7 @@ mod tests {
             ThreadKind::Collapser,
             ThreadKind::PoolRefill,
             ThreadKind::Prefetcher,
+            ThreadKind::Shrinker,
             ThreadKind::PageServer,
         ] {
             assert!(!filter(kind).unwrap().is_empty(), "{kind:?}");

@@ -316,6 +316,16 @@ pub const CHURN: Guest = Guest {
             default: Default::Value(25),
             help: "percent of the freed pages touched again (checked to read zero, then written)",
         },
+        Arg {
+            name: "hold",
+            kind: Kind::Number {
+                min: 0,
+                max: 600_000,
+            },
+            default: Default::Value(0),
+            help: "milliseconds to wait after the free, before the passes (time for a VMM's \
+                   zero-page shrinker to find what was zeroed; needs the TSC frequency)",
+        },
         SEED,
         SIZE,
         TIMING,

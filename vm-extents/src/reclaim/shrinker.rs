@@ -261,6 +261,9 @@ impl Inner {
             .expect("the shrinker runs only where RAM is registered with a userfaultfd")
             .for_extent(index.0);
         let at = self.host(index);
+        // A huge page put in by `mremap` is a mapping the uffd does not watch yet.
+        uffd.register(at, EXTENT_SIZE, uffd.registered_mode())
+            .map_err(failed(index, "registering the extent"))?;
         uffd.write_protect(at, EXTENT_SIZE, true, false)
             .map_err(failed(index, "write-protecting the extent"))?;
         let rechecked =

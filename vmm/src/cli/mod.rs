@@ -293,6 +293,15 @@ pub struct RunArgs {
     /// deferred split runs).
     #[arg(long, value_parser = choice::<vm_extents::PartialFree>(), default_value_t, value_name = "copy|discard")]
     pub reclaim_partial: vm_extents::PartialFree,
+    /// The zero-page shrinker, for guests that do not report what they free: a background
+    /// scan gives back 4 KiB pages found all zeroes at two passes in a row, by the same
+    /// per-extent rules as reports (needs --reclaim on and 4 KiB backing; not with an external
+    /// page server). Off by default: it reads guest memory all the time.
+    #[arg(long, value_enum, default_value_t = Switch::Off, value_name = "on|off")]
+    pub reclaim_shrinker: Switch,
+    /// How much guest RAM the shrinker reads a second [default: 256M].
+    #[arg(long, value_name = "BYTES")]
+    pub reclaim_shrinker_rate: Option<ByteSize>,
 }
 
 /// The value parser of a memory option with named values ([`Choice`]): its names, each with
@@ -364,6 +373,15 @@ impl RunArgs {
             reclaim: self.reclaim == Switch::On,
             reclaim_split_pages: self.reclaim_split_pages,
             reclaim_partial: self.reclaim_partial,
+            reclaim_shrinker: match (self.reclaim_shrinker, self.reclaim_shrinker_rate) {
+                (Switch::Off, Some(_)) => {
+                    return Err(crate::config::ConfigError::ShrinkerRateUnused.to_string());
+                }
+                (Switch::Off, None) => None,
+                (Switch::On, rate) => {
+                    Some(rate.unwrap_or(ByteSize(vm_extents::reclaim::shrinker::DEFAULT_RATE)))
+                }
+            },
         })
     }
 }

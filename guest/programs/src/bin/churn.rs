@@ -5,7 +5,8 @@
 //! Arguments: `shape=extents|pages|halves` (whole 2 MiB extents, scattered 4 KiB pages of every
 //! extent, the upper half of extents), `free=PERCENT` (50), `report=on|off` (on: freed memory is
 //! reported to the VMM with the free ucall where the VMM offers it, else zeroed by the guest;
-//! off: zeroed), `passes=N` (2), `retouch=PERCENT` (25), `seed=N`, `size=SIZE`, `timing=off|on`.
+//! off: zeroed), `passes=N` (2), `retouch=PERCENT` (25), `hold=MS` (0: how long to wait after
+//! the free, for a VMM's zero-page shrinker), `seed=N`, `size=SIZE`, `timing=off|on`.
 //! Which pages are freed depends only on their guest address, and each vCPU works on whole
 //! extents of its own, so every vCPU frees its share of the same shape and no extent is freed
 //! by two. Stages: 1 filled, 2 freed, 3 passes done. Reports `freed_pages`,
@@ -135,6 +136,11 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
     freer.flush();
     let free_cycles = rdtsc() - started;
     sync(2);
+    let hold = args.number("hold") * boot.tsc_khz;
+    let held = rdtsc();
+    while rdtsc() - held < hold {
+        core::hint::spin_loop();
+    }
 
     for pass in 1..=passes {
         kept().for_each(|gpa| {
