@@ -107,6 +107,7 @@ pub fn dispatch(
         Ok(Command::Sync(stage)) => {
             log::debug!("vcpu{index} reached stage {stage}");
             stats.syncs += 1;
+            devices.stages.reached(stage);
             UcallResult::Continue
         }
         Ok(Command::Report { key, value }) => {

@@ -6,6 +6,7 @@
 
 pub mod collapse;
 pub mod faults;
+pub mod memcg;
 pub mod plot;
 pub mod reclaim;
 pub mod restore;
@@ -179,6 +180,16 @@ pub struct Sampled {
 /// Runs `vm` to its end on a thread of its own, sampling what the kernel maps of guest RAM
 /// from `started` on.
 pub fn run_sampled(what: &str, vm: Vm, started: Instant) -> Result<Sampled, BenchError> {
+    run_sampled_with(what, vm, started, &mut || {})
+}
+
+/// [`run_sampled`], calling `each_sample` after every sample (on the sampling thread).
+pub fn run_sampled_with(
+    what: &str,
+    vm: Vm,
+    started: Instant,
+    each_sample: &mut dyn FnMut(),
+) -> Result<Sampled, BenchError> {
     let range = vm.ram_host_range();
     let range = range.start.raw()..range.end.raw();
     let done = Arc::new(AtomicBool::new(false));
@@ -208,6 +219,7 @@ pub fn run_sampled(what: &str, vm: Vm, started: Instant) -> Result<Sampled, Benc
         if recent.len() > 400 {
             recent.pop_front();
         }
+        each_sample();
         std::thread::sleep(Duration::from_millis(5));
     }
     let summary = finish(

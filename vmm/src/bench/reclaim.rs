@@ -9,6 +9,15 @@
 //!   split threshold at one page and `--reclaim-partial discard`: every reported page is
 //!   discarded with `MADV_DONTNEED`, which splits every THP it touches (and the kernel returns
 //!   the freed part of a THP only when its deferred split runs).
+//! - `shrinker-thp`: the guest does not report, it zeroes what it frees (`report=off`) and
+//!   waits [`HOLD_MS`]; this VMM's zero-page shrinker finds it (THP, collapse on);
+//! - `kernel-shrinker`: the same guest on RAM the kernel populates with THPs (`--backing thp`,
+//!   no collapse, no reclaim of ours); while the guest waits, the benchmark puts its own process
+//!   in a memory cgroup under pressure (the limit lowered step by step towards the live set, then
+//!   lifted), so that the kernel reclaims and its THP shrinker (`shrink_underused`) splits what
+//!   it counts as underused: the kernel's answer, measured by `Rss` before and after and by
+//!   `/proc/vmstat`'s `thp_underused_split_page`. Its setting `khugepaged/max_ptes_none` is read,
+//!   not changed; the cgroup is removed after.
 //!
 //! Per run: the share of reported bytes given back, resident memory at the end against the
 //! live set (what the guest still holds), the fully used extents and the touched ones still
@@ -21,7 +30,8 @@ use std::time::Instant;
 use guest_abi::layout::{EXTENT_SIZE, LOAD_BASE, PAGE_SIZE};
 use serde_json::{Value, json};
 
-use super::{BenchError, Record, median, quiet_devices, run_sampled};
+use super::memcg::{self, Memcg};
+use super::{BenchError, Record, median, quiet_devices, run_sampled_with};
 use crate::config::{GuestArg, VmConfig};
 use crate::units::ByteSize;
 use crate::vm::Vm;
@@ -40,16 +50,22 @@ pub enum Mode {
     ReportHugetlb,
     /// A 4 KiB balloon: every reported page discarded, splitting what it touches.
     Balloon4k,
+    /// The guest zeroes what it frees; our zero-page shrinker gives it back.
+    ShrinkerThp,
+    /// The guest zeroes what it frees; the kernel's THP shrinker, under memcg pressure.
+    KernelShrinker,
 }
 
 impl Mode {
     /// Every mode.
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 7] = [
         Mode::NoReclaim,
         Mode::Report4k,
         Mode::ReportThp,
         Mode::ReportHugetlb,
         Mode::Balloon4k,
+        Mode::ShrinkerThp,
+        Mode::KernelShrinker,
     ];
 
     /// The name on the command line and in reports.
@@ -60,7 +76,14 @@ impl Mode {
             Mode::ReportThp => "report-thp",
             Mode::ReportHugetlb => "report-hugetlb",
             Mode::Balloon4k => "balloon-4k",
+            Mode::ShrinkerThp => "shrinker-thp",
+            Mode::KernelShrinker => "kernel-shrinker",
         }
+    }
+
+    /// Whether the guest zeroes what it frees and waits for a shrinker.
+    fn silent(self) -> bool {
+        matches!(self, Mode::ShrinkerThp | Mode::KernelShrinker)
     }
 }
 
@@ -124,11 +147,20 @@ pub struct ReclaimBenchConfig {
     pub retouch: u64,
     /// Rounds, modes interleaved.
     pub repeat: u32,
+    /// `khugepaged/max_ptes_none` for the kernel-shrinker mode (`None`: the host's).
+    pub kernel_max_ptes_none: Option<u32>,
 }
 
 /// The smallest guest RAM worth measuring: the VMM's area, the program's extent, and eight
 /// extents of data.
 pub const MIN_MEMORY: u64 = LOAD_BASE + EXTENT_SIZE + 8 * EXTENT_SIZE;
+
+/// The kernel's THP shrinker splits a THP with more than this many zero-filled pages.
+const MAX_PTES_NONE: &str = "/sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_none";
+
+/// How long a guest that does not report waits after its free, for a shrinker to find it
+/// (ours needs two passes at its default rate, 256 MiB/s).
+pub const HOLD_MS: u64 = 3000;
 
 impl ReclaimBenchConfig {
     fn vm_config(&self, mode: Mode, shape: Shape) -> VmConfig {
@@ -136,18 +168,33 @@ impl ReclaimBenchConfig {
             key: k.into(),
             value: v,
         };
-        let huge = mode != Mode::Report4k;
+        let kernel = mode == Mode::KernelShrinker;
+        let huge = mode != Mode::Report4k && !kernel;
+        let mut args = vec![
+            arg("shape", shape.name().into()),
+            arg("free", self.free.to_string()),
+            arg("retouch", self.retouch.to_string()),
+            arg("timing", "on".into()),
+        ];
+        if mode.silent() {
+            args.push(arg("report", "off".into()));
+            args.push(arg("hold", HOLD_MS.to_string()));
+        }
         VmConfig {
             guest: "churn".into(),
             memory: self.memory,
             vcpus: self.vcpus,
-            args: vec![
-                arg("shape", shape.name().into()),
-                arg("free", self.free.to_string()),
-                arg("retouch", self.retouch.to_string()),
-                arg("timing", "on".into()),
-            ],
-            page_source: PageSourceKind::Zero,
+            args,
+            page_source: if kernel {
+                PageSourceKind::Kernel
+            } else {
+                PageSourceKind::Zero
+            },
+            backing: if kernel {
+                vm_extents::Backing::Thp
+            } else {
+                vm_extents::Backing::Small
+            },
             fault_granularity: ByteSize(if huge { EXTENT_SIZE } else { PAGE_SIZE }),
             collapse: if huge {
                 crate::config::Collapse::Default(Default::default())
@@ -159,7 +206,9 @@ impl ReclaimBenchConfig {
             } else {
                 PoolKind::Thp
             },
-            reclaim: mode != Mode::NoReclaim,
+            reclaim: !matches!(mode, Mode::NoReclaim | Mode::KernelShrinker),
+            reclaim_shrinker: (mode == Mode::ShrinkerThp)
+                .then_some(ByteSize(vm_extents::reclaim::shrinker::DEFAULT_RATE)),
             reclaim_split_pages: if mode == Mode::Balloon4k {
                 1
             } else {
@@ -199,20 +248,80 @@ fn reclaim_once(
             )));
         }
     }
+    // Guest RAM is charged to the cgroup from its first page on: entered before the build.
+    let (memcg, _setting) = match mode {
+        Mode::KernelShrinker => (
+            Some(Memcg::enter("vmm-bench-reclaim")?),
+            config
+                .kernel_max_ptes_none
+                .map(|n| memcg::Setting::set(MAX_PTES_NONE, &n.to_string()))
+                .transpose()?,
+        ),
+        _ => (None, None),
+    };
+    let max_ptes_none = std::fs::read_to_string(MAX_PTES_NONE)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
     // The run's clock starts before the build, as the summary's times do.
     let started = Instant::now();
-    let vm = Vm::build(config.vm_config(mode, shape), quiet_devices()).map_err(|source| {
-        BenchError::Vm {
+    let devices = quiet_devices();
+    let stages = devices.stages.clone();
+    let vm =
+        Vm::build(config.vm_config(mode, shape), devices).map_err(|source| BenchError::Vm {
             what: mode.name().into(),
             source,
+        })?;
+    let ram = vm.ram_host_range();
+    // What the guest holds once it freed: what the shape keeps, the VMM's area, the program.
+    let kept: u64 = config
+        .extents(shape)
+        .map(|(_, freed)| EXTENT_SIZE - freed * PAGE_SIZE)
+        .sum::<u64>()
+        + LOAD_BASE
+        + EXTENT_SIZE;
+    let mut squeezed = None;
+    let mut squeeze = || {
+        let Some(memcg) = &memcg else { return };
+        if squeezed.is_some() || stages.count(2) < config.vcpus {
+            return;
         }
-    })?;
-    let sampled = run_sampled(mode.name(), vm, started)?;
+        let rss = || host_view::smaps_totals(ram.start, ram.end).map_or(0, |t| t.rss_kb * 1024);
+        let (before, splits) = (rss(), memcg::vmstat("thp_underused_split_page"));
+        let started = Instant::now();
+        // Down to what the cgroup would hold if guest RAM held only the live set.
+        let target = memcg.usage().saturating_sub(before.saturating_sub(kept));
+        let limit = memcg.squeeze(target, 4 << 20);
+        squeezed = Some(json!({
+            "rss_before_bytes": before,
+            "rss_after_bytes": rss(),
+            "target_bytes": target,
+            "lowest_limit_bytes": limit,
+            "thp_underused_split_page": splits
+                .zip(memcg::vmstat("thp_underused_split_page"))
+                .map(|(a, b)| b - a),
+            "squeeze_ns": started.elapsed().as_nanos() as u64,
+        }));
+    };
+    let sampled = run_sampled_with(mode.name(), vm, started, &mut squeeze)?;
+    drop(memcg);
     let summary = &sampled.summary;
     let j = summary.to_json();
     let sum = |key: &str| -> u64 { summary.vcpus.iter().filter_map(|v| v.report(key)).sum() };
+    // Freed by the guest: reported, or zeroed where it does not report.
     let reported = sum("reported_bytes");
-    let reclaimed = j["reclaim"]["reclaimed_bytes"].as_u64().unwrap_or(0);
+    let freed = reported + sum("zeroed_bytes");
+    let reclaimed = match (mode, &squeezed) {
+        (Mode::KernelShrinker, Some(s)) => s["rss_before_bytes"]
+            .as_u64()
+            .zip(s["rss_after_bytes"].as_u64())
+            .map_or(0, |(a, b)| a.saturating_sub(b)),
+        (Mode::KernelShrinker, None) => {
+            return Err(BenchError::Setup(
+                "kernel-shrinker: the guest ended before every vCPU had freed".into(),
+            ));
+        }
+        _ => j["reclaim"]["reclaimed_bytes"].as_u64().unwrap_or(0),
+    };
     // What the guest still holds: what it kept, what it touched again, and the VMM's area
     // with the program.
     let live = (sum("kept_pages") + sum("retouched")) * PAGE_SIZE + LOAD_BASE + EXTENT_SIZE;
@@ -243,19 +352,22 @@ fn reclaim_once(
     let pages = EXTENT_SIZE / PAGE_SIZE;
     let full_huge = share(&|f| f == 0);
     let touched_huge = share(&|f| f > 0 && f < pages);
+    // The guest's free, timed by the guest; a guest that zeroes what it frees gives nothing
+    // back by it (a shrinker does, later: its time is not the guest's).
     let free_ns = summary
         .vcpus
         .iter()
         .filter_map(|v| v.report("free_cycles"))
         .max()
-        .filter(|_| summary.tsc_khz > 0)
+        .filter(|_| summary.tsc_khz > 0 && !mode.silent() && mode != Mode::NoReclaim)
         .map(|c| c as f64 * 1e6 / summary.tsc_khz as f64);
     let stalls = summary.guest_stalls();
     Ok(json!({
         "mode": mode.name(),
         "reported_bytes": reported,
+        "freed_bytes": freed,
         "reclaimed_bytes": reclaimed,
-        "returned": (reported > 0).then(|| reclaimed as f64 / reported as f64),
+        "returned": (freed > 0).then(|| reclaimed as f64 / freed as f64),
         "resident_bytes": rss,
         "live_bytes": live,
         "resident_over_live": rss as f64 / live as f64,
@@ -270,6 +382,8 @@ fn reclaim_once(
         "table_resident_bytes": ours,
         "table_vs_kernel": (rss > 0).then(|| ours.abs_diff(rss) as f64 / rss as f64),
         "reclaim": j["reclaim"],
+        "kernel_squeeze": squeezed,
+        "kernel_max_ptes_none": (mode == Mode::KernelShrinker).then_some(max_ptes_none).flatten(),
         "series_ms_mib_huge_mib": sampled.series,
     }))
 }
@@ -419,14 +533,16 @@ fn targets(tables: &[Value]) -> Value {
             v,
             v.map(|v| v <= 1.05),
         );
-        let ratio = get(shape, "report-thp", "guest_stall_p99_ns")
-            .zip(get(shape, "no-reclaim", "guest_stall_p99_ns"))
-            .map(|(a, b)| a / b);
-        target(
-            format!("{shape}: guest stall p99 <= 2x no-reclaim's (report-thp)"),
-            ratio,
-            ratio.map(|r| r <= 2.0),
-        );
+        for ours in ["report-thp", "shrinker-thp"] {
+            let ratio = get(shape, ours, "guest_stall_p99_ns")
+                .zip(get(shape, "no-reclaim", "guest_stall_p99_ns"))
+                .map(|(a, b)| a / b);
+            target(
+                format!("{shape}: guest stall p99 <= 2x no-reclaim's ({ours})"),
+                ratio,
+                ratio.map(|r| r <= 2.0),
+            );
+        }
         for m in t["modes"].as_array().into_iter().flatten() {
             let mode = m["mode"].as_str().unwrap_or("?");
             let bad = m["reinflated_bytes"]
@@ -437,6 +553,11 @@ fn targets(tables: &[Value]) -> Value {
                 bad.map(|(a, b)| a + b),
                 bad.map(|(a, b)| a == 0.0 && b == 0.0),
             );
+            if mode == "kernel-shrinker" {
+                // The kernel split its THPs behind the table (which says all of a huge backing
+                // is huge): there is no table of ours to check.
+                continue;
+            }
             let v = m["table_vs_kernel"].as_f64();
             target(
                 format!("{shape}/{mode}: the table's resident within 2% of the kernel's Rss"),
@@ -445,11 +566,27 @@ fn targets(tables: &[Value]) -> Value {
             );
         }
     }
-    target(
-        "returned >= the kernel THP shrinker's (no kernel-shrinker mode yet)".into(),
-        None,
-        None,
-    );
+    for t in tables {
+        let shape = t["shape"].as_str().unwrap_or("?");
+        let kernel = get(shape, "kernel-shrinker", "returned");
+        for ours in ["report-thp", "shrinker-thp"] {
+            let v = get(shape, ours, "returned");
+            target(
+                format!(
+                    "{shape}: returned ({ours}) >= the kernel THP shrinker's under pressure ({})",
+                    super::figure(kernel, 3)
+                ),
+                v,
+                v.zip(kernel).map(|(v, k)| v >= k),
+            );
+        }
+        let v = get(shape, "shrinker-thp", "resident_over_live");
+        target(
+            format!("{shape}: resident <= 1.05x the live set (shrinker-thp, no report)"),
+            v,
+            v.map(|v| v <= 1.05),
+        );
+    }
     json!(out)
 }
 

@@ -77,6 +77,11 @@ pub struct ReclaimArgs {
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub repeat: u32,
+    /// The kernel's `khugepaged/max_ptes_none` for the kernel-shrinker mode, 0 to 511, set for
+    /// its runs and restored after [default: the host's, unchanged]. At 511 (the kernel's
+    /// default) its THP shrinker splits nothing.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=511))]
+    pub kernel_max_ptes_none: Option<u32>,
     /// Outputs.
     #[command(flatten)]
     pub output: BenchOutput,
@@ -98,6 +103,7 @@ impl ReclaimArgs {
             modes: self.modes.clone(),
             free: self.free,
             retouch: self.retouch,
+            kernel_max_ptes_none: self.kernel_max_ptes_none,
             repeat: self.repeat,
         })
     }

@@ -3,7 +3,8 @@
 
 pub mod serial;
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use guest_abi::ports;
 
@@ -21,6 +22,31 @@ pub struct Devices {
     /// Where ucall prints and reports go: rate-limited like the serial console (with a
     /// budget of its own), whole lines only.
     pub ucall_out: Mutex<ConsoleOut<Output>>,
+    /// How many vCPUs reached each stage (the sync ucall), for whoever watches the run.
+    pub stages: Arc<Stages>,
+}
+
+/// The guest's sync stages: per stage number (up to [`Stages::MAX`]), how many vCPUs reached it.
+#[derive(Debug, Default)]
+pub struct Stages([AtomicU32; Stages::MAX as usize + 1]);
+
+impl Stages {
+    /// The highest stage counted (later ones are only logged).
+    pub const MAX: u64 = 15;
+
+    /// Records that a vCPU reached `stage`.
+    pub fn reached(&self, stage: u64) {
+        if let Some(n) = self.0.get(stage as usize) {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// How many vCPUs reached `stage`.
+    pub fn count(&self, stage: u64) -> u32 {
+        self.0
+            .get(stage as usize)
+            .map_or(0, |n| n.load(Ordering::SeqCst))
+    }
 }
 
 /// What a port-I/O or MMIO access asks of the vCPU loop.
@@ -40,6 +66,7 @@ impl Devices {
         Devices {
             serial: SerialConsole::new(serial_out),
             ucall_out: Mutex::new(ConsoleOut::new(ucall_out)),
+            stages: Arc::default(),
         }
     }
 
