@@ -25,6 +25,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", guest_dir.join(path).display());
     }
     println!("cargo:rerun-if-changed={}", abi_dir.join("src").display());
+    build_commit(&manifest_dir);
 
     // Shared by every profile of the outer build (build, test, clippy), so guests build once.
     let target_dir = manifest_dir.join("../target/guest");
@@ -76,6 +77,27 @@ fn main() {
     }
     code.push_str("];\n");
     fs::write(out_dir.join("builtin_images.rs"), code).expect("write builtin_images.rs");
+}
+
+/// Names the commit this build is made from (`VMM_BUILD_COMMIT`), which a snapshot records:
+/// a snapshot is resumed only by the build that took it.
+fn build_commit(manifest_dir: &Path) {
+    let git = manifest_dir.join("../.git");
+    for file in ["HEAD", "refs/heads", "packed-refs"] {
+        println!("cargo:rerun-if-changed={}", git.join(file).display());
+    }
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(manifest_dir)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    if let Some(commit) = commit {
+        println!("cargo:rustc-env=VMM_BUILD_COMMIT={commit}");
+    }
 }
 
 /// Copies a guest binary next to the generated code so the embedded bytes are this build's own.

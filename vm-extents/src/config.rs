@@ -17,6 +17,7 @@ use super::huge::page::HugePageAllocator;
 use super::huge::pool::PoolKind;
 use super::uffd::{self, Uffd};
 use crate::worker::ThreadHook;
+use crate::working_set::WorkingSet;
 
 /// Mappings kept free for the VMM itself, besides its vCPU threads.
 pub const MAP_RESERVE: u64 = 128;
@@ -114,6 +115,10 @@ pub struct MemoryConfig {
     /// The zero-page shrinker reads this many bytes of guest RAM a second; `None`: it does
     /// not run ([`crate::reclaim::shrinker`]).
     pub(crate) zero_shrinker: Option<u64>,
+    /// The fault handlers record the guest's working set ([`crate::working_set`]).
+    pub(crate) record_working_set: bool,
+    /// The prefetcher fills this working set first, in its order.
+    pub(crate) replay: Plugged<WorkingSet>,
 }
 
 /// What wraps the image's page source ([`MemoryBuilder::image_source_layer`]).
@@ -233,6 +238,12 @@ pub enum ConfigError {
         "fault_granularity and fault_threads do not apply to Restore::Eager (after the copy the kernel serves every fault)"
     )]
     EagerServesNoFaults,
+    /// Recording a working set where the manager does not see every first touch.
+    #[error("record_working_set {0}")]
+    RecordWorkingSet(&'static str),
+    /// Replaying a working set where it cannot be.
+    #[error("replay_working_set {0}")]
+    ReplayWorkingSet(String),
     /// A prefetch thread count out of range.
     #[error("prefetch_threads {0} is out of range: allowed 1 to {max}", max = MemoryConfig::MAX_PREFETCH_THREADS)]
     PrefetchThreads(usize),
@@ -427,8 +438,25 @@ impl MemoryBuilder {
         self
     }
 
+    /// Records the guest's working set as the fault handlers serve its first touches
+    /// ([`crate::working_set`]; read it with [`Memory::working_set`](crate::Memory::working_set)).
+    /// It needs the manager to serve faults (a zero or image source, restored lazily into
+    /// 4 KiB backing) and no prefetcher, which it turns off by default: a prefetched extent is
+    /// touched without a fault.
+    pub fn record_working_set(mut self, on: bool) -> Self {
+        self.config.record_working_set = on;
+        self
+    }
+
+    /// The prefetcher fills the extents of `working_set` first, in its order, then the rest
+    /// (a guest fault is served at once all the same). Needs the prefetcher.
+    pub fn replay_working_set(mut self, working_set: Arc<WorkingSet>) -> Self {
+        self.config.replay = Plugged(Some(working_set));
+        self
+    }
+
     /// Whether the restore prefetcher runs (default: wherever it applies, an image restored
-    /// lazily into 4 KiB backing).
+    /// lazily into 4 KiB backing, unless the working set is recorded).
     pub fn prefetch(mut self, on: bool) -> Self {
         self.prefetch = Some(on);
         self
@@ -535,6 +563,27 @@ impl MemoryBuilder {
         if prefetch == Some(true) && !prefetch_applies {
             return Err(ConfigError::PrefetchNeedsLazyImage);
         }
+        let prefetching = prefetch.unwrap_or(prefetch_applies && !config.record_working_set);
+        if config.record_working_set {
+            if !(served && config.restore == Restore::Lazy) {
+                return Err(ConfigError::RecordWorkingSet(
+                    "needs the manager to serve every first touch: a zero or image source, restored lazily into 4 KiB backing",
+                ));
+            }
+            if prefetching {
+                return Err(ConfigError::RecordWorkingSet(
+                    "cannot run with the prefetcher: an extent it fills is touched without a fault, and would be missing from the record",
+                ));
+            }
+        }
+        if let Some(ws) = &config.replay.0 {
+            if !prefetching {
+                return Err(ConfigError::ReplayWorkingSet(
+                    "needs the prefetcher (an image restored lazily into 4 KiB backing, prefetch on)".into(),
+                ));
+            }
+            ws.check(size).map_err(ConfigError::ReplayWorkingSet)?;
+        }
         let threads = config.prefetch_threads;
         if threads == 0 || threads > MemoryConfig::MAX_PREFETCH_THREADS {
             return Err(ConfigError::PrefetchThreads(threads));
@@ -566,7 +615,7 @@ impl MemoryBuilder {
             )
         });
         config.map_reserve = MAP_RESERVE + MAPS_PER_THREAD * vcpus as u64;
-        if !prefetch.unwrap_or(prefetch_applies) {
+        if !prefetching {
             config.prefetch_threads = 0;
         }
         Ok(config)
@@ -710,6 +759,8 @@ impl MemoryConfig {
             reclaim_split: Some(crate::reclaim::SPLIT_PAGES),
             reclaim_partial: crate::reclaim::PartialFree::default(),
             zero_shrinker: None,
+            record_working_set: false,
+            replay: Plugged::default(),
         }
     }
 

@@ -150,6 +150,7 @@ pub mod sys;
 pub mod uffd;
 mod units;
 mod worker;
+pub mod working_set;
 
 pub use backing::{Backing, PageSourceKind, UnknownPageSource};
 pub use choice::{Choice, UnknownChoice};
@@ -178,6 +179,7 @@ pub use report::MemoryReport;
 pub use worker::{
     Failure, FailureCause, HookError, OnFailure, ThreadFailure, ThreadHook, ThreadRole,
 };
+pub use working_set::WorkingSet;
 
 use ram_image::RamImageError;
 

@@ -35,6 +35,7 @@ use super::report::{
 };
 use super::uffd::{self, Uffd, UffdSet};
 use super::worker::OnFailure;
+use super::working_set::{Recorder, WorkingSet};
 use super::{MemoryError, UffdUser, ram_image};
 
 /// What teardown left behind.
@@ -67,6 +68,8 @@ pub struct Memory {
     ram_mappings_at_start: u64,
     /// How long an eager restore took to copy the image in (ns; 0 if none).
     restore_copy_ns: u64,
+    /// The guest's first touches, where the working set is recorded.
+    recorder: Option<Arc<Recorder>>,
     /// The prefetch threads, while they run.
     prefetcher: Option<Prefetcher>,
     prefetch_stats: Option<Arc<PrefetchStats>>,
@@ -150,6 +153,7 @@ impl Memory {
             restore_copy_ns,
             prefetcher: None,
             prefetch_stats: None,
+            recorder: None,
             reclaim_stats: Arc::default(),
             page_server: None,
             map: Arc::new(MemoryMap::new(table, Arc::new(ram))),
@@ -175,6 +179,13 @@ impl Memory {
             self.config.reclaim_partial,
             self.reclaim_stats.clone(),
         ))
+    }
+
+    /// The working set recorded so far ([`MemoryBuilder::record_working_set`]): the extents
+    /// and pages the guest has touched, in the order it first touched them. `None` where it
+    /// is not recorded.
+    pub fn working_set(&self) -> Option<WorkingSet> {
+        self.recorder.as_ref().map(|r| r.recorded())
     }
 
     /// Reclaim's counters.
@@ -232,6 +243,9 @@ impl Memory {
             return Ok(());
         }
         let write_protect = collapse.is_some() || shrinker.is_some();
+        if self.config.record_working_set {
+            self.recorder = Some(Arc::new(Recorder::new(self.config.size)));
+        }
         let uffds = Arc::new(self.register(missing, write_protect)?);
         self.ram_mappings_at_start = self.ram_mappings()?;
         let source = self.image_source.clone();
@@ -280,6 +294,7 @@ impl Memory {
                     huge: extent_faults.then(|| self.installer(&uffds)),
                     spin: self.config.fault_spin,
                     hint: hint.clone(),
+                    record: self.recorder.clone(),
                     reclaim: self.reclaim_stats.clone(),
                 },
                 &self.config.thread_hook,
@@ -303,6 +318,7 @@ impl Memory {
                     },
                     uffds.clone(),
                     hint,
+                    self.config.replay.0.clone(),
                     stats.clone(),
                     &self.config.thread_hook,
                     on_fatal.clone(),
@@ -558,7 +574,10 @@ impl Memory {
     ) -> Result<SaveStats, MemoryError> {
         let counts_known = self.counts()?;
         log::debug!("saving memory image with extents {counts_known:?}");
-        let table = self.map.read();
+        // The write side: no fault, collapse, prefetch or shrinker pass is inside an extent
+        // while it is read (each holds the read side while it changes one), so the image is
+        // one moment's RAM even with the background threads running.
+        let table = self.map.write();
         let image = self.image.as_deref();
         if let Some(image) = image {
             image.check_unchanged()?;

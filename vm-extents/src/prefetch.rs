@@ -11,7 +11,9 @@
 //! extent being filled waits for that extent only. Where no page or no charge is to be had
 //! (`--huge-limit`), the extent is copied in as 4 KiB pages instead: resident, not huge.
 //!
-//! Order: the extents after the most recent fault first (a guest touching memory tends to go
+//! Order: with a working-set record to replay ([`crate::working_set`]), its extents first, in
+//! the order the guest first touched them when it was recorded; then the extents after the
+//! most recent fault first (a guest touching memory tends to go
 //! on where it is), then the rest in address order. Extents that are holes in the image (never
 //! written when it was saved) are left unpopulated: reading them costs nothing, and filling
 //! them would spend memory and zeroing on RAM the guest may never touch; a guest that touches
@@ -30,6 +32,7 @@ use super::huge::install::{Contents, Exclusive, InstallError, Installed, Install
 use super::map::MemoryMap;
 use super::ram_image::RamImage;
 use super::uffd::UffdSet;
+use super::working_set::WorkingSet;
 use crate::stats::Counter;
 use crate::worker::{Failure, OnFailure, Stop, ThreadHook, ThreadRole, Worker};
 
@@ -77,6 +80,8 @@ pub struct PrefetchStats {
     pub extents_small: Counter,
     /// Extents read but found populated by the guest's faults by then (the read is wasted).
     pub extents_raced: Counter,
+    /// Extents filled in the order of a working-set record (a replay), before the rest.
+    pub extents_replayed: Counter,
     /// Extents left alone because they are holes in the image.
     pub holes: Counter,
     /// Bytes read from the image.
@@ -97,6 +102,8 @@ struct Shared {
     hint: Arc<FaultHint>,
     /// The next extent to look at in address order.
     cursor: AtomicUsize,
+    /// The working set to fill first, in its order, and the next of it to look at.
+    replay: Option<(Arc<WorkingSet>, AtomicUsize)>,
     /// Threads still running.
     running: AtomicUsize,
     stats: Arc<PrefetchStats>,
@@ -119,6 +126,7 @@ impl Prefetcher {
         installer: Installer,
         uffds: Arc<UffdSet>,
         hint: Arc<FaultHint>,
+        replay: Option<Arc<WorkingSet>>,
         stats: Arc<PrefetchStats>,
         hook: &ThreadHook,
         on_fatal: OnFailure,
@@ -138,6 +146,7 @@ impl Prefetcher {
             uffds,
             hint,
             cursor: AtomicUsize::new(0),
+            replay: replay.map(|ws| (ws, AtomicUsize::new(0))),
             running: AtomicUsize::new(threads),
             stats,
             started: Instant::now(),
@@ -178,16 +187,39 @@ impl Shared {
     fn run(&self, stop: &Stop) -> Result<(), Failure> {
         while !stop.is_set() {
             fail::fail_point!("prefetch-extent");
-            let Some(index) = self.next() else {
-                break;
+            let (index, replayed) = match self.next_replayed() {
+                Some(index) => (index, true),
+                None => match self.next() {
+                    Some(index) => (index, false),
+                    None => break,
+                },
             };
-            self.fill(index)?;
+            if self.fill(index)? && replayed {
+                self.stats.extents_replayed.inc();
+            }
         }
         if self.running.fetch_sub(1, Ordering::AcqRel) == 1 && !stop.is_set() {
             let ns = self.started.elapsed().as_nanos() as u64;
             self.stats.done_ns.set(ns.max(1));
         }
         Ok(())
+    }
+
+    /// The next extent of the working set being replayed that still wants filling.
+    fn next_replayed(&self) -> Option<ExtentIndex> {
+        let (ws, next) = self.replay.as_ref()?;
+        let table = self.map.read();
+        loop {
+            let i = *ws.extents.get(next.fetch_add(1, Ordering::Relaxed))? as usize;
+            let extent = table.get(ExtentIndex(i))?;
+            if extent.state() == ExtentState::Unpopulated
+                && !extent.is_claimed()
+                && extent.reclaimed() == 0
+                && !self.image.is_hole(ExtentIndex(i).gpa(), EXTENT_SIZE)
+            {
+                return Some(ExtentIndex(i));
+            }
+        }
     }
 
     /// The next extent to fill: from just after the latest fault if there was one, else
@@ -221,8 +253,9 @@ impl Shared {
         None
     }
 
-    /// Fills extent `index` from the image, huge if a page and a charge can be had.
-    fn fill(&self, index: ExtentIndex) -> Result<(), Failure> {
+    /// Fills extent `index` from the image, huge if a page and a charge can be had; whether
+    /// it was this thread that filled it (not the guest's faults first).
+    fn fill(&self, index: ExtentIndex) -> Result<bool, Failure> {
         let gpa = index.gpa();
         // [no lock] the page and the read: allocation and I/O stall nobody.
         let mut page = self.installer.prepare(Contents::Unpopulated).ok();
@@ -248,7 +281,7 @@ impl Shared {
         drop(table);
         let Some(ticket) = ticket else {
             self.stats.extents_raced.inc();
-            return Ok(());
+            return Ok(false);
         };
         // [read + claim] put it in; faults in the extent wait for us.
         let guard = self.map.read();
@@ -261,7 +294,7 @@ impl Shared {
         drop(guard);
         let uffd = self.uffds.for_extent(index.0);
         let _ = uffd.wake(self.map.ram().host_at(gpa), EXTENT_SIZE);
-        result
+        result.map(|()| true)
     }
 
     /// Reads the extent at `gpa` from the image, through its page source (which checks the

@@ -122,6 +122,23 @@ pub fn stack_top(index: u64) -> u64 {
     STACKS_BASE + (index + 1) * STACK_SIZE
 }
 
+/// The model-specific registers a snapshot saves (those of them KVM has): what a long-mode
+/// guest may have set, and the TSC, so that its clock goes on from where it paused.
+pub const SAVED_MSRS: &[u32] = &[
+    0x10,        // IA32_TSC
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x1a0,       // IA32_MISC_ENABLE
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
+
 /// x87 and SSE control words at their reset values, so compiled Rust code can use SSE.
 pub fn fpu() -> kvm_fpu {
     kvm_fpu {

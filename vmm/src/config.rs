@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use guest_abi::layout::{ARGS_MAX_LEN, EXTENT_SIZE, LOAD_BASE, MAX_RAM, MAX_VCPUS, PAGE_SIZE};
 
 use crate::seccomp::Seccomp;
+use crate::snapshot::Loaded;
 pub use crate::units::ByteSize;
 use vm_extents::{
     Backing, Choice, CollapseConfig, InstallMethod, MemoryBuilder, MemoryConfig, PageSourceKind,
@@ -128,6 +130,52 @@ pub struct VmConfig {
     /// The zero-page shrinker's rate (bytes of guest RAM read a second); `None`: it does not
     /// run.
     pub reclaim_shrinker: Option<ByteSize>,
+    /// Where snapshots of the running VM are written (`--snapshot`).
+    pub snapshot: Option<PathBuf>,
+    /// Take a snapshot this long after the vCPUs start.
+    pub snapshot_after: Option<Duration>,
+    /// What the VM does after a snapshot.
+    pub after_snapshot: AfterSnapshot,
+    /// The snapshot this VM resumes from (`--resume`), read and checked.
+    pub resume: Option<Arc<Loaded>>,
+    /// Whether a resumed VM records its working set or replays a recorded one.
+    pub working_set: WorkingSetMode,
+}
+
+/// What the VM does once a snapshot is taken (`--after-snapshot`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AfterSnapshot {
+    /// The VM ends (exit 0): the snapshot is what it leaves.
+    #[default]
+    Stop,
+    /// The VM runs on, as if nothing happened.
+    Run,
+}
+
+/// The working set of a resumed VM (`--working-set`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkingSetMode {
+    /// Replay the snapshot's record where it has one and the prefetcher runs; else record
+    /// one where the VMM serves every fault (a lazy restore into 4 KiB backing); else neither.
+    #[default]
+    Auto,
+    /// Record (replacing any record): the restore is lazy, with no prefetcher.
+    Record,
+    /// Replay the snapshot's record: the prefetcher fills it first.
+    Replay,
+    /// Neither.
+    Off,
+}
+
+/// What a resumed VM does with its working set, once decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkingSetPlan {
+    /// Nothing.
+    None,
+    /// Records it into the snapshot at the end of the run.
+    Record,
+    /// Replays this record.
+    Replay(Arc<vm_extents::WorkingSet>),
 }
 
 impl Default for VmConfig {
@@ -161,6 +209,11 @@ impl Default for VmConfig {
             reclaim_split_pages: vm_extents::reclaim::SPLIT_PAGES,
             reclaim_partial: vm_extents::PartialFree::default(),
             reclaim_shrinker: None,
+            snapshot: None,
+            snapshot_after: None,
+            after_snapshot: AfterSnapshot::Stop,
+            resume: None,
+            working_set: WorkingSetMode::Auto,
         }
     }
 }
@@ -263,6 +316,17 @@ pub enum ConfigError {
     /// The shrinker where it cannot run.
     #[error("--reclaim-shrinker on {0}")]
     Shrinker(&'static str),
+    /// A snapshot option without `--snapshot`.
+    #[error("{0} applies only with --snapshot DIR (where the snapshot goes)")]
+    SnapshotUnused(&'static str),
+    /// A working-set mode that cannot be carried out.
+    #[error("--working-set {mode}: {why}")]
+    WorkingSet {
+        /// The mode asked for.
+        mode: &'static str,
+        /// Why not, and what is allowed.
+        why: String,
+    },
     /// A shrinker rate without the shrinker.
     #[error("--reclaim-shrinker-rate applies only with --reclaim-shrinker on")]
     ShrinkerRateUnused,
@@ -388,6 +452,14 @@ impl VmConfig {
         if self.metrics_interval.is_some() && self.metrics.is_none() {
             return Err(ConfigError::IntervalWithoutMetrics);
         }
+        if self.snapshot.is_none() {
+            if self.snapshot_after.is_some() {
+                return Err(ConfigError::SnapshotUnused("--snapshot-after"));
+            }
+            if self.after_snapshot != AfterSnapshot::Stop {
+                return Err(ConfigError::SnapshotUnused("--after-snapshot"));
+            }
+        }
         Ok(())
     }
 
@@ -402,6 +474,7 @@ impl VmConfig {
         if self.page_server_timeout.is_some() && !self.external() {
             return Err(ConfigError::PageServerTimeoutUnused);
         }
+        self.working_set_plan()?;
         self.memory_config().map(drop)
     }
 
@@ -442,6 +515,58 @@ impl VmConfig {
             .map_err(|e| self.option_error(e))
     }
 
+    /// What the VM does with its working set: `--working-set` against the snapshot (whether
+    /// it has a record) and the restore asked for (whether the VMM serves every fault, and
+    /// whether the prefetcher runs).
+    pub fn working_set_plan(&self) -> Result<WorkingSetPlan, ConfigError> {
+        let mode = self.working_set;
+        let name = match mode {
+            WorkingSetMode::Auto => "auto",
+            WorkingSetMode::Record => "record",
+            WorkingSetMode::Replay => "replay",
+            WorkingSetMode::Off => "off",
+        };
+        let refuse = |why: &str| {
+            Err(ConfigError::WorkingSet {
+                mode: name,
+                why: why.into(),
+            })
+        };
+        let Some(resume) = &self.resume else {
+            return match mode {
+                WorkingSetMode::Auto | WorkingSetMode::Off => Ok(WorkingSetPlan::None),
+                _ => refuse("applies to a resumed VM (--resume SNAPSHOT)"),
+            };
+        };
+        let lazy_small = self.restore == Restore::Lazy && self.backing == Backing::Small;
+        let recordable = lazy_small && self.prefetch != Some(true);
+        let replayable = lazy_small && self.prefetch != Some(false);
+        match (mode, &resume.working_set) {
+            (WorkingSetMode::Off, _) => Ok(WorkingSetPlan::None),
+            (WorkingSetMode::Auto, Some(ws)) if replayable => {
+                Ok(WorkingSetPlan::Replay(ws.clone()))
+            }
+            (WorkingSetMode::Auto, None) if recordable => Ok(WorkingSetPlan::Record),
+            (WorkingSetMode::Auto, _) => Ok(WorkingSetPlan::None),
+            (WorkingSetMode::Record, _) if recordable => Ok(WorkingSetPlan::Record),
+            (WorkingSetMode::Record, _) => refuse(
+                "recording needs every first touch to be a fault the VMM serves: --restore lazy, \
+                 --backing small and no --prefetch on",
+            ),
+            (WorkingSetMode::Replay, None) => refuse(
+                "the snapshot has no working-set record (resume it once with --working-set \
+                 record or auto to make one)",
+            ),
+            (WorkingSetMode::Replay, Some(ws)) if replayable => {
+                Ok(WorkingSetPlan::Replay(ws.clone()))
+            }
+            (WorkingSetMode::Replay, Some(_)) => refuse(
+                "replay is done by the prefetcher: --restore lazy, --backing small and no \
+                 --prefetch off",
+            ),
+        }
+    }
+
     fn memory_builder(&self) -> MemoryBuilder {
         let mut b = MemoryConfig::builder(self.memory.0)
             .vcpus(self.vcpus as usize)
@@ -464,6 +589,12 @@ impl VmConfig {
         }
         if let Some(on) = self.prefetch {
             b = b.prefetch(on);
+        }
+        match self.working_set_plan() {
+            Ok(WorkingSetPlan::Record) => b = b.record_working_set(true),
+            Ok(WorkingSetPlan::Replay(ws)) => b = b.replay_working_set(ws),
+            // Refused by `validate` first.
+            Ok(WorkingSetPlan::None) | Err(_) => {}
         }
         b.reclaim_split_pages(self.reclaim_split_pages)
             .reclaim_partial(self.reclaim_partial)

@@ -21,6 +21,7 @@ pub mod loader;
 pub mod metrics;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod stalls;
 pub mod storage;
 pub mod sync;

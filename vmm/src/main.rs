@@ -8,7 +8,7 @@ use vmm::cli::{BenchCommand, Cli, Command, ImageCommand};
 use vmm::devices::Devices;
 use vmm::error::{chain, exit_code};
 use vmm::loader::BUILTINS;
-use vmm::vm::{RunSummary, Vm};
+use vmm::vm::{Outcome, RunSummary, Vm};
 
 fn main() -> ExitCode {
     let _faults = vmm::inject::from_env();
@@ -170,7 +170,28 @@ fn print_summary(summary: &RunSummary) {
     for line in memory_summary(summary) {
         eprintln!("vmm: {line}");
     }
-    if summary.outcome.exit_code() != 0 {
+    for s in &summary.snapshots {
+        eprintln!(
+            "vmm: snapshot written to {} (asked by {}; the vCPUs were paused {:.1} ms)",
+            s.path.display(),
+            s.trigger,
+            s.paused_ns as f64 / 1e6
+        );
+    }
+    if let Some(ws) = &summary.working_set {
+        let extents = format!("{} extents ({} 4 KiB pages)", ws.extents, ws.pages);
+        match ws.mode {
+            "record" if ws.saved => {
+                eprintln!("vmm: working set: recorded {extents} into the snapshot")
+            }
+            "record" => eprintln!(
+                "vmm: working set: recorded {extents}, not saved (the guest did not finish)"
+            ),
+            "replay" => eprintln!("vmm: working set: replayed {extents} ahead of the guest"),
+            _ => {}
+        }
+    }
+    if summary.outcome.exit_code() != 0 || matches!(summary.outcome, Outcome::Snapshotted(_)) {
         eprintln!("vmm: {}", summary.outcome.describe());
     }
 }

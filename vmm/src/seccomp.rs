@@ -146,8 +146,9 @@ const PAGE_SERVER: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_unlinkat,
 ];
-/// The main thread, from the start of the run on: waiting, kicking vCPUs, starting them, and
-/// saving, writing metrics and tearing down at the end.
+/// The main thread, from the start of the run on: waiting, kicking vCPUs, starting them,
+/// taking snapshots (a directory made, filled and swapped in), and saving, writing metrics
+/// and tearing down at the end.
 const MAIN: &[i64] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
@@ -162,6 +163,8 @@ const MAIN: &[i64] = &[
     libc::SYS_kill,
     libc::SYS_lseek,
     libc::SYS_mincore,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
     libc::SYS_newfstatat,
     libc::SYS_openat,
     libc::SYS_poll,
@@ -195,6 +198,13 @@ fn ioctls(kind: ThreadKind) -> Option<Vec<u64>> {
             kvm::KVM_RUN(),
             kvm::KVM_GET_REGS(),
             kvm::KVM_GET_SREGS(),
+            // Saving its state for a snapshot.
+            kvm::KVM_GET_MSRS(),
+            kvm::KVM_GET_MP_STATE(),
+            kvm::KVM_GET_VCPU_EVENTS(),
+            kvm::KVM_GET_DEBUGREGS(),
+            kvm::KVM_GET_XSAVE(),
+            kvm::KVM_GET_XCRS(),
             uffd::UFFDIO_WAKE(),
             uffd::UFFDIO_REGISTER(),
             uffd::UFFDIO_WRITEPROTECT(),

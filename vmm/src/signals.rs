@@ -23,6 +23,24 @@ pub fn install() -> Result<(), vmm_sys_util::errno::Error> {
     Ok(())
 }
 
+/// SIGUSR1s not yet taken as snapshot requests.
+static SNAPSHOT: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_snapshot_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only a store to an atomic: async-signal-safe.
+    SNAPSHOT.store(1, Ordering::SeqCst);
+}
+
+/// Installs the handler that takes SIGUSR1 as a request for a snapshot.
+pub fn install_snapshot() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(libc::SIGUSR1, on_snapshot_signal)
+}
+
+/// Whether SIGUSR1 came since this was last asked.
+pub fn snapshot_requested() -> bool {
+    SNAPSHOT.swap(0, Ordering::SeqCst) != 0
+}
+
 /// The signal that asked the process to stop, if one did.
 pub fn requested() -> Option<i32> {
     match REQUESTED.load(Ordering::SeqCst) {

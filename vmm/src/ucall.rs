@@ -29,6 +29,8 @@ pub enum UcallResult {
         /// How many.
         count: u64,
     },
+    /// The guest asks for a snapshot now.
+    Snapshot,
     /// The ucall itself was invalid.
     Invalid(String),
 }
@@ -118,6 +120,7 @@ pub fn dispatch(
         }
         Ok(Command::Done(code)) => UcallResult::Done(code),
         Ok(Command::Free { ranges, count }) => UcallResult::Free { ranges, count },
+        Ok(Command::Snapshot) => UcallResult::Snapshot,
         Ok(Command::Abort {
             file,
             line,

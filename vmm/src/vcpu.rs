@@ -9,14 +9,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{CpuId, Msrs, kvm_msr_entry};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use crate::arch;
 use crate::devices::{Devices, PioResult};
 use crate::metrics::VcpuStats;
+use crate::snapshot::{Pause, VcpuState, state::Raw};
 use crate::ucall::{self, UcallResult};
 use vm_extents::{GuestRam, ReclaimError, Reclaimer};
+
+/// Says which KVM call failed, for `map_err`.
+fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
+    move |e| format!("{what} failed: {e}")
+}
 
 /// How a vCPU ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +51,8 @@ pub enum VmEvent {
     Vcpu(VcpuEvent),
     /// A VMM thread (the fault handler) cannot go on; the VM must stop.
     Fatal(String),
+    /// The guest asked for a snapshot (this vCPU is pausing already).
+    Snapshot(u32),
 }
 
 /// What one exit asks of the run loop.
@@ -144,6 +152,10 @@ pub fn handle_exit(
 pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
+    /// The CPUID it was given (a snapshot keeps it).
+    cpuid: CpuId,
+    /// The MSRs a snapshot saves, of those KVM has.
+    msrs: Arc<Vec<u32>>,
 }
 
 /// What every vCPU thread shares.
@@ -166,6 +178,10 @@ pub struct VcpuShared {
     pub exits: Arc<std::sync::atomic::AtomicU64>,
     /// Gives back what the guest reports free (`None`: reclaim is off).
     pub reclaimer: Option<Reclaimer>,
+    /// Where vCPUs pause for a snapshot.
+    pub pause: Arc<Pause>,
+    /// Whether snapshots are taken (`--snapshot`): else the guest's snapshot ucall is ignored.
+    pub snapshots: bool,
 }
 
 /// Why a free report was not carried out.
@@ -207,6 +223,7 @@ impl Vcpu {
         vm: &VmFd,
         index: u32,
         cpuid: &CpuId,
+        msrs: Arc<Vec<u32>>,
         entry: u64,
         boot_info: u64,
     ) -> Result<Self, kvm_ioctls::Error> {
@@ -227,7 +244,109 @@ impl Vcpu {
         fd.set_sregs(&sregs)?;
         fd.set_regs(&arch::entry_regs(entry, boot_info, u64::from(index)))?;
         fd.set_fpu(&arch::fpu())?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu {
+            index,
+            fd,
+            cpuid,
+            msrs,
+        })
+    }
+
+    /// Creates vCPU `state.index` of `vm` as a snapshot saved it, to go on where it paused.
+    /// Says which part KVM refused.
+    pub fn restore(vm: &VmFd, state: &VcpuState, msrs: Arc<Vec<u32>>) -> Result<Self, String> {
+        let fd = vm
+            .create_vcpu(u64::from(state.index))
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        let entries: Vec<_> = state.cpuid.iter().map(|e| e.0).collect();
+        let cpuid = CpuId::from_entries(&entries).map_err(|e| format!("the CPUID: {e:?}"))?;
+        fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        fd.set_mp_state(state.mp_state.0)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs.0).map_err(kvm("KVM_SET_REGS"))?;
+        fd.set_sregs(&state.sregs.0).map_err(kvm("KVM_SET_SREGS"))?;
+        // SAFETY: a `kvm_xsave` of the legacy size, which is what KVM_GET_XSAVE saved (no
+        // XSAVE2 area beyond it is read).
+        unsafe { fd.set_xsave(&state.xsave.0) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&state.xcrs.0).map_err(kvm("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debugregs.0)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        let entries: Vec<kvm_msr_entry> = state
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let list = Msrs::from_entries(&entries).map_err(|e| format!("the MSRs: {e:?}"))?;
+        let set = fd.set_msrs(&list).map_err(kvm("KVM_SET_MSRS"))?;
+        if set < entries.len() {
+            return Err(format!(
+                "KVM_SET_MSRS refused MSR {:#x} (value {:#x})",
+                entries[set].index, entries[set].data
+            ));
+        }
+        fd.set_vcpu_events(&state.events.0)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(Vcpu {
+            index: state.index,
+            fd,
+            cpuid,
+            msrs,
+        })
+    }
+
+    /// Saves this vCPU's state, out of `KVM_RUN`. An exit just handled (the `in` of a ucall)
+    /// is completed first by entering KVM once with `immediate_exit` set, so the saved RIP is
+    /// past the instruction and its result written.
+    pub fn save(&mut self) -> Result<VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(format!("completing the last exit failed: {e}")),
+            Ok(exit) => Err(format!("completing the last exit ran the guest: {exit:?}")),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        completed?;
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("the MSRs: {e:?}"))?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        if read < entries.len() {
+            return Err(format!(
+                "KVM_GET_MSRS could not read MSR {:#x}",
+                entries[read].index
+            ));
+        }
+        Ok(VcpuState {
+            index: self.index,
+            ended: None,
+            cpuid: self.cpuid.as_slice().iter().map(|e| Raw(*e)).collect(),
+            regs: Raw(self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?),
+            sregs: Raw(self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?),
+            xsave: Raw(self.fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?),
+            xcrs: Raw(self.fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?),
+            debugregs: Raw(self.fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?),
+            events: Raw(self
+                .fd
+                .get_vcpu_events()
+                .map_err(kvm("KVM_GET_VCPU_EVENTS"))?),
+            mp_state: Raw(self.fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?),
+            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+        })
+    }
+
+    /// Which vCPU this is.
+    pub fn index(&self) -> u32 {
+        self.index
     }
 
     /// The host TSC frequency KVM reports for this vCPU, in kHz.
@@ -241,6 +360,13 @@ impl Vcpu {
         let end = loop {
             if shared.stop.load(Ordering::Acquire) {
                 break None;
+            }
+            if shared.pause.requested() {
+                let state = self.save();
+                if !shared.pause.park(self.index, state) {
+                    break None;
+                }
+                continue;
             }
             fail::fail_point!("vcpu-run");
             crate::seccomp::forbidden_call_point("seccomp-vcpu");
@@ -281,6 +407,17 @@ impl Vcpu {
                         UcallResult::Invalid(what) => {
                             break Some(VcpuEnd::Failed(format!("{what}{}", self.describe())));
                         }
+                        UcallResult::Snapshot if shared.snapshots => {
+                            // Paused before the guest runs on: the snapshot is taken here.
+                            shared.pause.request();
+                            let _ = shared.events.send(VmEvent::Snapshot(self.index));
+                        }
+                        UcallResult::Snapshot => vm_extents::log_ratelimited!(
+                            log::Level::Warn,
+                            "vcpu{} asked for a snapshot, but no --snapshot path was given; \
+                             ignored",
+                            self.index
+                        ),
                         UcallResult::Free { ranges, count } => match free(shared, ranges, count) {
                             Ok(()) => {}
                             Err(FreeFailed::Guest(what)) => {
@@ -299,6 +436,12 @@ impl Vcpu {
         if let Some(end) = end {
             if let VcpuEnd::Done(code) = end {
                 stats.exit_code = Some(code);
+                // A snapshot taken from now on holds this vCPU as ended.
+                let state = self.save().map(|s| VcpuState {
+                    ended: Some(code),
+                    ..s
+                });
+                shared.pause.ended(self.index, state);
             }
             // The controller may already be gone if another vCPU ended the run.
             let _ = shared.events.send(VmEvent::Vcpu(VcpuEvent {

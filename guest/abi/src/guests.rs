@@ -199,6 +199,13 @@ const PATTERN: Arg = Arg {
     help: "the order pages are visited in",
 };
 
+const SNAPSHOT: Arg = Arg {
+    name: "snapshot",
+    kind: Kind::Choice(&["off", "on"]),
+    default: Default::First,
+    help: "on: ask the VMM for a snapshot before the timed part (vCPU 0; needs --snapshot)",
+};
+
 /// The most passes a guest makes over its memory.
 pub const MAX_PASSES: u64 = u32::MAX as u64;
 
@@ -233,6 +240,21 @@ pub const TOUCH: Guest = Guest {
         SIZE,
         SEED,
         TIMING,
+        Arg {
+            name: "fill",
+            kind: Kind::Choice(&["off", "on"]),
+            default: Default::First,
+            help: "on: first write every page of free RAM (its address in its first word), \
+                   untimed, so that a snapshot holds data everywhere",
+        },
+        SNAPSHOT,
+        Arg {
+            name: "spread",
+            kind: Kind::Choice(&["off", "on"]),
+            default: Default::First,
+            help: "on: size is whole extents picked from all of free RAM (pattern=random: \
+                   at random, in random order; seq: the first ones), every page of each touched",
+        },
     ],
 };
 
@@ -270,6 +292,16 @@ pub const VERIFY: Guest = Guest {
         },
         SIZE,
         TIMING,
+        Arg {
+            name: "snapshot-at",
+            kind: Kind::Number {
+                min: 0,
+                max: MAX_PASSES,
+            },
+            default: Default::Value(0),
+            help: "mode=stress: vCPU 0 asks for a snapshot halfway through this pass (1 is the \
+                   first check-and-rewrite pass; 0: never)",
+        },
     ],
 };
 

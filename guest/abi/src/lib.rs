@@ -227,6 +227,7 @@ const UCALL_REPORT: u64 = 3;
 const UCALL_DONE: u64 = 4;
 const UCALL_ABORT: u64 = 5;
 const UCALL_FREE: u64 = 6;
+const UCALL_SNAPSHOT: u64 = 7;
 
 /// The most ranges one [`Command::Free`] report carries.
 pub const FREE_MAX_RANGES: u64 = 1024;
@@ -260,6 +261,11 @@ pub enum Command<'a> {
         /// How many ranges, at most [`FREE_MAX_RANGES`].
         count: u64,
     },
+    /// Snapshot the VM now (where the VMM was given somewhere to save it): the VMM pauses
+    /// every vCPU, this one just after the ucall, and saves the VM. A VM resumed from the
+    /// snapshot goes on from the instruction after the ucall, as the original does when it
+    /// keeps running.
+    Snapshot,
     /// The guest gave up: an assertion or a panic.
     Abort {
         /// Source file.
@@ -359,6 +365,11 @@ impl Ucall {
         u
     }
 
+    /// A snapshot command.
+    pub const fn snapshot() -> Self {
+        Self::empty(UCALL_SNAPSHOT)
+    }
+
     /// An abort command; append the message with [`Ucall::push_text`].
     pub fn abort(file: &[u8], line: u64) -> Self {
         let mut u = Self::empty(UCALL_ABORT);
@@ -399,6 +410,7 @@ impl Ucall {
                 value: args[0],
             },
             UCALL_DONE => Command::Done(args[0]),
+            UCALL_SNAPSHOT => Command::Snapshot,
             UCALL_FREE => {
                 if args[1] > FREE_MAX_RANGES {
                     return Err(DecodeError::TooManyRanges(args[1]));
@@ -430,7 +442,8 @@ mod tests {
 
     #[test]
     fn every_command_round_trips() {
-        let cases: [(Ucall, Command<'_>); 6] = [
+        let cases: [(Ucall, Command<'_>); 7] = [
+            (Ucall::snapshot(), Command::Snapshot),
             (
                 Ucall::free(0x40_0000, 3),
                 Command::Free {

@@ -51,6 +51,12 @@ pub fn ucall(u: &Ucall) {
     }
 }
 
+/// Asks the VMM for a snapshot of the VM now; returns when the VM runs on (in this VM, when it
+/// keeps running after the snapshot, or in a VM resumed from it).
+pub fn snapshot() {
+    ucall(&Ucall::snapshot());
+}
+
 /// Reports a named value to the host.
 pub fn report(key: &str, value: u64) {
     ucall(&Ucall::report(key.as_bytes(), value));

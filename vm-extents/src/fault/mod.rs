@@ -64,6 +64,8 @@ pub struct Resolver {
     pub spin: std::time::Duration,
     /// Where the prefetcher learns of the guest's faults, if one runs.
     pub hint: Option<Arc<crate::prefetch::FaultHint>>,
+    /// Records the guest's first touches, where the working set is recorded.
+    pub(crate) record: Option<Arc<crate::working_set::Recorder>>,
     /// Where faults on pages given back are counted.
     pub reclaim: Arc<crate::reclaim::ReclaimStats>,
 }

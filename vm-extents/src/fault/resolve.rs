@@ -43,6 +43,9 @@ pub fn serve_missing(
         hint.faulted(ExtentIndex::of(gpa));
     }
     let gran = r.granularity;
+    if let Some(record) = &r.record {
+        record.touched(gpa, gran == EXTENT_SIZE);
+    }
     let first = gpa & !(gran - 1);
     let host_base = r.map.ram().host_base();
     let mut map = r.map.read();

@@ -5,14 +5,16 @@
 //! written once.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use vm_extents::Choice;
 
-use crate::config::{Collapse, GuestArg, VmConfig};
+use crate::config::{AfterSnapshot, Collapse, GuestArg, VmConfig, WorkingSetMode};
 use crate::seccomp::Seccomp;
+use crate::snapshot::Loaded;
 use crate::uffd_serve::{Granularity, ServeConfig};
 use crate::units::ByteSize;
 use vm_extents::{
@@ -155,16 +157,18 @@ impl LogLevel {
 /// `vmm run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// A built-in guest name (see `vmm guests`) or the path of a static x86_64 ELF executable.
-    #[arg(long, default_value = "hello", value_name = "NAME|PATH")]
-    pub guest: String,
+    /// A built-in guest name (see `vmm guests`) or the path of a static x86_64 ELF executable
+    /// [default: hello].
+    #[arg(long, value_name = "NAME|PATH")]
+    pub guest: Option<String>,
     /// Guest RAM: a multiple of 2 MiB, with a K, M or G suffix, from 6M to the host's RAM or
-    /// 64G.
-    #[arg(long, default_value = "128M", value_name = "SIZE")]
-    pub memory: ByteSize,
-    /// Number of vCPUs, 1 to what KVM supports (at most 224).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub vcpus: u32,
+    /// 64G [default: 128M; resumed: the snapshot's].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<ByteSize>,
+    /// Number of vCPUs, 1 to what KVM supports (at most 224) [default: 1; resumed: the
+    /// snapshot's].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
     /// A guest argument KEY=VALUE (repeatable). A built-in guest's are checked before it
     /// boots against what it declares (`vmm guests` lists them); a guest file of your own
     /// takes any KEY=VALUE, unchecked.
@@ -199,12 +203,9 @@ pub struct RunArgs {
     /// zeroes), zero (the VMM's userfaultfd handler fills zeroes), image:PATH (the handler
     /// serves pages lazily from a memory image) or external:SOCKET (a page server listening
     /// on SOCKET serves them: Firecracker's userfaultfd handoff, `vmm uffd-serve`).
-    #[arg(
-        long,
-        default_value = "kernel",
-        value_name = "kernel|zero|image:PATH|external:SOCKET"
-    )]
-    pub page_source: PageSourceKind,
+    /// [default: kernel; resumed: the snapshot's memory image].
+    #[arg(long, value_name = "kernel|zero|image:PATH|external:SOCKET")]
+    pub page_source: Option<PageSourceKind>,
     /// Bytes the fault handler resolves per fault (a power of two, 4K to 2M).
     #[arg(long, default_value = "4K", value_name = "SIZE")]
     pub fault_granularity: ByteSize,
@@ -278,9 +279,10 @@ pub struct RunArgs {
     pub install: InstallMethod,
     /// Whether the guest's reports of free memory (the free ucall, as `churn` sends) are
     /// honoured: the memory goes back to the host per 2 MiB extent and reads zeroes when
-    /// touched again. Off, the guest is told so at boot and zeroes what it frees itself.
-    #[arg(long, value_enum, default_value_t = Switch::On, value_name = "on|off")]
-    pub reclaim: Switch,
+    /// touched again. Off, the guest is told so at boot and zeroes what it frees itself
+    /// [default: on; resumed: as the snapshot's guest was told].
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub reclaim: Option<Switch>,
     /// Freed 4 KiB pages of a huge extent from which reclaim splits it and gives them back
     /// (1 to 512); with fewer, the huge page is kept and the freed pages zeroed. An extent is
     /// not collapsed again while this many of its pages stay given back.
@@ -302,6 +304,34 @@ pub struct RunArgs {
     /// How much guest RAM the shrinker reads a second [default: 256M].
     #[arg(long, value_name = "BYTES")]
     pub reclaim_shrinker_rate: Option<ByteSize>,
+    /// Where snapshots of the running VM go: a directory (made, or an earlier snapshot
+    /// replaced whole). A snapshot is taken when the guest asks (its snapshot ucall), on
+    /// SIGUSR1, or at --snapshot-after.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: Option<PathBuf>,
+    /// Take a snapshot this many seconds after the vCPUs start (more than 0, at most
+    /// 100000000).
+    #[arg(long, value_name = "SECONDS")]
+    pub snapshot_after: Option<f64>,
+    /// What the VM does once a snapshot is taken: stop (end, exit 0) or run on.
+    #[arg(long, value_enum, default_value_t, value_name = "stop|run")]
+    pub after_snapshot: AfterSnapshot,
+    /// Resume the VM saved in this snapshot directory where it paused: its vCPUs, devices and
+    /// memory (served from its memory image as --page-source image: does, lazily unless
+    /// --restore eager). The guest, its vCPUs and its RAM are the snapshot's.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// A resumed VM's working set: auto (replay the snapshot's record if it has one, else
+    /// record one where the restore is lazy into 4 KiB pages), record (the restore is then
+    /// lazy with no prefetcher, so every first touch is seen), replay (the prefetcher fetches
+    /// the record first, in order) or off.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t,
+        value_name = "auto|record|replay|off"
+    )]
+    pub working_set: WorkingSetMode,
 }
 
 /// The value parser of a memory option with named values ([`Choice`]): its names, each with
@@ -341,17 +371,32 @@ impl RunArgs {
             alloc_sleep: Duration::from_millis(self.collapse_alloc_sleep),
             max_ptes_none: self.max_ptes_none,
         };
+        let resume = self
+            .resume
+            .as_deref()
+            .map(|dir| self.resume_from(dir))
+            .transpose()?;
+        let defaults = VmConfig::default();
+        let from = resume.as_ref().map(|r| &r.state);
         Ok(VmConfig {
-            guest: self.guest.clone(),
-            memory: self.memory,
-            vcpus: self.vcpus,
+            guest: from.map_or_else(
+                || self.guest.clone().unwrap_or(defaults.guest),
+                |s| s.guest.clone(),
+            ),
+            memory: from.map_or(self.memory.unwrap_or(defaults.memory), |s| {
+                ByteSize(s.memory)
+            }),
+            vcpus: from.map_or(self.vcpus.unwrap_or(defaults.vcpus), |s| s.vcpus),
             args: self.args.clone(),
             timeout: seconds("--timeout", self.timeout)?,
             page_server_timeout: seconds("--page-server-timeout", self.page_server_timeout)?,
             metrics: self.metrics.clone(),
             kvm_device: self.kvm_device.clone(),
             backing: self.backing,
-            page_source: self.page_source.clone(),
+            page_source: match &resume {
+                Some(r) => PageSourceKind::Image(r.memory()),
+                None => self.page_source.clone().unwrap_or(defaults.page_source),
+            },
             fault_granularity: self.fault_granularity,
             save_memory: self.save_memory.clone(),
             metrics_interval: seconds("--metrics-interval", self.metrics_interval)?,
@@ -370,7 +415,10 @@ impl RunArgs {
             restore: self.restore,
             prefetch: self.prefetch.map(|s| s == Switch::On),
             prefetch_threads: self.prefetch_threads,
-            reclaim: self.reclaim == Switch::On,
+            reclaim: match (from, self.reclaim) {
+                (Some(s), _) => s.reclaim,
+                (None, r) => r.is_none_or(|r| r == Switch::On),
+            },
             reclaim_split_pages: self.reclaim_split_pages,
             reclaim_partial: self.reclaim_partial,
             reclaim_shrinker: match (self.reclaim_shrinker, self.reclaim_shrinker_rate) {
@@ -382,7 +430,56 @@ impl RunArgs {
                     Some(rate.unwrap_or(ByteSize(vm_extents::reclaim::shrinker::DEFAULT_RATE)))
                 }
             },
+            snapshot: self.snapshot.clone(),
+            snapshot_after: seconds("--snapshot-after", self.snapshot_after)?,
+            after_snapshot: self.after_snapshot,
+            resume: resume.map(Arc::new),
+            working_set: self.working_set,
         })
+    }
+
+    /// Reads the snapshot to resume and checks it against what these options ask for: what a
+    /// snapshot fixes (the guest, its arguments, its vCPUs, its RAM, its page source, what
+    /// the guest was told of reclaim) may be left out or given the same, never changed.
+    fn resume_from(&self, dir: &std::path::Path) -> Result<Loaded, String> {
+        let loaded = crate::snapshot::load(dir).map_err(|e| crate::error::chain(&e))?;
+        let s = &loaded.state;
+        let mismatch = |why: String| {
+            crate::error::chain(&crate::snapshot::SnapshotError::Mismatch {
+                path: dir.into(),
+                why,
+            })
+        };
+        s.check_resumable(self.vcpus, self.memory.map(|m| m.0), None)
+            .map_err(mismatch)?;
+        if let Some(g) = self.guest.as_ref().filter(|g| **g != s.guest) {
+            return Err(mismatch(format!(
+                "it runs guest {} and --guest asks for {g}; leave --guest out",
+                s.guest
+            )));
+        }
+        if !self.args.is_empty() {
+            return Err(mismatch(
+                "the guest's arguments are in its memory: leave --arg out".into(),
+            ));
+        }
+        if let Some(p) = &self.page_source {
+            return Err(mismatch(format!(
+                "its memory comes from its own image; leave --page-source {} out (use \
+                 --restore for how it is read)",
+                p.name()
+            )));
+        }
+        if let Some(r) = self.reclaim.filter(|r| (*r == Switch::On) != s.reclaim) {
+            let word = |on: bool| if on { "on" } else { "off" };
+            return Err(mismatch(format!(
+                "its guest was told at boot that reclaim is {}; --reclaim {} would contradict \
+                 it",
+                word(s.reclaim),
+                word(r == Switch::On)
+            )));
+        }
+        Ok(loaded)
     }
 }
 

@@ -41,6 +41,18 @@ impl Stages {
         }
     }
 
+    /// Every stage's count, for a snapshot.
+    pub fn counts(&self) -> Vec<u32> {
+        self.0.iter().map(|n| n.load(Ordering::SeqCst)).collect()
+    }
+
+    /// Sets the counts a snapshot saved (later stages than are counted are ignored).
+    pub fn restore(&self, counts: &[u32]) {
+        for (n, &c) in self.0.iter().zip(counts) {
+            n.store(c, Ordering::SeqCst);
+        }
+    }
+
     /// How many vCPUs reached `stage`.
     pub fn count(&self, stage: u64) -> u32 {
         self.0
@@ -68,6 +80,15 @@ impl Devices {
             ucall_out: Mutex::new(ConsoleOut::new(ucall_out)),
             stages: Arc::default(),
         }
+    }
+
+    /// These devices as a snapshot left them: the UART's registers, the stages reached.
+    pub fn restored(self, state: &crate::snapshot::VmState) -> Result<Self, String> {
+        self.stages.restore(&state.stages);
+        Ok(Devices {
+            serial: self.serial.restored(&state.serial)?,
+            ..self
+        })
     }
 
     /// Devices writing everything to the VMM's stdout.

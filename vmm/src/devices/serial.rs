@@ -6,6 +6,7 @@
 //! shown in caret notation (`ESC` as `^[`), so a guest cannot drive the user's terminal with
 //! escape sequences.
 
+use crate::snapshot::state::SerialRegs;
 use std::io::{self, Write};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -206,6 +207,49 @@ pub struct SerialConsole<W: Write> {
 }
 
 impl<W: Write> SerialConsole<W> {
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn state(&self) -> SerialRegs {
+        let s = self.lock().state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// This console with its UART's registers set as a snapshot saved them (same output).
+    pub fn restored(self, regs: &SerialRegs) -> Result<Self, String> {
+        let out = self
+            .uart
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_writer();
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: regs.baud_divisor_low,
+            baud_divisor_high: regs.baud_divisor_high,
+            interrupt_enable: regs.interrupt_enable,
+            interrupt_identification: regs.interrupt_identification,
+            line_control: regs.line_control,
+            line_status: regs.line_status,
+            modem_control: regs.modem_control,
+            modem_status: regs.modem_status,
+            scratch: regs.scratch,
+            in_buffer: regs.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, NoInterrupt, vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("the serial port's state: {e:?}"))?;
+        Ok(SerialConsole {
+            uart: Mutex::new(uart),
+        })
+    }
+
     /// A console writing to `out`.
     pub fn new(out: W) -> Self {
         SerialConsole {

@@ -5,6 +5,7 @@ use crate::config::ConfigError;
 use crate::files::FileError;
 use crate::loader::ProgramError;
 use crate::seccomp;
+use crate::snapshot::RESUME_FLAG;
 use vm_extents::ram_image::RamImageError;
 use vm_extents::{MemoryError, UffdUser};
 
@@ -41,6 +42,18 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A snapshot's state could not be put back (KVM refused it, or it does not fit this
+    /// host).
+    #[error("{RESUME_FLAG} {path}: cannot resume it: {why}")]
+    Resume {
+        /// The snapshot.
+        path: String,
+        /// What was refused.
+        why: String,
+    },
+    /// The snapshot target cannot be used.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// The host's RAM size could not be read.
     #[error("cannot read the host's memory size")]
     HostMemory(#[source] std::io::Error),
@@ -119,6 +132,8 @@ impl VmError {
             | VmError::Output(_)
             | VmError::Image(_)
             | VmError::OpenKvm { .. }
+            | VmError::Resume { .. }
+            | VmError::Snapshot(_)
             | VmError::NotKvm { .. } => true,
             VmError::Memory(MemoryError::HugetlbPool { .. })
             | VmError::Memory(MemoryError::UffdUnavailable { .. })

@@ -13,7 +13,9 @@ mod watch;
 pub use crate::error::exit_code;
 pub use error::VmError;
 pub use stop::{STOP_GRACE, STOP_GRACE_SERVER_GONE, STOP_LIMIT};
-pub use summary::{ConsoleSection, Outcome, RunSummary, SavedImage};
+pub use summary::{
+    ConsoleSection, Outcome, RunSummary, SavedImage, SnapshotTaken, WorkingSetSection,
+};
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -33,20 +35,35 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::arch;
-use crate::config::{Collapse, VmConfig, host_memory};
+use crate::config::{AfterSnapshot, Collapse, VmConfig, WorkingSetPlan, host_memory};
 use crate::devices::Devices;
 use crate::files::{ImageTarget, MetricsTarget};
 use crate::loader::GuestProgram;
 use crate::metrics::{self, VcpuStats};
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::state::Raw;
+use crate::snapshot::{Loaded, Pause, SNAPSHOT_FLAG, Trigger, VcpuState, VmState};
 use crate::vcpu::{Vcpu, VcpuEnd, VcpuEvent, VcpuShared, VmEvent};
 use stop::{kick_signal, on_kick, stop_and_join};
 use vm_extents::MemoryReport;
 use vm_extents::host_view;
+use vm_extents::ram_image::SaveStats;
 use vm_extents::ram_image::{HEADER_SIZE, RamImageError};
+use vmm_sys_util::signal::Killable;
 
 /// The option that names the file an image is saved to.
 pub const SAVE_FLAG: &str = "--save-memory";
+
+/// How long the vCPUs get to pause for a snapshot before it fails.
+pub const PAUSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// A snapshot's state that this host or KVM would not take.
+fn resume_error(resume: &Loaded, why: String) -> VmError {
+    VmError::Resume {
+        path: resume.dir.display().to_string(),
+        why,
+    }
+}
 use vm_extents::{Memory, MemoryBuilder, MemoryError};
 
 /// A VM ready to run.
@@ -65,6 +82,12 @@ pub struct Vm {
     built_from: Instant,
     /// What to add when a guest file of the user's own fails in the guest.
     failure_hint: Option<String>,
+    /// Where vCPUs pause for a snapshot.
+    pause: Arc<Pause>,
+    /// A resumed snapshot's vCPUs that had ended: not run again.
+    ended: Vec<VcpuState>,
+    /// What the run does with its working set.
+    working_set: WorkingSetPlan,
     // Last: unmapped after the VM fd (and its memslot) is gone.
     memory: Option<Memory>,
 }
@@ -137,11 +160,24 @@ impl Vm {
             .as_deref()
             .map(|p| MetricsTarget::open("--metrics", p))
             .transpose()?;
-        let image = GuestProgram::find(&config.guest)?;
-        let exe = image.check(config.memory.0)?;
-        let free_start = exe.end().next_multiple_of(EXTENT_SIZE).min(config.memory.0);
-        image.check_args(&config.args, config.memory.0 - free_start)?;
-        let failure_hint = (!image.is_builtin()).then(|| crate::loader::bare_metal_hint(&exe));
+        if let Some(dir) = &config.snapshot {
+            crate::snapshot::check_target(dir)?;
+        }
+        // A resumed VM's program, boot data and page tables are in its memory image.
+        let boot = match &config.resume {
+            None => {
+                let image = GuestProgram::find(&config.guest)?;
+                let exe = image.check(config.memory.0)?;
+                let free_start = exe.end().next_multiple_of(EXTENT_SIZE).min(config.memory.0);
+                image.check_args(&config.args, config.memory.0 - free_start)?;
+                Some((image, exe, free_start))
+            }
+            Some(_) => None,
+        };
+        let failure_hint = boot.as_ref().and_then(|(image, exe, _)| {
+            (!image.is_builtin()).then(|| crate::loader::bare_metal_hint(exe))
+        });
+        let working_set = config.working_set_plan()?;
 
         let mut memory_config = config.memory_config_with(tune)?;
         // Running out of mappings later would abort the process (a thread's stack, an
@@ -179,6 +215,45 @@ impl Vm {
         unsafe { memory.ram().register(&vm_fd, 0) }
             .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
 
+        // The MSRs a snapshot saves, of those this KVM has.
+        let have = kvm
+            .get_msr_index_list()
+            .map_err(VmError::kvm("KVM_GET_MSR_INDEX_LIST"))?;
+        let msrs: Arc<Vec<u32>> = Arc::new(
+            arch::SAVED_MSRS
+                .iter()
+                .copied()
+                .filter(|m| have.as_slice().contains(m))
+                .collect(),
+        );
+        let pause = Arc::new(Pause::new(config.vcpus as usize));
+        let Some((image, exe, free_start)) = boot else {
+            let resume = config.resume.clone().expect("no program: a resume");
+            let (vcpus, ended, tsc_khz) = Self::restore_vcpus(&vm_fd, &resume, msrs)?;
+            let devices = devices
+                .restored(&resume.state)
+                .map_err(|why| resume_error(&resume, why))?;
+            let events = mpsc::channel();
+            Self::start_memory(&mut memory, &events.0)?;
+            return Ok(Vm {
+                vcpus,
+                vm_fd: Some(vm_fd),
+                _kvm: kvm,
+                devices: Arc::new(devices),
+                config,
+                events,
+                hugetlb_free_before,
+                built_from,
+                tsc_khz,
+                save_to,
+                metrics_to,
+                failure_hint,
+                pause,
+                ended,
+                working_set,
+                memory: Some(memory),
+            });
+        };
         let mem = memory.ram().view();
         let write = |data: &[u8], at: u64| {
             mem.write_slice(data, GuestAddress(at))
@@ -199,7 +274,7 @@ impl Vm {
         let mut tsc_khz = 0;
         for index in 0..config.vcpus {
             let boot_addr = BOOT_INFO_BASE + u64::from(index) * BOOT_INFO_STRIDE;
-            let vcpu = Vcpu::new(&vm_fd, index, &cpuid, exe.entry, boot_addr)
+            let vcpu = Vcpu::new(&vm_fd, index, &cpuid, msrs.clone(), exe.entry, boot_addr)
                 .map_err(VmError::kvm("creating a vCPU"))?;
             let info = BootInfo {
                 magic: BOOT_MAGIC,
@@ -231,12 +306,7 @@ impl Vm {
                 source,
             })?;
         let events = mpsc::channel();
-        let fatal = std::sync::Mutex::new(events.0.clone());
-        memory.start(Arc::new(move |what| {
-            let _ = fatal
-                .lock()
-                .map(|tx| tx.send(VmEvent::Fatal(what.to_string())));
-        }))?;
+        Self::start_memory(&mut memory, &events.0)?;
         Ok(Vm {
             vcpus,
             vm_fd: Some(vm_fd),
@@ -250,8 +320,52 @@ impl Vm {
             save_to,
             metrics_to,
             failure_hint,
+            pause,
+            ended: Vec::new(),
+            working_set,
             memory: Some(memory),
         })
+    }
+
+    /// Starts the memory threads, whose failures end the run.
+    fn start_memory(memory: &mut Memory, events: &mpsc::Sender<VmEvent>) -> Result<(), VmError> {
+        let fatal = std::sync::Mutex::new(events.clone());
+        memory.start(Arc::new(move |what| {
+            let _ = fatal
+                .lock()
+                .map(|tx| tx.send(VmEvent::Fatal(what.to_string())));
+        }))?;
+        Ok(())
+    }
+
+    /// The vCPUs of a snapshot, as it saved them, and the VM clock; the vCPUs that had ended
+    /// apart (they are not run again); the TSC frequency, checked against the snapshot's.
+    fn restore_vcpus(
+        vm_fd: &VmFd,
+        resume: &Loaded,
+        msrs: Arc<Vec<u32>>,
+    ) -> Result<(Vec<Vcpu>, Vec<VcpuState>, u64), VmError> {
+        let state = &resume.state;
+        let mut vcpus = Vec::new();
+        let mut ended = Vec::new();
+        let mut tsc_khz = 0;
+        for saved in &state.vcpu {
+            let vcpu = Vcpu::restore(vm_fd, saved, msrs.clone())
+                .map_err(|why| resume_error(resume, format!("vcpu{}: {why}", saved.index)))?;
+            let khz = vcpu.tsc_khz();
+            state
+                .check_resumable(None, None, khz)
+                .map_err(|why| resume_error(resume, why))?;
+            tsc_khz = khz.map_or(0, u64::from);
+            match saved.ended {
+                Some(_) => ended.push(saved.clone()),
+                None => vcpus.push(vcpu),
+            }
+        }
+        vm_fd
+            .set_clock(&state.clock.0)
+            .map_err(|e| resume_error(resume, format!("KVM_SET_CLOCK failed: {e}")))?;
+        Ok((vcpus, ended, tsc_khz))
     }
 
     /// Runs every vCPU until the run ends, then stops and joins them all.
@@ -259,6 +373,7 @@ impl Vm {
         // Both handlers only store to an atomic or do nothing, which is async-signal-safe.
         register_signal_handler(kick_signal(), on_kick).map_err(VmError::Signal)?;
         crate::signals::install().map_err(VmError::Signal)?;
+        crate::signals::install_snapshot().map_err(VmError::Signal)?;
         // From here on the main thread only waits, kicks, saves, reports and tears down; the
         // vCPUs it starts next inherit its filter and add their own.
         seccomp::install(ThreadKind::Main, self.config.seccomp)?;
@@ -268,9 +383,17 @@ impl Vm {
         let (events_tx, events) = (self.events.0.clone(), &self.events.1);
         let stop = Arc::new(AtomicBool::new(false));
         let exits = Arc::new(AtomicU64::new(0));
-        let vcpu_count = self.vcpus.len();
+        let vcpu_count = self.config.vcpus as usize;
         let mut threads: Vec<(u32, JoinHandle<VcpuStats>)> = Vec::with_capacity(vcpu_count);
-        for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+        // A resumed snapshot's vCPUs that had ended count as done with their codes.
+        let (mut done, mut max_code) = (0, 0);
+        for s in &self.ended {
+            self.pause.ended(s.index, Ok(s.clone()));
+            done += 1;
+            max_code = max_code.max(s.ended.unwrap_or(0));
+        }
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let index = vcpu.index() as usize;
             let shared = VcpuShared {
                 devices: self.devices.clone(),
                 ram: self.memory().ram().clone(),
@@ -278,6 +401,8 @@ impl Vm {
                 events: events_tx.clone(),
                 exits: exits.clone(),
                 reclaimer: self.memory().reclaimer(),
+                pause: self.pause.clone(),
+                snapshots: self.config.snapshot.is_some(),
             };
             let name = format!("vcpu{index}");
             let spawned = std::thread::Builder::new()
@@ -318,8 +443,8 @@ impl Vm {
             .metrics_interval
             .map(|every| (every, start + every));
         let deadline = self.config.timeout.map(|t| (start + t, t));
-        let mut done = 0;
-        let mut max_code = 0;
+        let mut snapshot_at = self.config.snapshot_after.map(|after| start + after);
+        let mut snapshots = Vec::new();
         let mut server_gone = false;
         let mut fault_watch = self.config.page_server_timeout.map(watch::FaultWatch::new);
         let mut live = status::LiveStatus::new();
@@ -353,7 +478,33 @@ impl Vm {
                     }
                 },
                 Ok(VmEvent::Fatal(what)) => break Outcome::VmmFailed(what),
+                Ok(VmEvent::Snapshot(index)) => {
+                    if let Some(end) =
+                        self.snapshot(Trigger::Guest(index), start, &threads, &mut snapshots)
+                    {
+                        break end;
+                    }
+                }
                 Err(_) => {}
+            }
+            let by_signal = crate::signals::snapshot_requested();
+            let by_timer = snapshot_at.is_some_and(|at| Instant::now() >= at);
+            if by_signal || by_timer {
+                if by_timer {
+                    snapshot_at = None;
+                }
+                let trigger = if by_signal {
+                    Trigger::Signal
+                } else {
+                    Trigger::Timer
+                };
+                if self.config.snapshot.is_none() {
+                    eprintln!(
+                        "vmm: SIGUSR1 asks for a snapshot, but no --snapshot DIR was given; ignored"
+                    );
+                } else if let Some(end) = self.snapshot(trigger, start, &threads, &mut snapshots) {
+                    break end;
+                }
             }
             if let Some((every, next)) = &mut interval
                 && Instant::now() >= *next
@@ -446,6 +597,7 @@ impl Vm {
             }
             (None, _) => None,
         };
+        let working_set = self.finish_working_set(&outcome);
         let mut memory = self.memory_report()?;
         // Teardown: the VM fd (and with it the memslot) first, then guest memory.
         drop(self.vm_fd.take());
@@ -474,6 +626,8 @@ impl Vm {
             memory,
             saved,
             tsc_khz: self.tsc_khz,
+            snapshots,
+            working_set,
         };
         if let Some(target) = &self.metrics_to {
             metrics::write_summary(target, &summary.to_json()).map_err(|source| {
@@ -494,6 +648,139 @@ impl Vm {
 }
 
 impl Vm {
+    /// Takes a snapshot asked for by `trigger`: every vCPU paused (kicked out of `KVM_RUN`
+    /// until it parks), guest RAM saved under the memory map's write side, the state written
+    /// beside it and the directory swapped in. Returns how the run ends if it ends here (the
+    /// VM stops after a snapshot, or a snapshot failed), else lets the vCPUs go on.
+    fn snapshot(
+        &self,
+        trigger: Trigger,
+        start: Instant,
+        threads: &[(u32, JoinHandle<VcpuStats>)],
+        taken: &mut Vec<SnapshotTaken>,
+    ) -> Option<Outcome> {
+        let dir = self
+            .config
+            .snapshot
+            .as_deref()
+            .expect("asked only with --snapshot");
+        let paused = Instant::now();
+        self.pause.request();
+        let kick = || {
+            for (_, handle) in threads.iter().filter(|(_, h)| !h.is_finished()) {
+                let _ = handle.kill(kick_signal());
+            }
+        };
+        let result = self
+            .pause
+            .wait_parked(PAUSE_LIMIT, &kick)
+            .and_then(|vcpus| self.write_snapshot(dir, vcpus));
+        let stop = self.config.after_snapshot == AfterSnapshot::Stop || result.is_err();
+        let paused_ns = paused.elapsed().as_nanos() as u64;
+        self.pause.release(stop);
+        match result {
+            Ok(memory) => {
+                log::info!(
+                    "snapshot of the VM written to {} (asked by {trigger}; paused {:.1} ms)",
+                    dir.display(),
+                    paused_ns as f64 / 1e6
+                );
+                taken.push(SnapshotTaken {
+                    path: dir.into(),
+                    trigger,
+                    at_ns: paused.duration_since(start).as_nanos() as u64,
+                    paused_ns,
+                    memory,
+                });
+                stop.then_some(Outcome::Snapshotted(trigger))
+            }
+            Err(what) => Some(Outcome::VmmFailed(format!(
+                "the snapshot asked by {trigger} failed ({} was left as it was): {what}",
+                dir.display()
+            ))),
+        }
+    }
+
+    /// Writes a snapshot of the paused VM (`vcpus` its vCPUs' states) to `dir`.
+    fn write_snapshot(&self, dir: &Path, vcpus: Vec<VcpuState>) -> Result<SaveStats, String> {
+        let vm_fd = self.vm_fd.as_ref().expect("the VM fd lives until teardown");
+        let clock = vm_fd
+            .get_clock()
+            .map_err(|e| format!("KVM_GET_CLOCK failed: {e}"))?;
+        let tmp = crate::snapshot::temporary_dir(dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        let result = (|| {
+            let interrupted = || crate::signals::requested().is_some();
+            let memory = self
+                .memory()
+                .save(
+                    &tmp.join(crate::snapshot::MEMORY_FILE),
+                    SNAPSHOT_FLAG,
+                    &interrupted,
+                )
+                .map_err(|e| crate::error::chain(&e))?;
+            let state = VmState {
+                build: crate::snapshot::state::this_build(),
+                guest: self.config.guest.clone(),
+                vcpus: self.config.vcpus,
+                memory: self.config.memory.0,
+                tsc_khz: u32::try_from(self.tsc_khz).unwrap_or(0),
+                reclaim: self.config.reclaim,
+                clock: Raw(clock),
+                serial: self.devices.serial.state(),
+                stages: self.devices.stages.counts(),
+                vcpu: vcpus,
+            };
+            crate::snapshot::finish(&tmp, dir, &state).map_err(|e| crate::error::chain(&e))?;
+            Ok(memory)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// Writes the working set recorded this run into the snapshot it resumed, where it was
+    /// recorded and the guest finished (a run cut short recorded only part of it).
+    fn finish_working_set(&self, outcome: &Outcome) -> Option<WorkingSetSection> {
+        let resume = self.config.resume.as_ref()?;
+        Some(match &self.working_set {
+            WorkingSetPlan::None => WorkingSetSection {
+                mode: "none",
+                ..Default::default()
+            },
+            WorkingSetPlan::Replay(ws) => WorkingSetSection {
+                mode: "replay",
+                extents: ws.extents.len() as u64,
+                pages: ws.pages.len() as u64,
+                saved: false,
+            },
+            WorkingSetPlan::Record => {
+                let ws = self.memory().working_set().unwrap_or_default();
+                let saved = matches!(outcome, Outcome::Done(_)) && {
+                    let path = resume.working_set();
+                    match crate::snapshot::working_set::save(&path, resume.id, &ws) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            eprintln!(
+                                "vmm: warning: could not write the working set to {}: {e}",
+                                path.display()
+                            );
+                            false
+                        }
+                    }
+                };
+                WorkingSetSection {
+                    mode: "record",
+                    extents: ws.extents.len() as u64,
+                    pages: ws.pages.len() as u64,
+                    saved,
+                }
+            }
+        })
+    }
+
     /// The host address range of guest RAM (for benchmarks that watch the kernel's view).
     pub fn ram_host_range(&self) -> std::ops::Range<vm_extents::HostAddr> {
         let ram = self.memory().ram();

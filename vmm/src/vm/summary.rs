@@ -37,6 +37,8 @@ pub enum Outcome {
     Interrupted(i32),
     /// A VMM thread failed while the guest ran (the fault handler).
     VmmFailed(String),
+    /// A snapshot was taken and the VM stopped there (`--after-snapshot stop`).
+    Snapshotted(crate::snapshot::Trigger),
     /// The guest finished, but saving its memory failed (the old image, if any, is intact).
     SaveFailed {
         /// The guest's own code.
@@ -51,6 +53,7 @@ impl Outcome {
     pub fn exit_code(&self) -> u8 {
         match self {
             Outcome::Done(code) => (*code).min(u64::from(exit_code::GUEST_MAX)) as u8,
+            Outcome::Snapshotted(_) => 0,
             Outcome::Aborted { .. } => exit_code::GUEST_ABORTED,
             Outcome::Failed { .. } => exit_code::GUEST_FAILED,
             Outcome::TimedOut(_) => exit_code::TIMED_OUT,
@@ -63,6 +66,9 @@ impl Outcome {
     pub fn describe(&self) -> String {
         match self {
             Outcome::Done(code) => format!("guest finished with code {code}"),
+            Outcome::Snapshotted(by) => {
+                format!("snapshotted (asked by {by}) and stopped; resume it with --resume")
+            }
             Outcome::Aborted { vcpu, what } => format!("guest aborted on vcpu{vcpu}: {what}"),
             Outcome::Failed { vcpu, what } => format!("vcpu{vcpu} failed: {what}"),
             Outcome::TimedOut(t) => {
@@ -102,6 +108,34 @@ pub struct SavedImage {
     pub pages: SaveStats,
 }
 
+/// A snapshot this run took.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotTaken {
+    /// Where.
+    pub path: PathBuf,
+    /// What asked for it.
+    pub trigger: crate::snapshot::Trigger,
+    /// When, in ns since the vCPUs started.
+    pub at_ns: u64,
+    /// How long the vCPUs were paused for it, in ns.
+    pub paused_ns: u64,
+    /// The memory image's pages.
+    pub memory: SaveStats,
+}
+
+/// What a resumed VM did with its working set.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WorkingSetSection {
+    /// `record`, `replay` or `none`.
+    pub mode: &'static str,
+    /// Extents in the record (recorded now, or replayed).
+    pub extents: u64,
+    /// 4 KiB pages in the record.
+    pub pages: u64,
+    /// Whether a record was written into the snapshot at the end of the run.
+    pub saved: bool,
+}
+
 /// The result of a run, which `--metrics` writes as JSON.
 #[derive(Debug)]
 pub struct RunSummary {
@@ -125,6 +159,10 @@ pub struct RunSummary {
     pub saved: Option<SavedImage>,
     /// The TSC frequency KVM reported, in kHz (0 if unknown), to turn guest cycles into time.
     pub tsc_khz: u64,
+    /// The snapshots taken.
+    pub snapshots: Vec<SnapshotTaken>,
+    /// A resumed VM's working set.
+    pub working_set: Option<WorkingSetSection>,
 }
 
 /// The summary's JSON shape: the run's own fields, then memory's sections.
@@ -138,6 +176,9 @@ struct SummaryJson<'a> {
     vcpus: &'a [VcpuStats],
     console: ConsoleSection,
     saved_image: &'a Option<SavedImage>,
+    snapshots: &'a [SnapshotTaken],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    working_set: &'a Option<WorkingSetSection>,
     /// What the guest measured itself, where it timed its accesses (`timing=on`).
     #[serde(skip_serializing_if = "Option::is_none")]
     guest_stalls: Option<GuestStalls>,
@@ -162,6 +203,8 @@ impl RunSummary {
             vcpus: &self.vcpus,
             console: self.console,
             saved_image: &self.saved,
+            snapshots: &self.snapshots,
+            working_set: &self.working_set,
             guest_stalls: self.guest_stalls(),
             memory: &self.memory,
         })

@@ -8,6 +8,8 @@
 //! in: a restored guest's working set, touched at random).
 //! Each vCPU works on its own share. Three words per page (first, middle, last) carry the
 //! pattern. In `stress`, every pass checks what the previous pass wrote before writing anew.
+//! `snapshot-at=N` (stress): vCPU 0 asks for a snapshot halfway through pass N, so that a VM
+//! resumed from it must finish the pass with the pattern intact.
 //! Mismatches are printed with their guest address (the first few), counted, and make the
 //! guest end with code 1.
 #![no_std]
@@ -15,7 +17,7 @@
 
 use guest_rt::{
     Args, BootInfo, Checker, Shuffle, Stalls, Text, fail, layout::PAGE_SIZE, my_share, report,
-    timing,
+    snapshot, timing,
 };
 
 guest_rt::entry!(main, guest_rt::guests::VERIFY);
@@ -80,8 +82,12 @@ fn main(boot: &BootInfo, args: &Args) -> u64 {
                 c.write(gpa, 0);
                 lap();
             });
+            let snapshot_at = args.number("snapshot-at");
             for pass in 1..passes {
-                pages_iter().for_each(|gpa| {
+                pages_iter().enumerate().for_each(|(i, gpa)| {
+                    if pass == snapshot_at && boot.vcpu_index == 0 && i as u64 == pages / 2 {
+                        snapshot();
+                    }
                     c.check(gpa, pass - 1);
                     c.write(gpa, pass);
                     lap();
