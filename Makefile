@@ -58,7 +58,7 @@ bench: build
 # Fuzzing (nightly and cargo-fuzz: `cargo install cargo-fuzz`): each target for FUZZ_SECONDS, then
 # its corpus minimised. `make test` replays fuzz/corpus and fuzz/artifacts on stable.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := elf image ucall options handshake
+FUZZ_TARGETS := elf image ucall options handshake snapshot
 
 fuzz:
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
