@@ -637,3 +637,68 @@ fn bad_benchmark_options_name_the_option_given() {
     }
     drop(dir);
 }
+
+#[test]
+fn bench_resume_reports_every_mode_at_each_clone_count() {
+    require_kvm!();
+    let _settings = beside_others();
+    let dir = TempDir::new("bench-resume");
+    let (json_path, plot) = (dir.path("r.json"), dir.path("r.svg"));
+    let run = vmm_ok(&words(&format!(
+        "bench resume --memory 32M --clones 1,2 --drop-caches --json {json_path} --plot {plot}"
+    )));
+    let json = read_json(&json_path);
+    assert_eq!(json["cache"], "cold");
+    let tables = json["tables"].as_array().unwrap();
+    let patterns: Vec<&str> = tables
+        .iter()
+        .map(|t| t["pattern"].as_str().unwrap())
+        .collect();
+    assert_eq!(patterns, ["seq", "random"]);
+    for t in tables {
+        assert!(
+            t["recorded"]["recorded"]["extents"].as_u64().unwrap() > 0,
+            "{t}"
+        );
+        let groups = t["groups"].as_array().unwrap();
+        let names: Vec<(&str, u64)> = groups
+            .iter()
+            .map(|g| (g["mode"].as_str().unwrap(), g["clones"].as_u64().unwrap()))
+            .collect();
+        let modes = ["eager", "lazy-4k", "lazy-2m", "prefetch", "replay"];
+        let want: Vec<(&str, u64)> = [1, 2]
+            .into_iter()
+            .flat_map(|c| modes.iter().map(move |m| (*m, c)))
+            .collect();
+        assert_eq!(names, want, "{t}");
+        let get = |mode: &str, clones: u64| {
+            groups
+                .iter()
+                .find(|g| g["mode"] == mode && g["clones"] == clones)
+                .unwrap()
+        };
+        for g in groups {
+            let clones = g["rounds"][0]["per_clone"].as_array().unwrap();
+            assert_eq!(clones.len() as u64, g["clones"].as_u64().unwrap(), "{g}");
+            for c in clones {
+                assert!(c["to_first_instruction_ns"].as_u64().unwrap() > 0, "{g}");
+                assert!(c["to_done_ns"].as_u64() > c["to_first_instruction_ns"].as_u64());
+                assert!(c["bytes_read"].as_u64().unwrap() > 0, "{g}");
+            }
+        }
+        let faults = |mode: &str| get(mode, 1)["vcpu_faults"]["p50"].as_f64().unwrap();
+        assert_eq!(faults("eager"), 0.0, "{t}");
+        assert!(faults("lazy-4k") > faults("lazy-2m"), "{t}");
+        let replayed = &get("replay", 1)["rounds"][0]["per_clone"][0]["replayed_extents"];
+        assert!(replayed.as_u64().unwrap() > 0, "{t}");
+        // Two clones read the image through one page cache: between them they read more
+        // than the cache holds of it, which is at most the image.
+        let two = &get("prefetch", 2)["rounds"][0];
+        let cached = two["image_cached_bytes"].as_u64().unwrap();
+        assert!(cached <= two["image_bytes"].as_u64().unwrap(), "{two}");
+        assert!(two["clones_bytes_read"].as_u64().unwrap() > cached, "{two}");
+        assert!(!t["targets"].as_array().unwrap().is_empty());
+    }
+    assert!(run.stdout.contains("target replay"), "{run}");
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+}

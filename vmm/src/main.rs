@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::bench::{self, collapse, faults, reclaim, restore};
+use vmm::bench::{self, collapse, faults, reclaim, restore, resume};
 use vmm::cli::{BenchCommand, Cli, Command, ImageCommand};
 use vmm::devices::Devices;
 use vmm::error::{chain, exit_code};
@@ -311,6 +311,7 @@ fn run_bench(bench: BenchCommand) -> ExitCode {
         BenchCommand::Collapse(a) => a.to_config().and_then(|c| collapse::run(&c)),
         BenchCommand::Restore(a) => a.to_config().and_then(|c| restore::run(&c)),
         BenchCommand::Reclaim(a) => a.to_config().and_then(|c| reclaim::run(&c)),
+        BenchCommand::Resume(a) => a.to_config().and_then(|c| resume::run(&c)),
     };
     let json = match json {
         Ok(json) => json,

@@ -10,6 +10,7 @@ pub mod memcg;
 pub mod plot;
 pub mod reclaim;
 pub mod restore;
+pub mod resume;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

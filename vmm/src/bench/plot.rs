@@ -27,6 +27,7 @@ pub fn draw(path: &Path, json: &Value) -> Result<(), BenchError> {
         Some("collapse") => collapse(path, json),
         Some("restore") => restore(path, json),
         Some("reclaim") => reclaim(path, json),
+        Some("resume") => resume(path, json),
         other => Err(draw_err(path, format!("no plot for benchmark {other:?}"))),
     }
 }
@@ -51,6 +52,7 @@ const COLOURS: &[(&str, RGBColor)] = &[
     ("lazy-4k", RGBColor(0x6b, 0xae, 0xd6)),
     ("lazy-2m", RGBColor(0x74, 0xc4, 0x76)),
     ("prefetch", RGBColor(0xef, 0x6a, 0x6a)),
+    ("replay", RGBColor(0xb2, 0x18, 0x2b)),
     ("external", RGBColor(0xfd, 0xae, 0x6b)),
     ("external-2m", RGBColor(0xc7, 0xc7, 0x3a)),
     ("no-reclaim", RGBColor(0x40, 0x40, 0x40)),
@@ -518,6 +520,19 @@ fn restore(path: &Path, json: &Value) -> Result<(), BenchError> {
             t["density"].as_str().unwrap_or("?"),
             mib(&t["filled_bytes"])
         )
+    })
+}
+
+fn resume(path: &Path, json: &Value) -> Result<(), BenchError> {
+    let title = format!(
+        "Resuming a snapshot of {} (working set {}), one clone: resident (solid) and 2 \
+         MiB-mapped (dashed) MiB, first round{}",
+        mib(&json["memory_bytes"]),
+        mib(&json["working_set_bytes"]),
+        partial(json)
+    );
+    timelines(path, json, &title, "ms since the vCPUs started", |t| {
+        format!("{} working set", t["pattern"].as_str().unwrap_or("?"))
     })
 }
 

@@ -198,7 +198,7 @@ impl RestoreBenchConfig {
 }
 
 /// Drops `path`'s pages from the page cache (no root needed: advice on our own file).
-fn drop_from_cache(path: &Path) -> Result<(), BenchError> {
+pub(crate) fn drop_from_cache(path: &Path) -> Result<(), BenchError> {
     let file = File::open(path)
         .map_err(|e| BenchError::Setup(format!("cannot open {}: {e}", path.display())))?;
     file.sync_all()

@@ -14,6 +14,7 @@ use crate::bench::collapse::{CollapseBenchConfig, Variant};
 use crate::bench::faults::{Access, FaultsConfig, Mode, Pattern};
 use crate::bench::reclaim::{Mode as ReclaimMode, ReclaimBenchConfig, Shape as ReclaimShape};
 use crate::bench::restore::{Density, Mode as RestoreMode, RestoreBenchConfig};
+use crate::bench::resume::{Mode as ResumeMode, Pattern as ResumePattern, ResumeBenchConfig};
 use crate::units::ByteSize;
 use vm_extents::{InstallMethod, MemoryConfig, PageSourceKind};
 
@@ -29,6 +30,9 @@ pub enum BenchCommand {
     /// Giving back memory the guest frees, per shape: reports honoured per extent, a 4 KiB
     /// balloon, no reclaim.
     Reclaim(ReclaimArgs),
+    /// Resuming a running VM's snapshot, in clones at once: eager, lazy 4 KiB, lazy 2 MiB,
+    /// prefetch, prefetch replaying a recorded working set.
+    Resume(ResumeArgs),
 }
 
 impl BenchCommand {
@@ -39,6 +43,7 @@ impl BenchCommand {
             BenchCommand::Collapse(a) => &a.output,
             BenchCommand::Restore(a) => &a.output,
             BenchCommand::Reclaim(a) => &a.output,
+            BenchCommand::Resume(a) => &a.output,
         }
     }
 }
@@ -237,6 +242,71 @@ pub struct FaultsArgs {
 }
 
 /// Fails unless `size`, given as `flag`, is a multiple of 2 MiB of at least `min`.
+/// `vmm bench resume`.
+#[derive(Debug, clap::Args)]
+pub struct ResumeArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_name = "SIZE")]
+    pub memory: ByteSize,
+    /// vCPUs of the guest (1 to 16).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub vcpus: u32,
+    /// Percent of free RAM the resumed guest reads (whole extents).
+    #[arg(long, default_value_t = 25, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub working_set: u8,
+    /// Orders of the working set: the first extents, or extents at random in random order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "seq,random",
+        value_name = "seq|random,..."
+    )]
+    pub patterns: Vec<ResumePattern>,
+    /// Comma-separated modes (default: all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "MODE,...")]
+    pub modes: Vec<ResumeMode>,
+    /// How many VMM processes resume the snapshot at once, comma-separated (1 to 64 each).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8", value_name = "N,...",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub clones: Vec<u32>,
+    /// Drop the image from the page cache before each group of clones (a cold start).
+    #[arg(long)]
+    pub drop_caches: bool,
+    /// Rounds, modes interleaved (1 to 1000).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
+    /// Outputs.
+    #[command(flatten)]
+    pub output: BenchOutput,
+}
+
+impl ResumeArgs {
+    /// The benchmark these arguments describe, or why it cannot run.
+    pub fn to_config(&self) -> Result<ResumeBenchConfig, BenchError> {
+        bench_size(
+            "--memory",
+            self.memory,
+            crate::bench::resume::MIN_MEMORY,
+            "the working set must be at least one extent",
+        )?;
+        Ok(ResumeBenchConfig {
+            memory: self.memory,
+            vcpus: self.vcpus,
+            working_set: f64::from(self.working_set) / 100.0,
+            patterns: self.patterns.clone(),
+            modes: self.modes.clone(),
+            clones: self.clones.clone(),
+            cold: self.drop_caches,
+            repeat: self.repeat,
+            scratch: std::env::temp_dir(),
+        })
+    }
+}
+
 fn bench_size(flag: &str, size: ByteSize, min: u64, why: &str) -> Result<(), BenchError> {
     if !size.0.is_multiple_of(EXTENT_SIZE) || size.0 < min {
         return Err(BenchError::BadInput(format!(

@@ -23,7 +23,9 @@ use vm_extents::{
 };
 
 mod bench;
-pub use bench::{BenchCommand, BenchOutput, CollapseArgs, FaultsArgs, ReclaimArgs, RestoreArgs};
+pub use bench::{
+    BenchCommand, BenchOutput, CollapseArgs, FaultsArgs, ReclaimArgs, RestoreArgs, ResumeArgs,
+};
 
 /// A KVM virtual machine monitor whose guest memory is managed in 2 MiB extents.
 #[derive(Debug, Parser)]
