@@ -37,8 +37,8 @@ test:
 		$(CARGO) run -q -p vm-extents --example minimal_vmm; \
 	else echo "no /dev/kvm: the example VMM is not run"; fi
 
-# The default benchmark set: about 35 minutes on a nested 2-CPU KVM host (reclaim about five of
-# them; the collapse part
+# The default benchmark set: about 40 minutes on a nested 2-CPU KVM host (reclaim about five of
+# them, resume about four; the collapse part
 # runs each lock order twice, with the pipelined pool and with the ahead-0 baseline; estimated
 # from its parts, 14 minutes for the collapse set before the baseline rows were added).
 # SWEEP_VCPUS: the vCPU counts to sweep (as far as the host's CPUs go).
@@ -53,6 +53,8 @@ bench: build
 		--repeat 3 --json target/bench/collapse.json --plot target/bench/collapse.svg
 	$(VMM) bench reclaim --memory 64M --repeat 3 \
 		--json target/bench/reclaim.json --plot target/bench/reclaim.svg
+	$(VMM) bench resume --memory 1G --clones 1,2,4,8 \
+		--json target/bench/resume.json --plot target/bench/resume.svg
 	$(CARGO) run --release -p vm-extents --example map_lock_readers 1
 
 # Fuzzing (nightly and cargo-fuzz: `cargo install cargo-fuzz`): each target for FUZZ_SECONDS, then

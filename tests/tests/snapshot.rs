@@ -314,6 +314,13 @@ fn bad_snapshots_and_options_are_refused_with_the_reason() {
         "run --after-snapshot run",
         &["--after-snapshot applies only with --snapshot"],
     );
+    fails(
+        &format!(
+            "run --snapshot {} --page-source external:/tmp/none.sock",
+            tmp.path("x")
+        ),
+        &["cannot save a VM whose RAM an external page server fills"],
+    );
 
     // Paths that are no snapshot, or no place for one.
     let file = tmp.path("plain");

@@ -316,6 +316,11 @@ pub enum ConfigError {
     /// The shrinker where it cannot run.
     #[error("--reclaim-shrinker on {0}")]
     Shrinker(&'static str),
+    /// A snapshot of RAM an external page server fills.
+    #[error(
+        "--snapshot cannot save a VM whose RAM an external page server fills (the server holds its contents); snapshot a VM with --page-source kernel, zero or image:PATH"
+    )]
+    SnapshotWithExternal,
     /// A snapshot option without `--snapshot`.
     #[error("{0} applies only with --snapshot DIR (where the snapshot goes)")]
     SnapshotUnused(&'static str),
@@ -451,6 +456,9 @@ impl VmConfig {
         }
         if self.metrics_interval.is_some() && self.metrics.is_none() {
             return Err(ConfigError::IntervalWithoutMetrics);
+        }
+        if self.snapshot.is_some() && self.external() {
+            return Err(ConfigError::SnapshotWithExternal);
         }
         if self.snapshot.is_none() {
             if self.snapshot_after.is_some() {

@@ -85,6 +85,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(exit_code::BAD_INPUT);
                 }
             };
+            // SIGUSR1 asks for a snapshot from now on (while the VM is built, it is taken as
+            // soon as the vCPUs run), never ends the process.
+            if let Err(e) = vmm::signals::install_snapshot() {
+                eprintln!("error: installing the signal handlers: {e}");
+                return ExitCode::from(exit_code::VMM_FAILED);
+            }
             match Vm::build(config, Devices::stdout()).and_then(Vm::run) {
                 Ok(summary) => {
                     print_summary(&summary);
