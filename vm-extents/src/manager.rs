@@ -181,7 +181,7 @@ impl Memory {
         ))
     }
 
-    /// The working set recorded so far ([`MemoryBuilder::record_working_set`]): the extents
+    /// The working set recorded so far ([`MemoryBuilder::record_working_set`](crate::MemoryBuilder::record_working_set)): the extents
     /// and pages the guest has touched, in the order it first touched them. `None` where it
     /// is not recorded.
     pub fn working_set(&self) -> Option<WorkingSet> {

@@ -105,6 +105,7 @@ const _: () = assert!(PAGES_PER_EXTENT == (EXTENT_SIZE / PAGE_SIZE) as usize);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn first_touches_are_recorded_once_in_order() {
@@ -122,6 +123,114 @@ mod tests {
         assert_eq!(ws.extents, [5, 1, 7]);
         assert_eq!(ws.pages, [5 * 512 + 3, 512, 5 * 512]);
         assert_eq!(ws.check(8 * EXTENT_SIZE), Ok(()));
+    }
+
+    /// A source that notes the extent of every read it serves (the prefetcher's reads, here).
+    struct Noted {
+        inner: Arc<dyn crate::PageSource>,
+        reads: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl crate::PageSource for Noted {
+        fn fill(
+            &self,
+            offset: u64,
+            buf: &mut [u8],
+        ) -> Result<crate::Fill, crate::ram_image::RamImageError> {
+            lock(&self.reads).push((offset / EXTENT_SIZE) as u32);
+            self.inner.fill(offset, buf)
+        }
+    }
+
+    /// Real faults record the order of first touches; a replay of that record has the
+    /// prefetcher (one thread) read the recorded extents first, in the recorded order, then
+    /// the rest.
+    #[test]
+    fn the_prefetcher_replays_the_recorded_order() {
+        use crate::{Memory, MemoryConfig, PageSourceKind};
+        use vm_memory::{Bytes, GuestAddress};
+        const SIZE: u64 = 16 * EXTENT_SIZE;
+        let dir = std::env::temp_dir().join(format!("vm-extents-ws-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("ram.img");
+        crate::ram_image::save(
+            &image,
+            "memory image",
+            SIZE,
+            |gpa, page| {
+                page[..8].copy_from_slice(&(gpa | 1).to_le_bytes());
+                Ok(crate::ram_image::Page::Read)
+            },
+            &|| false,
+        )
+        .unwrap();
+        let source = PageSourceKind::Image(image.clone());
+        // Recorded: the guest's touches, here the test's own reads of guest RAM, each a fault
+        // the handler serves.
+        let config = MemoryConfig::builder(SIZE)
+            .source(source.clone())
+            .record_working_set(true)
+            .build()
+            .unwrap();
+        assert_eq!(
+            config.prefetch_threads(),
+            0,
+            "recording turns the prefetcher off"
+        );
+        let mut memory = Memory::new(config).unwrap();
+        if let Err(e) = memory.start(Arc::new(|what| panic!("{what}"))) {
+            eprintln!("SKIP: {e}");
+            return;
+        }
+        let order = [9u64, 3, 12, 5];
+        for &e in &order {
+            let gpa = e * EXTENT_SIZE + 7 * PAGE_SIZE;
+            let v: u64 = memory.ram().view().read_obj(GuestAddress(gpa)).unwrap();
+            assert_eq!(v, gpa | 1);
+        }
+        let recorded = memory.working_set().unwrap();
+        assert_eq!(recorded.extents, [9, 3, 12, 5]);
+        assert_eq!(recorded.pages, order.map(|e| (e * 512 + 7) as u32));
+        drop(memory);
+
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let noted = reads.clone();
+        let config = MemoryConfig::builder(SIZE)
+            .source(source)
+            .prefetch_threads(1)
+            .replay_working_set(Arc::new(recorded))
+            .image_source_layer(move |inner| {
+                Arc::new(Noted {
+                    inner,
+                    reads: noted.clone(),
+                })
+            })
+            .build()
+            .unwrap();
+        let mut memory = Memory::new(config).unwrap();
+        memory.start(Arc::new(|what| panic!("{what}"))).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while memory.counts().unwrap().unpopulated > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the prefetch never finished"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let reads = lock(&reads).clone();
+        assert_eq!(reads[..4], [9, 3, 12, 5], "{reads:?}");
+        let mut rest = reads[4..].to_vec();
+        rest.sort_unstable();
+        rest.dedup();
+        assert_eq!(rest.len(), 12, "then every other extent: {reads:?}");
+        let v: u64 = memory
+            .ram()
+            .view()
+            .read_obj(GuestAddress(PAGE_SIZE))
+            .unwrap();
+        assert_eq!(v, PAGE_SIZE | 1);
+        drop(memory);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
