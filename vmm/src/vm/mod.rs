@@ -694,6 +694,14 @@ impl Vm {
                 });
                 stop.then_some(Outcome::Snapshotted(trigger))
             }
+            // Ctrl-C during the save: the user's stop, not the VMM's failure.
+            Err(_) if crate::signals::requested().is_some() => {
+                eprintln!(
+                    "vmm: a signal stopped the snapshot; {} was left as it was",
+                    dir.display()
+                );
+                crate::signals::requested().map(Outcome::Interrupted)
+            }
             Err(what) => Some(Outcome::VmmFailed(format!(
                 "the snapshot asked by {trigger} failed ({} was left as it was): {what}",
                 dir.display()
