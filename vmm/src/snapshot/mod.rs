@@ -273,12 +273,10 @@ pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
             )));
         }
     }
-    let path = dir.join(STATE_FILE);
-    let (mut file, _) =
-        vm_extents::files::open_regular(&path, "VM state file", state::MAX_STATE_LEN)?;
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut file, &mut bytes)
-        .map_err(|e| not(format!("reading {STATE_FILE}: {e}")))?;
+    let bytes = read_state(dir).map_err(|e| match e {
+        ReadState::Open(e) => SnapshotError::File(e),
+        ReadState::Read(e) => not(format!("reading {STATE_FILE}: {e}")),
+    })?;
     let (state, id) = VmState::decode(&bytes).map_err(|source| SnapshotError::State {
         path: dir.into(),
         source,
@@ -296,6 +294,29 @@ pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
         id,
         working_set,
     })
+}
+
+/// The checksum (the name) of the snapshot in `dir` now, if it holds a readable one.
+pub fn load_id(dir: &Path) -> Option<u32> {
+    let bytes = read_state(dir).ok()?;
+    state::unseal(state::MAGIC, &bytes).ok().map(|(_, crc)| crc)
+}
+
+/// Why the state file of a snapshot could not be read whole.
+enum ReadState {
+    Open(vm_extents::files::FileError),
+    Read(std::io::Error),
+}
+
+/// The bytes of the state file in `dir`: a regular file, at most `MAX_STATE_LEN` long.
+fn read_state(dir: &Path) -> Result<Vec<u8>, ReadState> {
+    let path = dir.join(STATE_FILE);
+    let (mut file, _) =
+        vm_extents::files::open_regular(&path, "VM state file", state::MAX_STATE_LEN)
+            .map_err(ReadState::Open)?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(ReadState::Read)?;
+    Ok(bytes)
 }
 
 /// Checks before the guest runs that a snapshot can be written at `dir`: it is missing, or a

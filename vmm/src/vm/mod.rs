@@ -647,6 +647,30 @@ impl Vm {
     }
 }
 
+/// Writes `ws` beside the snapshot it was recorded from, if `resume.dir` still holds that
+/// one (a snapshot this run took may have replaced it at the same path); whether it did.
+fn save_working_set(resume: &crate::snapshot::Loaded, ws: &vm_extents::WorkingSet) -> bool {
+    if crate::snapshot::load_id(&resume.dir) != Some(resume.id) {
+        eprintln!(
+            "vmm: the working set is not saved: {} no longer holds the snapshot it was \
+             recorded from",
+            resume.dir.display()
+        );
+        return false;
+    }
+    let path = resume.working_set();
+    match crate::snapshot::working_set::save(&path, resume.id, ws) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "vmm: warning: could not write the working set to {}: {e}",
+                path.display()
+            );
+            false
+        }
+    }
+}
+
 impl Vm {
     /// Takes a snapshot asked for by `trigger`: every vCPU paused (kicked out of `KVM_RUN`
     /// until it parks), guest RAM saved under the memory map's write side, the state written
@@ -766,19 +790,7 @@ impl Vm {
             },
             WorkingSetPlan::Record => {
                 let ws = self.memory().working_set().unwrap_or_default();
-                let saved = matches!(outcome, Outcome::Done(_)) && {
-                    let path = resume.working_set();
-                    match crate::snapshot::working_set::save(&path, resume.id, &ws) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            eprintln!(
-                                "vmm: warning: could not write the working set to {}: {e}",
-                                path.display()
-                            );
-                            false
-                        }
-                    }
-                };
+                let saved = matches!(outcome, Outcome::Done(_)) && save_working_set(resume, &ws);
                 WorkingSetSection {
                     mode: "record",
                     extents: ws.extents.len() as u64,
