@@ -1,6 +1,6 @@
 //! What the host kernel says about guest memory, read so it can be set beside the VMM's own
 //! view: which pages are present (`PAGEMAP_SCAN`, else `mincore`), which are mapped huge
-//! (`PAGEMAP_SCAN`), the `AnonHugePages` and `*_Hugetlb` totals in `/proc/self/smaps`, the
+//! (`PAGEMAP_SCAN`), which map the shared zero page, the `AnonHugePages` and `*_Hugetlb` totals in `/proc/self/smaps`, the
 //! mappings the process has, the hugetlb pool, and KVM's VM statistics (`KVM_GET_STATS_FD`).
 //! Nothing here changes memory.
 
@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 
 use crate::{HostAddr, PAGE_SIZE};
 
-pub use crate::sys::pagemap::{PAGE_IS_HUGE, PAGE_IS_PRESENT};
+pub use crate::sys::pagemap::{PAGE_IS_HUGE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT};
 use crate::sys::pagemap::{PAGEMAP_SCAN, PageRegion, PmScanArg};
 
 /// A file of this process's own in `/proc`, opened once and read from its start each time:
@@ -126,6 +126,15 @@ pub fn is_mapped_huge(start: HostAddr) -> bool {
         _ => smaps_totals(HostAddr::new(start), HostAddr::new(start + EXTENT_SIZE))
             .is_ok_and(|t| t.anon_huge_kb == EXTENT_SIZE >> 10),
     }
+}
+
+/// Bytes of `[start, end)` whose entries map the kernel's shared zero page: populated (a
+/// read or write there faults no more to a userfaultfd) yet holding no memory, so `Rss`
+/// leaves them out. The kernel maps it where a read touched an untouched anonymous page, and
+/// in place of the all-zero 4 KiB pages of a THP it splits. `None` without `PAGEMAP_SCAN`.
+pub fn zero_pfn_bytes(start: HostAddr, end: HostAddr) -> io::Result<Option<u64>> {
+    Ok(scan(start.raw(), end.raw(), PAGE_IS_PFNZERO)?
+        .map(|ranges| ranges.iter().map(|r| r.end - r.start).sum()))
 }
 
 /// Which 4 KiB pages of `[start, start + len)` are present, one bool per page.
@@ -359,5 +368,31 @@ AnonHugePages:      2048 kB\n";
         assert_eq!(present, expected);
         // SAFETY: our own mapping.
         unsafe { libc::munmap(p, len) };
+    }
+
+    #[test]
+    fn pages_only_read_map_the_shared_zero_page() {
+        let len = 16 * PAGE_SIZE as usize;
+        let p: *mut u8 = crate::huge::page::map_anonymous(len, 0)
+            .expect("mmap")
+            .as_ptr()
+            .cast();
+        let (start, end) = (HostAddr::of(p), HostAddr::of(p) + len as u64);
+        for page in [1usize, 2, 9] {
+            // SAFETY: inside the mapping.
+            unsafe { p.add(page * PAGE_SIZE as usize).read_volatile() };
+        }
+        // SAFETY: inside the mapping.
+        unsafe { p.add(2 * PAGE_SIZE as usize).write_volatile(1) };
+        let Some(zero) = zero_pfn_bytes(start, end).unwrap() else {
+            eprintln!("SKIP: no PAGEMAP_SCAN on this kernel");
+            return;
+        };
+        // Pages 1 and 9 were read only; page 2 was written after its read (its own page now).
+        assert_eq!(zero, 2 * PAGE_SIZE);
+        let present = present_pages(start, len as u64).unwrap();
+        assert_eq!(present.iter().filter(|&&p| p).count(), 3);
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(p.cast(), len) };
     }
 }

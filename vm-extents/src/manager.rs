@@ -561,6 +561,14 @@ impl Memory {
         host_view::smaps_totals(base, base + self.config.size).map_err(MemoryError::KernelView)
     }
 
+    /// Bytes of guest RAM mapped to the kernel's shared zero page (`None` without
+    /// `PAGEMAP_SCAN`): populated in the extent table, but holding no memory (left out of
+    /// `Rss`).
+    pub fn zero_pfn_bytes(&self) -> Result<Option<u64>, MemoryError> {
+        let base = self.ram().host_base();
+        host_view::zero_pfn_bytes(base, base + self.config.size).map_err(MemoryError::KernelView)
+    }
+
     /// Saves guest RAM to an image at `path`, atomically and sparsely. A page the guest never
     /// populated holds what its page source would have given it: nothing is read for it with
     /// the zero and kernel sources, and with an image source it is copied from that image
@@ -628,6 +636,7 @@ impl Memory {
             },
             kernel: KernelSection::new(
                 self.smaps()?,
+                self.zero_pfn_bytes()?,
                 self.ram_mappings_at_start,
                 self.ram_mappings()?,
             ),

@@ -128,6 +128,10 @@ pub struct KernelSection {
     /// `AnonHugePages`, `*_Hugetlb`, `Rss`.
     #[serde(flatten)]
     pub smaps: SmapsTotals,
+    /// Guest RAM mapped to the kernel's shared zero page, in kB: populated in the extent
+    /// table, but left out of `Rss` (`null` without `PAGEMAP_SCAN`). The table's populated
+    /// pages are `Rss` (less other mappings' pages) plus these.
+    pub zero_pfn_kb: Option<u64>,
     /// KVM's `pages_2m` statistic (`null` where KVM has none).
     pub kvm_pages_2m: Option<u64>,
     /// Mappings that covered guest RAM when it was registered: one per userfaultfd shard
@@ -146,9 +150,15 @@ pub struct KernelSection {
 
 impl KernelSection {
     /// The section with the smaps totals and the mapping counts of guest RAM.
-    pub fn new(smaps: SmapsTotals, ram_mappings_at_start: u64, ram_mappings: u64) -> Self {
+    pub fn new(
+        smaps: SmapsTotals,
+        zero_pfn_bytes: Option<u64>,
+        ram_mappings_at_start: u64,
+        ram_mappings: u64,
+    ) -> Self {
         KernelSection {
             smaps,
+            zero_pfn_kb: zero_pfn_bytes.map(|b| b >> 10),
             ram_mappings_at_start,
             ram_mappings,
             ..KernelSection::default()

@@ -3,6 +3,9 @@
 
 /// A present page (mapped in the page tables).
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// A present entry that maps the kernel's shared zero page (4 KiB or huge): it reads zeroes
+/// and holds no memory of its own, so `Rss` leaves it out.
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 /// A page mapped by a huge (PMD-level) entry: THP or hugetlb.
 pub const PAGE_IS_HUGE: u64 = 1 << 6;
 
