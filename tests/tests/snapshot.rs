@@ -98,7 +98,11 @@ fn a_stress_guest_snapshotted_mid_pass_resumes_with_every_page_intact() {
     let json = read_json(&metrics);
     if json["snapshots"].as_array().is_some_and(|s| !s.is_empty()) {
         assert_eq!(json["working_set"]["saved"], false, "{json}");
-        assert!(run.stderr.contains("no longer holds the snapshot"), "{run}");
+        let why = json["working_set"]["not_saved"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(why.contains("no longer holds the snapshot"), "{json}");
+        assert!(run.stderr.contains(&format!("not saved: {why}")), "{run}");
         // The new snapshot has no record: record one again for the replay below.
         resume_stress(&dir, 2, "--working-set record");
     }

@@ -191,7 +191,8 @@ fn print_summary(summary: &RunSummary) {
                 eprintln!("vmm: working set: recorded {extents} into the snapshot")
             }
             "record" => eprintln!(
-                "vmm: working set: recorded {extents}, not saved (the guest did not finish)"
+                "vmm: working set: recorded {extents}, not saved: {}",
+                ws.not_saved.as_deref().unwrap_or("unknown")
             ),
             "replay" => eprintln!("vmm: working set: replayed {extents} ahead of the guest"),
             _ => {}

@@ -648,27 +648,21 @@ impl Vm {
 }
 
 /// Writes `ws` beside the snapshot it was recorded from, if `resume.dir` still holds that
-/// one (a snapshot this run took may have replaced it at the same path); whether it did.
-fn save_working_set(resume: &crate::snapshot::Loaded, ws: &vm_extents::WorkingSet) -> bool {
+/// one (a snapshot this run took may have replaced it at the same path); else why not.
+fn save_working_set(
+    resume: &crate::snapshot::Loaded,
+    ws: &vm_extents::WorkingSet,
+) -> Result<(), String> {
     if crate::snapshot::load_id(&resume.dir) != Some(resume.id) {
-        eprintln!(
-            "vmm: the working set is not saved: {} no longer holds the snapshot it was \
-             recorded from",
+        return Err(format!(
+            "{} no longer holds the snapshot it was recorded from (a snapshot this run took \
+             replaced it)",
             resume.dir.display()
-        );
-        return false;
+        ));
     }
     let path = resume.working_set();
-    match crate::snapshot::working_set::save(&path, resume.id, ws) {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!(
-                "vmm: warning: could not write the working set to {}: {e}",
-                path.display()
-            );
-            false
-        }
-    }
+    crate::snapshot::working_set::save(&path, resume.id, ws)
+        .map_err(|e| format!("writing {} failed: {e}", path.display()))
 }
 
 impl Vm {
@@ -786,16 +780,20 @@ impl Vm {
                 mode: "replay",
                 extents: ws.extents.len() as u64,
                 pages: ws.pages.len() as u64,
-                saved: false,
+                ..Default::default()
             },
             WorkingSetPlan::Record => {
                 let ws = self.memory().working_set().unwrap_or_default();
-                let saved = matches!(outcome, Outcome::Done(_)) && save_working_set(resume, &ws);
+                let result = match outcome {
+                    Outcome::Done(_) => save_working_set(resume, &ws),
+                    _ => Err("the guest did not finish".to_string()),
+                };
                 WorkingSetSection {
                     mode: "record",
                     extents: ws.extents.len() as u64,
                     pages: ws.pages.len() as u64,
-                    saved,
+                    saved: result.is_ok(),
+                    not_saved: result.err(),
                 }
             }
         })

@@ -134,6 +134,9 @@ pub struct WorkingSetSection {
     pub pages: u64,
     /// Whether a record was written into the snapshot at the end of the run.
     pub saved: bool,
+    /// Why a record made this run was not written (absent when it was, or none was made).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_saved: Option<String>,
 }
 
 /// The result of a run, which `--metrics` writes as JSON.
