@@ -1,7 +1,8 @@
 //! What the host kernel says about guest memory, read so it can be set beside the VMM's own
-//! view: which pages are present (`PAGEMAP_SCAN`, else `mincore`), which are mapped huge
-//! (`PAGEMAP_SCAN`), which map the shared zero page, the `AnonHugePages` and `*_Hugetlb` totals in `/proc/self/smaps`, the
-//! mappings the process has, the hugetlb pool, and KVM's VM statistics (`KVM_GET_STATS_FD`).
+//! view: which pages are present (`PAGEMAP_SCAN`, else `mincore`), which are mapped huge and
+//! which map the shared zero page (`PAGEMAP_SCAN`), the `Rss`, `AnonHugePages` and
+//! `*_Hugetlb` totals in `/proc/self/smaps`, the mappings the process has, the hugetlb pool,
+//! and KVM's VM statistics (`KVM_GET_STATS_FD`).
 //! Nothing here changes memory.
 
 use std::fs::File;

@@ -655,8 +655,8 @@ fn save_working_set(
 ) -> Result<(), String> {
     if crate::snapshot::load_id(&resume.dir) != Some(resume.id) {
         return Err(format!(
-            "{} no longer holds the snapshot it was recorded from (a snapshot this run took \
-             replaced it)",
+            "{} no longer holds the snapshot it was recorded from (it was replaced while the \
+             VM ran, as by a snapshot of its own)",
             resume.dir.display()
         ));
     }
