@@ -832,10 +832,24 @@ fn the_page_server_runs_under_its_seccomp_filter() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    while std::fs::metadata(&socket).is_err() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let stream = UnixStream::connect(&socket).unwrap();
+    // The socket's file appears at bind(), before listen(): until then a connect is refused.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        match UnixStream::connect(&socket) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() < deadline => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ),
+                    "{e}"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("uffd-serve never listened on {socket}: {e}"),
+        }
+    };
     let json = format!(
         r#"[{{"base_host_virt_addr":{base},"size":{},"offset":0}}]"#,
         2 * MIB
