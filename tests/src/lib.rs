@@ -107,6 +107,21 @@ pub fn spawn(args: &[&str]) -> Child {
         .expect("start vmm")
 }
 
+/// Waits until a `vmm uffd-serve` listens on `socket`, by connecting: its socket's file
+/// appears at `bind`, before it listens, and a VMM that connects in between is refused. A
+/// connection that closes without a handshake is not a VMM, and the server listens on after
+/// it. Panics after a minute (a host that slow has other trouble).
+pub fn wait_listening(socket: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "uffd-serve never listened on {socket}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits for a child, killing it after [`RUN_LIMIT`], and collects its output.
 pub fn wait(mut child: Child) -> Run {
     // Drain both pipes on threads so a chatty guest cannot block on a full pipe.

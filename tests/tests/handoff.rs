@@ -20,20 +20,12 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const MIB: usize = 1 << 20;
 
-/// Starts `vmm uffd-serve SOCKET FILE EXTRA...` and waits until it listens: a connection
-/// that closes without a handshake is not a VMM, and the server listens on after it.
+/// Starts `vmm uffd-serve SOCKET FILE EXTRA...` and waits until it listens.
 fn serve(socket: &str, file: &str, extra: &str) -> Child {
     let mut args = vec!["uffd-serve", socket, file];
     args.extend(words(extra));
     let child = spawn(&args);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "uffd-serve never listened on {socket}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    integration_tests::wait_listening(socket);
     child
 }
 
@@ -708,11 +700,7 @@ fn the_page_server_on_a_terminal_stays_inside_its_filter() {
             .0
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(&socket).is_err() {
-        assert!(Instant::now() < deadline, "uffd-serve never bound {socket}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    integration_tests::wait_listening(&socket);
     let run = vmm_ok(&words(&format!("{CHECK} --page-source external:{socket}")));
     assert!(
         reports(&run.stdout, "mismatches").iter().all(|r| r.1 == 0),

@@ -3,8 +3,7 @@
 //! writing; what the guest kept is intact, what it freed reads zero, and the kernel's view of
 //! resident memory agrees with the extent table's.
 
-use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_tests::{
     TempDir, assert_no_seccomp_stop, hugetlb_available, hugetlb_lock, read_json, report_sum,
@@ -283,11 +282,7 @@ fn the_zero_page_shrinker_takes_back_what_a_silent_guest_zeroed() {
 /// Starts `vmm uffd-serve SOCKET FILE` and waits until it listens.
 fn serve(socket: &str, file: &str, metrics: &str) -> std::process::Child {
     let child = spawn(&["uffd-serve", socket, file, "--metrics", metrics]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "uffd-serve never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    integration_tests::wait_listening(socket);
     child
 }
 
